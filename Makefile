@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make run` (set up + run the demo pipeline) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines take the CPU build of torch that lies on disk; on a GPU machine use `make setup TORCH_SPEC=torch`
+# (or your CUDA build) so a CUDA wheel is kept.
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= jobs/configs/demo.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint format bench clean-runs
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,report]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/gradfilter-ray run --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check gradfilter_ray tests benchmarks jobs
+	$(BIN)/ruff format --check gradfilter_ray tests benchmarks jobs
+
+format: $(STAMP)
+	$(BIN)/ruff format gradfilter_ray tests benchmarks jobs
+	$(BIN)/ruff check --fix gradfilter_ray tests benchmarks jobs
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,381 @@
+"""Typed configuration: one frozen dataclass per YAML section.
+
+Every field carries a one-line docstring-style comment (``doc`` metadata) that `--dry-run` and the README show.
+`load(path, overrides)` reads YAML, applies ``--set a.b=v`` overrides (values parsed as YAML) and builds the
+dataclasses recursively; an unknown key, a wrong type or a failed cross-field check raises `ConfigError` naming
+the dotted path, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the dotted path of the offending field."""
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING) -> Any:
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+DataFormat = Literal["auto", "alpaca_json", "jsonl", "parquet", "sharegpt"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "float32", "bfloat16", "float64"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a causal LM comes from: a hub name / local folder, or a config to build a random-init model."""
+
+    name_or_path: str | None = doc(
+        "Hugging Face hub name or local folder; 'bundled:stories260K' is the tiny pretrained LLaMA in the package.",
+        None,
+    )
+    tokenizer: str | None = doc(
+        "Tokenizer hub name or folder when it differs from the model; 'bundled:gpt2' is the real GPT-2 BPE.", None
+    )
+    build_from_config: dict[str, Any] | None = doc(
+        "Build a randomly initialised model from this transformers config dict (e.g. a tiny GPT-2) instead of "
+        "loading weights; used by tests and benchmarks.",
+        None,
+    )
+    init_seed: int = doc("Seed for build_from_config's random initialisation (same seed -> same weights).", 0)
+    trust_remote_code: bool = doc("Allow model code from the hub repo to run. Off unless you trust the repo.", False)
+    revision: str | None = doc("Hub revision (branch, tag or commit) to pin.", None)
+
+    def __post_init__(self) -> None:
+        if (self.name_or_path is None) == (self.build_from_config is None):
+            raise ConfigError("exactly one of name_or_path and build_from_config must be set")
+        if self.build_from_config is not None and self.tokenizer is None:
+            raise ConfigError("build_from_config needs a tokenizer")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = doc("Input: a file, a glob, a directory or a pyarrow filesystem URI (s3://, gs://, file://).", "")
+    format: DataFormat = doc("Input format; 'auto' picks by extension (.json list, .jsonl, .parquet).", "auto")
+    dedup: bool = doc("Reject exact duplicates (same instruction, input and output), keeping the lowest id.", True)
+    max_field_chars: int = doc("Reject rows with any text field longer than this many characters.", 200_000)
+    limit: int | None = doc("Read only the first N rows of every file (quick looks); None reads everything.", None)
+
+    def __post_init__(self) -> None:
+        if self.max_field_chars <= 0:
+            raise ConfigError("max_field_chars must be positive")
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError("limit must be positive or null")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    model: ModelSpec = doc(
+        "The small frozen proxy LM (GPT-2 family in the paper).",
+        default_factory=lambda: ModelSpec(name_or_path="gpt2"),
+    )
+    max_length: int = doc("Max tokens per example (prompt + response); the response is cut first.", 512)
+    template: Literal["alpaca"] = doc("Prompt template.", "alpaca")
+    add_bos: bool | None = doc("Prepend BOS; None = the tokenizer family's convention (Llama yes, GPT-2 no).", None)
+    add_eos: bool = doc("Append EOS after the response so the model learns to stop.", True)
+
+    def __post_init__(self) -> None:
+        if self.max_length < 8:
+            raise ConfigError("max_length must be at least 8")
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    members: int = doc("Number of LoRA ensemble members M.", 5)
+    epochs: int = doc("Training epochs per member.", 2)
+    early_epoch: int = doc("Epoch whose adapter counts as 'early' for G-SNR.", 1)
+    late_epoch: int = doc("Epoch whose adapter counts as 'late' for G-SNR.", 2)
+    seed: int = doc("Base seed; member m uses seed + m for its LoRA init and its data order.", 42)
+    lora_rank: int = doc("LoRA rank r.", 8)
+    lora_alpha: float = doc("LoRA alpha (scaling = alpha / r).", 16.0)
+    lora_dropout: float = doc("LoRA dropout while training (gradient extraction always runs with dropout off).", 0.05)
+    target_modules: list[str] | None = doc(
+        "Module names to adapt; None = the architecture's default (GPT-2: c_attn, c_proj; LLaMA: q/k/v/o_proj).", None
+    )
+    learning_rate: float = doc("AdamW learning rate.", 2e-4)
+    weight_decay: float = doc("AdamW weight decay.", 0.0)
+    batch_size: int = doc("Examples per optimiser step.", 8)
+    cpus_per_member: float = doc("CPUs reserved per member worker (fractions let several share a core).", 1.0)
+    gpus_per_member: float = doc("GPUs per member worker (fractions let several small members share one GPU).", 0.0)
+    precision: Precision = doc("Training dtype; 'auto' = bf16 autocast on CUDA, fp32 on CPU.", "auto")
+    max_failures: int = doc("Ray Train restarts of a failed worker group (resumes from the last checkpoint).", 1)
+
+    def __post_init__(self) -> None:
+        if self.members < 1:
+            raise ConfigError("members must be >= 1")
+        if self.epochs < 1:
+            raise ConfigError("epochs must be >= 1")
+        if not 1 <= self.early_epoch < self.late_epoch <= self.epochs:
+            raise ConfigError("need 1 <= early_epoch < late_epoch <= epochs")
+        if self.lora_rank < 1 or self.batch_size < 1:
+            raise ConfigError("lora_rank and batch_size must be >= 1")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError("lora_dropout must be in [0, 1)")
+        if self.cpus_per_member <= 0 or self.gpus_per_member < 0:
+            raise ConfigError("cpus_per_member must be > 0 and gpus_per_member >= 0")
+
+
+@dataclass(frozen=True)
+class GradientsConfig:
+    batch_size: int = doc("Examples per batched forward/backward in extraction.", 16)
+    num_actors: int = doc("Extraction actors (each holds the proxy and all 2M adapters).", 1)
+    cpus_per_actor: float = doc("CPUs per extraction actor.", 1.0)
+    gpus_per_actor: float = doc("GPUs per extraction actor; 0 on CPU-only clusters.", 0.0)
+    precision: Precision = doc("Extraction dtype; 'auto' = bf16 on CUDA, fp32 on CPU; float64 for exactness checks.", "auto")
+    length_bucket_rows: int = doc(
+        "Rows sorted by length within each window of this many rows before batching (less padding).", 256
+    )
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_actors < 1 or self.length_bucket_rows < 1:
+            raise ConfigError("batch_size, num_actors and length_bucket_rows must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    eps: float = doc("Added to the late-checkpoint variance in G-SNR's denominator.", 1e-8)
+    scorers: list[str] = doc(
+        "Scorers to compute (gsnr and its ablations, random, ifd, length, full).",
+        default_factory=lambda: ["gsnr", "random", "ifd", "length"],
+    )
+    random_seed: int = doc("Seed of the random baseline.", 0)
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    ratios: list[float] = doc("Fractions of eligible rows to keep.", default_factory=lambda: [0.05, 0.10, 0.15])
+
+    def __post_init__(self) -> None:
+        if not self.ratios or any(not 0.0 < r <= 1.0 for r in self.ratios):
+            raise ConfigError("ratios must be a non-empty list of fractions in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    model: ModelSpec = doc(
+        "The target LM fine-tuned on each subset.",
+        default_factory=lambda: ModelSpec(name_or_path="meta-llama/Llama-2-7b-hf"),
+    )
+    max_length: int = doc("Max tokens per training example.", 1024)
+    method: Literal["full", "lora"] = doc("Full fine-tuning (paper) or LoRA.", "full")
+    zero_stage: Literal[2, 3] = doc("DeepSpeed ZeRO stage.", 3)
+    offload_optimizer: bool = doc("ZeRO CPU offload of optimizer state.", False)
+    learning_rate: float = doc("Peak learning rate (Superfiltering recipe: 2e-5 for 7B, 1e-5 for 13B).", 2e-5)
+    epochs: int = doc("Training epochs.", 3)
+    effective_batch_size: int = doc("Examples per optimiser step across all workers.", 128)
+    micro_batch_size: int = doc("Examples per worker per forward.", 4)
+    warmup_ratio: float = doc("Fraction of steps of linear warm-up before cosine decay.", 0.03)
+    num_workers: int = doc("Ray Train workers (one per GPU).", 8)
+    subsets: list[str] = doc(
+        "Which selections to fine-tune on, as scorer names ('full' adds the whole dataset).",
+        default_factory=lambda: ["gsnr", "random", "ifd"],
+    )
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    base_url: str | None = doc("OpenAI-compatible endpoint; None skips the judge with a message.", None)
+    model: str = doc("Judge model name.", "gpt-4")
+    api_key_env: str = doc("Environment variable holding the API key (never written anywhere).", "OPENAI_API_KEY")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    test_sets: list[str] = doc(
+        "Test prompt sets.", default_factory=lambda: ["vicuna", "koala", "wizardlm", "sinstruct", "lima"]
+    )
+    max_new_tokens: int = doc("Generation length.", 512)
+    judge: JudgeConfig = doc("Pairwise LLM judge.", default_factory=JudgeConfig)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = doc(
+        "Cluster address; None = RAY_ADDRESS when set (ray job submit), else an embedded local Ray.", None
+    )
+    num_cpus: int | None = doc("CPUs of the embedded local Ray (ignored when attaching to a cluster).", None)
+    num_gpus: int | None = doc("GPUs of the embedded local Ray (ignored when attaching to a cluster).", None)
+    progress_bars: bool = doc("Show Ray Data progress bars.", True)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = doc("Ray's own log level (quiet by default).", "WARNING")
+
+
+@dataclass(frozen=True)
+class Config:
+    output_dir: str = doc("Run directory; every stage reads and writes here.", "runs/demo")
+    seed: int = doc("Global seed recorded in the manifest.", 0)
+    data: DataConfig = doc("Input corpus.", default_factory=DataConfig)
+    proxy: ProxyConfig = doc("Proxy LM and tokenisation.", default_factory=ProxyConfig)
+    ensemble: EnsembleConfig = doc("LoRA ensemble training.", default_factory=EnsembleConfig)
+    gradients: GradientsConfig = doc("Per-example gradient-norm extraction.", default_factory=GradientsConfig)
+    scoring: ScoringConfig = doc("G-SNR and baselines.", default_factory=ScoringConfig)
+    selection: SelectionConfig = doc("Subset sizes.", default_factory=SelectionConfig)
+    target: TargetConfig = doc("Target fine-tuning.", default_factory=TargetConfig)
+    evaluation: EvaluationConfig = doc("Evaluation of the fine-tuned targets.", default_factory=EvaluationConfig)
+    ray: RayConfig = doc("Ray session.", default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir: must not be empty")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with errors that name the dotted path.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported field type {tp}")
+
+
+def build(cls: type, raw: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, recursively; errors name the dotted path."""
+    where = path or "config"
+    if raw is None:
+        raw = {}
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        dotted = ", ".join(f"{path + '.' if path else ''}{k}" for k in unknown)
+        raise ConfigError(f"unknown key(s) {dotted}; valid keys at {where}: {sorted(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(value, hints[name], f"{path + '.' if path else ''}{name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw_value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    return key, yaml.safe_load(raw_value) if raw_value.strip() else ""
+
+
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, validate, return a frozen `Config`."""
+    tree: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    return build(Config, tree)
+
+
+def to_dict(cfg: Any) -> Any:
+    return dataclasses.asdict(cfg)
+
+
+def section_hash(*sections: Any) -> str:
+    """Stable short hash of config sections (keys sorted), used to key stage outputs."""
+    payload = json.dumps([to_dict(s) if dataclasses.is_dataclass(s) else s for s in sections], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted name, doc) for every leaf field, for docs and --dry-run."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.append((name, f.metadata.get("doc", "")))
+            rows.extend(describe(tp, name + "."))
+        else:
+            rows.append((name, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,94 @@
+"""Loading causal LMs and tokenizers: hub names, local folders, the bundled tiny models, or a config to build.
+
+Nothing here downloads unless the user names a hub model; `bundled:NAME` resolves to the assets shipped inside the
+package (see gradfilter_ray/assets/README.md), so the demo and the tests run offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gradfilter_ray.config import ModelSpec, Precision
+
+ASSETS = Path(__file__).parent / "assets"
+BUNDLED_PREFIX = "bundled:"
+BUNDLED = {
+    "stories260K": ASSETS / "models" / "stories260K",
+    "gpt2": ASSETS / "tokenizers" / "gpt2",
+    "alpaca_sample_1k.json": ASSETS / "data" / "alpaca_sample_1k.json",
+}
+
+
+def resolve(path: str) -> str:
+    """Map 'bundled:NAME' to the packaged file or folder; anything else passes through."""
+    if not path.startswith(BUNDLED_PREFIX):
+        return path
+    name = path[len(BUNDLED_PREFIX) :]
+    if name not in BUNDLED:
+        raise ValueError(f"unknown bundled asset {name!r}; bundled: {sorted(BUNDLED)}")
+    return str(BUNDLED[name])
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer, GPT2TokenizerFast
+
+    source = resolve(spec.tokenizer or spec.name_or_path or "")
+    folder = Path(source)
+    if folder.is_dir() and (folder / "vocab.json").exists() and not (folder / "tokenizer.json").exists():
+        tokenizer = GPT2TokenizerFast.from_pretrained(source)  # bare GPT-2 BPE files: no tokenizer_config to dispatch on
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=spec.trust_remote_code, revision=spec.revision
+        )
+    if tokenizer.pad_token_id is None:
+        # Padding is always masked (attention mask and -100 labels), so any id will do; EOS is conventional.
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer
+
+
+def resolve_dtype(precision: Precision, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[precision]
+
+
+def load_causal_lm(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A causal LM in eval mode with its weights frozen (callers add adapters or unfreeze as they need)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.build_from_config is not None:
+        params = dict(spec.build_from_config)
+        model_type = params.pop("model_type")
+        config = AutoConfig.for_model(model_type, **params)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(spec.init_seed)
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        finally:
+            torch.random.set_rng_state(generator_state)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve(spec.name_or_path or ""),
+            trust_remote_code=spec.trust_remote_code,
+            revision=spec.revision,
+            dtype=torch.float32,
+        )
+    model = model.to(device=device, dtype=dtype)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def model_family(model_or_config) -> str:
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "model_type", "unknown")
+
+
+def pick_device(gpus_assigned: float | int | None = None) -> torch.device:
+    """CUDA when this process was given a GPU (Ray sets CUDA_VISIBLE_DEVICES), else CPU."""
+    if torch.cuda.is_available() and (gpus_assigned is None or gpus_assigned > 0):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,117 @@
+"""The pipeline: a table of stage shells, each keyed by the config it depends on, skipped when already done.
+
+A stage's key hashes the config sections it reads plus the keys of the stages it reads from, so a config change
+re-runs exactly the stages it affects and everything downstream of them, and nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gradfilter_ray.config import Config, section_hash
+from gradfilter_ray.rundir import RunDir, StageTimer
+
+StageFn = Callable[[Config, RunDir, Path], tuple[list[str], dict[str, Any]]]
+
+
+class StageNotImplemented(RuntimeError):
+    pass
+
+
+class StageOrderError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    upstream: tuple[str, ...]
+    depends_on: Callable[[Config], tuple]
+    resources: Callable[[Config], str]
+    entry: str | None  # "module:function" of the Ray shell; None = not built yet
+
+    def load(self) -> StageFn:
+        if self.entry is None:
+            raise StageNotImplemented(f"stage '{self.name}' is not implemented yet")
+        module, func = self.entry.split(":")
+        return getattr(importlib.import_module(module), func)
+
+
+def _ensemble_resources(cfg: Config) -> str:
+    e = cfg.ensemble
+    return f"{e.members} Ray Train workers x ({e.cpus_per_member} CPU, {e.gpus_per_member} GPU)"
+
+
+def _extract_resources(cfg: Config) -> str:
+    g = cfg.gradients
+    return f"{g.num_actors} Ray Data actors x ({g.cpus_per_actor} CPU, {g.gpus_per_actor} GPU)"
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage("ingest", (), lambda c: (c.data,), lambda c: "Ray Data tasks, 1 CPU each", "gradfilter_ray.data.stage:run"),
+        Stage(
+            "ensemble",
+            ("ingest",),
+            lambda c: (c.proxy, c.ensemble),
+            _ensemble_resources,
+            None,
+        ),
+        Stage(
+            "extract",
+            ("ingest", "ensemble"),
+            lambda c: (c.proxy, c.gradients.precision),
+            _extract_resources,
+            None,
+        ),
+        Stage("score", ("extract",), lambda c: (c.scoring,), lambda c: "driver + Ray Data (IFD pass)", None),
+        Stage("select", ("score",), lambda c: (c.selection,), lambda c: "driver, streaming", None),
+        Stage("finetune", ("select",), lambda c: (c.target,), lambda c: f"{c.target.num_workers} DeepSpeed workers", None),
+        Stage("evaluate", ("finetune",), lambda c: (c.evaluation,), lambda c: "Ray Data batch inference", None),
+        Stage("report", ("score", "select"), lambda c: (), lambda c: "driver", None),
+    ]
+}
+
+
+def stage_key(name: str, cfg: Config) -> str:
+    stage = STAGES[name]
+    upstream = [stage_key(u, cfg) for u in stage.upstream]
+    return section_hash(name, *stage.depends_on(cfg), upstream)
+
+
+def run_stage(name: str, cfg: Config, rundir: RunDir, force: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run one stage unless it is already done with the same key; returns its manifest record."""
+    stage = STAGES[name]
+    fn = stage.load()
+    key = stage_key(name, cfg)
+    for up in stage.upstream:
+        if not rundir.stage_done(up, stage_key(up, cfg)):
+            raise StageOrderError(
+                f"stage '{name}' needs the output of '{up}' for this config in {rundir.root}: run "
+                f"`gradfilter-ray {up}` (or `gradfilter-ray run`) first"
+            )
+    if not force and rundir.stage_done(name, key):
+        log(f"[{name}] already done (key {key}), skipping")
+        return rundir.stage_record(name) or {}
+    log(f"[{name}] running ({stage.resources(cfg)})")
+    timer = StageTimer()
+    with rundir.staging(name) as staged:
+        outputs, counts = fn(cfg, rundir, staged)
+        rundir.commit(staged, outputs)
+    record = timer.record(key, outputs=outputs, **counts)
+    rundir.record_stage(name, record)
+    log(f"[{name}] done in {record['seconds']:.1f}s: " + ", ".join(f"{k}={v}" for k, v in counts.items() if _short(v)))
+    return record
+
+
+def _short(value: Any) -> bool:
+    return isinstance(value, int | float | str) or (isinstance(value, dict) and len(value) <= 12)
+
+
+def implemented(names: list[str] | None = None) -> list[str]:
+    return [n for n in (names or list(STAGES)) if STAGES[n].entry is not None]

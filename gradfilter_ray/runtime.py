@@ -1,0 +1,69 @@
+"""Opening the Ray session: an embedded local Ray by default, or the cluster named by RAY_ADDRESS.
+
+`ray.init()` with no address attaches silently to any Ray already running on the machine, so the embedded default
+passes ``address="local"``. Under ``ray job submit`` RAY_ADDRESS is set and we attach without resource arguments
+(passing num_cpus to an existing cluster raises).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from gradfilter_ray.config import RayConfig
+
+
+def resolve_address(cfg: RayConfig) -> str:
+    return cfg.address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def init_kwargs(cfg: RayConfig) -> dict:
+    address = resolve_address(cfg)
+    kwargs: dict = {
+        "address": address,
+        "logging_level": getattr(logging, cfg.log_level),
+        "log_to_driver": True,
+        "configure_logging": True,
+    }
+    if address == "local":
+        kwargs["include_dashboard"] = False
+        if cfg.num_cpus is not None:
+            kwargs["num_cpus"] = cfg.num_cpus
+        if cfg.num_gpus is not None:
+            kwargs["num_gpus"] = cfg.num_gpus
+    return kwargs
+
+
+def configure_data_context(cfg: RayConfig) -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars
+    # Row order inside our outputs is not meaningful (every row carries its id), so let Ray stream freely.
+    ctx.execution_options.preserve_order = False
+
+
+@contextmanager
+def ray_session(cfg: RayConfig) -> Iterator[None]:
+    """Open (or reuse) a Ray session; shut down only what we started."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(**init_kwargs(cfg))
+        started = True
+    configure_data_context(cfg)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def cluster_summary() -> dict:
+    import ray
+
+    res = ray.cluster_resources()
+    return {"cpus": res.get("CPU", 0.0), "gpus": res.get("GPU", 0.0), "nodes": len(ray.nodes())}
