@@ -70,14 +70,20 @@ def _dry_run(cfg: Config, stages: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradfilter-ray", description="GradFiltering on Ray: pick the data worth training on.")
+    parser = argparse.ArgumentParser(
+        prog="gradfilter-ray", description="GradFiltering on Ray: pick the data worth training on."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ["run", *pipeline.STAGES]:
         help_text = "run every stage in order" if name == "run" else f"run the {name} stage alone"
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", "-c", help="YAML config file (see jobs/configs/)")
         p.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
             help="override a config field, e.g. --set ensemble.members=3 (value parsed as YAML)",
         )
         p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, run nothing")

@@ -135,7 +135,9 @@ class GradientsConfig:
     num_actors: int = doc("Extraction actors (each holds the proxy and all 2M adapters).", 1)
     cpus_per_actor: float = doc("CPUs per extraction actor.", 1.0)
     gpus_per_actor: float = doc("GPUs per extraction actor; 0 on CPU-only clusters.", 0.0)
-    precision: Precision = doc("Extraction dtype; 'auto' = bf16 on CUDA, fp32 on CPU; float64 for exactness checks.", "auto")
+    precision: Precision = doc(
+        "Extraction dtype; 'auto' = bf16 on CUDA, fp32 on CPU; float64 for exactness checks.", "auto"
+    )
     length_bucket_rows: int = doc(
         "Rows sorted by length within each window of this many rows before batching (less padding).", 256
     )

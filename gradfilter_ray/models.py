@@ -37,7 +37,9 @@ def load_tokenizer(spec: ModelSpec):
     source = resolve(spec.tokenizer or spec.name_or_path or "")
     folder = Path(source)
     if folder.is_dir() and (folder / "vocab.json").exists() and not (folder / "tokenizer.json").exists():
-        tokenizer = GPT2TokenizerFast.from_pretrained(source)  # bare GPT-2 BPE files: no tokenizer_config to dispatch on
+        tokenizer = GPT2TokenizerFast.from_pretrained(
+            source
+        )  # bare GPT-2 BPE files: no tokenizer_config to dispatch on
     else:
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=spec.trust_remote_code, revision=spec.revision

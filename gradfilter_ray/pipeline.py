@@ -54,7 +54,9 @@ def _extract_resources(cfg: Config) -> str:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
-        Stage("ingest", (), lambda c: (c.data,), lambda c: "Ray Data tasks, 1 CPU each", "gradfilter_ray.data.stage:run"),
+        Stage(
+            "ingest", (), lambda c: (c.data,), lambda c: "Ray Data tasks, 1 CPU each", "gradfilter_ray.data.stage:run"
+        ),
         Stage(
             "ensemble",
             ("ingest",),
@@ -71,7 +73,9 @@ STAGES: dict[str, Stage] = {
         ),
         Stage("score", ("extract",), lambda c: (c.scoring,), lambda c: "driver + Ray Data (IFD pass)", None),
         Stage("select", ("score",), lambda c: (c.selection,), lambda c: "driver, streaming", None),
-        Stage("finetune", ("select",), lambda c: (c.target,), lambda c: f"{c.target.num_workers} DeepSpeed workers", None),
+        Stage(
+            "finetune", ("select",), lambda c: (c.target,), lambda c: f"{c.target.num_workers} DeepSpeed workers", None
+        ),
         Stage("evaluate", ("finetune",), lambda c: (c.evaluation,), lambda c: "Ray Data batch inference", None),
         Stage("report", ("score", "select"), lambda c: (), lambda c: "driver", None),
     ]
@@ -87,7 +91,6 @@ def stage_key(name: str, cfg: Config) -> str:
 def run_stage(name: str, cfg: Config, rundir: RunDir, force: bool = False, log: Callable[[str], None] = print) -> dict:
     """Run one stage unless it is already done with the same key; returns its manifest record."""
     stage = STAGES[name]
-    fn = stage.load()
     key = stage_key(name, cfg)
     for up in stage.upstream:
         if not rundir.stage_done(up, stage_key(up, cfg)):
@@ -98,6 +101,7 @@ def run_stage(name: str, cfg: Config, rundir: RunDir, force: bool = False, log: 
     if not force and rundir.stage_done(name, key):
         log(f"[{name}] already done (key {key}), skipping")
         return rundir.stage_record(name) or {}
+    fn = stage.load()
     log(f"[{name}] running ({stage.resources(cfg)})")
     timer = StageTimer()
     with rundir.staging(name) as staged:

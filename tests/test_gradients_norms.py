@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+import gradfilter_ray
 from gradfilter_ray.gradients.norms import adapted_module_names, lora_parameter_count, per_example_sq_norms
 
-STORIES = "/work/shared/data/models/stories260K/hf"
+# Prefer the copy bundled with the package so the real pretrained LLaMA case also runs on a fresh machine.
+_BUNDLED = os.path.join(os.path.dirname(gradfilter_ray.__file__), "assets", "models", "stories260K")
+STORIES = _BUNDLED if os.path.isdir(_BUNDLED) else "/work/shared/data/models/stories260K/hf"
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 TARGETS = {
     "gpt2": ["c_attn", "c_proj"],
@@ -33,12 +36,13 @@ def _lora_cfg(kind: str) -> LoraConfig:
 
 
 def _randomise(model, adapter: str, seed: int) -> None:
-    # lora_B starts at zero, which would make every lora_A gradient zero and hide a broken A path.
+    # lora_B starts at zero, which would make every lora_A gradient zero and hide a broken A path. std 0.05 gives
+    # lora_A ~half of the squared norm; much larger LoRA weights push float32 round-off itself past 1e-5.
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if f".{adapter}." in n and ("lora_A" in n or "lora_B" in n):
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.2)
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.05)
 
 
 def build(kind: str, dtype: torch.dtype, adapters: tuple[str, ...] = ("default",)):

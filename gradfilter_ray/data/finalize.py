@@ -95,9 +95,12 @@ def split_kept_rejected(normalized: Path, data_out: Path, rejects_out: Path, ded
                 if dup_mask is not None and pc.any(dup_mask).as_py():
                     reason = pc.if_else(dup_mask, pa.scalar(DUPLICATE), rejected["reason"])
                     detail = pa.array(
-                        [f"duplicate of id {twins[i]}" if d else old for i, d, old in zip(
-                            rejected["id"].to_pylist(), dup_mask.to_pylist(), rejected["detail"].to_pylist()
-                        )],
+                        [
+                            f"duplicate of id {twins[i]}" if d else old
+                            for i, d, old in zip(
+                                rejected["id"].to_pylist(), dup_mask.to_pylist(), rejected["detail"].to_pylist()
+                            )
+                        ],
                         pa.string(),
                     )
                     rejected = rejected.set_column(rejected.schema.get_field_index("reason"), "reason", reason)

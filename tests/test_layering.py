@@ -1,0 +1,27 @@
+"""Pure cores stay framework-free: no core module imports ray (checked in a fresh interpreter)."""
+
+import subprocess
+import sys
+
+CORE_MODULES = [
+    "gradfilter_ray.config",
+    "gradfilter_ray.rundir",
+    "gradfilter_ray.models",
+    "gradfilter_ray.pipeline",
+    "gradfilter_ray.data.formats",
+    "gradfilter_ray.data.sources",
+    "gradfilter_ray.data.finalize",
+    "gradfilter_ray.data.prompt",
+    "gradfilter_ray.gradients.norms",
+]
+
+
+def test_core_modules_do_not_import_ray():
+    code = (
+        "import sys, importlib\n"
+        f"for m in {CORE_MODULES!r}: importlib.import_module(m)\n"
+        "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
