@@ -133,7 +133,8 @@ class EnsembleConfig:
 class GradientsConfig:
     batch_size: int = doc("Examples per batched forward/backward in extraction.", 16)
     num_actors: int = doc("Extraction actors (each holds the proxy and all 2M adapters).", 1)
-    cpus_per_actor: float = doc("CPUs per extraction actor.", 1.0)
+    cpus_per_actor: float = doc("CPUs Ray reserves per extraction actor (leave one for Ray Data's read tasks).", 1.0)
+    torch_threads: int | None = doc("Intra-op threads per actor; None = max(1, int(cpus_per_actor)).", None)
     gpus_per_actor: float = doc("GPUs per extraction actor; 0 on CPU-only clusters.", 0.0)
     precision: Precision = doc(
         "Extraction dtype; 'auto' = bf16 on CUDA, fp32 on CPU; float64 for exactness checks.", "auto"

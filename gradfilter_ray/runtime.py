@@ -67,3 +67,8 @@ def cluster_summary() -> dict:
 
     res = ray.cluster_resources()
     return {"cpus": res.get("CPU", 0.0), "gpus": res.get("GPU", 0.0), "nodes": len(ray.nodes())}
+
+
+# Parquet reads and writes are light next to the model work they feed; at Ray Data's default of 1 CPU a read or
+# write task can starve beside an actor pool that holds the node's CPUs (a deadlock on a 2-core machine).
+IO_REMOTE_ARGS = {"num_cpus": 0.25}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -102,16 +103,30 @@ def tokenize_response_only(tokenizer, outputs: list[str], max_length: int, add_b
     return [assemble([], r, max_length, bos_id, tokenizer.eos_token_id) for r in response_ids]
 
 
-def collate(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids, attention_mask, labels, each [B, T] int64."""
-    width = max(1, max(len(e.input_ids) for e in examples))
-    batch = len(examples)
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+def label_start(ex: Tokenized) -> int:
+    """Index of the first labelled token (labels are contiguous from there to the end)."""
+    for i, label in enumerate(ex.labels):
+        if label != IGNORE_INDEX:
+            return i
+    return len(ex.labels)
+
+
+def collate_rows(input_ids: list, label_starts, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token rows; labels = ids from each row's label_start on. Returns [B, T] int64 tensors."""
+    width = max(1, max(len(ids) for ids in input_ids))
+    batch = len(input_ids)
+    ids_t = torch.full((batch, width), pad_id, dtype=torch.long)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    for row, ex in enumerate(examples):
-        n = len(ex.input_ids)
-        input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
-        labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
+    for row, (ids, start) in enumerate(zip(input_ids, label_starts)):
+        n, start = len(ids), int(start)
+        row_ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        ids_t[row, :n] = row_ids
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        labels[row, start:n] = row_ids[start:]
+    return {"input_ids": ids_t, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels, each [B, T] int64."""
+    return collate_rows([e.input_ids for e in examples], [label_start(e) for e in examples], pad_id)

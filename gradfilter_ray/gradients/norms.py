@@ -11,12 +11,13 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from gradfilter_ray.losses import IGNORE_INDEX, per_example_losses
+
+__all__ = ["IGNORE_INDEX", "adapted_module_names", "lora_parameter_count", "per_example_sq_norms"]
 
 
 def _resolve_adapter(model: nn.Module, adapter_name: str | None) -> str:
@@ -137,13 +138,7 @@ def per_example_sq_norms(
             if missing:
                 raise RuntimeError(f"{len(missing)} LoRA modules of {name!r} were not called (adapters disabled?)")
 
-            tgt = labels[:, 1:].to(logits.device)
-            n_tok = (tgt != IGNORE_INDEX).sum(dim=1)
-            # Upcast logits like HF's loss does; bf16 cross-entropy would dominate the error budget.
-            lg = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-            tok_loss = F.cross_entropy(lg.flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-            # Each example normalised by its own count, so its gradient is independent of batch-mates; clamp -> 0/1.
-            losses = tok_loss.view(B, -1).sum(dim=1) / n_tok.clamp(min=1).to(tok_loss.dtype)
+            losses, n_tok = per_example_losses(logits, labels)
 
             outs = [o for calls in captured.values() for _, o in calls]
             grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)

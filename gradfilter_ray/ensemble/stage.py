@@ -1,0 +1,233 @@
+"""Ensemble stage (Ray shell): one Ray Train TorchTrainer, one worker per member, no gradient all-reduce.
+
+Every worker receives the whole tokenised corpus (``DataConfig(datasets_to_split=[])``), attaches a LoRA adapter
+seeded with ``seed + rank`` to the frozen proxy and runs `loop.train_member`. After each epoch each worker writes
+``member_{rank}/epoch_{e}/`` (adapter safetensors + loss curve) and its optimiser state into the checkpoint it
+reports; Ray merges the members' files into one checkpoint. A re-run with the same config resumes from the
+latest checkpoint (Ray Train's storage under ``output_dir/.ray_train``); a failed worker group is restarted from
+it (``FailureConfig``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from gradfilter_ray.config import Config, EnsembleConfig, ProxyConfig, build
+from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.runtime import IO_REMOTE_ARGS
+
+TRAIN_STATE = "train_state.pt"
+LOSS_CSV = "train_loss.csv"
+
+
+def _collect_rows(shard):
+    from gradfilter_ray.ensemble.loop import TokenRows
+
+    ids, input_ids, starts = [], [], []
+    for batch in shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        trainable = batch.filter(np.asarray(batch["n_response_tokens"]) > 0)
+        ids.extend(trainable["id"].to_pylist())
+        input_ids.extend(trainable["input_ids"].to_numpy(zero_copy_only=False))
+        starts.extend(trainable["label_start"].to_pylist())
+    return TokenRows.from_columns(ids, input_ids, starts)
+
+
+def _write_loss_curve(path: Path, losses: list[float]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "loss"])
+        writer.writerows((i + 1, f"{loss:.8g}") for i, loss in enumerate(losses))
+
+
+def train_member_worker(config: dict) -> None:
+    """Ray Train worker: one ensemble member (rank = member index)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from gradfilter_ray.ensemble.loop import train_member
+    from gradfilter_ray.ensemble.lora import attach_lora, save_adapter
+    from gradfilter_ray.models import load_causal_lm, load_tokenizer
+
+    ens: EnsembleConfig = build(EnsembleConfig, config["ensemble"], "ensemble")
+    proxy: ProxyConfig = build(ProxyConfig, config["proxy"], "proxy")
+    torch.set_num_threads(config["torch_threads"])
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    member_seed = ens.seed + rank
+
+    rows = _collect_rows(ray.train.get_dataset_shard("train"))
+    pad_id = load_tokenizer(proxy.model).pad_token_id
+    model = attach_lora(load_causal_lm(proxy.model, torch.float32, device), ens, seed=member_seed)
+
+    workdir = Path(tempfile.mkdtemp(prefix=f"gfr-member{rank}-"))
+    member_dir = workdir / f"member_{rank}"
+    start_epoch, optimizer_state = 1, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as saved:
+            shutil.copytree(Path(saved) / f"member_{rank}", member_dir)
+        state = torch.load(member_dir / TRAIN_STATE, weights_only=True, map_location=device)
+        last = state["epoch"]
+        weights = load_file(str(member_dir / f"epoch_{last}" / "adapter_model.safetensors"), device=str(device))
+        set_peft_model_state_dict(model, weights)
+        start_epoch, optimizer_state = last + 1, state["optimizer"]
+    else:
+        member_dir.mkdir(parents=True)
+
+    def on_epoch_end(epoch, model, optimizer, losses):
+        epoch_dir = member_dir / f"epoch_{epoch}"
+        save_adapter(model, epoch_dir)
+        _write_loss_curve(epoch_dir / LOSS_CSV, losses)
+        torch.save({"epoch": epoch, "optimizer": optimizer.state_dict()}, member_dir / TRAIN_STATE)
+        with tempfile.TemporaryDirectory(prefix="gfr-ckpt-") as tmp:
+            shutil.copytree(member_dir, Path(tmp) / member_dir.name)
+            ray.train.report(
+                {"epoch": epoch, "mean_loss": float(np.mean(losses)) if losses else float("nan")},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            )
+
+    if start_epoch <= ens.epochs:
+        train_member(
+            model,
+            rows,
+            ens,
+            member_seed,
+            device,
+            pad_id,
+            on_epoch_end,
+            start_epoch,
+            optimizer_state,
+            stop_after_epoch=config.get("stop_after_epoch"),
+        )
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _tokenized_dataset(cfg: Config, rundir: RunDir):
+    import ray.data
+
+    from gradfilter_ray.data.tokenized import TokenizeRows
+
+    ds = ray.data.read_parquet(str(rundir.data.resolve()), ray_remote_args=IO_REMOTE_ARGS)
+    ds = ds.map_batches(
+        TokenizeRows,
+        fn_constructor_kwargs={"proxy": cfg.proxy},
+        batch_size=1024,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=1),
+    )
+    # Materialised before training: the tokeniser's actor must not compete with the members for CPUs.
+    return ds.materialize()
+
+
+def _summary(ensemble_dir: Path, ens: EnsembleConfig, counts: dict, adapter: dict) -> dict:
+    members = {}
+    for m in range(ens.members):
+        curves = {}
+        for e in range(1, ens.epochs + 1):
+            with (ensemble_dir / f"member_{m}" / f"epoch_{e}" / LOSS_CSV).open() as fh:
+                curves[e] = [float(r["loss"]) for r in csv.DictReader(fh)]
+        members[m] = {
+            "seed": ens.seed + m,
+            "first_step_loss": curves[1][0] if curves[1] else None,
+            "epoch_mean_loss": {e: float(np.mean(c)) if c else None for e, c in curves.items()},
+        }
+    return {**counts, **adapter, "early_epoch": ens.early_epoch, "late_epoch": ens.late_epoch, "members": members}
+
+
+def adapter_facts(cfg: Config) -> dict:
+    """Which modules the adapter covers and how many parameters it has (built on the proxy, no training)."""
+    import torch
+
+    from gradfilter_ray.ensemble.lora import attach_lora
+    from gradfilter_ray.gradients.norms import adapted_module_names, lora_parameter_count
+    from gradfilter_ray.models import load_causal_lm
+
+    model = attach_lora(load_causal_lm(cfg.proxy.model, torch.float32, "cpu"), cfg.ensemble, seed=0)
+    names = adapted_module_names(model)
+    return {
+        "adapter_parameters": lora_parameter_count(model),
+        "adapted_modules": len(names),
+        "adapted_module_suffixes": sorted({n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in names}),
+    }
+
+
+def trainer_name(cfg: Config) -> str:
+    from gradfilter_ray.pipeline import stage_key
+
+    return f"ensemble-{stage_key('ensemble', cfg)}"
+
+
+def build_trainer(cfg: Config, rundir: RunDir, ds, stop_after_epoch: int | None = None):
+    """The TorchTrainer for this config; the same name and storage always, so fit() resumes where it stopped."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    ens = cfg.ensemble
+    use_gpu = ens.gpus_per_member > 0
+    resources = {"CPU": ens.cpus_per_member, **({"GPU": ens.gpus_per_member} if use_gpu else {})}
+    storage = rundir.ensemble_train_state.resolve()
+    trainer = TorchTrainer(
+        train_member_worker,
+        train_loop_config={
+            "ensemble": asdict(ens),
+            "proxy": asdict(cfg.proxy),
+            "torch_threads": max(1, int(ens.cpus_per_member)),
+            "stop_after_epoch": stop_after_epoch,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=ens.members, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=trainer_name(cfg),
+            storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=ens.max_failures),
+        ),
+        datasets={"train": ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    return trainer
+
+
+def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
+    ens = cfg.ensemble
+    ds = _tokenized_dataset(cfg, rundir)
+    stats = ds.select_columns(["n_response_tokens"]).to_pandas()["n_response_tokens"].to_numpy()
+    counts = {
+        "rows_in": int(len(stats)),
+        "rows_trained": int((stats > 0).sum()),
+        "rows_no_response_tokens": int((stats == 0).sum()),
+    }
+    if counts["rows_trained"] == 0:
+        raise RuntimeError("no row has a response token left after tokenisation: raise proxy.max_length")
+
+    trainer = build_trainer(cfg, rundir, ds)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    out = staged / "ensemble"
+    with result.checkpoint.as_directory() as saved:
+        for m in range(ens.members):
+            shutil.copytree(
+                Path(saved) / f"member_{m}", out / f"member_{m}", ignore=shutil.ignore_patterns(TRAIN_STATE)
+            )
+    summary = _summary(out, ens, counts, adapter_facts(cfg))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(rundir.ensemble_train_state.resolve() / trainer_name(cfg), ignore_errors=True)
+    return ["ensemble"], {
+        **counts,
+        "members": ens.members,
+        "epochs": ens.epochs,
+        "adapter_parameters": summary["adapter_parameters"],
+        "adapted_modules": summary["adapted_modules"],
+    }

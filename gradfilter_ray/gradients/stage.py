@@ -1,0 +1,172 @@
+"""Extraction stage (Ray shell): stream the corpus through per-example LoRA gradient norms on an actor pool.
+
+Each `NormExtractor` actor loads the frozen proxy once and all 2M adapters (M members x early/late), tokenises
+each incoming batch once, sorts it by length (less padding), and for every sub-batch runs the batched exact-norm
+kernel once per adapter. The adapters travel to the actors as bytes through Ray's object store, so extraction
+works on nodes that cannot see the ensemble's output folder.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from gradfilter_ray.config import Config, GradientsConfig, ProxyConfig, build
+from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.runtime import IO_REMOTE_ARGS
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+GRADIENT_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("sq_norm_early", pa.list_(pa.float64())),
+        ("sq_norm_late", pa.list_(pa.float64())),
+        ("loss_early", pa.list_(pa.float64())),
+        ("loss_late", pa.list_(pa.float64())),
+        ("n_response_tokens", pa.int32()),
+        ("n_tokens", pa.int32()),
+    ]
+)
+
+
+def adapter_name(member: int, checkpoint: str) -> str:
+    return f"m{member}_{checkpoint}"
+
+
+def read_adapters(rundir: RunDir, members: int, early: int, late: int) -> dict[str, dict[str, bytes]]:
+    adapters = {}
+    for m in range(members):
+        for checkpoint, epoch in (("early", early), ("late", late)):
+            folder = rundir.member_epoch(m, epoch)
+            adapters[adapter_name(m, checkpoint)] = {f: (folder / f).read_bytes() for f in ADAPTER_FILES}
+    return adapters
+
+
+def _list_column(values: np.ndarray) -> pa.Array:
+    """[N, M] float64 -> list<float64> column of N lists of M."""
+    n, m = values.shape
+    offsets = pa.array(np.arange(0, (n + 1) * m, m, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), pa.float64()))
+
+
+class NormExtractor:
+    """Ray Data actor: canonical rows -> per-example squared LoRA gradient norms and losses for all 2M adapters."""
+
+    def __init__(self, proxy: dict, gradients: dict, members: int, adapters: dict[str, dict[str, bytes]]) -> None:
+        import torch
+
+        from gradfilter_ray.ensemble.lora import load_adapters
+        from gradfilter_ray.models import load_causal_lm, load_tokenizer, pick_device, resolve_dtype
+
+        self.proxy: ProxyConfig = build(ProxyConfig, proxy, "proxy")
+        self.cfg: GradientsConfig = build(GradientsConfig, gradients, "gradients")
+        self.members = members
+        self.device = pick_device(self.cfg.gpus_per_actor)
+        torch.set_num_threads(self.cfg.torch_threads or max(1, int(self.cfg.cpus_per_actor)))
+        self.tokenizer = load_tokenizer(self.proxy.model)
+        base = load_causal_lm(self.proxy.model, resolve_dtype(self.cfg.precision, self.device), self.device)
+        self._adapter_dir = tempfile.TemporaryDirectory(prefix="gfr-adapters-")
+        folders = {}
+        for name, files in adapters.items():
+            folder = Path(self._adapter_dir.name) / name
+            folder.mkdir()
+            for filename, payload in files.items():
+                (folder / filename).write_bytes(payload)
+            folders[name] = folder
+        self.model = load_adapters(base, folders)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from gradfilter_ray.data.prompt import collate_rows
+        from gradfilter_ray.data.tokenized import tokenize_table
+        from gradfilter_ray.gradients.norms import per_example_sq_norms
+
+        tokens = tokenize_table(table, self.tokenizer, self.proxy)
+        input_ids = tokens["input_ids"].to_numpy(zero_copy_only=False)
+        starts = tokens["label_start"].to_numpy()
+        lengths = np.array([len(x) for x in input_ids], dtype=np.int32)
+        n, m = len(lengths), self.members
+        results = {key: np.zeros((n, m)) for key in ("sq_norm_early", "sq_norm_late", "loss_early", "loss_late")}
+        n_response = np.zeros(n, dtype=np.int32)
+        order = np.argsort(lengths, kind="stable")  # length buckets: batch-mates of similar length
+        for begin in range(0, n, self.cfg.batch_size):
+            rows = order[begin : begin + self.cfg.batch_size]
+            batch = collate_rows([input_ids[i] for i in rows], starts[rows], self.tokenizer.pad_token_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            for member in range(m):
+                for checkpoint in ("early", "late"):
+                    sq, loss, count = per_example_sq_norms(
+                        self.model, **batch, adapter_name=adapter_name(member, checkpoint)
+                    )
+                    results[f"sq_norm_{checkpoint}"][rows, member] = sq.numpy()
+                    results[f"loss_{checkpoint}"][rows, member] = loss.numpy()
+                    n_response[rows] = count.numpy()
+        return pa.Table.from_arrays(
+            [
+                tokens["id"],
+                *(_list_column(results[k]) for k in list(results)),
+                pa.array(n_response),
+                pa.array(lengths),
+            ],
+            schema=GRADIENT_SCHEMA,
+        )
+
+
+def check_exactly_once(input_ids: np.ndarray, output_ids: np.ndarray) -> None:
+    """Every input id appears exactly once in the output (no loss, no duplication from retries)."""
+    uniq, counts = np.unique(output_ids, return_counts=True)
+    if (counts > 1).any():
+        raise RuntimeError(f"{int((counts > 1).sum())} ids appear more than once in the gradients output")
+    missing = np.setdiff1d(input_ids, uniq)
+    extra = np.setdiff1d(uniq, input_ids)
+    if len(missing) or len(extra):
+        raise RuntimeError(f"gradients output lost {len(missing)} ids and invented {len(extra)}")
+
+
+def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
+    import pyarrow.parquet as pq
+    import ray.data
+
+    ens, grads = cfg.ensemble, cfg.gradients
+    adapters = read_adapters(rundir, ens.members, ens.early_epoch, ens.late_epoch)
+    ds = ray.data.read_parquet(
+        str(rundir.data.resolve()), columns=["id", "instruction", "input", "output"], ray_remote_args=IO_REMOTE_ARGS
+    )
+    gpu_args = {"num_gpus": grads.gpus_per_actor} if grads.gpus_per_actor > 0 else {}
+    ds = ds.map_batches(
+        NormExtractor,
+        fn_constructor_kwargs={
+            "proxy": asdict(cfg.proxy),
+            "gradients": asdict(grads),
+            "members": ens.members,
+            "adapters": adapters,
+        },
+        batch_size=grads.length_bucket_rows,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=grads.num_actors),
+        num_cpus=grads.cpus_per_actor,
+        **gpu_args,
+    )
+    out = staged / "gradients"
+    started = time.perf_counter()
+    ds.write_parquet(str(out), ray_remote_args=IO_REMOTE_ARGS)
+    seconds = time.perf_counter() - started
+
+    written = pq.read_table(out, columns=["id", "n_tokens", "n_response_tokens"])
+    check_exactly_once(pq.read_table(rundir.data, columns=["id"])["id"].to_numpy(), written["id"].to_numpy())
+    rows = written.num_rows
+    tokens = int(np.sum(written["n_tokens"].to_numpy()))
+    return ["gradients"], {
+        "rows": rows,
+        "rows_no_response_tokens": int(np.sum(written["n_response_tokens"].to_numpy() == 0)),
+        "adapters": len(adapters),
+        "seconds_streaming": round(seconds, 2),
+        "examples_per_s": round(rows / seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "norms_per_s": round(rows * len(adapters) / seconds, 2),
+    }

@@ -1,0 +1,131 @@
+"""Ensemble and extraction stages on the session's local Ray with a tiny GPT-2: outputs, resume, exactly-once,
+equality with a bare in-process computation and with the batch-size-1 reference, determinism."""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from gradfilter_ray import pipeline
+from gradfilter_ray.config import load
+from gradfilter_ray.ensemble import stage as ensemble_stage
+from gradfilter_ray.rundir import RunDir
+
+pytestmark = pytest.mark.ray
+TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny_gpt2.yaml"
+QUIET = {"log": lambda _: None}
+
+
+def tiny_cfg(out, *extra):
+    return load(TINY, [f"output_dir={out}", "data.limit=24", "ensemble.members=2", *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_cluster, tmp_path_factory):
+    """ingest -> ensemble (interrupted after epoch 1, then resumed) -> extract, once for the module."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    cfg = tiny_cfg(out)
+    rundir = RunDir(out)
+    pipeline.run_stage("ingest", cfg, rundir, **QUIET)
+    # A preempted first attempt: the trainer stops after epoch 1, leaving only its checkpoint behind.
+    partial = ensemble_stage.build_trainer(
+        cfg, rundir, ensemble_stage._tokenized_dataset(cfg, rundir), stop_after_epoch=1
+    ).fit()
+    assert partial.error is None and partial.metrics["epoch"] == 1
+    with partial.checkpoint.as_directory() as saved:
+        early_before = (Path(saved) / "member_1" / "epoch_1" / "adapter_model.safetensors").read_bytes()
+        assert not (Path(saved) / "member_1" / "epoch_2").exists()
+    record = pipeline.run_stage("ensemble", cfg, rundir, **QUIET)
+    extract = pipeline.run_stage("extract", cfg, rundir, **QUIET)
+    return cfg, rundir, record, extract, early_before
+
+
+def test_ensemble_writes_every_member_epoch_as_safetensors_with_loss_curves(finished_run):
+    cfg, rundir, record, _, _ = finished_run
+    assert record["rows_in"] == 24 == record["rows_trained"] + record["rows_no_response_tokens"]
+    assert record["adapted_modules"] == 6  # c_attn, attn.c_proj and mlp.c_proj in each of 2 layers
+    for m in range(2):
+        for e in (1, 2):
+            folder = rundir.member_epoch(m, e)
+            assert (folder / "adapter_model.safetensors").stat().st_size > 0
+            lines = (folder / "train_loss.csv").read_text().splitlines()
+            assert lines[0] == "step,loss" and len(lines) == 1 + int(np.ceil(record["rows_trained"] / 8))
+    assert not (rundir.member_epoch(0, 1).parent / "train_state.pt").exists()
+
+
+def test_resumed_ensemble_equals_an_uninterrupted_one(finished_run, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg, rundir, _, _, early_before = finished_run
+    # epoch 1 was not redone: the committed epoch-1 adapter is byte for byte the preempted run's
+    assert (rundir.member_epoch(1, 1) / "adapter_model.safetensors").read_bytes() == early_before
+
+    clean = RunDir(tmp_path / "clean")
+    clean_cfg = tiny_cfg(clean.root)
+    pipeline.run_stage("ingest", clean_cfg, clean, **QUIET)
+    pipeline.run_stage("ensemble", clean_cfg, clean, **QUIET)
+    for m in range(2):
+        a = load_file(str(rundir.member_epoch(m, 2) / "adapter_model.safetensors"))
+        b = load_file(str(clean.member_epoch(m, 2) / "adapter_model.safetensors"))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    m0 = load_file(str(clean.member_epoch(0, 2) / "adapter_model.safetensors"))
+    m1 = load_file(str(clean.member_epoch(1, 2) / "adapter_model.safetensors"))
+    assert any(not torch.allclose(m0[k], m1[k]) for k in m0)  # members differ
+
+
+def test_extraction_has_every_id_once_with_m_values_per_checkpoint(finished_run):
+    cfg, rundir, _, extract, _ = finished_run
+    grads = pq.read_table(rundir.gradients).sort_by("id")
+    data_ids = pq.read_table(rundir.data, columns=["id"])["id"].to_pylist()
+    assert grads["id"].to_pylist() == sorted(data_ids) and extract["rows"] == len(data_ids)
+    for column in ("sq_norm_early", "sq_norm_late", "loss_early", "loss_late"):
+        values = np.array(grads[column].to_pylist())
+        assert values.shape == (len(data_ids), 2) and np.isfinite(values).all()
+    scored = np.array(grads["n_response_tokens"].to_pylist()) > 0
+    assert (np.array(grads["sq_norm_early"].to_pylist())[scored] > 0).all()
+    assert extract["examples_per_s"] > 0 and extract["tokens_per_s"] > 0
+
+
+def test_extraction_equals_bare_computation_and_the_bs1_reference(finished_run):
+    from gradfilter_ray.data.prompt import collate_rows
+    from gradfilter_ray.data.tokenized import tokenize_table
+    from gradfilter_ray.ensemble.lora import load_adapters
+    from gradfilter_ray.models import load_causal_lm, load_tokenizer
+
+    cfg, rundir, _, _, _ = finished_run
+    grads = pq.read_table(rundir.gradients).sort_by("id").slice(0, 5)
+    data = pq.read_table(rundir.data).sort_by("id").slice(0, 5)
+    tokenizer = load_tokenizer(cfg.proxy.model)
+    tokens = tokenize_table(data, tokenizer, cfg.proxy)
+    base = load_causal_lm(cfg.proxy.model, torch.float64)
+    model = load_adapters(base, {"late1": rundir.member_epoch(1, 2)})
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for row in range(5):
+        batch = collate_rows([tokens["input_ids"][row].as_py()], [tokens["label_start"][row].as_py()], 0)
+        for p in params:
+            p.requires_grad_(True)
+        logits = model(input_ids=batch["input_ids"]).logits
+        target = batch["labels"][0, 1:]
+        scored = target != -100
+        if not scored.any():
+            assert grads["sq_norm_late"][row].as_py()[1] == 0.0
+            continue
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1][scored], target[scored])
+        reference = sum(g.pow(2).sum() for g in torch.autograd.grad(loss, params)).item()
+        assert grads["sq_norm_late"][row].as_py()[1] == pytest.approx(reference, rel=1e-4)
+        assert grads["loss_late"][row].as_py()[1] == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_extraction_is_deterministic(finished_run):
+    cfg, rundir, _, _, _ = finished_run
+    first = pq.read_table(rundir.gradients).sort_by("id")
+    again = pipeline.run_stage("extract", cfg, rundir, force=True, **QUIET)
+    second = pq.read_table(rundir.gradients).sort_by("id")
+    assert again["rows"] == first.num_rows
+    for column in ("sq_norm_early", "sq_norm_late", "loss_late"):
+        np.testing.assert_allclose(
+            np.array(first[column].to_pylist()), np.array(second[column].to_pylist()), rtol=1e-6
+        )
