@@ -27,18 +27,29 @@ def test_demo_pipeline_through_the_cli(tmp_path):
         "--set",
         f"output_dir={out_dir}",
         "--set",
-        "data.limit=60",
+        "data.limit=40",
         "--set",
         "ray.progress_bars=false",
+        "--set",
+        "ensemble.members=3",
+        "--set",
+        "proxy.max_length=160",
     ]
     done = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     manifest = json.loads((out_dir / "manifest.json").read_text())
     ingest = manifest["stages"]["ingest"]
-    assert ingest["rows_in"] == 60 == ingest["rows_kept"] + ingest["rows_rejected"]
+    assert ingest["rows_in"] == 40 == ingest["rows_kept"] + ingest["rows_rejected"]
     assert pq.read_table(out_dir / "data").num_rows == ingest["rows_kept"]
-    assert manifest["versions"]["ray"].startswith("2.60") and manifest["config"]["data"]["limit"] == 60
+    assert manifest["versions"]["ray"].startswith("2.60") and manifest["config"]["data"]["limit"] == 40
     assert len(manifest["inputs"][0]["sha256"]) == 64
 
+    assert manifest["stages"]["ensemble"]["members"] == 3
+    for m in range(3):
+        assert (out_dir / "ensemble" / f"member_{m}" / "epoch_2" / "adapter_model.safetensors").exists()
+    grads = pq.read_table(out_dir / "gradients")
+    assert sorted(grads["id"].to_pylist()) == sorted(pq.read_table(out_dir / "data")["id"].to_pylist())
+    assert len(grads["sq_norm_late"][0].as_py()) == 3
+
     again = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
-    assert again.returncode == 0 and "[ingest] already done" in again.stdout
+    assert again.returncode == 0 and "[extract] already done" in again.stdout

@@ -1,0 +1,139 @@
+"""Exact top-k selection by score, without sorting the dataset.
+
+Order: higher score first; equal scores: the SMALLER id first. Ids are assumed unique, so the order is total and
+the selected set is unique. Only eligible rows compete; an eligible row with a NaN score is an error (ineligible
+rows must be marked so upstream, never ranked). +-inf scores are ordered like any other value.
+
+Two ways to select: ``top_k_mask`` on in-memory arrays, or for data that does not fit, a first streaming pass
+``threshold_for_top_k`` (O(k + chunk) memory) and a filtering pass ``mask_from_threshold`` per chunk. The second
+pass must see bit-identical float64 scores to the first (scores compared with ==).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+
+__all__ = ["k_for_ratio", "mask_from_threshold", "threshold_for_top_k", "top_k_mask"]
+
+# floor() slack for ratio * n: covers float rounding (0.29 * 100 = 28.999999999999996) while being far below the
+# distance to the next integer for any dataset size this project handles (< 1e-3 up to 1e9 rows).
+_RATIO_REL_EPS = 1e-12
+
+
+def k_for_ratio(ratio: float, n_eligible: int) -> int:
+    """Rows to keep: floor(ratio * n_eligible), with a relative 1e-12 slack so 0.1 * 30 gives 3 and 0.29 * 100
+    gives 29 despite binary floating point. ``ratio`` in [0, 1], ``n_eligible`` >= 0; result in [0, n_eligible]."""
+    if not (math.isfinite(ratio) and 0.0 <= ratio <= 1.0):
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    if n_eligible < 0:
+        raise ValueError(f"n_eligible must be >= 0, got {n_eligible}")
+    x = ratio * n_eligible
+    return min(int(n_eligible), math.floor(x + x * _RATIO_REL_EPS))
+
+
+def _check(scores: np.ndarray, ids: np.ndarray, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64)
+    ids = np.asarray(ids)
+    eligible = np.asarray(eligible, dtype=bool)
+    if scores.ndim != 1 or ids.shape != scores.shape or eligible.shape != scores.shape:
+        raise ValueError(
+            f"scores, ids, eligible must share one [N] shape: {scores.shape} {ids.shape} {eligible.shape}"
+        )
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be integers, got {ids.dtype}")
+    if np.isnan(scores[eligible]).any():
+        raise ValueError("an eligible row has a NaN score; mark it ineligible upstream")
+    return scores, ids.astype(np.int64, copy=False), eligible
+
+
+def _top_k_positions(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the top k rows (score desc, id asc) among all given rows; 0 < k < len(scores), no NaN."""
+    n = scores.shape[0]
+    threshold = np.partition(scores, n - k)[n - k]  # the k-th largest score
+    above = np.flatnonzero(scores > threshold)
+    tied = np.flatnonzero(scores == threshold)
+    need = k - above.shape[0]  # >= 1: the threshold itself is among the top k
+    if need < tied.shape[0]:
+        # Only the tied subset is partitioned, by id: its `need` smallest ids win.
+        tied = tied[np.argpartition(ids[tied], need - 1)[:need]]
+    return np.concatenate([above, tied])
+
+
+def top_k_mask(scores: np.ndarray, ids: np.ndarray, eligible: np.ndarray, k: int) -> np.ndarray:
+    """Bool [N]: the k eligible rows with the highest scores (ties: smaller id first); all eligible rows if fewer.
+
+    ``scores`` float64 [N] (NaN allowed only on ineligible rows, else ValueError); ``ids`` int64 [N], unique;
+    ``eligible`` bool [N]; ``k`` >= 0. Cost O(N) on average (np.partition), plus a partition of the rows tied at
+    the threshold by id.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    scores, ids, eligible = _check(scores, ids, eligible)
+    pool = np.flatnonzero(eligible)
+    if k >= pool.shape[0]:
+        return eligible.copy()
+    mask = np.zeros(scores.shape[0], dtype=bool)
+    if k > 0:
+        mask[pool[_top_k_positions(scores[pool], ids[pool], k)]] = True
+    return mask
+
+
+def threshold_for_top_k(
+    score_chunks: Iterable[np.ndarray],
+    id_chunks: Iterable[np.ndarray],
+    k: int,
+    eligible_chunks: Iterable[np.ndarray] | None = None,
+) -> tuple[float, int | None]:
+    """First pass of streaming top-k: the boundary ``(threshold, max_tied_id)`` of the top k over all chunks.
+
+    Chunks are parallel float64 / int64 / bool [n_c] arrays (``eligible_chunks`` None: every row eligible). Keeps
+    at most k candidates plus one chunk in memory. A row is in the top k iff it is eligible and
+    ``score > threshold or (score == threshold and id <= max_tied_id)`` (see ``mask_from_threshold``).
+    Edge cases: k == 0 gives ``(inf, None)`` (None admits no tied row, so nothing is selected); fewer than k
+    eligible rows gives ``(-inf, max int64)``, admitting every eligible row.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if k == 0:
+        return math.inf, None
+    cand_scores = np.empty(0, dtype=np.float64)
+    cand_ids = np.empty(0, dtype=np.int64)
+    eligible_iter = iter(eligible_chunks) if eligible_chunks is not None else None
+    for chunk_scores, chunk_ids in zip(score_chunks, id_chunks, strict=True):
+        if eligible_iter is None:
+            chunk_eligible = np.ones(len(chunk_scores), dtype=bool)
+        elif (chunk_eligible := next(eligible_iter, None)) is None:
+            raise ValueError("eligible_chunks has fewer chunks than score_chunks")
+        chunk_scores, chunk_ids, chunk_eligible = _check(chunk_scores, chunk_ids, chunk_eligible)
+        keep = chunk_eligible
+        if cand_scores.shape[0] == k:
+            # Rows that rank below the current k-th candidate can never enter the top k: drop them before merging.
+            thr = cand_scores.min()
+            tied_max = cand_ids[cand_scores == thr].max()
+            keep = keep & ((chunk_scores > thr) | ((chunk_scores == thr) & (chunk_ids < tied_max)))
+        cand_scores = np.concatenate([cand_scores, chunk_scores[keep]])
+        cand_ids = np.concatenate([cand_ids, chunk_ids[keep]])
+        if cand_scores.shape[0] > k:
+            top = _top_k_positions(cand_scores, cand_ids, k)
+            cand_scores, cand_ids = cand_scores[top], cand_ids[top]
+    if cand_scores.shape[0] < k:
+        return -math.inf, int(np.iinfo(np.int64).max)
+    threshold = cand_scores.min()
+    return float(threshold), int(cand_ids[cand_scores == threshold].max())
+
+
+def mask_from_threshold(
+    scores: np.ndarray, ids: np.ndarray, eligible: np.ndarray, threshold: float, max_tied_id: int | None
+) -> np.ndarray:
+    """Second pass of streaming top-k, bool [n_c] for one chunk: eligible and (score > threshold or
+    (score == threshold and id <= max_tied_id)); ``max_tied_id`` None admits no row at the threshold."""
+    scores, ids, eligible = _check(scores, ids, eligible)
+    at_threshold = scores == threshold
+    if max_tied_id is None:
+        at_threshold[:] = False
+    else:
+        at_threshold &= ids <= max_tied_id
+    return eligible & ((scores > threshold) | at_threshold)
