@@ -148,14 +148,37 @@ class GradientsConfig:
             raise ConfigError("batch_size, num_actors and length_bucket_rows must be >= 1")
 
 
+SCORER_NAMES = (
+    "gsnr",
+    "early_magnitude",
+    "late_magnitude",
+    "abs_drop",
+    "rel_drop",
+    "drop_over_var",
+    "scale_free",
+    "random",
+    "ifd",
+    "length",
+    "full",
+)
+
+
 @dataclass(frozen=True)
 class ScoringConfig:
     eps: float = doc("Added to the late-checkpoint variance in G-SNR's denominator.", 1e-8)
     scorers: list[str] = doc(
-        "Scorers to compute (gsnr and its ablations, random, ifd, length, full).",
-        default_factory=lambda: ["gsnr", "random", "ifd", "length"],
+        "Scorers to select with: gsnr, its ablations (early_magnitude, late_magnitude, abs_drop, rel_drop, "
+        "drop_over_var, scale_free), and the baselines random, ifd (Superfiltering), length, full.",
+        default_factory=lambda: list(SCORER_NAMES),
     )
     random_seed: int = doc("Seed of the random baseline.", 0)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.scorers if s not in SCORER_NAMES]
+        if unknown:
+            raise ConfigError(f"unknown scorer(s) {unknown}; valid: {list(SCORER_NAMES)}")
+        if not self.eps >= 0:
+            raise ConfigError("eps must be >= 0")
 
 
 @dataclass(frozen=True)

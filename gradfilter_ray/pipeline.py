@@ -71,13 +71,25 @@ STAGES: dict[str, Stage] = {
             _extract_resources,
             "gradfilter_ray.gradients.stage:run",
         ),
-        Stage("score", ("extract",), lambda c: (c.scoring,), lambda c: "driver + Ray Data (IFD pass)", None),
-        Stage("select", ("score",), lambda c: (c.selection,), lambda c: "driver, streaming", None),
+        Stage(
+            "score",
+            ("extract",),
+            lambda c: (c.scoring,),
+            lambda c: "driver, streaming (IFD losses come from the extraction pass)",
+            "gradfilter_ray.scoring.stage:run_score",
+        ),
+        Stage(
+            "select",
+            ("score",),
+            lambda c: (c.selection,),
+            lambda c: "driver, streaming two-pass top-k",
+            "gradfilter_ray.scoring.stage:run_select",
+        ),
         Stage(
             "finetune", ("select",), lambda c: (c.target,), lambda c: f"{c.target.num_workers} DeepSpeed workers", None
         ),
         Stage("evaluate", ("finetune",), lambda c: (c.evaluation,), lambda c: "Ray Data batch inference", None),
-        Stage("report", ("score", "select"), lambda c: (), lambda c: "driver", None),
+        Stage("report", ("score", "select"), lambda c: (), lambda c: "driver", "gradfilter_ray.report:run"),
     ]
 }
 

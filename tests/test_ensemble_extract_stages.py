@@ -129,3 +129,37 @@ def test_extraction_is_deterministic(finished_run):
         np.testing.assert_allclose(
             np.array(first[column].to_pylist()), np.array(second[column].to_pylist()), rtol=1e-6
         )
+
+
+def test_ifd_losses_match_the_frozen_base_computed_directly(finished_run):
+    """Superfiltering's IFD inputs on known rows: the base model alone (no adapter), conditioned vs response-only."""
+    from gradfilter_ray.data.prompt import alpaca_prompt
+    from gradfilter_ray.models import load_causal_lm, load_tokenizer
+
+    cfg, rundir, _, _, _ = finished_run
+    grads = pq.read_table(rundir.gradients).sort_by("id").slice(0, 4).to_pylist()
+    data = {r["id"]: r for r in pq.read_table(rundir.data).to_pylist()}
+    tok = load_tokenizer(cfg.proxy.model)
+    base = load_causal_lm(cfg.proxy.model, torch.float64)
+
+    def mean_loss(context_ids, response_ids):
+        ids = torch.tensor([context_ids + response_ids])[:, : cfg.proxy.max_length]
+        with torch.no_grad():
+            logits = base(input_ids=ids).logits[0]
+        n_ctx = len(context_ids)
+        targets = ids[0, n_ctx:]
+        if len(targets) == 0:
+            return float("nan")
+        return torch.nn.functional.cross_entropy(logits[n_ctx - 1 : -1], targets).item()
+
+    for row in grads:
+        rec = data[row["id"]]
+        response = tok(rec["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        prompt = tok(alpaca_prompt(rec["instruction"], rec["input"]), add_special_tokens=False)["input_ids"]
+        cond = mean_loss(prompt, response)
+        uncond = mean_loss([tok.bos_token_id], response)  # GPT-2: <|endoftext|> as the start of the text
+        if np.isnan(cond):
+            assert np.isnan(row["ifd_loss_cond"])
+        else:
+            assert row["ifd_loss_cond"] == pytest.approx(cond, rel=1e-5)
+        assert row["ifd_loss_uncond"] == pytest.approx(uncond, rel=1e-5)

@@ -13,6 +13,12 @@ CORE_MODULES = [
     "gradfilter_ray.data.finalize",
     "gradfilter_ray.data.prompt",
     "gradfilter_ray.gradients.norms",
+    "gradfilter_ray.losses",
+    "gradfilter_ray.ensemble.lora",
+    "gradfilter_ray.ensemble.loop",
+    "gradfilter_ray.scoring.gsnr",
+    "gradfilter_ray.scoring.baselines",
+    "gradfilter_ray.scoring.selection",
 ]
 
 

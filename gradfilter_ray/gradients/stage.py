@@ -31,6 +31,8 @@ GRADIENT_SCHEMA = pa.schema(
         ("loss_late", pa.list_(pa.float64())),
         ("n_response_tokens", pa.int32()),
         ("n_tokens", pa.int32()),
+        ("ifd_loss_cond", pa.float64()),
+        ("ifd_loss_uncond", pa.float64()),
     ]
 )
 
@@ -87,6 +89,7 @@ class NormExtractor:
         from gradfilter_ray.gradients.norms import per_example_sq_norms
 
         tokens = tokenize_table(table, self.tokenizer, self.proxy)
+        ifd_cond, ifd_uncond = self._base_losses(table, tokens)
         input_ids = tokens["input_ids"].to_numpy(zero_copy_only=False)
         starts = tokens["label_start"].to_numpy()
         lengths = np.array([len(x) for x in input_ids], dtype=np.int32)
@@ -112,9 +115,39 @@ class NormExtractor:
                 *(_list_column(results[k]) for k in list(results)),
                 pa.array(n_response),
                 pa.array(lengths),
+                pa.array(ifd_cond),
+                pa.array(ifd_uncond),
             ],
             schema=GRADIENT_SCHEMA,
         )
+
+    def _base_losses(self, table: pa.Table, tokens: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """Superfiltering's IFD inputs from the frozen base (adapters off): the response's mean token loss given
+        the instruction, and of the response alone (NaN where no token is scored). Forward passes only."""
+        import torch
+
+        from gradfilter_ray.data.prompt import collate_rows, label_start, tokenize_response_only
+        from gradfilter_ray.losses import per_example_losses
+
+        alone = tokenize_response_only(self.tokenizer, table["output"].to_pylist(), self.proxy.max_length)
+        variants = {
+            "cond": (tokens["input_ids"].to_numpy(zero_copy_only=False), tokens["label_start"].to_numpy()),
+            "uncond": ([ex.input_ids for ex in alone], np.array([label_start(ex) for ex in alone])),
+        }
+        out = {}
+        for key, (input_ids, starts) in variants.items():
+            losses = np.zeros(len(starts))
+            order = np.argsort([len(x) for x in input_ids], kind="stable")
+            for begin in range(0, len(order), self.cfg.batch_size):
+                rows = order[begin : begin + self.cfg.batch_size]
+                batch = collate_rows([input_ids[i] for i in rows], starts[rows], self.tokenizer.pad_token_id)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                with torch.no_grad(), self.model.disable_adapter():
+                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss, count = per_example_losses(logits, batch["labels"])
+                losses[rows] = np.where(count.cpu().numpy() > 0, loss.double().cpu().numpy(), np.nan)
+            out[key] = losses
+        return out["cond"], out["uncond"]
 
 
 def check_exactly_once(input_ids: np.ndarray, output_ids: np.ndarray) -> None:
