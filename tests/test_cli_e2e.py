@@ -50,6 +50,14 @@ def test_demo_pipeline_through_the_cli(tmp_path):
     grads = pq.read_table(out_dir / "gradients")
     assert sorted(grads["id"].to_pylist()) == sorted(pq.read_table(out_dir / "data")["id"].to_pylist())
     assert len(grads["sq_norm_late"][0].as_py()) == 3
+    scores = pq.read_table(out_dir / "scores.parquet")
+    assert sorted(scores["id"].to_pylist()) == sorted(grads["id"].to_pylist())
+    select = manifest["stages"]["select"]["selections"]
+    assert {"gsnr_0.05", "gsnr_0.1", "gsnr_0.15", "random_0.1", "ifd_0.1", "length_0.15", "full"} <= set(select)
+    for name, counts in select.items():
+        lines = (out_dir / "selected" / f"{name}.jsonl").read_text().splitlines()
+        assert len(lines) == counts["selected"]
+    assert (out_dir / "report" / "index.html").exists()
 
     again = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert again.returncode == 0 and "[extract] already done" in again.stdout
