@@ -1,0 +1,175 @@
+"""A real submission: start a local Ray head (loopback, own temp dir and ports), `ray job submit` the demo pipeline,
+wait for SUCCEEDED and check the outputs; a bad config must end FAILED with the config error in the logs. The head
+is stopped by its own process group and processes (never `ray stop`, which would kill every Ray on the machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return [p for p in pids if p != os.getpid()]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    temp_dir = tempfile.mkdtemp(prefix="gfrj-", dir="/tmp")
+    gcs_port, dash_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",  # 2.60 defaults to token mode, which the CLI would not follow
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python` is this venv's
+    }
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs_port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash_port}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash_port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            probe = subprocess.run(
+                [str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True, text=True
+            )
+            if probe.returncode == 0:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("the local Ray head did not come up within 120 s")
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        for pid in processes_mentioning(temp_dir):  # daemons that left the group: ours by their temp dir
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def submit(address: str, env: dict, submission_id: str, *pipeline_args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--submission-id",
+            submission_id,
+            "--runtime-env",
+            "jobs/runtime_env.yaml",
+            "--",
+            "python",
+            "jobs/run.py",
+            *pipeline_args,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+
+
+def job_status(address: str, env: dict, submission_id: str) -> str:
+    out = subprocess.run(
+        [str(BIN / "ray"), "job", "status", "--address", address, submission_id],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    text = (out.stdout + out.stderr).lower()
+    for state in ("succeeded", "failed", "stopped", "running", "pending"):
+        if f"job '{submission_id}' {state}" in text or f"status: {state}" in text:
+            return state.upper()
+    return text
+
+
+def test_ray_job_submit_runs_the_demo_pipeline(ray_head, tmp_path):
+    address, env = ray_head
+    out_dir = tmp_path / "job-run"
+    done = submit(
+        address,
+        env,
+        "gfr-demo",
+        "--config",
+        "jobs/configs/demo.yaml",
+        "--set",
+        f"output_dir={out_dir}",
+        "--set",
+        "data.limit=24",
+        "--set",
+        "ensemble.members=2",
+        "--set",
+        "proxy.max_length=128",
+        "--set",
+        "ray.progress_bars=false",
+    )
+    assert job_status(address, env, "gfr-demo") == "SUCCEEDED", done.stdout[-4000:] + done.stderr[-2000:]
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["stages"]["ingest"]["rows_in"] == 24
+    assert manifest["stages"]["extract"]["rows"] == manifest["stages"]["ingest"]["rows_kept"]
+    assert pq.read_table(out_dir / "scores.parquet").num_rows == manifest["stages"]["extract"]["rows"]
+    assert (out_dir / "selected" / "gsnr_0.1.jsonl").exists() and (out_dir / "report" / "index.html").exists()
+    assert "outputs in" in done.stdout
+
+
+def test_a_bad_config_fails_the_job_with_the_error_in_its_logs(ray_head):
+    address, env = ray_head
+    submit(address, env, "gfr-bad", "--config", "jobs/configs/demo.yaml", "--set", "ensemble.memberz=3")
+    assert job_status(address, env, "gfr-bad") == "FAILED"
+    logs = subprocess.run(
+        [str(BIN / "ray"), "job", "logs", "--address", address, "gfr-bad"], env=env, capture_output=True, text=True
+    ).stdout
+    assert "config error" in logs and "ensemble.memberz" in logs
