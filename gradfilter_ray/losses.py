@@ -23,3 +23,16 @@ def per_example_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     token_loss = F.cross_entropy(shifted.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
     losses = token_loss.view(batch, -1).sum(dim=1) / n_tokens.clamp(min=1).to(token_loss.dtype)
     return losses, n_tokens
+
+
+def scored_window(labels: Tensor) -> int:
+    """How many trailing positions of the logits the loss needs: from one before the batch's first labelled token.
+
+    Passed as HF's ``logits_to_keep``, this skips the LM head (and the [B, T, vocab] logits, the largest tensor with
+    GPT-2's 50k vocabulary) on the prompt. Pair it with ``labels[:, -window:]`` in `per_example_losses`.
+    """
+    scored = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)
+    if not bool(scored.any()):
+        return 1
+    first = int(torch.nonzero(scored)[0]) + 1  # position of the first labelled token in any row
+    return labels.shape[1] - first + 1

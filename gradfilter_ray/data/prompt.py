@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from gradfilter_ray.losses import IGNORE_INDEX
+
 NO_RESPONSE_TOKENS = "no_response_tokens"
 
 # The Stanford Alpaca template (tatsu-lab/stanford_alpaca train.py), used by the paper and by Superfiltering.

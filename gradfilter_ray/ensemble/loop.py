@@ -15,7 +15,7 @@ import torch
 
 from gradfilter_ray.config import EnsembleConfig
 from gradfilter_ray.data.prompt import collate_rows
-from gradfilter_ray.losses import per_example_losses
+from gradfilter_ray.losses import per_example_losses, scored_window
 
 
 @dataclass
@@ -86,9 +86,12 @@ def train_member(
             picked = order[start : start + cfg.batch_size]
             batch = collate_rows([rows.input_ids[i] for i in picked], rows.label_starts[picked], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
+            window = scored_window(batch["labels"])
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            losses, _ = per_example_losses(logits, batch["labels"])
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=window
+                ).logits
+            losses, _ = per_example_losses(logits, batch["labels"][:, -window:])
             loss = losses.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

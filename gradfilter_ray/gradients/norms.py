@@ -15,7 +15,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from gradfilter_ray.losses import IGNORE_INDEX, per_example_losses
+from gradfilter_ray.losses import IGNORE_INDEX, per_example_losses, scored_window
 
 __all__ = ["IGNORE_INDEX", "adapted_module_names", "lora_parameter_count", "per_example_sq_norms"]
 
@@ -130,7 +130,10 @@ def per_example_sq_norms(
     try:
         with _scoring_state(model, name, params), torch.inference_mode(False), torch.enable_grad():
             handles = [lin.register_forward_hook(hook) for lin in lins]
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            window = scored_window(labels)
+            logits = model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=window
+            ).logits
             for h in handles:
                 h.remove()
             handles = []
@@ -138,7 +141,7 @@ def per_example_sq_norms(
             if missing:
                 raise RuntimeError(f"{len(missing)} LoRA modules of {name!r} were not called (adapters disabled?)")
 
-            losses, n_tok = per_example_losses(logits, labels)
+            losses, n_tok = per_example_losses(logits, labels[:, -window:])
 
             outs = [o for calls in captured.values() for _, o in calls]
             grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)

@@ -127,7 +127,7 @@ class NormExtractor:
         import torch
 
         from gradfilter_ray.data.prompt import collate_rows, label_start, tokenize_response_only
-        from gradfilter_ray.losses import per_example_losses
+        from gradfilter_ray.losses import per_example_losses, scored_window
 
         alone = tokenize_response_only(self.tokenizer, table["output"].to_pylist(), self.proxy.max_length)
         variants = {
@@ -142,9 +142,12 @@ class NormExtractor:
                 rows = order[begin : begin + self.cfg.batch_size]
                 batch = collate_rows([input_ids[i] for i in rows], starts[rows], self.tokenizer.pad_token_id)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
+                window = scored_window(batch["labels"])
                 with torch.no_grad(), self.model.disable_adapter():
-                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    loss, count = per_example_losses(logits, batch["labels"])
+                    logits = self.model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=window
+                    ).logits
+                    loss, count = per_example_losses(logits, batch["labels"][:, -window:])
                 losses[rows] = np.where(count.cpu().numpy() > 0, loss.double().cpu().numpy(), np.nan)
             out[key] = losses
         return out["cond"], out["uncond"]
