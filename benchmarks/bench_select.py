@@ -91,7 +91,11 @@ def child(root: str) -> None:
         with rundir.staging(name) as staged:
             outputs, counts = fn(cfg, rundir, staged)
             rundir.commit(staged, outputs)
-        timings[name] = {"wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu}
+        timings[name] = {
+            "wall_s": time.perf_counter() - started,
+            "cpu_s": time.process_time() - cpu,
+            "peak_rss_mib_after": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     selections = len(counts["selections"])
     print(json.dumps({"timings": timings, "peak_rss_mib": rss_mib, "selections": selections}))

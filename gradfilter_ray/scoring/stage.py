@@ -25,6 +25,9 @@ from gradfilter_ray.scoring import baselines, gsnr
 from gradfilter_ray.scoring.selection import k_for_ratio, mask_from_threshold, threshold_for_top_k
 
 BATCH_ROWS = 65_536
+# pyarrow's scanner reads several files ahead by default, so its memory grows with the number of input files; one
+# file and a couple of batches ahead keep the driver's memory flat in corpus size.
+STREAMING = {"fragment_readahead": 1, "batch_readahead": 2}
 
 # scorer -> (score column, eligibility column) in scores.parquet; every score ranks descending.
 BASELINES = {
@@ -98,7 +101,7 @@ def run_score(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dic
     rows = eligible = 0
     reasons: dict[str, int] = {}
     try:
-        for batch in dataset.to_batches(batch_size=BATCH_ROWS):
+        for batch in dataset.to_batches(batch_size=BATCH_ROWS, **STREAMING):
             if batch.num_rows == 0:
                 continue
             scored = score_batch(batch, cfg.scoring.eps, cfg.scoring.random_seed)
@@ -178,7 +181,7 @@ def write_selections(rundir: RunDir, selections: dict[str, np.ndarray], out: Pat
     jsonl = {name: (out / f"{name}.jsonl").open("w", encoding="utf-8") for name in selections}
     writers: dict[str, pq.ParquetWriter] = {}
     try:
-        for batch in pads.dataset(rundir.data, format="parquet").to_batches(batch_size=BATCH_ROWS // 4):
+        for batch in pads.dataset(rundir.data, format="parquet").to_batches(batch_size=BATCH_ROWS // 4, **STREAMING):
             table = pa.Table.from_batches([batch])
             for name, value_set in value_sets.items():
                 chosen = table.filter(pc.is_in(table["id"], value_set=value_set))
