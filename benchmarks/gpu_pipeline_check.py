@@ -25,8 +25,8 @@ import torch  # noqa: E402
 
 from gradfilter_ray.config import EnsembleConfig, GradientsConfig, ModelSpec, ProxyConfig  # noqa: E402
 from gradfilter_ray.data.tokenized import tokenize_table  # noqa: E402
-from gradfilter_ray.ensemble.lora import attach_lora, save_adapter  # noqa: E402
 from gradfilter_ray.ensemble.loop import TokenRows, train_member  # noqa: E402
+from gradfilter_ray.ensemble.lora import attach_lora, save_adapter  # noqa: E402
 from gradfilter_ray.gradients.stage import ADAPTER_FILES, NormExtractor, adapter_name  # noqa: E402
 from gradfilter_ray.models import load_causal_lm, load_tokenizer  # noqa: E402
 
