@@ -98,28 +98,17 @@ def ray_head():
 
 
 def submit(address: str, env: dict, submission_id: str, *pipeline_args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            address,
-            "--submission-id",
-            submission_id,
-            "--runtime-env",
-            "jobs/runtime_env.yaml",
-            "--",
-            "python",
-            "jobs/run.py",
-            *pipeline_args,
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    command = [
+        str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission_id,
+        "--runtime-env", "jobs/runtime_env.yaml", "--", "python", "jobs/run.py", *pipeline_args,
+    ]  # fmt: skip
+    for _ in range(24):
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+        # The job server answers before the head's job agent is up on a busy machine: wait for it, then retry.
+        if "No available agent" not in done.stdout + done.stderr:
+            return done
+        time.sleep(5)
+    return done
 
 
 def job_status(address: str, env: dict, submission_id: str) -> str:
