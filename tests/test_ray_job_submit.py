@@ -45,6 +45,15 @@ def processes_mentioning(text: str) -> list[int]:
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="gfrj-", dir="/tmp")
     gcs_port, dash_port = free_port(), free_port()
+    # Every port Ray would otherwise take by default (the agent's 52365, the client server's 10001, ...) is chosen
+    # free here: the test session's own embedded Ray already holds the defaults.
+    own_ports = [
+        f"--{flag}={free_port()}"
+        for flag in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+            "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
+        )
+    ]  # fmt: skip
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "disabled",  # 2.60 defaults to token mode, which the CLI would not follow
@@ -64,6 +73,7 @@ def ray_head():
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash_port}",
+            *own_ports,
             "--disable-usage-stats",
         ],
         env=env,
