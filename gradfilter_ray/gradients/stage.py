@@ -84,7 +84,6 @@ class NormExtractor:
         self.model = load_adapters(base, folders)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from gradfilter_ray.data.prompt import collate_rows
         from gradfilter_ray.data.tokenized import tokenize_table
         from gradfilter_ray.gradients.norms import per_example_sq_norms
 
@@ -96,11 +95,7 @@ class NormExtractor:
         n, m = len(lengths), self.members
         results = {key: np.zeros((n, m)) for key in ("sq_norm_early", "sq_norm_late", "loss_early", "loss_late")}
         n_response = np.zeros(n, dtype=np.int32)
-        order = np.argsort(lengths, kind="stable")  # length buckets: batch-mates of similar length
-        for begin in range(0, n, self.cfg.batch_size):
-            rows = order[begin : begin + self.cfg.batch_size]
-            batch = collate_rows([input_ids[i] for i in rows], starts[rows], self.tokenizer.pad_token_id)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+        for rows, batch in self._length_batches(input_ids, starts):
             for member in range(m):
                 for checkpoint in ("early", "late"):
                     sq, loss, count = per_example_sq_norms(
@@ -121,12 +116,22 @@ class NormExtractor:
             schema=GRADIENT_SCHEMA,
         )
 
+    def _length_batches(self, input_ids, starts: np.ndarray):
+        """(row indices, device batch) over rows sorted by length, so batch-mates pad little."""
+        from gradfilter_ray.data.prompt import collate_rows
+
+        order = np.argsort([len(x) for x in input_ids], kind="stable")
+        for begin in range(0, len(order), self.cfg.batch_size):
+            rows = order[begin : begin + self.cfg.batch_size]
+            batch = collate_rows([input_ids[i] for i in rows], starts[rows], self.tokenizer.pad_token_id)
+            yield rows, {k: v.to(self.device) for k, v in batch.items()}
+
     def _base_losses(self, table: pa.Table, tokens: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """Superfiltering's IFD inputs from the frozen base (adapters off): the response's mean token loss given
         the instruction, and of the response alone (NaN where no token is scored). Forward passes only."""
         import torch
 
-        from gradfilter_ray.data.prompt import collate_rows, label_start, tokenize_response_only
+        from gradfilter_ray.data.prompt import label_start, tokenize_response_only
         from gradfilter_ray.losses import per_example_losses, scored_window
 
         alone = tokenize_response_only(self.tokenizer, table["output"].to_pylist(), self.proxy.max_length)
@@ -137,11 +142,7 @@ class NormExtractor:
         out = {}
         for key, (input_ids, starts) in variants.items():
             losses = np.zeros(len(starts))
-            order = np.argsort([len(x) for x in input_ids], kind="stable")
-            for begin in range(0, len(order), self.cfg.batch_size):
-                rows = order[begin : begin + self.cfg.batch_size]
-                batch = collate_rows([input_ids[i] for i in rows], starts[rows], self.tokenizer.pad_token_id)
-                batch = {k: v.to(self.device) for k, v in batch.items()}
+            for rows, batch in self._length_batches(input_ids, starts):
                 window = scored_window(batch["labels"])
                 with torch.no_grad(), self.model.disable_adapter():
                     logits = self.model(
