@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradfilter_ray.scoring.selection import k_for_ratio, mask_from_threshold, threshold_for_top_k, top_k_mask
+from gradfilter_ray.scoring.selection import (
+    TopKBoundary,
+    k_for_ratio,
+    mask_from_threshold,
+    threshold_for_top_k,
+    top_k_mask,
+)
 
 
 def _reference(scores, ids, eligible, k):
@@ -130,3 +136,18 @@ def test_streaming_edge_cases():
         threshold_for_top_k([scores, scores], [ids], 1)
     with pytest.raises(ValueError, match="eligible_chunks"):
         threshold_for_top_k([scores, scores], [ids, ids + 10], 1, [all_rows])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_boundary_at_the_largest_k_serves_every_smaller_k(seed):
+    scores, ids, eligible = _random_case(200 + seed, n=500)
+    n_eligible = int(eligible.sum())
+    k_max = n_eligible // 2
+    boundary = TopKBoundary(k_max)
+    for p in _chunks(500, [60] * 8 + [20]):
+        boundary.update(scores[p], ids[p], eligible[p])
+    for k in [0, 1, 2, 17, 100, k_max - 1, k_max]:
+        got = mask_from_threshold(scores, ids, eligible, *boundary.boundary_for(k))
+        np.testing.assert_array_equal(got, _reference(scores, ids, eligible, k), err_msg=f"k={k}")
+    with pytest.raises(ValueError):
+        boundary.boundary_for(k_max + 1)

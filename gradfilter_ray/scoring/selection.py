@@ -5,8 +5,8 @@ the selected set is unique. Only eligible rows compete; an eligible row with a N
 rows must be marked so upstream, never ranked). +-inf scores are ordered like any other value.
 
 Two ways to select: ``top_k_mask`` on in-memory arrays, or for data that does not fit, a first streaming pass
-``threshold_for_top_k`` (O(k + chunk) memory) and a filtering pass ``mask_from_threshold`` per chunk. The second
-pass must see bit-identical float64 scores to the first (scores compared with ==).
+``TopKBoundary`` / ``threshold_for_top_k`` (O(k + chunk) memory) and a filtering pass ``mask_from_threshold`` per
+chunk. The second pass must see bit-identical float64 scores to the first (scores compared with ==).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["k_for_ratio", "mask_from_threshold", "threshold_for_top_k", "top_k_mask"]
+__all__ = ["TopKBoundary", "k_for_ratio", "mask_from_threshold", "threshold_for_top_k", "top_k_mask"]
 
 # floor() slack for ratio * n: covers float rounding (0.29 * 100 = 28.999999999999996) while being far below the
 # distance to the next integer for any dataset size this project handles (< 1e-3 up to 1e9 rows).
@@ -81,48 +81,72 @@ def top_k_mask(scores: np.ndarray, ids: np.ndarray, eligible: np.ndarray, k: int
     return mask
 
 
+class TopKBoundary:
+    """First pass of streaming top-k, fed one chunk at a time: the boundary ``(threshold, max_tied_id)`` of the
+    top k over everything fed. Keeps at most k candidates plus one chunk in memory, so several boundaries (one
+    per scorer and ratio) can be computed in one read of the data. A row is in the top k iff it is eligible and
+    ``score > threshold or (score == threshold and id <= max_tied_id)`` (see ``mask_from_threshold``).
+    Edge cases: k == 0 gives ``(inf, None)`` (None admits no tied row, so nothing is selected); fewer than k
+    eligible rows gives ``(-inf, max int64)``, admitting every eligible row.
+    """
+
+    def __init__(self, k: int):
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        self.k = k
+        self._scores = np.empty(0, dtype=np.float64)
+        self._ids = np.empty(0, dtype=np.int64)
+
+    def update(self, scores: np.ndarray, ids: np.ndarray, eligible: np.ndarray | None = None) -> None:
+        """One chunk: parallel float64 / int64 / bool [n_c] arrays (``eligible`` None: every row eligible)."""
+        if eligible is None:
+            eligible = np.ones(len(scores), dtype=bool)
+        scores, ids, keep = _check(scores, ids, eligible)
+        if self.k == 0:
+            return
+        if self._scores.shape[0] == self.k:
+            # Rows that rank below the current k-th candidate can never enter the top k: drop them before merging.
+            thr = self._scores.min()
+            tied_max = self._ids[self._scores == thr].max()
+            keep = keep & ((scores > thr) | ((scores == thr) & (ids < tied_max)))
+        self._scores = np.concatenate([self._scores, scores[keep]])
+        self._ids = np.concatenate([self._ids, ids[keep]])
+        if self._scores.shape[0] > self.k:
+            top = _top_k_positions(self._scores, self._ids, self.k)
+            self._scores, self._ids = self._scores[top], self._ids[top]
+
+    def result(self) -> tuple[float, int | None]:
+        return self.boundary_for(self.k)
+
+    def boundary_for(self, k: int) -> tuple[float, int | None]:
+        """The boundary of the top k for any k <= the k this was built with: top-k sets of one score are nested,
+        so one pass with the largest k serves every smaller one (several ratios of one scorer)."""
+        if not 0 <= k <= self.k:
+            raise ValueError(f"k must be in [0, {self.k}], got {k}")
+        if k == 0:
+            return math.inf, None
+        if self._scores.shape[0] < k:
+            return -math.inf, int(np.iinfo(np.int64).max)
+        order = np.lexsort((self._ids, -self._scores))  # score descending, then id ascending
+        last = order[k - 1]
+        return float(self._scores[last]), int(self._ids[last])
+
+
 def threshold_for_top_k(
     score_chunks: Iterable[np.ndarray],
     id_chunks: Iterable[np.ndarray],
     k: int,
     eligible_chunks: Iterable[np.ndarray] | None = None,
 ) -> tuple[float, int | None]:
-    """First pass of streaming top-k: the boundary ``(threshold, max_tied_id)`` of the top k over all chunks.
-
-    Chunks are parallel float64 / int64 / bool [n_c] arrays (``eligible_chunks`` None: every row eligible). Keeps
-    at most k candidates plus one chunk in memory. A row is in the top k iff it is eligible and
-    ``score > threshold or (score == threshold and id <= max_tied_id)`` (see ``mask_from_threshold``).
-    Edge cases: k == 0 gives ``(inf, None)`` (None admits no tied row, so nothing is selected); fewer than k
-    eligible rows gives ``(-inf, max int64)``, admitting every eligible row.
-    """
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    if k == 0:
-        return math.inf, None
-    cand_scores = np.empty(0, dtype=np.float64)
-    cand_ids = np.empty(0, dtype=np.int64)
+    """``TopKBoundary`` over parallel iterables of chunks (``eligible_chunks`` None: every row eligible)."""
+    boundary = TopKBoundary(k)
     eligible_iter = iter(eligible_chunks) if eligible_chunks is not None else None
     for chunk_scores, chunk_ids in zip(score_chunks, id_chunks, strict=True):
-        if eligible_iter is None:
-            chunk_eligible = np.ones(len(chunk_scores), dtype=bool)
-        elif (chunk_eligible := next(eligible_iter, None)) is None:
+        chunk_eligible = None
+        if eligible_iter is not None and (chunk_eligible := next(eligible_iter, None)) is None:
             raise ValueError("eligible_chunks has fewer chunks than score_chunks")
-        chunk_scores, chunk_ids, chunk_eligible = _check(chunk_scores, chunk_ids, chunk_eligible)
-        keep = chunk_eligible
-        if cand_scores.shape[0] == k:
-            # Rows that rank below the current k-th candidate can never enter the top k: drop them before merging.
-            thr = cand_scores.min()
-            tied_max = cand_ids[cand_scores == thr].max()
-            keep = keep & ((chunk_scores > thr) | ((chunk_scores == thr) & (chunk_ids < tied_max)))
-        cand_scores = np.concatenate([cand_scores, chunk_scores[keep]])
-        cand_ids = np.concatenate([cand_ids, chunk_ids[keep]])
-        if cand_scores.shape[0] > k:
-            top = _top_k_positions(cand_scores, cand_ids, k)
-            cand_scores, cand_ids = cand_scores[top], cand_ids[top]
-    if cand_scores.shape[0] < k:
-        return -math.inf, int(np.iinfo(np.int64).max)
-    threshold = cand_scores.min()
-    return float(threshold), int(cand_ids[cand_scores == threshold].max())
+        boundary.update(chunk_scores, chunk_ids, chunk_eligible)
+    return boundary.result()
 
 
 def mask_from_threshold(

@@ -8,26 +8,20 @@ that writes every selection at once while reading the corpus a single time.
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from gradfilter_ray.config import Config
 from gradfilter_ray.data.formats import original_record
+from gradfilter_ray.parquet_stream import stream_batches
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.scoring import baselines, gsnr
-from gradfilter_ray.scoring.selection import k_for_ratio, mask_from_threshold, threshold_for_top_k
-
-BATCH_ROWS = 65_536
-# pyarrow's scanner reads several files ahead by default, so its memory grows with the number of input files; one
-# file and a couple of batches ahead keep the driver's memory flat in corpus size.
-STREAMING = {"fragment_readahead": 1, "batch_readahead": 2}
+from gradfilter_ray.scoring.selection import TopKBoundary, k_for_ratio, mask_from_threshold
 
 # scorer -> (score column, eligibility column) in scores.parquet; every score ranks descending.
 BASELINES = {
@@ -96,12 +90,11 @@ def run_score(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dic
     for name in cfg.scoring.scorers:
         if name != "full":
             scorer_columns(name)
-    dataset = pads.dataset(rundir.gradients, format="parquet")
     writer = None
     rows = eligible = 0
     reasons: dict[str, int] = {}
     try:
-        for batch in dataset.to_batches(batch_size=BATCH_ROWS, **STREAMING):
+        for batch in stream_batches(rundir.gradients):
             if batch.num_rows == 0:
                 continue
             scored = score_batch(batch, cfg.scoring.eps, cfg.scoring.random_seed)
@@ -130,63 +123,134 @@ def selection_name(scorer: str, ratio: float) -> str:
 
 
 def _column_chunks(path: Path, columns: list[str]):
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=columns):
-        yield [batch.column(c).to_numpy(zero_copy_only=False) for c in columns]
+    for batch in stream_batches(path, columns):
+        yield {c: batch.column(c).to_numpy(zero_copy_only=False) for c in columns}
 
 
-def selected_ids(scores_path: Path, scorer: str, k: int) -> tuple[np.ndarray, int]:
-    """Exact top-k ids of one scorer (ties -> smaller id), streaming; returns (ids, eligible count)."""
+def selection_plan(scorers: list[str], ratios: list[float], n_base: int) -> dict[str, dict[str, int]]:
+    """scorer -> {selection name: k}. Every scorer selects the same k (a share of the rows that have a response
+    token), so subsets compare at equal size; a scorer whose own pool is smaller (IFD drops IFD >= 1) selects its
+    whole pool. `full` (every row with a response token) is planned as {"full": n_base}."""
+    plan: dict[str, dict[str, int]] = {}
+    for scorer in scorers:
+        if scorer == "full":
+            plan["full"] = {"full": n_base}
+        else:
+            plan[scorer] = {selection_name(scorer, r): k_for_ratio(r, n_base) for r in ratios}
+    return plan
+
+
+class Selections:
+    """Every selection's ids in compact form: per scorer, the sorted ids of its largest selection and, per id, the
+    smallest k that still holds it (top-k sets of one score are nested), so memory is ~16 bytes per row of each
+    scorer's largest subset; `full` is kept as the ids it excludes."""
+
+    def __init__(self) -> None:
+        self._nested: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # scorer -> (sorted ids, rank of each id)
+        self._ks: dict[str, tuple[str, int]] = {}  # selection name -> (scorer, k)
+        self._excluded_from_full: np.ndarray | None = None
+
+    def add_ranked(self, scorer: str, ids: np.ndarray, scores: np.ndarray, ks: dict[str, int]) -> None:
+        """`ids`/`scores`: the scorer's largest selection, any order; `ks`: selection name -> k."""
+        ranks = np.empty(ids.shape[0], dtype=np.int64)
+        ranks[np.lexsort((ids, -scores))] = np.arange(ids.shape[0])
+        by_id = np.argsort(ids, kind="stable")
+        self._nested[scorer] = (ids[by_id], ranks[by_id])
+        self._ks.update({name: (scorer, k) for name, k in ks.items()})
+
+    def add_full(self, excluded_ids: np.ndarray, k: int) -> None:
+        self._excluded_from_full = np.sort(excluded_ids)
+        self._ks["full"] = ("full", k)
+
+    def names(self) -> list[str]:
+        return list(self._ks)
+
+    def mask(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Bool [len(ids)]: which of these corpus ids the selection holds."""
+        scorer, k = self._ks[name]
+        if scorer == "full":
+            return ~_members(ids, self._excluded_from_full)
+        sorted_ids, ranks = self._nested[scorer]
+        if sorted_ids.shape[0] == 0:
+            return np.zeros(ids.shape[0], dtype=bool)
+        pos = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.shape[0] - 1)
+        return (sorted_ids[pos] == ids) & (ranks[pos] < k)
+
+
+def _members(ids: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Bool mask of `ids` found in a sorted id array: a binary search per id, no hash table built per batch."""
+    if sorted_set.shape[0] == 0:
+        return np.zeros(ids.shape[0], dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_set, ids), sorted_set.shape[0] - 1)
+    return sorted_set[pos] == ids
+
+
+def _top_rows(scores_path: Path, scorer: str, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The exact top k rows of one scorer (ties -> smaller id) in two streaming reads of its three columns: one
+    finds the boundary, one collects the rows inside it. Returns (ids, scores, eligible count)."""
     score_col, elig_col = scorer_columns(scorer)
     columns = ["id", score_col, elig_col]
-    ids_it, scores_it, elig_it = itertools.tee(_column_chunks(scores_path, columns), 3)
-    threshold, max_tied = threshold_for_top_k(
-        (s for _, s, _ in scores_it), (i for i, _, _ in ids_it), k, (e for _, _, e in elig_it)
-    )
-    picked, n_eligible = [], 0
-    for ids, scores, elig in _column_chunks(scores_path, columns):
-        n_eligible += int(elig.sum())
-        mask = mask_from_threshold(scores, ids, elig, threshold, max_tied)
-        picked.append(ids[mask])
-    return (np.concatenate(picked) if picked else np.empty(0, np.int64)), n_eligible
+    boundary = TopKBoundary(k)
+    for chunk in _column_chunks(scores_path, columns):
+        boundary.update(chunk[score_col], chunk["id"], chunk[elig_col])
+    limit = boundary.result()
+    del boundary
+    ids, scores, n_eligible = [], [], 0
+    for chunk in _column_chunks(scores_path, columns):
+        n_eligible += int(chunk[elig_col].sum())
+        mask = mask_from_threshold(chunk[score_col], chunk["id"], chunk[elig_col], *limit)
+        ids.append(chunk["id"][mask])
+        scores.append(chunk[score_col][mask])
+    if not ids:
+        return np.empty(0, np.int64), np.empty(0, np.float64), 0
+    return np.concatenate(ids), np.concatenate(scores), n_eligible
+
+
+def select_ids(scores_path: Path, plan: dict[str, dict[str, int]]) -> tuple[Selections, dict]:
+    """Exact top-k (ties -> smaller id) of every planned selection. One scorer at a time (so only one boundary's
+    candidates are alive), each at its largest k; the smaller ks are ranked inside those rows. Returns the
+    selections and name -> counts."""
+    selections = Selections()
+    counts = {}
+    for scorer, ks in plan.items():
+        if scorer == "full":
+            excluded, n_eligible = [], 0
+            for chunk in _column_chunks(scores_path, ["id", "base_eligible"]):
+                excluded.append(chunk["id"][~chunk["base_eligible"]])
+                n_eligible += int(chunk["base_eligible"].sum())
+            selections.add_full(np.concatenate(excluded) if excluded else np.empty(0, np.int64), ks["full"])
+            counts["full"] = {"k": ks["full"], "selected": n_eligible, "n_eligible": n_eligible}
+            continue
+        ids, scores, n_eligible = _top_rows(scores_path, scorer, max(ks.values()))
+        selections.add_ranked(scorer, ids, scores, ks)
+        for name, k in ks.items():
+            counts[name] = {"k": k, "selected": int(min(k, ids.shape[0])), "n_eligible": n_eligible}
+    return selections, counts
 
 
 def run_select(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
     scores_path = rundir.root / "scores.parquet"
-    n_base = sum(int(e.sum()) for (e,) in _column_chunks(scores_path, ["base_eligible"]))
-    selections: dict[str, np.ndarray] = {}
-    counts: dict[str, dict] = {}
-    for scorer in cfg.scoring.scorers:
-        if scorer == "full":
-            ids, n_eligible = selected_ids(scores_path, "random", n_base)
-            selections["full"] = ids
-            counts["full"] = {"k": n_base, "selected": len(ids), "n_eligible": n_eligible}
-            continue
-        for ratio in cfg.selection.ratios:
-            # Every scorer selects the same k (a share of the rows that have a response token), so subsets compare
-            # at equal size; a scorer whose own pool is smaller (IFD drops IFD >= 1) selects its whole pool.
-            k = k_for_ratio(ratio, n_base)
-            ids, n_eligible = selected_ids(scores_path, scorer, k)
-            name = selection_name(scorer, ratio)
-            selections[name] = ids
-            counts[name] = {"k": k, "selected": len(ids), "n_eligible": n_eligible}
-    out = staged / "selected"
-    write_selections(rundir, selections, out)
+    n_base = sum(int(c["base_eligible"].sum()) for c in _column_chunks(scores_path, ["base_eligible"]))
+    plan = selection_plan(cfg.scoring.scorers, cfg.selection.ratios, n_base)
+    selections, counts = select_ids(scores_path, plan)
+    write_selections(rundir, selections, staged / "selected")
     return ["selected"], {"rows_with_response": n_base, "selections": counts}
 
 
-def write_selections(rundir: RunDir, selections: dict[str, np.ndarray], out: Path) -> None:
+def write_selections(rundir: RunDir, selections: Selections, out: Path) -> None:
     """One pass over the corpus writes every selection: JSONL in the input's own keys plus a Parquet twin."""
     out.mkdir(parents=True)
-    value_sets = {name: pa.array(ids, pa.int64()) for name, ids in selections.items()}
-    jsonl = {name: (out / f"{name}.jsonl").open("w", encoding="utf-8") for name in selections}
+    names = selections.names()
+    jsonl = {name: (out / f"{name}.jsonl").open("w", encoding="utf-8") for name in names}
     writers: dict[str, pq.ParquetWriter] = {}
     try:
-        for batch in pads.dataset(rundir.data, format="parquet").to_batches(batch_size=BATCH_ROWS // 4, **STREAMING):
-            table = pa.Table.from_batches([batch])
-            for name, value_set in value_sets.items():
-                chosen = table.filter(pc.is_in(table["id"], value_set=value_set))
-                if chosen.num_rows == 0:
+        for batch in stream_batches(rundir.data):
+            ids = batch.column("id").to_numpy()
+            for name in names:
+                mask = selections.mask(name, ids)
+                if not mask.any():
                     continue
+                chosen = pa.Table.from_batches([batch.filter(pa.array(mask))])
                 for row in chosen.to_pylist():
                     jsonl[name].write(json.dumps(original_record(row), ensure_ascii=False) + "\n")
                 if name not in writers:
@@ -198,6 +262,6 @@ def write_selections(rundir: RunDir, selections: dict[str, np.ndarray], out: Pat
         for writer in writers.values():
             writer.close()
     schema = pq.read_schema(next(iter(Path(rundir.data).glob("*.parquet"))))
-    for name in selections:
+    for name in names:
         if name not in writers:  # an empty selection still gets its (empty) Parquet twin
             pq.write_table(schema.empty_table(), out / f"{name}.parquet")
