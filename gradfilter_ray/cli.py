@@ -22,7 +22,6 @@ from gradfilter_ray.rundir import RunDir
 PACKAGES = ("gradfilter-ray", "ray", "torch", "transformers", "peft", "pyarrow", "deepspeed", "accelerate", "numpy")
 
 EXIT_CONFIG = 2
-EXIT_NOT_IMPLEMENTED = 3
 EXIT_ORDER = 4
 
 
@@ -65,8 +64,19 @@ def _dry_run(cfg: Config, stages: list[str]) -> None:
     print("# stages")
     for name in stages:
         stage = pipeline.STAGES[name]
-        status = "ready" if stage.entry else "not implemented yet"
-        print(f"- {name}: {stage.resources(cfg)} [{status}] key={pipeline.stage_key(name, cfg)}")
+        print(f"- {name}: {stage.resources(cfg)} key={pipeline.stage_key(name, cfg)}")
+
+
+def _compare(rundir: RunDir) -> int:
+    from gradfilter_ray.evaluation.compare import write_comparison
+
+    if not (rundir.eval / "runs.json").exists():
+        print(f"error: {rundir.eval} has no evaluated runs: run `gradfilter-ray evaluate` first", file=sys.stderr)
+        return EXIT_ORDER
+    rows = write_comparison(rundir.eval, rundir.finetune)
+    print(f"compared {len(rows)} runs: {rundir.eval / 'compare.md'}")
+    print((rundir.eval / "compare.md").read_text())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gradfilter-ray", description="GradFiltering on Ray: pick the data worth training on."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ["run", *pipeline.STAGES]:
-        help_text = "run every stage in order" if name == "run" else f"run the {name} stage alone"
+    for name in ["run", *pipeline.STAGES, "compare"]:
+        help_text = {
+            "run": "run every stage in order",
+            "compare": "rebuild eval/compare.csv, compare.md and the plots from the run directory's outputs",
+        }.get(name, f"run the {name} stage alone")
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", "-c", help="YAML config file (see jobs/configs/)")
         p.add_argument(
@@ -99,30 +112,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "compare":
+        return _compare(RunDir(cfg.output_dir))
     stages = list(pipeline.STAGES) if args.command == "run" else [args.command]
     if args.dry_run:
         _dry_run(cfg, stages)
         return 0
-    if args.command != "run" and pipeline.STAGES[args.command].entry is None:
-        print(f"stage '{args.command}' is not implemented yet", file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
 
     from gradfilter_ray.runtime import ray_session
 
     rundir = RunDir(cfg.output_dir)
     rundir.clean_stale_staging()
     _record_run(cfg, rundir, argv)
-    to_run = pipeline.implemented(stages)
-    missing = [s for s in stages if s not in to_run]
     with ray_session(cfg.ray):
         try:
-            for name in to_run:
+            for name in stages:
                 pipeline.run_stage(name, cfg, rundir, force=args.force)
         except pipeline.StageOrderError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ORDER
-    if missing:
-        print(f"not implemented yet, not run: {', '.join(missing)}")
     print(f"outputs in {rundir.root} (manifest: {rundir.manifest_path})")
     return 0
 

@@ -196,36 +196,88 @@ class TargetConfig:
         "The target LM fine-tuned on each subset.",
         default_factory=lambda: ModelSpec(name_or_path="meta-llama/Llama-2-7b-hf"),
     )
-    max_length: int = doc("Max tokens per training example.", 1024)
-    method: Literal["full", "lora"] = doc("Full fine-tuning (paper) or LoRA.", "full")
-    zero_stage: Literal[2, 3] = doc("DeepSpeed ZeRO stage.", 3)
+    max_length: int = doc("Max tokens per training example (Alpaca template, response-only loss).", 1024)
+    method: Literal["full", "lora"] = doc("Full fine-tuning (paper) or LoRA (saved merged into the model).", "full")
+    lora_rank: int = doc("LoRA rank when method is lora.", 16)
+    lora_alpha: float = doc("LoRA alpha when method is lora.", 32.0)
+    zero_stage: Literal[2, 3] = doc("DeepSpeed ZeRO stage (templates: gradfilter_ray/target/zero{2,3}.json).", 3)
     offload_optimizer: bool = doc("ZeRO CPU offload of optimizer state.", False)
     learning_rate: float = doc("Peak learning rate (Superfiltering recipe: 2e-5 for 7B, 1e-5 for 13B).", 2e-5)
+    weight_decay: float = doc("AdamW weight decay.", 0.0)
     epochs: int = doc("Training epochs.", 3)
-    effective_batch_size: int = doc("Examples per optimiser step across all workers.", 128)
+    effective_batch_size: int = doc(
+        "Examples per optimiser step across all workers (accumulation is rounded up to meet it).", 128
+    )
     micro_batch_size: int = doc("Examples per worker per forward.", 4)
     warmup_ratio: float = doc("Fraction of steps of linear warm-up before cosine decay.", 0.03)
+    seed: int = doc("Seed of the data order and of LoRA initialisation.", 42)
     num_workers: int = doc("Ray Train workers (one per GPU).", 8)
+    cpus_per_worker: float = doc("CPUs reserved per worker.", 1.0)
+    gpus_per_worker: float = doc("GPUs per worker; 0 trains on CPU (DeepSpeed over gloo, fp32).", 1.0)
+    checkpoint_every_steps: int = doc(
+        "Save a resumable DeepSpeed checkpoint through ray.train.report every N optimiser steps; 0 = at each "
+        "epoch's end only.",
+        0,
+    )
+    gradient_checkpointing: bool = doc("Recompute activations in backward (needed for 7B/13B at length 2048).", True)
+    max_failures: int = doc("Ray Train restarts of a failed worker group (resumes from the last checkpoint).", 1)
     subsets: list[str] = doc(
         "Which selections to fine-tune on, as scorer names ('full' adds the whole dataset).",
         default_factory=lambda: ["gsnr", "random", "ifd"],
     )
+    ratios: list[float] | None = doc("Which selection ratios to fine-tune at; None = every selection.ratios.", None)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.effective_batch_size < 1 or self.micro_batch_size < 1 or self.num_workers < 1:
+            raise ConfigError("epochs, effective_batch_size, micro_batch_size and num_workers must be >= 1")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError("warmup_ratio must be in [0, 1)")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or self.checkpoint_every_steps < 0:
+            raise ConfigError("cpus_per_worker must be > 0; gpus_per_worker and checkpoint_every_steps >= 0")
+        unknown = [s for s in self.subsets if s not in SCORER_NAMES]
+        if unknown:
+            raise ConfigError(f"subsets: unknown scorer(s) {unknown}; valid: {list(SCORER_NAMES)}")
 
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    base_url: str | None = doc("OpenAI-compatible endpoint; None skips the judge with a message.", None)
+    base_url: str | None = doc(
+        "OpenAI-compatible endpoint (a hosted API or a vLLM server); None skips the judge with a message.", None
+    )
     model: str = doc("Judge model name.", "gpt-4")
     api_key_env: str = doc("Environment variable holding the API key (never written anywhere).", "OPENAI_API_KEY")
+    reference: str = doc("Every other run is judged against this scorer's run at the same ratio.", "random")
+    concurrency: int = doc("Judge requests in flight at once.", 8)
+    timeout_s: float = doc("Per-request timeout.", 120.0)
+    max_retries: int = doc("Retries per request (429, 5xx, timeouts) with exponential backoff.", 5)
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.max_retries < 0 or self.timeout_s <= 0:
+            raise ConfigError("concurrency must be >= 1, max_retries >= 0, timeout_s > 0")
 
 
 @dataclass(frozen=True)
 class EvaluationConfig:
     test_sets: list[str] = doc(
-        "Test prompt sets.", default_factory=lambda: ["vicuna", "koala", "wizardlm", "sinstruct", "lima"]
+        "Test prompt sets: bundled names (vicuna, koala, wizardlm, sinstruct, lima) or paths to JSONL files with "
+        "an `instruction` key.",
+        default_factory=lambda: ["vicuna", "koala", "wizardlm", "sinstruct", "lima"],
     )
+    max_prompts_per_set: int | None = doc("Use only the first N prompts of each set; None = all.", None)
     max_new_tokens: int = doc("Generation length.", 512)
+    do_sample: bool = doc("Sample instead of greedy decoding.", False)
+    temperature: float = doc("Sampling temperature (do_sample only).", 0.7)
+    top_p: float = doc("Nucleus sampling mass (do_sample only).", 0.9)
+    batch_size: int = doc("Prompts per generate() call.", 8)
+    heldout: bool = doc("Score each model's loss on the AlpacaEval 805 reference answers (text-davinci-003).", True)
+    heldout_limit: int | None = doc("Use only the first N reference answers; None = all 805.", None)
+    cpus_per_actor: float = doc("CPUs per evaluation actor.", 1.0)
+    gpus_per_actor: float = doc("GPUs per evaluation actor; 0 evaluates on CPU.", 1.0)
     judge: JudgeConfig = doc("Pairwise LLM judge.", default_factory=JudgeConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("max_new_tokens and batch_size must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,6 @@ from gradfilter_ray.rundir import RunDir, StageTimer
 StageFn = Callable[[Config, RunDir, Path], tuple[list[str], dict[str, Any]]]
 
 
-class StageNotImplemented(RuntimeError):
-    pass
-
-
 class StageOrderError(RuntimeError):
     pass
 
@@ -32,11 +28,9 @@ class Stage:
     upstream: tuple[str, ...]
     depends_on: Callable[[Config], tuple]
     resources: Callable[[Config], str]
-    entry: str | None  # "module:function" of the Ray shell; None = not built yet
+    entry: str  # "module:function" of the Ray shell
 
     def load(self) -> StageFn:
-        if self.entry is None:
-            raise StageNotImplemented(f"stage '{self.name}' is not implemented yet")
         module, func = self.entry.split(":")
         return getattr(importlib.import_module(module), func)
 
@@ -49,6 +43,14 @@ def _ensemble_resources(cfg: Config) -> str:
 def _extract_resources(cfg: Config) -> str:
     g = cfg.gradients
     return f"{g.num_actors} Ray Data actors x ({g.cpus_per_actor} CPU, {g.gpus_per_actor} GPU)"
+
+
+def _finetune_resources(cfg: Config) -> str:
+    t = cfg.target
+    return (
+        f"per subset, {t.num_workers} Ray Train workers x ({t.cpus_per_worker} CPU, {t.gpus_per_worker} GPU), "
+        f"DeepSpeed ZeRO-{t.zero_stage}"
+    )
 
 
 STAGES: dict[str, Stage] = {
@@ -85,11 +87,24 @@ STAGES: dict[str, Stage] = {
             lambda c: "driver, streaming two-pass top-k",
             "gradfilter_ray.scoring.stage:run_select",
         ),
-        Stage(
-            "finetune", ("select",), lambda c: (c.target,), lambda c: f"{c.target.num_workers} DeepSpeed workers", None
-        ),
-        Stage("evaluate", ("finetune",), lambda c: (c.evaluation,), lambda c: "Ray Data batch inference", None),
         Stage("report", ("score", "select"), lambda c: (), lambda c: "driver", "gradfilter_ray.report:run"),
+        Stage(
+            "finetune",
+            ("select",),
+            lambda c: (c.target,),
+            _finetune_resources,
+            "gradfilter_ray.target.stage:run",
+        ),
+        Stage(
+            "evaluate",
+            ("finetune",),
+            lambda c: (c.evaluation, c.target.max_length),
+            lambda c: (
+                f"Ray Data batch inference, 1 actor x ({c.evaluation.cpus_per_actor} CPU, "
+                f"{c.evaluation.gpus_per_actor} GPU) per run; judge when configured"
+            ),
+            "gradfilter_ray.evaluation.stage:run",
+        ),
     ]
 }
 
@@ -127,7 +142,3 @@ def run_stage(name: str, cfg: Config, rundir: RunDir, force: bool = False, log: 
 
 def _short(value: Any) -> bool:
     return isinstance(value, int | float | str) or (isinstance(value, dict) and len(value) <= 12)
-
-
-def implemented(names: list[str] | None = None) -> list[str]:
-    return [n for n in (names or list(STAGES)) if STAGES[n].entry is not None]

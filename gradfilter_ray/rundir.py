@@ -52,6 +52,28 @@ class RunDir:
         return self.root / "gradients"
 
     @property
+    def selected(self) -> Path:
+        return self.root / "selected"
+
+    @property
+    def finetune(self) -> Path:
+        return self.root / "finetune"
+
+    @property
+    def finetune_train_state(self) -> Path:
+        """Ray Train's storage for the target fine-tuning runs (DeepSpeed checkpoints used for resume)."""
+        return self.root / ".ray_train_finetune"
+
+    @property
+    def finetune_done(self) -> Path:
+        """Subsets whose fine-tuning finished, held here until the stage commits (a crash keeps them)."""
+        return self.root / ".finetune_done"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
     def manifest_path(self) -> Path:
         return self.root / MANIFEST
 

@@ -19,6 +19,15 @@ CORE_MODULES = [
     "gradfilter_ray.scoring.gsnr",
     "gradfilter_ray.scoring.baselines",
     "gradfilter_ray.scoring.selection",
+    "gradfilter_ray.target.ds_config",
+    "gradfilter_ray.target.loop",
+    "gradfilter_ray.target.model",
+    "gradfilter_ray.evaluation.generate",
+    "gradfilter_ray.evaluation.judge",
+    "gradfilter_ray.evaluation.pws",
+    "gradfilter_ray.evaluation.testsets",
+    "gradfilter_ray.evaluation.compare",
+    "gradfilter_ray.parquet_stream",
 ]
 
 

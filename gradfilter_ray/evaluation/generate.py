@@ -1,0 +1,60 @@
+"""Evaluating one fine-tuned model (no Ray): greedy or sampled answers to test prompts, and the response-token
+loss on reference answers. The prompt is the Alpaca template the model was trained with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gradfilter_ray.data.prompt import alpaca_prompt, collate_rows, default_add_bos, label_start, tokenize_batch
+from gradfilter_ray.losses import per_example_losses
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_prompt_tokens: int = 1024
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, instructions: list[str], inputs: list[str], sampling: Sampling) -> list[str]:
+    """Answers for a batch of prompts, [B] strings: prompts left-padded so every row continues from its last
+    token; only the new tokens are decoded (special tokens dropped)."""
+    prompts = [alpaca_prompt(i, x) for i, x in zip(instructions, inputs)]
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if default_add_bos(tokenizer) else []
+    rows = [(bos + ids)[-sampling.max_prompt_tokens :] for ids in encoded]  # keep the end: it holds "### Response:"
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r) :] = torch.as_tensor(r)
+        attention[i, width - len(r) :] = 1
+    options = {"do_sample": sampling.do_sample, "max_new_tokens": sampling.max_new_tokens, "pad_token_id": pad}
+    if sampling.do_sample:
+        options.update(temperature=sampling.temperature, top_p=sampling.top_p)
+    else:
+        options.update(temperature=None, top_p=None, top_k=None)
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **options)
+    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def reference_losses(
+    model, tokenizer, instructions: list[str], inputs: list[str], outputs: list[str], max_length: int
+) -> tuple[list[float], list[int]]:
+    """Per example: (sum of response-token cross-entropies, number of response tokens), so a corpus-level loss is
+    sum / count. An empty reference answer still scores its EOS token."""
+    examples = tokenize_batch(tokenizer, instructions, inputs, outputs, max_length)
+    device = next(model.parameters()).device
+    batch = collate_rows([e.input_ids for e in examples], [label_start(e) for e in examples], tokenizer.pad_token_id)
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    means, counts = per_example_losses(logits, batch["labels"])
+    counts_list = [int(c) for c in counts.tolist()]
+    return [float(m) * c for m, c in zip(means.tolist(), counts_list)], counts_list

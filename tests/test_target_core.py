@@ -1,0 +1,66 @@
+"""Target fine-tuning plan (pure): step counts, the warm-up + cosine schedule, each worker's data share, and the
+DeepSpeed config filled from the shipped ZeRO templates."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from gradfilter_ray.config import TargetConfig
+from gradfilter_ray.target.ds_config import TEMPLATES, deepspeed_config, epoch_positions, lr_factor, plan_training
+
+
+def _target(**kw) -> TargetConfig:
+    return TargetConfig(**kw)
+
+
+def test_plan_meets_the_effective_batch_and_rounds_steps_up():
+    plan = plan_training(1000, _target(effective_batch_size=128, micro_batch_size=4, epochs=3), world_size=8)
+    assert (plan.accumulation_steps, plan.global_batch) == (4, 128)
+    assert plan.steps_per_epoch == 8 and plan.total_steps == 24  # ceil(1000 / 128)
+    assert plan.warmup_steps == 1  # ceil(0.03 * 24)
+    odd = plan_training(10, _target(effective_batch_size=100, micro_batch_size=3, epochs=1), world_size=2)
+    assert odd.global_batch >= 100 and odd.accumulation_steps == 17 and odd.steps_per_epoch == 1
+    with pytest.raises(ValueError):
+        plan_training(0, _target(), world_size=1)
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
+    warmup, total = 3, 13
+    factors = [lr_factor(s, warmup, total) for s in range(total)]
+    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    for s in range(warmup, total):  # independent formula: half cosine over the decay steps
+        assert factors[s] == pytest.approx(0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
+    assert lr_factor(total, warmup, total) == pytest.approx(0.0)
+
+
+def test_each_epoch_covers_every_example_with_disjoint_worker_shares():
+    plan = plan_training(50, _target(effective_batch_size=16, micro_batch_size=4, epochs=2), world_size=2)
+    pos = epoch_positions(plan, seed=7, epoch=0)
+    assert pos.shape == (plan.steps_per_epoch, 2, plan.accumulation_steps, 4)
+    flat = pos.reshape(-1)
+    assert set(flat[:50].tolist()) == set(range(50))  # a permutation first, then wrapped to fill the last step
+    for step in range(plan.steps_per_epoch):
+        a, b = pos[step, 0].reshape(-1), pos[step, 1].reshape(-1)
+        if step < plan.steps_per_epoch - 1:
+            assert not set(a) & set(b)
+    np.testing.assert_array_equal(pos, epoch_positions(plan, seed=7, epoch=0))  # a resumed run sees the same
+    assert not np.array_equal(pos, epoch_positions(plan, seed=7, epoch=1))
+
+
+def test_deepspeed_config_comes_from_the_shipped_templates():
+    for stage, path in TEMPLATES.items():
+        assert json.loads(path.read_text())["zero_optimization"]["stage"] == stage
+    cfg = _target(zero_stage=3, effective_batch_size=32, micro_batch_size=2, offload_optimizer=True)
+    plan = plan_training(100, cfg, world_size=4)
+    ds = deepspeed_config(cfg, plan, bf16=True)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 4
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    cpu = deepspeed_config(_target(zero_stage=2), plan_training(10, _target(zero_stage=2), 1), bf16=False)
+    assert cpu["bf16"] == {"enabled": False} and "offload_optimizer" not in cpu["zero_optimization"]
+    assert all(not isinstance(v, str) for v in cpu.values())  # every template placeholder was filled

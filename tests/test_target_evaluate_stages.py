@@ -1,0 +1,236 @@
+"""Finetune (DeepSpeed on Ray Train, 2 CPU workers, gloo) and evaluate (Ray Data batch inference, a judge over
+real HTTP) on the bundled tiny LLaMA (stories260K): the loss falls, the model loads back, a preempted run resumes
+to the uninterrupted run's curve, ZeRO-3 trains the same model as ZeRO-2, and the comparison table is right."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gradfilter_ray.config import load
+from gradfilter_ray.evaluation import pws
+from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.target import stage as finetune_stage
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "jobs" / "configs" / "demo.yaml"
+ROWS = json.loads((REPO / "gradfilter_ray" / "assets" / "data" / "alpaca_sample_1k.json").read_text())
+SMALL = [
+    "target.subsets=[gsnr, random]",
+    "target.ratios=[0.5]",
+    "target.max_length=256",
+    "target.epochs=2",
+    "target.effective_batch_size=8",
+    "target.micro_batch_size=4",
+    "target.learning_rate=0.003",
+    "evaluation.test_sets=[vicuna, koala]",
+    "evaluation.max_prompts_per_set=3",
+    "evaluation.max_new_tokens=12",
+    "evaluation.heldout_limit=10",
+]
+
+
+def make_selected(root: Path) -> None:
+    """Two 24-row subsets as the select stage writes them (canonical columns)."""
+    (root / "selected").mkdir(parents=True)
+    for name, rows in (("gsnr_0.5", ROWS[:24]), ("random_0.5", ROWS[24:48])):
+        offset = 0 if name.startswith("gsnr") else 24
+        table = pa.table(
+            {
+                "id": list(range(offset, offset + 24)),
+                "instruction": [r["instruction"] for r in rows],
+                "input": [r["input"] for r in rows],
+                "output": [r["output"] for r in rows],
+            }
+        )
+        pq.write_table(table, root / "selected" / f"{name}.parquet")
+
+
+def small_cfg(out: Path, *extra: str):
+    return load(DEMO, [f"output_dir={out}", *SMALL, *extra])
+
+
+def read_losses(path: Path) -> list[float]:
+    with path.open() as fh:
+        return [float(r["loss"]) for r in csv.DictReader(fh)]
+
+
+class LongerAnswerJudge:
+    """An OpenAI-compatible endpoint that rates the longer answer 8 and the other 4 (equal: 5 5), and replies
+    with no scores for one scripted question, so the expected outcomes can be computed independently."""
+
+    def __init__(self, garbled_question: str) -> None:
+        self.calls = 0
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                judge.calls += 1
+                prompt = body["messages"][-1]["content"]
+                one = re.search(r"Assistant 1's Answer\]\n(.*?)\n\n\[The End of Assistant 1", prompt, re.S).group(1)
+                two = re.search(r"Assistant 2's Answer\]\n(.*?)\n\n\[The End of Assistant 2", prompt, re.S).group(1)
+                if garbled_question in prompt:
+                    content = "I cannot decide."
+                elif len(one) == len(two):
+                    content = "5 5\nequal"
+                else:
+                    content = "8 4\nfirst longer" if len(one) > len(two) else "4 8\nsecond longer"
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def finetuned(ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft") / "run"
+    make_selected(root)
+    cfg = small_cfg(root)
+    rundir = RunDir(root)
+    with rundir.staging("finetune") as staged:
+        outputs, counts = finetune_stage.run(cfg, rundir, staged)
+        rundir.commit(staged, outputs)
+    return cfg, rundir, counts
+
+
+def test_finetune_loss_falls_and_the_model_loads_back(finetuned):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    cfg, rundir, counts = finetuned
+    assert counts["runs"] == 2 and not counts["skipped"]
+    for run in ("gsnr_0.5", "random_0.5"):
+        folder = rundir.finetune / run
+        losses = read_losses(folder / "train_loss.csv")
+        summary = json.loads((folder / "train_summary.json").read_text())
+        # global batch 8 (2 workers x 4, no accumulation), 2 epochs of ceil(rows / 8) steps.
+        assert summary["rows_trained"] + summary["rows_no_response_tokens"] == 24 and summary["rows_trained"] > 16
+        assert summary["global_batch"] == 8 and len(losses) == summary["total_steps"] == 6
+        assert np.mean(losses[-2:]) < losses[0] - 0.3, losses
+        assert (folder / "model" / "model.safetensors").exists()
+        model = AutoModelForCausalLM.from_pretrained(folder / "model")
+        assert isinstance(model, LlamaForCausalLM)
+        assert AutoTokenizer.from_pretrained(folder / "model").vocab_size == 512
+    assert not rundir.finetune_done.exists()  # the holding area is emptied into the committed stage
+
+
+def test_preempted_finetune_resumes_to_the_uninterrupted_curve(finetuned, tmp_path):
+    _, reference, _ = finetuned
+    root = tmp_path / "run"
+    make_selected(root)
+    cfg = small_cfg(root, "target.subsets=[gsnr]", "target.checkpoint_every_steps=2")
+    rundir = RunDir(root)
+    partial = finetune_stage.build_trainer(cfg, rundir, "gsnr_0.5", stop_after_steps=4).fit()
+    assert partial.error is None and partial.metrics["step"] == 4  # the checkpoint at step 4 is the latest
+    with rundir.staging("finetune") as staged:
+        outputs, _ = finetune_stage.run(cfg, rundir, staged)
+        rundir.commit(staged, outputs)
+    resumed = read_losses(rundir.finetune / "gsnr_0.5" / "train_loss.csv")
+    uninterrupted = read_losses(reference.finetune / "gsnr_0.5" / "train_loss.csv")
+    np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5)
+
+
+def test_zero3_trains_the_same_model_as_zero2(finetuned, tmp_path):
+    from safetensors.torch import load_file
+
+    _, reference, _ = finetuned
+    root = tmp_path / "run"
+    make_selected(root)
+    cfg = small_cfg(root, "target.subsets=[gsnr]", "target.zero_stage=3")
+    rundir = RunDir(root)
+    with rundir.staging("finetune") as staged:
+        rundir.commit(staged, finetune_stage.run(cfg, rundir, staged)[0])
+    np.testing.assert_allclose(
+        read_losses(rundir.finetune / "gsnr_0.5" / "train_loss.csv"),
+        read_losses(reference.finetune / "gsnr_0.5" / "train_loss.csv"),
+        rtol=1e-5,
+    )
+    z3 = load_file(rundir.finetune / "gsnr_0.5" / "model" / "model.safetensors")
+    z2 = load_file(reference.finetune / "gsnr_0.5" / "model" / "model.safetensors")
+    pretrained = load_file(REPO / "gradfilter_ray" / "assets" / "models" / "stories260K" / "model.safetensors")
+    assert z3.keys() == z2.keys()
+    moved = 0.0
+    for name in z2:  # partitioned vs replicated reductions differ in summation order only
+        np.testing.assert_allclose(z3[name].numpy(), z2[name].numpy(), atol=1e-4, err_msg=name)
+        moved = max(moved, float(np.abs(z2[name].numpy() - pretrained[name].numpy()).max()))
+    assert moved > 1e-3  # and training really changed the weights
+
+
+def test_evaluate_generates_scores_heldout_judges_and_compares(finetuned, tmp_path):
+    from gradfilter_ray.evaluation import stage as evaluate_stage
+    from gradfilter_ray.evaluation.testsets import load_test_set
+
+    _, base, _ = finetuned
+    garbled = load_test_set("koala")[0]["instruction"]
+    judge = LongerAnswerJudge(garbled)
+    try:
+        cfg = small_cfg(base.root, f"evaluation.judge.base_url={judge.url}", "evaluation.judge.concurrency=2")
+        with base.staging("evaluate") as staged:
+            outputs, counts = evaluate_stage.run(cfg, base, staged)
+            base.commit(staged, outputs)
+        first_calls = judge.calls
+        with base.staging("evaluate") as staged:  # a re-run is answered from the judge cache
+            evaluate_stage.run(cfg, base, staged)
+        assert judge.calls == first_calls
+    finally:
+        judge.close()
+    assert counts["prompts"] == 6 and counts["heldout_examples"] == 10 and counts["judge"] == "ran"
+    assert first_calls == 2 * 6  # one pair (gsnr vs random) per prompt, both answer orders
+
+    ev = base.eval
+    gens = {}
+    for run in ("gsnr_0.5", "random_0.5"):
+        rows = [json.loads(line) for line in (ev / "runs" / run / "generations.jsonl").read_text().splitlines()]
+        assert len(rows) == 6 and all(isinstance(r["answer"], str) for r in rows)
+        gens[run] = {(r["test_set"], r["id"]): r for r in rows}
+        heldout = json.loads((ev / "runs" / run / "heldout.json").read_text())
+        assert heldout["examples"] == 10 and heldout["tokens"] > 0 and 0 < heldout["loss"] < 20
+
+    # Expected outcomes, computed here from the answers and the judge's scripted rule.
+    expected = []
+    for key, ours in sorted(gens["gsnr_0.5"].items()):
+        theirs = gens["random_0.5"][key]["answer"]
+        if ours["instruction"] == garbled:
+            expected.append("invalid")
+        else:
+            a, b = len(ours["answer"]), len(theirs)
+            expected.append("win" if a > b else "lose" if a < b else "tie")
+    want = pws.summarise(expected)
+    with (ev / "compare.csv").open() as fh:
+        table = {r["run"]: r for r in csv.DictReader(fh)}
+    assert set(table) == {"gsnr_0.5", "random_0.5"}
+    row = table["gsnr_0.5"]
+    assert row["judged_against"] == "random_0.5" and int(row["n_train"]) > 0
+    assert float(row["pws_all"]) == pytest.approx(want["pws"], abs=1e-4)
+    assert float(row["heldout_loss"]) == pytest.approx(
+        json.loads((ev / "runs" / "gsnr_0.5" / "heldout.json").read_text())["loss"], abs=1e-4
+    )
+    assert table["random_0.5"]["pws_all"] == ""  # the reference is not judged against itself
+    judged = json.loads((ev / "judge.json").read_text())["runs"]["gsnr_0.5"]["overall"]
+    assert judged["invalid"] == 1
+    assert "| gsnr_0.5 |" in (ev / "compare.md").read_text()
+    for png in ("train_loss.png", "heldout_loss.png"):
+        assert (ev / png).stat().st_size > 1000
