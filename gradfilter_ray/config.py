@@ -308,6 +308,12 @@ class Config:
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise ConfigError("output_dir: must not be empty")
+        missing = [r for r in self.target.ratios or [] if r not in self.selection.ratios]
+        if missing:
+            raise ConfigError(f"target.ratios: {missing} are not among selection.ratios {self.selection.ratios}")
+        unscored = [s for s in self.target.subsets if s not in self.scoring.scorers]
+        if unscored:
+            raise ConfigError(f"target.subsets: {unscored} are not among scoring.scorers {self.scoring.scorers}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """End to end through the CLI, as `make run` does it, on the demo config with small overrides."""
 
+import csv
 import json
 import os
 import subprocess
@@ -34,6 +35,21 @@ def test_demo_pipeline_through_the_cli(tmp_path):
         "ensemble.members=3",
         "--set",
         "proxy.max_length=160",
+        # fine-tune two subsets for a few steps and evaluate them on a handful of prompts
+        "--set",
+        "target.subsets=[gsnr, random]",
+        "--set",
+        "target.ratios=[0.15]",
+        "--set",
+        "target.epochs=1",
+        "--set",
+        "evaluation.test_sets=[vicuna]",
+        "--set",
+        "evaluation.max_prompts_per_set=2",
+        "--set",
+        "evaluation.max_new_tokens=8",
+        "--set",
+        "evaluation.heldout_limit=8",
     ]
     done = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -59,5 +75,34 @@ def test_demo_pipeline_through_the_cli(tmp_path):
         assert len(lines) == counts["selected"]
     assert (out_dir / "report" / "index.html").exists()
 
+    for run in ("gsnr_0.15", "random_0.15"):
+        assert (out_dir / "finetune" / run / "model" / "model.safetensors").exists()
+        assert (out_dir / "finetune" / run / "train_loss.csv").read_text().startswith("step,loss\n1,")
+    with (out_dir / "eval" / "compare.csv").open() as fh:
+        rows = {r["run"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"gsnr_0.15", "random_0.15"} and all(float(r["heldout_loss"]) > 0 for r in rows.values())
+    assert "judge skipped: evaluation.judge.base_url is not set" in done.stdout
+    assert manifest["stages"]["evaluate"]["judge"] == "skipped" and manifest["stages"]["finetune"]["runs"] == 2
+
     again = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
-    assert again.returncode == 0 and "[extract] already done" in again.stdout
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[extract] already done" in again.stdout
+    assert "[finetune] already done" in again.stdout and "[evaluate] already done" in again.stdout
+    compare = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradfilter_ray",
+            "compare",
+            "--config",
+            "jobs/configs/demo.yaml",
+            "--set",
+            f"output_dir={out_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    assert compare.returncode == 0 and "| gsnr_0.15 |" in compare.stdout

@@ -78,3 +78,10 @@ def test_hash_changes_with_the_section_and_only_it():
 def test_every_field_is_documented():
     undocumented = [name for name, text in describe() if not text.strip()]
     assert not undocumented
+
+
+def test_target_subsets_must_be_selected_ones():
+    with pytest.raises(ConfigError, match="target.ratios"):
+        load(None, ["selection.ratios=[0.1]", "target.ratios=[0.5]"])
+    with pytest.raises(ConfigError, match="target.subsets"):
+        load(None, ["scoring.scorers=[gsnr]", "target.subsets=[gsnr, ifd]"])

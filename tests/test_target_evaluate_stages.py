@@ -27,6 +27,7 @@ DEMO = REPO / "jobs" / "configs" / "demo.yaml"
 ROWS = json.loads((REPO / "gradfilter_ray" / "assets" / "data" / "alpaca_sample_1k.json").read_text())
 SMALL = [
     "target.subsets=[gsnr, random]",
+    "selection.ratios=[0.5]",
     "target.ratios=[0.5]",
     "target.max_length=256",
     "target.epochs=2",
