@@ -49,7 +49,7 @@ def comparison_rows(runs: dict[str, dict], judge: dict, finetune_dir: Path) -> t
 def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def write_comparison(eval_dir: Path, finetune_dir: Path) -> list[dict]:
