@@ -7,6 +7,7 @@ Ray session, run the stage table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import subprocess
 import sys
@@ -49,7 +50,8 @@ def _record_run(cfg: Config, rundir: RunDir, argv: list[str]) -> None:
     resolved = to_dict(cfg)
     rundir.update_manifest(
         config=resolved,
-        config_hash=section_hash(cfg),
+        # Where a run is written changes nothing it computes: the same config in two folders has one hash.
+        config_hash=section_hash(dataclasses.replace(cfg, output_dir="")),
         seed=cfg.seed,
         versions=_versions(),
         git_sha=_git_sha(),

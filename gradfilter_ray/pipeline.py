@@ -6,6 +6,7 @@ re-runs exactly the stages it affects and everything downstream of them, and not
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,12 @@ class Stage:
         return getattr(importlib.import_module(module), func)
 
 
+def _without_retry_budget(section):
+    """How often Ray Train may restart a worker group changes no result: raising it to resume a crashed run must
+    not re-key the stage (which would rename its Ray Train run and start over)."""
+    return dataclasses.replace(section, max_failures=0)
+
+
 def _ensemble_resources(cfg: Config) -> str:
     e = cfg.ensemble
     return f"{e.members} Ray Train workers x ({e.cpus_per_member} CPU, {e.gpus_per_member} GPU)"
@@ -62,7 +69,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "ensemble",
             ("ingest",),
-            lambda c: (c.proxy, c.ensemble),
+            lambda c: (c.proxy, _without_retry_budget(c.ensemble)),
             _ensemble_resources,
             "gradfilter_ray.ensemble.stage:run",
         ),
@@ -91,7 +98,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "finetune",
             ("select",),
-            lambda c: (c.target,),
+            lambda c: (_without_retry_budget(c.target),),
             _finetune_resources,
             "gradfilter_ray.target.stage:run",
         ),

@@ -87,15 +87,23 @@ def content_hash(instruction: str, input_: str, output: str) -> bytes:
     return hashlib.blake2b(payload, digest_size=16).digest()
 
 
+def null_constant(name: str) -> None:
+    """NaN, Infinity and -Infinity are not JSON (Python's json reads them): read them as null, so that no
+    non-standard constant reaches `extra` and, from there, the selections' JSON Lines."""
+    return None
+
+
 def decode_json(raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise Rejected(INVALID_UTF8, f"byte {exc.start}: {exc.reason}") from None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=null_constant)
     except json.JSONDecodeError as exc:
         raise Rejected(INVALID_JSON, f"line {exc.lineno} col {exc.colno}: {exc.msg}") from None
+    except RecursionError:  # json's parser recurses per nesting level: a deep enough value would crash the stage
+        raise Rejected(INVALID_JSON, "nested too deeply") from None
 
 
 def _has_surrogates(text: str) -> bool:
@@ -165,6 +173,8 @@ def normalize_record(record: Any, max_chars: int) -> dict[str, Any]:
         extra_json = json.dumps(extra, ensure_ascii=False, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise Rejected(WRONG_TYPE, f"extra fields not representable: {exc}") from None
+    except RecursionError:
+        raise Rejected(INVALID_JSON, "extra fields nested too deeply") from None
     if _has_surrogates(extra_json):
         raise Rejected(INVALID_UTF8, "extra fields")
     if len(extra_json) > max_chars * 4:

@@ -7,6 +7,7 @@ read at all raises `SourceError` naming the file.
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import glob
 import json
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from gradfilter_ray.data.formats import RAW_SCHEMA, ROW_ID_FILE_STRIDE
+from gradfilter_ray.data.formats import RAW_SCHEMA, ROW_ID_FILE_STRIDE, null_constant
 
 SUFFIXES = {
     ".json": "alpaca_json",
@@ -28,6 +29,7 @@ SUFFIXES = {
     ".pq": "parquet",
 }
 COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")
+UNSERIALISABLE = b"<record nested too deeply to re-serialise>"
 
 
 class SourceError(RuntimeError):
@@ -146,6 +148,8 @@ def _jsonl_rows(fs: pafs.FileSystem, source: SourceFile, limit: int | None) -> I
             for lineno, line in enumerate(_lines(stream)):
                 if limit is not None and count >= limit:
                     return
+                if lineno == 0 and line.startswith(codecs.BOM_UTF8):
+                    line = line[len(codecs.BOM_UTF8) :]  # a byte-order mark is not part of the first row
                 if not line.strip():
                     continue
                 count += 1
@@ -160,18 +164,26 @@ def _json_list_rows(fs: pafs.FileSystem, source: SourceFile, limit: int | None) 
             data = stream.read()
         except (OSError, pa.ArrowException) as exc:
             raise SourceError(f"cannot read {source.uri}: {exc}") from None
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
     # surrogateescape keeps undecodable bytes inside strings, so the offending rows can be rejected one by one.
     text = data.decode("utf-8", "surrogateescape")
     try:
-        records = json.loads(text)
+        records = json.loads(text, parse_constant=null_constant)
     except json.JSONDecodeError as exc:
         raise SourceError(f"{source.uri} is not a JSON list ({exc}); use .jsonl for JSON Lines") from None
+    except RecursionError:
+        raise SourceError(f"{source.uri}: JSON nested too deeply to parse; use .jsonl for JSON Lines") from None
     if isinstance(records, dict) and len(records) == 1 and isinstance(next(iter(records.values())), list):
         records = next(iter(records.values()))  # {"data": [...]} wrappers
     if not isinstance(records, list):
         raise SourceError(f"{source.uri}: expected a JSON list of records, got {type(records).__name__}")
     for position, record in enumerate(records[:limit] if limit else records):
-        yield position, json.dumps(record, ensure_ascii=False).encode("utf-8", "surrogateescape")
+        try:
+            raw = json.dumps(record, ensure_ascii=False).encode("utf-8", "surrogateescape")
+        except RecursionError:
+            raw = UNSERIALISABLE  # not JSON: rejected as invalid_json, the row still accounted for
+        yield position, raw
 
 
 def _parquet_rows(fs: pafs.FileSystem, source: SourceFile, limit: int | None) -> Iterator[tuple[int, bytes]]:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +27,15 @@ from gradfilter_ray.runtime import IO_REMOTE_ARGS
 
 TRAIN_STATE = "train_state.pt"
 LOSS_CSV = "train_loss.csv"
+WORK_ROOT = "gfr-member-work"
+
+# Test-only fault-injection hook, off unless GFR_TEST_ENSEMBLE_HOOK_DIR names a folder in the driver's environment
+# (read by the driver, passed in train_loop_config: Ray workers do not see the driver's environment). Each worker
+# then logs "rank start_epoch pid" to `starts.log` there; with GFR_TEST_CRASH_AFTER_EPOCH=e, rank 0 dies
+# (os._exit) right after epoch e's checkpoint is registered by the controller, once (marker file `crashed`).
+TEST_HOOK_ENV = "GFR_TEST_ENSEMBLE_HOOK_DIR"
+TEST_CRASH_ENV = "GFR_TEST_CRASH_AFTER_EPOCH"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2 writes it when it registers a checkpoint
 
 
 def _collect_rows(shard):
@@ -44,6 +55,28 @@ def _write_loss_curve(path: Path, losses: list[float]) -> None:
         writer = csv.writer(fh)
         writer.writerow(["step", "loss"])
         writer.writerows((i + 1, f"{loss:.8g}") for i, loss in enumerate(losses))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def member_workdir(rank: int) -> Path:
+    """A private folder for this worker under ``$TMPDIR/gfr-member-work/``, named after its pid. A worker that dies
+    (crash, OOM kill, preemption) cannot remove its own: each new worker removes those whose process is gone."""
+    root = Path(tempfile.gettempdir()) / WORK_ROOT
+    root.mkdir(exist_ok=True)
+    for stale in root.iterdir():
+        pid = stale.name.split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-member{rank}-", dir=root))
 
 
 def train_member_worker(config: dict) -> None:
@@ -69,7 +102,7 @@ def train_member_worker(config: dict) -> None:
     pad_id = load_tokenizer(proxy.model).pad_token_id
     model = attach_lora(load_causal_lm(proxy.model, torch.float32, device), ens, seed=member_seed)
 
-    workdir = Path(tempfile.mkdtemp(prefix=f"gfr-member{rank}-"))
+    workdir = member_workdir(rank)
     member_dir = workdir / f"member_{rank}"
     start_epoch, optimizer_state = 1, None
     checkpoint = ray.train.get_checkpoint()
@@ -83,18 +116,24 @@ def train_member_worker(config: dict) -> None:
         start_epoch, optimizer_state = last + 1, state["optimizer"]
     else:
         member_dir.mkdir(parents=True)
+    hook = config.get("test_hook")
+    if hook:
+        with (Path(hook["dir"]) / "starts.log").open("a") as fh:
+            fh.write(f"{rank} {start_epoch} {os.getpid()}\n")
 
     def on_epoch_end(epoch, model, optimizer, losses):
         epoch_dir = member_dir / f"epoch_{epoch}"
         save_adapter(model, epoch_dir)
         _write_loss_curve(epoch_dir / LOSS_CSV, losses)
         torch.save({"epoch": epoch, "optimizer": optimizer.state_dict()}, member_dir / TRAIN_STATE)
-        with tempfile.TemporaryDirectory(prefix="gfr-ckpt-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="ckpt-", dir=workdir) as tmp:  # reaped with workdir after a crash
             shutil.copytree(member_dir, Path(tmp) / member_dir.name)
             ray.train.report(
                 {"epoch": epoch, "mean_loss": float(np.mean(losses)) if losses else float("nan")},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
             )
+        if hook and rank == 0 and hook.get("crash_after_epoch") == epoch:
+            _crash_once(hook, epoch)
 
     if start_epoch <= ens.epochs:
         train_member(
@@ -110,6 +149,35 @@ def train_member_worker(config: dict) -> None:
             stop_after_epoch=config.get("stop_after_epoch"),
         )
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _registered_epoch(snapshot: Path) -> int:
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError):
+        return 0
+    return int(latest.get("metrics", {}).get("epoch", 0))
+
+
+def _crash_once(hook: dict, epoch: int, wait_s: float = 120.0) -> None:
+    """Test hook: once the controller has registered this epoch's checkpoint, kill this worker (only once)."""
+    marker = Path(hook["dir"]) / "crashed"
+    if marker.exists():
+        return
+    deadline = time.monotonic() + wait_s
+    while _registered_epoch(Path(hook["snapshot"])) < epoch and time.monotonic() < deadline:
+        time.sleep(0.1)
+    marker.write_text(f"epoch {epoch} pid {os.getpid()}\n")
+    os._exit(1)
+
+
+def _test_hook(cfg: Config, rundir: RunDir) -> dict | None:
+    folder = os.environ.get(TEST_HOOK_ENV)
+    if not folder:
+        return None
+    crash = os.environ.get(TEST_CRASH_ENV)
+    snapshot = rundir.ensemble_train_state.resolve() / trainer_name(cfg) / SNAPSHOT_FILE
+    return {"dir": folder, "crash_after_epoch": int(crash) if crash else None, "snapshot": str(snapshot)}
 
 
 def _tokenized_dataset(cfg: Config, rundir: RunDir):
@@ -183,6 +251,7 @@ def build_trainer(cfg: Config, rundir: RunDir, ds, stop_after_epoch: int | None 
             "proxy": asdict(cfg.proxy),
             "torch_threads": max(1, int(ens.cpus_per_member)),
             "stop_after_epoch": stop_after_epoch,
+            "test_hook": _test_hook(cfg, rundir),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=ens.members, use_gpu=use_gpu, resources_per_worker=resources

@@ -202,6 +202,7 @@ def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
 
     summary = json.loads((rundir.finetune / "summary.json").read_text())
     eval_dir = staged / "eval"
+    eval_dir.mkdir(parents=True)
     rows = evaluation_rows(cfg.evaluation)
     runs = {}
     for run_name, train in summary["runs"].items():

@@ -8,6 +8,7 @@ works on nodes that cannot see the ensemble's output folder.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import asdict
@@ -21,6 +22,19 @@ from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import IO_REMOTE_ARGS
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+# Test-only fault-injection hook, off unless this variable names a folder in the driver's environment: each actor then
+# logs "pid call" per batch to `calls.log` there, and the first actor to reach its second batch waits (at most
+# HOOK_WAIT_S) until a file `killed` appears, so a test can kill it mid-stream at a known point. Read by the driver
+# and passed to the actors (Ray workers do not see the driver's environment).
+TEST_HOOK_ENV = "GFR_TEST_EXTRACT_HOOK_DIR"
+HOOK_WAIT_S = 120.0
+
+# Fault tolerance of the actor pool, pinned here rather than left to Ray Data's defaults: a killed actor (preemption,
+# OOM kill) is restarted without limit and the batches it held run again on a live actor, each at most
+# EXTRACT_TASK_RETRIES more times, so a batch that kills its actor every time fails the stage instead of looping.
+# The output is checked to hold every id exactly once before it is committed (tests/test_faults.py kills an actor).
+EXTRACT_TASK_RETRIES = 4
 
 GRADIENT_SCHEMA = pa.schema(
     [
@@ -60,7 +74,14 @@ def _list_column(values: np.ndarray) -> pa.Array:
 class NormExtractor:
     """Ray Data actor: canonical rows -> per-example squared LoRA gradient norms and losses for all 2M adapters."""
 
-    def __init__(self, proxy: dict, gradients: dict, members: int, adapters: dict[str, dict[str, bytes]]) -> None:
+    def __init__(
+        self,
+        proxy: dict,
+        gradients: dict,
+        members: int,
+        adapters: dict[str, dict[str, bytes]],
+        test_hook_dir: str | None = None,
+    ) -> None:
         import torch
 
         from gradfilter_ray.ensemble.lora import load_adapters
@@ -73,20 +94,35 @@ class NormExtractor:
         torch.set_num_threads(self.cfg.torch_threads or max(1, int(self.cfg.cpus_per_actor)))
         self.tokenizer = load_tokenizer(self.proxy.model)
         base = load_causal_lm(self.proxy.model, resolve_dtype(self.cfg.precision, self.device), self.device)
-        self._adapter_dir = tempfile.TemporaryDirectory(prefix="gfr-adapters-")
-        folders = {}
-        for name, files in adapters.items():
-            folder = Path(self._adapter_dir.name) / name
-            folder.mkdir()
-            for filename, payload in files.items():
-                (folder / filename).write_bytes(payload)
-            folders[name] = folder
-        self.model = load_adapters(base, folders)
+        # The files are only needed while peft reads them: a Ray actor is killed without running finalizers, so a
+        # folder kept for the actor's lifetime would be left behind in /tmp by every extraction.
+        with tempfile.TemporaryDirectory(prefix="gfr-adapters-") as tmp:
+            folders = {}
+            for name, files in adapters.items():
+                folder = Path(tmp) / name
+                folder.mkdir()
+                for filename, payload in files.items():
+                    (folder / filename).write_bytes(payload)
+                folders[name] = folder
+            self.model = load_adapters(base, folders)
+        self._hook_dir = Path(test_hook_dir) if test_hook_dir else None
+        self._calls = 0
+
+    def _test_hook(self) -> None:
+        self._calls += 1
+        with (self._hook_dir / "calls.log").open("a") as fh:
+            fh.write(f"{os.getpid()} {self._calls}\n")
+        if self._calls == 2:
+            deadline = time.monotonic() + HOOK_WAIT_S
+            while not (self._hook_dir / "killed").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from gradfilter_ray.data.tokenized import tokenize_table
         from gradfilter_ray.gradients.norms import per_example_sq_norms
 
+        if self._hook_dir is not None:
+            self._test_hook()
         tokens = tokenize_table(table, self.tokenizer, self.proxy)
         ifd_cond, ifd_uncond = self._base_losses(table, tokens)
         input_ids = tokens["input_ids"].to_numpy(zero_copy_only=False)
@@ -182,11 +218,14 @@ def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
             "gradients": asdict(grads),
             "members": ens.members,
             "adapters": adapters,
+            "test_hook_dir": os.environ.get(TEST_HOOK_ENV) or None,
         },
         batch_size=grads.length_bucket_rows,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=grads.num_actors),
         num_cpus=grads.cpus_per_actor,
+        max_restarts=-1,
+        max_task_retries=EXTRACT_TASK_RETRIES,
         **gpu_args,
     )
     out = staged / "gradients"

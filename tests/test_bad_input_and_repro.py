@@ -1,0 +1,337 @@
+"""A hostile corpus through ingest -> score -> select -> report, and two separate runs of one config.
+
+Bad input: one folder mixing malformed JSON lines, non-UTF-8 bytes, lone surrogates, a 10 MB field, empty and
+whitespace instructions, non-string types, NaN constants, nested junk (one value nested 50,000 deep), non-objects,
+byte-order marks, CRLF, blank lines, records sharing a user "id" and exact duplicates. Ingest must finish, account
+for every row (rows in = kept + rejected, each rejection with its reason) in the manifest and the report, and the
+kept rows must flow through score and select (synthetic gradient norms stand in for the model stages) into strict
+JSON Lines.
+
+Reproducibility: the same config and seed run twice as separate CLI processes into two output folders select
+identical ids, and each manifest records the config, its hash, package versions, seeds and input checksums.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gradfilter_ray import pipeline
+from gradfilter_ray.config import load, section_hash, to_dict
+from gradfilter_ray.data.formats import PREVIEW_CHARS, REASONS, ROW_ID_FILE_STRIDE
+from gradfilter_ray.gradients.stage import GRADIENT_SCHEMA
+from gradfilter_ray.models import resolve
+from gradfilter_ray.rundir import RunDir
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "jobs" / "configs" / "tiny_gpt2.yaml"
+BOM = b"\xef\xbb\xbf"
+QUIET = {"log": lambda _: None}
+
+
+def j(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def good(i: int) -> dict:
+    return {"instruction": f"Task {i}", "input": "ctx" if i % 2 else "", "output": f"Answer {i}"}
+
+
+NESTED_EXTRA = {"instruction": "nested", "output": "kept", "meta": {"tags": ["a", {"b": [None, 2.5, {"c": []}]}]}}
+
+# (raw line, expected reason or None when kept); a JSON Lines file, in this order.
+JSONL_ROWS: list[tuple[bytes, str | None]] = [
+    (BOM + j(good(0)), None),  # a byte-order mark at the start of the file
+    *[(j(good(i)), None) for i in range(1, 9)],
+    (b'{"instruction": "crlf", "output": "w"}\r', None),
+    (j(NESTED_EXTRA), None),
+    (b'{"instruction": "nan extra", "output": "z", "score": NaN, "w": -Infinity}', None),
+    (j({"id": "dup-1", "instruction": "A", "output": "a"}), None),  # a shared user id is not a duplicate
+    (j({"id": "dup-1", "instruction": "B", "output": "b"}), None),
+    (j(good(2)), "duplicate"),  # exact duplicate content of row 2
+    (b'{"instruction": "broken", "output": ', "invalid_json"),
+    (b"{not json}", "invalid_json"),
+    (b"}{", "invalid_json"),
+    (b"\x00\x01garbage", "invalid_json"),
+    (b'{"instruction": "x", "output": "y", "deep": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "invalid_json"),
+    (b'{"instruction": "bad \xff\xfe bytes", "output": "x"}', "invalid_utf8"),
+    (b'{"instruction": "caf\xe9", "output": "x"}', "invalid_utf8"),
+    (b'{"instruction": "\\ud800 lone surrogate", "output": "x"}', "invalid_utf8"),
+    (b'{"instruction": "huge", "output": "' + b"y" * 10_000_000 + b'"}', "field_too_long"),
+    (j({"instruction": "", "output": "x"}), "empty_instruction"),
+    (j({"instruction": " \t\n ", "output": "x"}), "empty_instruction"),
+    (j({"output": "orphan"}), "missing_instruction"),
+    (b'{"instruction": NaN, "output": "x"}', "missing_instruction"),  # NaN is read as null
+    (j({"instruction": "no output"}), "missing_output"),
+    (j({"instruction": "blank", "output": "   "}), "empty_output"),
+    (j({"instruction": 42, "output": "x"}), "wrong_type"),
+    (j({"instruction": True, "output": "x"}), "wrong_type"),
+    (j({"instruction": "x", "output": ["a", "list"]}), "wrong_type"),
+    (j({"instruction": "x", "input": {"k": 1}, "output": "y"}), "wrong_type"),
+    (j({"conversations": "junk"}), "wrong_type"),
+    (j({"conversations": [{"from": "human", "value": "only a question"}]}), "unsupported_conversation"),
+    (b"[1, 2, 3]", "not_an_object"),
+    (b'"just a string"', "not_an_object"),
+    (b"null", "not_an_object"),
+    (b"42", "not_an_object"),
+]
+# An Alpaca JSON list (saved with a byte-order mark): two good rows, a wrong type, a non-object.
+LIST_ROWS: list[tuple[object, str | None]] = [
+    (good(100), None),
+    (good(101), None),
+    ({"instruction": 1, "output": "x"}, "wrong_type"),
+    ("not an object", "not_an_object"),
+]
+
+
+def write_corpus(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True)
+    lines = []
+    for k, (raw, _) in enumerate(JSONL_ROWS):
+        lines.append(raw)
+        if k in (3, 20):  # blank and whitespace-only lines carry no row
+            lines += [b"", b"   "]
+    jsonl = folder / "a.jsonl"
+    jsonl.write_bytes(b"\n".join(lines) + b"\n")
+    listed = folder / "b.json"
+    listed.write_bytes(BOM + json.dumps([r for r, _ in LIST_ROWS]).encode())
+    return {"a": jsonl, "b": listed}
+
+
+def expected_reasons() -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _, reason in JSONL_ROWS + LIST_ROWS:
+        if reason:
+            counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def strict_json(line: str):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def fake_model_stages(cfg, rundir: RunDir) -> None:
+    """Gradient norms for every kept row, standing in for ensemble + extract (recorded done for this config)."""
+    ids = np.sort(pq.read_table(rundir.data, columns=["id"])["id"].to_numpy())
+    rng = np.random.default_rng(0)
+    n, m = len(ids), cfg.ensemble.members
+    early = rng.uniform(1, 4, (n, m))
+
+    def lists(a):
+        return pa.array(list(a), pa.list_(pa.float64()))
+
+    rundir.gradients.mkdir()
+    table = pa.table(
+        {
+            "id": ids,
+            "sq_norm_early": lists(early),
+            "sq_norm_late": lists(early * rng.uniform(0.2, 0.9, (n, m))),
+            "loss_early": lists(rng.uniform(1, 3, (n, m))),
+            "loss_late": lists(rng.uniform(0.5, 2, (n, m))),
+            "n_response_tokens": rng.integers(1, 30, n),
+            "n_tokens": rng.integers(31, 60, n),
+            "ifd_loss_cond": rng.uniform(1, 2, n),
+            "ifd_loss_uncond": rng.uniform(2, 3, n),
+        }
+    ).cast(GRADIENT_SCHEMA)
+    pq.write_table(table, rundir.gradients / "part-0.parquet")
+    for stage in ("ensemble", "extract"):
+        rundir.record_stage(stage, {"status": "done", "key": pipeline.stage_key(stage, cfg)})
+
+
+@pytest.mark.ray
+def test_hostile_corpus_is_fully_accounted_for_through_ingest_score_select_and_report(ray_cluster, tmp_path):
+    files = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "run"
+    cfg = load(TINY, [f"output_dir={out}", f"data.path={tmp_path / 'corpus'}", "data.limit=null"])
+    rundir = RunDir(out)
+    record = pipeline.run_stage("ingest", cfg, rundir, **QUIET)
+
+    n_in = len(JSONL_ROWS) + len(LIST_ROWS)
+    n_rejected = sum(1 for _, reason in JSONL_ROWS + LIST_ROWS if reason)
+    assert record["rows_in"] == n_in == record["rows_kept"] + record["rows_rejected"]
+    assert record["rows_rejected"] == n_rejected
+    assert record["rejects_by_reason"] == expected_reasons()
+    manifest = rundir.read_manifest()
+    assert manifest["stages"]["ingest"]["rejects_by_reason"] == expected_reasons()
+    checksums = {Path(i["path"]).name: i for i in manifest["inputs"]}
+    for name, path in files.items():
+        assert checksums[path.name]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest(), name
+        assert checksums[path.name]["bytes"] == path.stat().st_size
+
+    # Every rejected row is in rejects.parquet once, at its own position, with the expected reason.
+    rejects = pq.read_table(rundir.rejects).to_pylist()
+    data = pq.read_table(rundir.data).sort_by("id").to_pylist()
+    assert len(rejects) == n_rejected and len(data) == n_in - n_rejected
+    assert {r["id"] for r in rejects}.isdisjoint(r["id"] for r in data)
+    assert all(r["reason"] in REASONS and len(r["raw_preview"] or "") <= PREVIEW_CHARS for r in rejects)
+    by_id = {r["id"]: r for r in rejects}
+    jsonl_kept_positions = [k for k, (_, reason) in enumerate(JSONL_ROWS) if reason is None]
+    # JSON Lines ids are line numbers (blank lines count as lines, carry no row): rebuild them
+    line_of = []
+    for k in range(len(JSONL_ROWS)):
+        line_of.append(k + 2 * sum(1 for b in (3, 20) if b < k))
+    for k, (_, reason) in enumerate(JSONL_ROWS):
+        if reason:
+            assert by_id[line_of[k]]["reason"] == reason, (k, by_id.get(line_of[k]))
+    huge = by_id[line_of[[k for k, (raw, _) in enumerate(JSONL_ROWS) if raw.startswith(b'{"instruction": "huge"')][0]]]
+    assert huge["detail"] == f"output: 10000000 chars > {cfg.data.max_field_chars}"
+    dup = [r for r in rejects if r["reason"] == "duplicate"][0]
+    assert dup["detail"] == f"duplicate of id {line_of[2]}"
+    assert [r["id"] for r in data if r["id"] < ROW_ID_FILE_STRIDE] == [line_of[k] for k in jsonl_kept_positions]
+    assert [r["id"] for r in data if r["id"] >= ROW_ID_FILE_STRIDE] == [ROW_ID_FILE_STRIDE, ROW_ID_FILE_STRIDE + 1]
+
+    kept = {r["instruction"]: r for r in data}
+    assert "Task 0" in kept and "crlf" in kept and kept["crlf"]["output"] == "w"  # BOM and CR stripped
+    assert "Task 100" in kept  # the JSON list with a BOM was read
+    assert json.loads(kept["nested"]["extra"]) == {"meta": NESTED_EXTRA["meta"]}
+    assert json.loads(kept["nan extra"]["extra"]) == {"score": None, "w": None}
+    assert json.loads(kept["A"]["extra"]) == json.loads(kept["B"]["extra"]) == {"id": "dup-1"}
+
+    # The kept rows go on through score, select and report.
+    fake_model_stages(cfg, rundir)
+    for stage in ("score", "select", "report"):
+        pipeline.run_stage(stage, cfg, rundir, **QUIET)
+    full = [strict_json(line) for line in (out / "selected" / "full.jsonl").read_text().splitlines()]
+    assert len(full) == len(data)
+    by_instruction = {r["instruction"]: r for r in full}
+    assert by_instruction["nested"]["meta"] == NESTED_EXTRA["meta"]
+    assert by_instruction["nan extra"]["score"] is None and by_instruction["A"]["id"] == "dup-1"
+    for path in (out / "selected").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            strict_json(line)
+    page = (out / "report" / "index.html").read_text()
+    accounting = f"ingest: {n_in} rows in = {n_in - n_rejected} kept + {n_rejected} rejected " + json.dumps(
+        expected_reasons()
+    ).replace('"', "&quot;")
+    assert accounting in page
+
+
+# ----- reproducibility: two separate CLI runs -----
+
+REPRO = [
+    "data.limit=16",
+    "ensemble.members=2",
+    "ray.progress_bars=false",
+    "selection.ratios=[0.25, 0.5]",
+    "target.subsets=[]",  # keeps `run` cheap now that fine-tuning is a stage
+]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The same config run twice, concurrently, as separate CLI processes, each with its own embedded Ray."""
+    base = tmp_path_factory.mktemp("repro")
+    runs, procs, temps = [], [], []
+    try:
+        for k in (1, 2):
+            out = base / f"run{k}"
+            ray_tmp = tempfile.mkdtemp(prefix=f"gfr-r{k}-", dir="/tmp")
+            temps.append(ray_tmp)
+            env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": ray_tmp}
+            env.pop("RAY_ADDRESS", None)
+            args = [sys.executable, "-m", "gradfilter_ray", "run", "--config", str(TINY), "--set", f"output_dir={out}"]
+            for item in REPRO:
+                args += ["--set", item]
+            log = (base / f"run{k}.log").open("w")
+            procs.append((subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+            runs.append(out)
+        for proc, log in procs:
+            proc.wait(timeout=900)
+            log.close()
+        for k, (proc, _) in enumerate(procs, start=1):
+            assert proc.returncode == 0, (base / f"run{k}.log").read_text()[-4000:]
+        yield runs
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=60)
+        for ray_tmp in temps:
+            stop_processes_of(ray_tmp)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def stop_processes_of(ray_tmp: str) -> None:
+    """Whatever is still running with RAY_TMPDIR=ray_tmp (only processes this test started): give it 20 s to exit,
+    then SIGKILL it by pid."""
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("RAY_TMPDIR") == ray_tmp:
+                procs.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_same_config_and_seed_select_identical_ids_in_two_separate_runs(two_runs):
+    first, second = (RunDir(p) for p in two_runs)
+    cfg = load(TINY, [f"output_dir={first.root}", *REPRO])
+    selections = first.read_manifest()["stages"]["select"]["selections"]
+    assert selections == second.read_manifest()["stages"]["select"]["selections"]
+    assert len(selections) == 2 * (len(cfg.scoring.scorers) - 1) + 1
+    for name in selections:
+        ids = [pq.read_table(r.root / "selected" / f"{name}.parquet")["id"].to_pylist() for r in (first, second)]
+        assert sorted(ids[0]) == sorted(ids[1]), name
+        assert ids[0] or not name.startswith("gsnr"), name
+        lines = [(r.root / "selected" / f"{name}.jsonl").read_text().splitlines() for r in (first, second)]
+        assert sorted(lines[0]) == sorted(lines[1]), name
+    grads = [pq.read_table(r.gradients).sort_by("id") for r in (first, second)]
+    assert grads[0]["id"].equals(grads[1]["id"])
+    for column in ("sq_norm_early", "sq_norm_late", "loss_early", "loss_late"):
+        np.testing.assert_allclose(
+            np.array(grads[0][column].to_pylist()), np.array(grads[1][column].to_pylist()), rtol=1e-6, err_msg=column
+        )
+    # Members differ from each other (a seed that is ignored would make them equal), runs do not.
+    late = np.array(grads[0]["sq_norm_late"].to_pylist())
+    assert not np.allclose(late[:, 0], late[:, 1])
+    for stage in ("ingest", "ensemble", "extract", "score", "select", "report"):
+        keys = [r.read_manifest()["stages"][stage]["key"] for r in (first, second)]
+        assert keys[0] == keys[1] == pipeline.stage_key(stage, cfg), stage
+
+
+def test_manifest_records_config_hash_versions_seeds_and_input_checksums(two_runs):
+    hashes = {RunDir(root).read_manifest()["config_hash"] for root in two_runs}
+    assert len(hashes) == 1  # the same config in two folders: one hash
+    for root in two_runs:
+        manifest = RunDir(root).read_manifest()
+        cfg = load(TINY, [f"output_dir={root}", *REPRO])
+        assert manifest["config"] == json.loads(json.dumps(to_dict(cfg)))
+        assert manifest["config_hash"] == section_hash(dataclasses.replace(cfg, output_dir=""))
+        assert manifest["seed"] == cfg.seed
+        assert manifest["config"]["ensemble"]["seed"] == cfg.ensemble.seed
+        assert manifest["config"]["scoring"]["random_seed"] == cfg.scoring.random_seed
+        assert manifest["config"]["proxy"]["model"]["init_seed"] == cfg.proxy.model.init_seed
+        versions = manifest["versions"]
+        for package in ("python", "ray", "torch", "transformers", "peft", "pyarrow", "numpy"):
+            assert versions.get(package), package
+        assert versions["ray"].startswith("2.")
+        data_file = Path(resolve(cfg.data.path))
+        [entry] = manifest["inputs"]
+        assert entry["path"] == str(data_file) and entry["bytes"] == data_file.stat().st_size
+        assert entry["sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
+        assert manifest["command"][0] == "run" and f"output_dir={root}" in manifest["command"]
+        assert "git_sha" in manifest
