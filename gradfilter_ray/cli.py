@@ -7,7 +7,6 @@ Ray session, run the stage table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import platform
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from gradfilter_ray import pipeline
-from gradfilter_ray.config import Config, ConfigError, load, section_hash, to_dict
+from gradfilter_ray.config import Config, ConfigError, config_hash, load, to_dict
 from gradfilter_ray.rundir import RunDir
 
 PACKAGES = ("gradfilter-ray", "ray", "torch", "transformers", "peft", "pyarrow", "deepspeed", "accelerate", "numpy")
@@ -50,8 +49,7 @@ def _record_run(cfg: Config, rundir: RunDir, argv: list[str]) -> None:
     resolved = to_dict(cfg)
     rundir.update_manifest(
         config=resolved,
-        # Where a run is written changes nothing it computes: the same config in two folders has one hash.
-        config_hash=section_hash(dataclasses.replace(cfg, output_dir="")),
+        config_hash=config_hash(cfg),
         seed=cfg.seed,
         versions=_versions(),
         git_sha=_git_sha(),
@@ -62,7 +60,7 @@ def _record_run(cfg: Config, rundir: RunDir, argv: list[str]) -> None:
 def _dry_run(cfg: Config, stages: list[str]) -> None:
     print("# resolved config")
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-    print(f"# config hash {section_hash(cfg)}")
+    print(f"# config hash {config_hash(cfg)}")
     print("# stages")
     for name in stages:
         stage = pipeline.STAGES[name]

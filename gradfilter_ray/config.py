@@ -450,6 +450,11 @@ def section_hash(*sections: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def config_hash(cfg: Config) -> str:
+    """Hash of everything a run computes from: the whole config except `output_dir` (where it is written)."""
+    return section_hash({k: v for k, v in to_dict(cfg).items() if k != "output_dir"})
+
+
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str]]:
     """(dotted name, doc) for every leaf field, for docs and --dry-run."""
     rows = []

@@ -13,7 +13,6 @@ identical ids, and each manifest records the config, its hash, package versions,
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gradfilter_ray import pipeline
-from gradfilter_ray.config import load, section_hash, to_dict
+from gradfilter_ray.config import config_hash, load, to_dict
 from gradfilter_ray.data.formats import PREVIEW_CHARS, REASONS, ROW_ID_FILE_STRIDE
 from gradfilter_ray.gradients.stage import GRADIENT_SCHEMA
 from gradfilter_ray.models import resolve
@@ -320,7 +319,7 @@ def test_manifest_records_config_hash_versions_seeds_and_input_checksums(two_run
         manifest = RunDir(root).read_manifest()
         cfg = load(TINY, [f"output_dir={root}", *REPRO])
         assert manifest["config"] == json.loads(json.dumps(to_dict(cfg)))
-        assert manifest["config_hash"] == section_hash(dataclasses.replace(cfg, output_dir=""))
+        assert manifest["config_hash"] == config_hash(cfg)
         assert manifest["seed"] == cfg.seed
         assert manifest["config"]["ensemble"]["seed"] == cfg.ensemble.seed
         assert manifest["config"]["scoring"]["random_seed"] == cfg.scoring.random_seed
