@@ -35,9 +35,9 @@ def test_demo_pipeline_through_the_cli(tmp_path):
         "ensemble.members=3",
         "--set",
         "proxy.max_length=160",
-        # fine-tune two subsets for a few steps and evaluate them on a handful of prompts
+        # fine-tune one subset for a few steps and evaluate it on a handful of prompts
         "--set",
-        "target.subsets=[gsnr, random]",
+        "target.subsets=[gsnr]",
         "--set",
         "target.ratios=[0.15]",
         "--set",
@@ -75,14 +75,14 @@ def test_demo_pipeline_through_the_cli(tmp_path):
         assert len(lines) == counts["selected"]
     assert (out_dir / "report" / "index.html").exists()
 
-    for run in ("gsnr_0.15", "random_0.15"):
+    for run in ("gsnr_0.15",):
         assert (out_dir / "finetune" / run / "model" / "model.safetensors").exists()
         assert (out_dir / "finetune" / run / "train_loss.csv").read_text().startswith("step,loss\n1,")
     with (out_dir / "eval" / "compare.csv").open() as fh:
         rows = {r["run"]: r for r in csv.DictReader(fh)}
-    assert set(rows) == {"gsnr_0.15", "random_0.15"} and all(float(r["heldout_loss"]) > 0 for r in rows.values())
+    assert set(rows) == {"gsnr_0.15"} and all(float(r["heldout_loss"]) > 0 for r in rows.values())
     assert "judge skipped: evaluation.judge.base_url is not set" in done.stdout
-    assert manifest["stages"]["evaluate"]["judge"] == "skipped" and manifest["stages"]["finetune"]["runs"] == 2
+    assert manifest["stages"]["evaluate"]["judge"] == "skipped" and manifest["stages"]["finetune"]["runs"] == 1
 
     again = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

@@ -46,10 +46,13 @@ def comparison_rows(runs: dict[str, dict], judge: dict, finetune_dir: Path) -> t
     return columns, rows
 
 
-def _fmt(value) -> str:
+def _fmt(value, digits: int | None = None) -> str:
+    """'' for a missing value; floats at full precision in the CSV, `digits` significant ones in the Markdown."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float) and digits is not None:
+        return f"{value:.{digits}g}"
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def write_comparison(eval_dir: Path, finetune_dir: Path) -> list[dict]:
@@ -61,7 +64,7 @@ def write_comparison(eval_dir: Path, finetune_dir: Path) -> list[dict]:
         writer.writeheader()
         writer.writerows({c: _fmt(r.get(c)) for c in columns} for r in rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r.get(c), digits=4) for c in columns) + " |" for r in rows]
     note = (
         "PWS = (wins - losses) / all + 1 against the run named in `judged_against`, both answer orders per prompt."
         if judge.get("status") == "ran"
