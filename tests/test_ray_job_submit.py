@@ -154,6 +154,19 @@ def test_ray_job_submit_runs_the_demo_pipeline(ray_head, tmp_path):
         "proxy.max_length=128",
         "--set",
         "ray.progress_bars=false",
+        # one small fine-tuning run and a tiny evaluation: the DeepSpeed workers run under the submitted job too
+        "--set",
+        "target.subsets=[gsnr]",
+        "--set",
+        "target.epochs=1",
+        "--set",
+        "evaluation.test_sets=[vicuna]",
+        "--set",
+        "evaluation.max_prompts_per_set=2",
+        "--set",
+        "evaluation.max_new_tokens=8",
+        "--set",
+        "evaluation.heldout_limit=8",
     )
     assert job_status(address, env, "gfr-demo") == "SUCCEEDED", done.stdout[-4000:] + done.stderr[-2000:]
     manifest = json.loads((out_dir / "manifest.json").read_text())
@@ -161,6 +174,8 @@ def test_ray_job_submit_runs_the_demo_pipeline(ray_head, tmp_path):
     assert manifest["stages"]["extract"]["rows"] == manifest["stages"]["ingest"]["rows_kept"]
     assert pq.read_table(out_dir / "scores.parquet").num_rows == manifest["stages"]["extract"]["rows"]
     assert (out_dir / "selected" / "gsnr_0.1.jsonl").exists() and (out_dir / "report" / "index.html").exists()
+    assert (out_dir / "finetune" / "gsnr_0.15" / "model" / "model.safetensors").exists()
+    assert (out_dir / "eval" / "compare.csv").read_text().count("gsnr_0.15") == 1
     assert "outputs in" in done.stdout
 
 
