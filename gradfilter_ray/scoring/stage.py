@@ -169,20 +169,19 @@ class Selections:
         """Bool [len(ids)]: which of these corpus ids the selection holds."""
         scorer, k = self._ks[name]
         if scorer == "full":
-            return ~_members(ids, self._excluded_from_full)
+            return ~_lookup(ids, self._excluded_from_full)[0]
         sorted_ids, ranks = self._nested[scorer]
-        if sorted_ids.shape[0] == 0:
-            return np.zeros(ids.shape[0], dtype=bool)
-        pos = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.shape[0] - 1)
-        return (sorted_ids[pos] == ids) & (ranks[pos] < k)
+        found, pos = _lookup(ids, sorted_ids)
+        return found & (ranks[pos] < k)
 
 
-def _members(ids: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Bool mask of `ids` found in a sorted id array: a binary search per id, no hash table built per batch."""
+def _lookup(ids: np.ndarray, sorted_set: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(found, position) of each id in a sorted id array: a binary search per id, no hash table built per batch.
+    Positions of ids not found are clipped into range (only meaningful where found)."""
     if sorted_set.shape[0] == 0:
-        return np.zeros(ids.shape[0], dtype=bool)
+        return np.zeros(ids.shape[0], dtype=bool), np.zeros(ids.shape[0], dtype=np.int64)
     pos = np.minimum(np.searchsorted(sorted_set, ids), sorted_set.shape[0] - 1)
-    return sorted_set[pos] == ids
+    return sorted_set[pos] == ids, pos
 
 
 def _top_rows(scores_path: Path, scorer: str, k: int) -> tuple[np.ndarray, np.ndarray, int]:
