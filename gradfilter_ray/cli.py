@@ -18,6 +18,7 @@ import yaml
 from gradfilter_ray import pipeline
 from gradfilter_ray.config import Config, ConfigError, config_hash, load, to_dict
 from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.storage import StorageError
 
 PACKAGES = ("gradfilter-ray", "ray", "torch", "transformers", "peft", "pyarrow", "deepspeed", "accelerate", "numpy")
 
@@ -68,12 +69,19 @@ def _dry_run(cfg: Config, stages: list[str]) -> None:
 
 
 def _compare(rundir: RunDir) -> int:
-    from gradfilter_ray.evaluation.compare import write_comparison
+    from gradfilter_ray.evaluation.compare import COMPARISON_FILES, write_comparison
 
+    rundir.pull()
+    pipeline.fetch_driver_inputs("evaluate", rundir)
+    rundir.ensure_local("evaluate")
     if not (rundir.eval / "runs.json").exists():
-        print(f"error: {rundir.eval} has no evaluated runs: run `gradfilter-ray evaluate` first", file=sys.stderr)
+        print(f"error: {rundir.location} has no evaluated runs: run `gradfilter-ray evaluate` first", file=sys.stderr)
         return EXIT_ORDER
     rows = write_comparison(rundir.eval, rundir.finetune)
+    if rundir.store is not None:
+        for name in COMPARISON_FILES:
+            if (rundir.eval / name).exists():
+                rundir.store.upload(rundir.eval / name, f"eval/{name}")
     print(f"compared {len(rows)} runs: {rundir.eval / 'compare.md'}")
     print((rundir.eval / "compare.md").read_text())
     return 0
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "compare":
-        return _compare(RunDir(cfg.output_dir))
+        return _compare(RunDir(cfg.output_dir, cfg.work_dir or None))
     stages = list(pipeline.STAGES) if args.command == "run" else [args.command]
     if args.dry_run:
         _dry_run(cfg, stages)
@@ -121,7 +129,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from gradfilter_ray.runtime import ray_session
 
-    rundir = RunDir(cfg.output_dir)
+    rundir = RunDir(cfg.output_dir, cfg.work_dir or None)
+    try:
+        rundir.pull()
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     rundir.clean_stale_staging()
     _record_run(cfg, rundir, argv)
     with ray_session(cfg.ray):
@@ -131,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         except pipeline.StageOrderError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ORDER
-    print(f"outputs in {rundir.root} (manifest: {rundir.manifest_path})")
+    where = rundir.location if rundir.store is None else f"{rundir.location} (driver's copy: {rundir.root})"
+    print(f"outputs in {where}")
     return 0
 
 

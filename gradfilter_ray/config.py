@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from gradfilter_ray.storage import StorageError, check_uri
+
 
 class ConfigError(ValueError):
     """A configuration problem, always naming the dotted path of the offending field."""
@@ -293,7 +295,16 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class Config:
-    output_dir: str = doc("Run directory; every stage reads and writes here.", "runs/demo")
+    output_dir: str = doc(
+        "Run directory; every stage reads and writes here. A local path (a shared mount on a cluster) or an "
+        "object-store URI (s3://bucket/prefix, gs://bucket/prefix; credentials from the environment).",
+        "runs/demo",
+    )
+    work_dir: str = doc(
+        "Driver's local working copy when output_dir is an object-store URI (default: "
+        "<tmp>/gradfilter-ray/<hash of output_dir>); unused for a local output_dir.",
+        "",
+    )
     seed: int = doc("Global seed recorded in the manifest.", 0)
     data: DataConfig = doc("Input corpus.", default_factory=DataConfig)
     proxy: ProxyConfig = doc("Proxy LM and tokenisation.", default_factory=ProxyConfig)
@@ -308,6 +319,10 @@ class Config:
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise ConfigError("output_dir: must not be empty")
+        try:
+            check_uri(self.output_dir)
+        except StorageError as exc:
+            raise ConfigError(str(exc)) from None
         missing = [r for r in self.target.ratios or [] if r not in self.selection.ratios]
         if missing:
             raise ConfigError(f"target.ratios: {missing} are not among selection.ratios {self.selection.ratios}")
@@ -451,8 +466,8 @@ def section_hash(*sections: Any) -> str:
 
 
 def config_hash(cfg: Config) -> str:
-    """Hash of everything a run computes from: the whole config except `output_dir` (where it is written)."""
-    return section_hash({k: v for k, v in to_dict(cfg).items() if k != "output_dir"})
+    """Hash of everything a run computes from: the whole config except where it is written."""
+    return section_hash({k: v for k, v in to_dict(cfg).items() if k not in ("output_dir", "work_dir")})
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str]]:

@@ -30,6 +30,11 @@ class Stage:
     depends_on: Callable[[Config], tuple]
     resources: Callable[[Config], str]
     entry: str  # "module:function" of the Ray shell
+    # Stages whose outputs the driver itself reads (Ray workers read through RunDir.shared instead); with an
+    # object-store output_dir these are downloaded to the driver's working copy before the stage runs.
+    driver_reads: tuple[str, ...] = ()
+    # Folders of this stage's outputs no driver ever reads (fine-tuned weights: evaluation actors fetch them).
+    driver_skips: tuple[str, ...] = ()
 
     def load(self) -> StageFn:
         module, func = self.entry.split(":")
@@ -79,6 +84,7 @@ STAGES: dict[str, Stage] = {
             lambda c: (c.proxy, c.gradients.precision),
             _extract_resources,
             "gradfilter_ray.gradients.stage:run",
+            driver_reads=("ingest", "ensemble"),
         ),
         Stage(
             "score",
@@ -86,6 +92,7 @@ STAGES: dict[str, Stage] = {
             lambda c: (c.scoring,),
             lambda c: "driver, streaming (IFD losses come from the extraction pass)",
             "gradfilter_ray.scoring.stage:run_score",
+            driver_reads=("extract",),
         ),
         Stage(
             "select",
@@ -93,14 +100,24 @@ STAGES: dict[str, Stage] = {
             lambda c: (c.selection,),
             lambda c: "driver, streaming two-pass top-k",
             "gradfilter_ray.scoring.stage:run_select",
+            driver_reads=("ingest", "score"),
         ),
-        Stage("report", ("score", "select"), lambda c: (), lambda c: "driver", "gradfilter_ray.report:run"),
+        Stage(
+            "report",
+            ("score", "select"),
+            lambda c: (),
+            lambda c: "driver",
+            "gradfilter_ray.report:run",
+            driver_reads=("ingest", "score", "select"),
+        ),
         Stage(
             "finetune",
             ("select",),
             lambda c: (_without_retry_budget(c.target),),
             _finetune_resources,
             "gradfilter_ray.target.stage:run",
+            driver_reads=("select",),
+            driver_skips=("model",),
         ),
         Stage(
             "evaluate",
@@ -111,6 +128,7 @@ STAGES: dict[str, Stage] = {
                 f"{c.evaluation.gpus_per_actor} GPU) per run; judge when configured"
             ),
             "gradfilter_ray.evaluation.stage:run",
+            driver_reads=("finetune",),
         ),
     ]
 }
@@ -137,14 +155,21 @@ def run_stage(name: str, cfg: Config, rundir: RunDir, force: bool = False, log: 
         return rundir.stage_record(name) or {}
     fn = stage.load()
     log(f"[{name}] running ({stage.resources(cfg)})")
+    fetch_driver_inputs(name, rundir)
     timer = StageTimer()
     with rundir.staging(name) as staged:
         outputs, counts = fn(cfg, rundir, staged)
         rundir.commit(staged, outputs)
     record = timer.record(key, outputs=outputs, **counts)
-    rundir.record_stage(name, record)
+    rundir.finish_stage(name, outputs, record)
     log(f"[{name}] done in {record['seconds']:.1f}s: " + ", ".join(f"{k}={v}" for k, v in counts.items() if _short(v)))
     return record
+
+
+def fetch_driver_inputs(name: str, rundir: RunDir) -> None:
+    """With an object-store output_dir: download what the driver reads for stage `name` (no-op when local)."""
+    for up in STAGES[name].driver_reads:
+        rundir.ensure_local(up, skip_dirs=STAGES[up].driver_skips)
 
 
 def _short(value: Any) -> bool:

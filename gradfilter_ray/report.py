@@ -175,7 +175,7 @@ def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
     figures = _plots(out, scores, selected, cfg, scorers)
     body = [
         "<h1>gradfilter-ray selection report</h1>",
-        f"<p>run: {html.escape(str(rundir.root))}</p>",
+        f"<p>run: {html.escape(rundir.location)}</p>",
         "<h2>Row accounting</h2>",
         _accounting(rundir.read_manifest()),
     ]

@@ -4,6 +4,11 @@ A stage writes everything into a private staging folder beside its final place, 
 output into place and only afterwards records the stage as done (with its key) in the manifest. A crash at any
 point leaves either the old outputs or a stage that is not recorded as done, never a partial output taken for a
 finished one.
+
+When `output_dir` is an object-store URI (s3://, gs://), `root` is the driver's local working copy and the object
+store is the run directory of record: `finish_stage` uploads a stage's outputs and only then writes the manifest
+there (one PUT), `pull` starts a driver from the object store's manifest, and `ensure_local` downloads the outputs
+of finished stages that the driver reads. Ray workers reach outputs through `shared`, never through `root`.
 """
 
 from __future__ import annotations
@@ -18,13 +23,55 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from gradfilter_ray.storage import ObjectStore, Shared, default_work_dir, is_remote, local_path
+
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".staging-"
+MIRROR = ".mirror.json"  # which stage record each local copy of an output was downloaded or published under
+SIDE_FILES = (".judge_cache.jsonl",)  # not stage outputs, but worth keeping with the run (paid-for judgements)
+
+
+def _identity(record: dict[str, Any], skip_dirs: tuple[str, ...] = ()) -> str:
+    return f"{record.get('key')}@{record.get('finished')}" + (f"|without:{','.join(skip_dirs)}" if skip_dirs else "")
 
 
 class RunDir:
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
+    def __init__(self, output_dir: str | os.PathLike, work_dir: str | os.PathLike | None = None) -> None:
+        self.location = str(output_dir)
+        self.store = ObjectStore(self.location) if is_remote(self.location) else None
+        if self.store is None:
+            self.root = local_path(self.location)
+        else:
+            self.root = Path(work_dir) if work_dir else default_work_dir(self.location)
+
+    # ----- where every node reaches an output -----
+    def shared(self, rel: str) -> Shared:
+        """`rel` (e.g. "data", "selected/gsnr_0.1.parquet", ".ray_train") as a location any Ray worker opens."""
+        if self.store is not None:
+            return self.store.shared(rel)
+        return Shared(str((self.root / rel).resolve()))
+
+    def remove_shared(self, rel: str) -> None:
+        if self.store is not None:
+            self.store.delete(rel)
+        path = self.root / rel
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+    @contextmanager
+    def worker_output(self, staged: Path, name: str) -> Iterator[Shared]:
+        """Where Ray workers on any node write the output `name`; afterwards it lies in `staged/name` here."""
+        if self.store is None:
+            yield Shared(str((staged / name).resolve()))
+            return
+        scratch = f"{STAGING_PREFIX}{staged.name.removeprefix(STAGING_PREFIX)}"
+        try:
+            yield self.store.shared(f"{scratch}/{name}")
+            if self.store.files(f"{scratch}/{name}"):
+                self.store.download(f"{scratch}/{name}", staged / name)
+            else:  # the workers wrote no rows
+                (staged / name).mkdir(parents=True, exist_ok=True)
+        finally:
+            self.store.delete(scratch)
 
     # ----- output paths (fixed names other tools rely on) -----
     @property
@@ -85,10 +132,16 @@ class RunDir:
             return {}
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
+        text = json.dumps(manifest, indent=2, sort_keys=True, default=str)
+        self._write_local(MANIFEST, text)
+        if self.store is not None:
+            self.store.write_text(MANIFEST, text)
+
+    def _write_local(self, name: str, text: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{MANIFEST}.{uuid.uuid4().hex}"
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, self.manifest_path)
+        tmp = self.root / f".{name}.{uuid.uuid4().hex}"
+        tmp.write_text(text)
+        os.replace(tmp, self.root / name)
 
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
         manifest = self.read_manifest()
@@ -122,6 +175,7 @@ class RunDir:
 
     def commit(self, staged: Path, names: list[str]) -> None:
         """Move each named output from the staging folder into the run directory, replacing older versions."""
+        self._forget(names)
         for name in names:
             src = staged / name
             if not src.exists():
@@ -135,14 +189,80 @@ class RunDir:
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
+    def finish_stage(self, stage: str, outputs: list[str], record: dict[str, Any]) -> None:
+        """Record a committed stage as done; on an object store, upload its outputs first.
+
+        The object store's manifest first loses the stage's old record, then gets the new one after the last
+        upload: a crash in between leaves a stage that is not done (and re-runs), never a half-replaced output
+        recorded as finished.
+        """
+        if self.store is not None:
+            self.record_stage(stage, {"status": "publishing", "key": record.get("key")})
+            for name in outputs:
+                self.store.upload(self.root / name, name)
+            for name in SIDE_FILES:
+                if (self.root / name).exists():
+                    self.store.upload(self.root / name, name)
+            self._remember(outputs, _identity(record))
+        self.record_stage(stage, record)
+
+    # ----- the driver's local copy of an object-store run directory -----
+    def pull(self) -> None:
+        """Start from the object store's manifest (a local copy left by an earlier driver is not trusted)."""
+        if self.store is None:
+            return
+        self.store.ensure_exists()
+        text = self.store.read_text(MANIFEST)
+        self._write_local(MANIFEST, text if text is not None else "{}")
+        for name in SIDE_FILES:
+            if not (self.root / name).exists() and self.store.exists(name):
+                self.store.download(name, self.root / name)
+
+    def ensure_local(self, stage: str, skip_dirs: tuple[str, ...] = ()) -> None:
+        """Make the driver's copy of a finished stage's outputs current (folders named in skip_dirs stay remote)."""
+        if self.store is None:
+            return
+        record = self.stage_record(stage) or {}
+        if record.get("status") != "done":
+            return
+        mirror = self._mirror()
+        for name in record.get("outputs", []):
+            if mirror.get(name) in (_identity(record), _identity(record, skip_dirs)):
+                continue
+            path = self.root / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            self.store.download(name, path, skip_dirs=skip_dirs)
+            self._remember([name], _identity(record, skip_dirs))
+            mirror = self._mirror()
+
+    def _mirror(self) -> dict[str, str]:
+        try:
+            return json.loads((self.root / MIRROR).read_text())
+        except FileNotFoundError:
+            return {}
+
+    def _remember(self, names: list[str], identity: str) -> None:
+        self._write_local(MIRROR, json.dumps({**self._mirror(), **dict.fromkeys(names, identity)}, indent=2))
+
+    def _forget(self, names: list[str]) -> None:
+        if self.store is not None:
+            mirror = self._mirror()
+            self._write_local(MIRROR, json.dumps({k: v for k, v in mirror.items() if k not in names}, indent=2))
+
     def clean_stale_staging(self) -> int:
         """Remove staging folders left by an interrupted run; returns how many were removed."""
+        removed = 0
+        if self.store is not None:
+            for name in self.store.top_level():
+                if name.startswith(STAGING_PREFIX):
+                    self.store.delete(name)
+                    removed += 1
         if not self.root.exists():
-            return 0
+            return removed
         stale = [p for p in self.root.iterdir() if p.name.startswith(STAGING_PREFIX)]
         for path in stale:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        return len(stale)
+        return removed + len(stale)
 
 
 class StageTimer:

@@ -17,6 +17,7 @@ from gradfilter_ray.config import DataConfig
 from gradfilter_ray.data.finalize import split_kept_rejected
 from gradfilter_ray.data.formats import normalize_batch
 from gradfilter_ray.data.sources import SourceFile, list_sources, read_raw, resolve_filesystem
+from gradfilter_ray.storage import Shared
 
 
 def read_source_files(batch: pa.Table, filesystem_uri: str, limit: int | None):
@@ -37,7 +38,19 @@ def checksum(source: SourceFile, filesystem_uri: str) -> dict:
 
 
 def run(cfg: DataConfig, staged: Path) -> dict:
-    """Write `staged/data/` and `staged/rejects.parquet`; return counts and input checksums."""
+    """Write `staged/data/` and `staged/rejects.parquet` (staged reachable from every node); return counts and
+    input checksums. The pipeline's shell calls the two halves itself, to route the Ray workers' writes."""
+    files, inputs = write_normalized(cfg, Shared(str(staged / "normalized")))
+    return finalize(cfg, staged, files, inputs)
+
+
+def finalize(cfg: DataConfig, staged: Path, files: int, inputs: list[dict]) -> dict:
+    counts = split_kept_rejected(staged / "normalized", staged / "data", staged / "rejects.parquet", dedup=cfg.dedup)
+    return {**counts, "files": files, "inputs": inputs}
+
+
+def write_normalized(cfg: DataConfig, normalized: Shared) -> tuple[int, list[dict]]:
+    """Stream the input files through normalisation into Parquet at `normalized`; returns (files, checksums)."""
     import ray.data
 
     files = list_sources(cfg.path, cfg.format)
@@ -50,7 +63,5 @@ def run(cfg: DataConfig, staged: Path) -> dict:
         batch_format="pyarrow",
     )
     ds = ds.map_batches(normalize_batch, fn_kwargs={"max_chars": cfg.max_field_chars}, batch_format="pyarrow")
-    normalized = staged / "normalized"
-    ds.write_parquet(str(normalized))
-    counts = split_kept_rejected(normalized, staged / "data", staged / "rejects.parquet", dedup=cfg.dedup)
-    return {**counts, "files": len(files), "inputs": inputs}
+    ds.write_parquet(normalized.path, filesystem=normalized.filesystem)
+    return len(files), inputs

@@ -13,7 +13,9 @@ from gradfilter_ray.rundir import RunDir
 
 def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
     data_cfg = replace(cfg.data, path=resolve(cfg.data.path))
-    counts = ingest.run(data_cfg, staged)
+    with rundir.worker_output(staged, "normalized") as normalized:
+        files, inputs = ingest.write_normalized(data_cfg, normalized)
+    counts = ingest.finalize(data_cfg, staged, files, inputs)
     inputs = counts.pop("inputs")
     rundir.update_manifest(inputs=inputs)
     return ["data", "rejects.parquet"], counts

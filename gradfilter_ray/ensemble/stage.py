@@ -176,6 +176,7 @@ def _test_hook(cfg: Config, rundir: RunDir) -> dict | None:
     if not folder:
         return None
     crash = os.environ.get(TEST_CRASH_ENV)
+    # Fault tests run on a local run directory; the hook polls Ray Train's snapshot file there.
     snapshot = rundir.ensemble_train_state.resolve() / trainer_name(cfg) / SNAPSHOT_FILE
     return {"dir": folder, "crash_after_epoch": int(crash) if crash else None, "snapshot": str(snapshot)}
 
@@ -185,7 +186,8 @@ def _tokenized_dataset(cfg: Config, rundir: RunDir):
 
     from gradfilter_ray.data.tokenized import TokenizeRows
 
-    ds = ray.data.read_parquet(str(rundir.data.resolve()), ray_remote_args=IO_REMOTE_ARGS)
+    data = rundir.shared("data")
+    ds = ray.data.read_parquet(data.path, filesystem=data.filesystem, ray_remote_args=IO_REMOTE_ARGS)
     ds = ds.map_batches(
         TokenizeRows,
         fn_constructor_kwargs={"proxy": cfg.proxy},
@@ -243,7 +245,7 @@ def build_trainer(cfg: Config, rundir: RunDir, ds, stop_after_epoch: int | None 
     ens = cfg.ensemble
     use_gpu = ens.gpus_per_member > 0
     resources = {"CPU": ens.cpus_per_member, **({"GPU": ens.gpus_per_member} if use_gpu else {})}
-    storage = rundir.ensemble_train_state.resolve()
+    storage = rundir.shared(rundir.ensemble_train_state.name)
     trainer = TorchTrainer(
         train_member_worker,
         train_loop_config={
@@ -258,7 +260,8 @@ def build_trainer(cfg: Config, rundir: RunDir, ds, stop_after_epoch: int | None 
         ),
         run_config=ray.train.RunConfig(
             name=trainer_name(cfg),
-            storage_path=str(storage),
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=ens.max_failures),
         ),
@@ -292,7 +295,7 @@ def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
             )
     summary = _summary(out, ens, counts, adapter_facts(cfg))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    shutil.rmtree(rundir.ensemble_train_state.resolve() / trainer_name(cfg), ignore_errors=True)
+    rundir.remove_shared(f"{rundir.ensemble_train_state.name}/{trainer_name(cfg)}")
     return ["ensemble"], {
         **counts,
         "members": ens.members,

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from gradfilter_ray.config import Config, EvaluationConfig, build
 from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.storage import Shared
 
 GENERATE, HELDOUT = "generate", "heldout"
 JUDGE_CACHE = ".judge_cache.jsonl"
@@ -28,7 +29,9 @@ JUDGE_CACHE = ".judge_cache.jsonl"
 class ModelEvaluator:
     """Ray Data callable class: loads one fine-tuned model once, then answers prompts and scores references."""
 
-    def __init__(self, model_dir: str, evaluation: dict, max_length: int) -> None:
+    def __init__(self, model: Shared, evaluation: dict, max_length: int) -> None:
+        import tempfile
+
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,6 +42,13 @@ class ModelEvaluator:
         torch.set_num_threads(max(1, int(ev.cpus_per_actor)))
         self.device = pick_device(ev.gpus_per_actor)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        model_dir = model.path
+        if model.filesystem is not None:  # an object-store run directory: fetch the folder to this node first
+            import pyarrow.fs as pafs
+
+            self._download = tempfile.TemporaryDirectory(prefix="gfr-eval-model-")
+            model_dir = self._download.name
+            pafs.copy_files(model.path, model_dir, source_filesystem=model.filesystem)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -100,7 +110,7 @@ def evaluation_rows(ev: EvaluationConfig) -> list[dict]:
     return rows
 
 
-def evaluate_model(cfg: Config, model_dir: Path, rows: list[dict]) -> pa.Table:
+def evaluate_model(cfg: Config, model: Shared, rows: list[dict]) -> pa.Table:
     import ray.data
 
     ev = cfg.evaluation
@@ -110,7 +120,7 @@ def evaluate_model(cfg: Config, model_dir: Path, rows: list[dict]) -> pa.Table:
     ds = ds.map_batches(
         ModelEvaluator,
         fn_constructor_kwargs={
-            "model_dir": str(model_dir.resolve()),
+            "model": model,
             "evaluation": asdict(ev),
             "max_length": cfg.target.max_length,
         },
@@ -206,7 +216,7 @@ def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
     rows = evaluation_rows(cfg.evaluation)
     runs = {}
     for run_name, train in summary["runs"].items():
-        table = evaluate_model(cfg, rundir.finetune / run_name / "model", rows)
+        table = evaluate_model(cfg, rundir.shared(f"{rundir.finetune.name}/{run_name}/model"), rows)
         scorer, _, ratio = run_name.rpartition("_")
         info = {
             "scorer": scorer or run_name,

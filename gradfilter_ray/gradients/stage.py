@@ -207,8 +207,12 @@ def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
 
     ens, grads = cfg.ensemble, cfg.gradients
     adapters = read_adapters(rundir, ens.members, ens.early_epoch, ens.late_epoch)
+    data = rundir.shared("data")
     ds = ray.data.read_parquet(
-        str(rundir.data.resolve()), columns=["id", "instruction", "input", "output"], ray_remote_args=IO_REMOTE_ARGS
+        data.path,
+        filesystem=data.filesystem,
+        columns=["id", "instruction", "input", "output"],
+        ray_remote_args=IO_REMOTE_ARGS,
     )
     gpu_args = {"num_gpus": grads.gpus_per_actor} if grads.gpus_per_actor > 0 else {}
     ds = ds.map_batches(
@@ -228,10 +232,11 @@ def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
         max_task_retries=EXTRACT_TASK_RETRIES,
         **gpu_args,
     )
-    out = staged / "gradients"
     started = time.perf_counter()
-    ds.write_parquet(str(out), ray_remote_args=IO_REMOTE_ARGS)
-    seconds = time.perf_counter() - started
+    with rundir.worker_output(staged, "gradients") as target:
+        ds.write_parquet(target.path, filesystem=target.filesystem, ray_remote_args=IO_REMOTE_ARGS)
+        seconds = time.perf_counter() - started
+    out = staged / "gradients"
 
     written = pq.read_table(out, columns=["id", "n_tokens", "n_response_tokens"])
     check_exactly_once(pq.read_table(rundir.data, columns=["id"])["id"].to_numpy(), written["id"].to_numpy())

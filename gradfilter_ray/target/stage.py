@@ -81,7 +81,8 @@ def finetune_worker(config: dict) -> None:
                 return  # finished before a restart: the driver takes the model from this checkpoint
 
     tokenizer = load_tokenizer(target.model)
-    table = pq.read_table(config["subset_path"], columns=["instruction", "input", "output"])
+    subset = config["subset"]  # a RunDir.shared location: this worker may be on any node
+    table = pq.read_table(subset.path, filesystem=subset.filesystem, columns=["instruction", "input", "output"])
     rows = tokenize_subset(tokenizer, table, target.max_length)
     plan = plan_training(len(rows), target, world)
     ds_config = deepspeed_config(target, plan, bf16=dtype == torch.bfloat16)
@@ -164,11 +165,12 @@ def build_trainer(cfg: Config, rundir: RunDir, subset: str, stop_after_steps: in
     t = cfg.target
     use_gpu = t.gpus_per_worker > 0
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if use_gpu else {})}
+    storage = rundir.shared(rundir.finetune_train_state.name)
     return TorchTrainer(
         finetune_worker,
         train_loop_config={
             "target": asdict(t),
-            "subset_path": str((rundir.selected / f"{subset}.parquet").resolve()),
+            "subset": rundir.shared(f"{rundir.selected.name}/{subset}.parquet"),
             "torch_threads": max(1, int(t.cpus_per_worker)),
             "stop_after_steps": stop_after_steps,
         },
@@ -177,7 +179,8 @@ def build_trainer(cfg: Config, rundir: RunDir, subset: str, stop_after_steps: in
         ),
         run_config=ray.train.RunConfig(
             name=trainer_name(cfg, subset),
-            storage_path=str(rundir.finetune_train_state.resolve()),
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         ),
@@ -218,7 +221,7 @@ def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
             if result.error is not None:
                 raise result.error
             _finish_subset(result, done_dir)
-            shutil.rmtree(rundir.finetune_train_state.resolve() / trainer_name(cfg, subset), ignore_errors=True)
+            rundir.remove_shared(f"{rundir.finetune_train_state.name}/{trainer_name(cfg, subset)}")
         runs[subset] = json.loads((done_dir / SUMMARY).read_text())
     out = staged / "finetune"
     out.mkdir(parents=True)
