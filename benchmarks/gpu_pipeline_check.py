@@ -86,6 +86,8 @@ def main() -> int:
         started = time.perf_counter()
         train_member(model, rows, ens, 10 + member, device, tokenizer.pad_token_id, on_epoch_end)
         results[f"member{member}_train"] = {"epoch_mean_loss": epoch_losses, "seconds": time.perf_counter() - started}
+    results["ensemble_rows"] = len(rows)
+    results["ensemble_epochs"] = ens.epochs
     results["loss_falls"] = all(
         results[f"member{m}_train"]["epoch_mean_loss"][2] < results[f"member{m}_train"]["epoch_mean_loss"][1]
         for m in range(ens.members)
@@ -120,17 +122,20 @@ def main() -> int:
                 "max_rel": float(rel.max()),
                 "median_rel": float(np.median(rel)),
             }
-        full, seconds = extract("cuda", "auto", len(table))
-        n_tokens = int(np.sum(full["n_tokens"].to_numpy()))
-        results["extractor_bf16_throughput"] = {
-            "examples": full.num_rows,
-            "adapters": len(adapters),
-            "seconds": seconds,
-            "examples_per_s": full.num_rows / seconds,
-            "norms_per_s": full.num_rows * len(adapters) / seconds,
-            "tokens_per_s": n_tokens / seconds,
-            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20,
-        }
+    # Throughput of the whole table on the device, as the stage runs it (bf16 on CUDA, fp32 on CPU): the input
+    # of benchmarks/sizing.py.
+    full, seconds = extract(device.type, "auto", len(table))
+    n_tokens = int(np.sum(full["n_tokens"].to_numpy()))
+    results["extractor_throughput"] = {
+        "precision": "bfloat16" if device.type == "cuda" else "float32",
+        "examples": full.num_rows,
+        "adapters": len(adapters),
+        "seconds": seconds,
+        "examples_per_s": full.num_rows / seconds,
+        "norms_per_s": full.num_rows * len(adapters) / seconds,
+        "tokens_per_s": n_tokens / seconds,
+        **({"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20} if device.type == "cuda" else {}),
+    }
     results["extractor_cpu_fp32_seconds"] = ref_seconds
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

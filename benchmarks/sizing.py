@@ -1,0 +1,107 @@
+"""The sizing table: accelerator-hours and devices for a corpus, from throughput measured by gpu_pipeline_check.py.
+
+    python3 benchmarks/gpu_pipeline_check.py --out benchmarks/results          # on the GPU you will use
+    python3 benchmarks/sizing.py --check benchmarks/results/gpu_pipeline_check.json [--hours 4]
+
+Writes benchmarks/results/sizing.{md,json}. Only measured numbers go in: the ensemble member loop's examples/s
+and the extraction actor's examples/s on the checked device. The one scaling assumption, printed with the
+table: extraction cost is linear in the number of adapters (2M: every adapter needs its own forward and
+backward, since LoRA changes the activations), so a measurement with A adapters scales by 2M / A. Target
+fine-tuning (LLaMA-2 7B/13B) is not in the check, so the table leaves it out rather than guess it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Measured:
+    device: str
+    member_examples_per_s: float  # one ensemble member training alone on the device (rows x epochs / seconds)
+    extract_examples_per_s: float  # extraction actor, every measured adapter per example
+    extract_adapters: int
+
+    @classmethod
+    def from_check(cls, check: dict) -> Measured:
+        members = [v for k, v in check.items() if k.startswith("member") and k.endswith("_train")]
+        if not members or "extractor_throughput" not in check:
+            raise ValueError("the check holds no ensemble or extraction throughput: re-run gpu_pipeline_check.py")
+        seconds = sum(m["seconds"] for m in members) / len(members)
+        throughput = check["extractor_throughput"]
+        return cls(
+            device=check.get("gpu") or check.get("device", "?"),
+            member_examples_per_s=check["ensemble_rows"] * check["ensemble_epochs"] / seconds,
+            extract_examples_per_s=throughput["examples_per_s"],
+            extract_adapters=throughput["adapters"],
+        )
+
+
+@dataclass(frozen=True)
+class Size:
+    examples: int
+    ensemble_device_hours: float
+    extract_device_hours: float
+    devices_for_deadline: int  # devices so that ensemble + extraction end within `hours`
+
+    @property
+    def total_device_hours(self) -> float:
+        return self.ensemble_device_hours + self.extract_device_hours
+
+
+def size_for(measured: Measured, examples: int, members: int, epochs: int, hours: float) -> Size:
+    ensemble_s = members * epochs * examples / measured.member_examples_per_s
+    extract_s = examples / measured.extract_examples_per_s * (2 * members / measured.extract_adapters)
+    total_h = (ensemble_s + extract_s) / 3600
+    return Size(examples, ensemble_s / 3600, extract_s / 3600, max(1, math.ceil(total_h / hours)))
+
+
+def markdown(measured: Measured, sizes: list[Size], members: int, epochs: int, hours: float) -> str:
+    lines = [
+        f"Measured on {measured.device}: ensemble member {measured.member_examples_per_s:.1f} examples/s, "
+        f"extraction {measured.extract_examples_per_s:.1f} examples/s with {measured.extract_adapters} adapters.",
+        f"M = {members} members, {epochs} epochs, extraction over 2M = {2 * members} adapters (cost linear in "
+        "adapters); target fine-tuning not included.",
+        "",
+        f"| examples | ensemble device-h | extraction device-h | total device-h | devices to finish in {hours:g} h |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for s in sizes:
+        lines.append(
+            f"| {s.examples:,} | {s.ensemble_device_hours:.2f} | {s.extract_device_hours:.2f} | "
+            f"{s.total_device_hours:.2f} | {s.devices_for_deadline} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", default=str(RESULTS / "gpu_pipeline_check.json"))
+    ap.add_argument("--examples", type=int, nargs="+", default=[52_002, 1_000_000])
+    ap.add_argument("--members", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--hours", type=float, default=4.0, help="wall-clock target for ensemble + extraction")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+
+    measured = Measured.from_check(json.loads(Path(args.check).read_text()))
+    sizes = [size_for(measured, n, args.members, args.epochs, args.hours) for n in args.examples]
+    table = markdown(measured, sizes, args.members, args.epochs, args.hours)
+    print(table, end="")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sizing.md").write_text(table)
+    (out / "sizing.json").write_text(
+        json.dumps({"measured": asdict(measured), "sizes": [asdict(s) for s in sizes], "args": vars(args)}, indent=2)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
