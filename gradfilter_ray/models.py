@@ -56,28 +56,31 @@ def resolve_dtype(precision: Precision, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[precision]
 
 
-def load_causal_lm(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A causal LM in eval mode with its weights frozen (callers add adapters or unfreeze as they need)."""
+def instantiate(spec: ModelSpec, dtype: torch.dtype = torch.float32):
+    """The model a spec names, built in `dtype` on CPU (or partitioned, when a DeepSpeed ZeRO-3 config is alive).
+
+    A model built from a config takes its initial weights from `spec.init_seed` alone; the caller's global RNG is
+    left as it was, so building a model never shifts the data order or dropout of what runs next."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec.build_from_config is not None:
         params = dict(spec.build_from_config)
-        model_type = params.pop("model_type")
-        config = AutoConfig.for_model(model_type, **params)
+        config = AutoConfig.for_model(params.pop("model_type"), **params)
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(spec.init_seed)
         try:
-            model = AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
         finally:
             torch.random.set_rng_state(generator_state)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve(spec.name_or_path or ""),
-            trust_remote_code=spec.trust_remote_code,
-            revision=spec.revision,
-            dtype=torch.float32,
-        )
-    model = model.to(device=device, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        resolve(spec.name_or_path or ""), trust_remote_code=spec.trust_remote_code, revision=spec.revision, dtype=dtype
+    )
+
+
+def load_causal_lm(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A causal LM in eval mode with its weights frozen (callers add adapters or unfreeze as they need)."""
+    # Built in float32 and cast after: the same initial weights whatever precision a stage computes in.
+    model = instantiate(spec, torch.float32).to(device=device, dtype=dtype)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gradfilter_ray.config import ModelSpec
-from gradfilter_ray.models import load_causal_lm, load_tokenizer, model_family, resolve, resolve_dtype
+from gradfilter_ray.models import instantiate, load_causal_lm, load_tokenizer, model_family, resolve, resolve_dtype
 
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256}
 
@@ -38,3 +38,15 @@ def test_dtype_and_bundled_names():
     with pytest.raises(ValueError, match="unknown bundled asset"):
         resolve("bundled:gpt5")
     assert resolve("gpt2") == "gpt2"
+
+
+def test_building_a_model_leaves_the_callers_random_stream_alone():
+    spec = ModelSpec(build_from_config=TINY_GPT2, tokenizer="bundled:gpt2", init_seed=3)
+    torch.manual_seed(11)
+    expected = torch.rand(4)
+    torch.manual_seed(11)
+    trainable = instantiate(spec)  # as the fine-tuning stage builds it: trainable, nothing frozen
+    assert torch.equal(torch.rand(4), expected)
+    assert all(p.requires_grad for p in trainable.parameters())
+    frozen = load_causal_lm(spec)
+    assert all(torch.equal(x, y) for x, y in zip(trainable.state_dict().values(), frozen.state_dict().values()))

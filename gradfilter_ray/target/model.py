@@ -6,22 +6,9 @@ from pathlib import Path
 
 import torch
 
-from gradfilter_ray.config import ModelSpec, TargetConfig
+from gradfilter_ray.config import TargetConfig
 from gradfilter_ray.ensemble.lora import DEFAULT_TARGETS
-from gradfilter_ray.models import model_family, resolve
-
-
-def _from_spec(spec: ModelSpec, dtype: torch.dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if spec.build_from_config is not None:
-        params = dict(spec.build_from_config)
-        config = AutoConfig.for_model(params.pop("model_type"), **params)
-        torch.manual_seed(spec.init_seed)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(
-        resolve(spec.name_or_path or ""), dtype=dtype, trust_remote_code=spec.trust_remote_code, revision=spec.revision
-    )
+from gradfilter_ray.models import instantiate, model_family
 
 
 def _lora_config(target: TargetConfig, model_type: str):
@@ -47,7 +34,7 @@ def build_trainable(target: TargetConfig, dtype: torch.dtype, ds_config: dict):
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)
-    model = _from_spec(target.model, dtype)
+    model = instantiate(target.model, dtype)
     del keep_alive
     if target.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -68,7 +55,7 @@ def save_merged(target: TargetConfig, state_dict: dict[str, torch.Tensor], dtype
     """Write a `save_pretrained` folder (safetensors) that AutoModelForCausalLM.from_pretrained loads, from the
     consolidated trained state dict: a fresh CPU copy of the model takes the weights (LoRA merged in), so this
     works the same whether ZeRO partitioned the training copy or not."""
-    model = _from_spec(target.model, dtype)
+    model = instantiate(target.model, dtype)
     if target.method == "lora":
         from peft import get_peft_model
 
