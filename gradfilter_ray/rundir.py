@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ class RunDir:
             self.root = local_path(self.location)
         else:
             self.root = Path(work_dir) if work_dir else default_work_dir(self.location)
+        self._on_finish: list[Callable[[], None]] = []
 
     # ----- where every node reaches an output -----
     def shared(self, rel: str) -> Shared:
@@ -205,6 +206,13 @@ class RunDir:
                     self.store.upload(self.root / name, name)
             self._remember(outputs, _identity(record))
         self.record_stage(stage, record)
+        callbacks, self._on_finish = self._on_finish, []
+        for callback in callbacks:
+            callback()
+
+    def on_finish(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once the running stage is recorded as done (e.g. drop what a re-run would need before)."""
+        self._on_finish.append(callback)
 
     # ----- the driver's local copy of an object-store run directory -----
     def pull(self) -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import uuid
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,25 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "gfr-test-key")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "gfr-test-secret")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+# What the end-to-end tests (CLI, `ray job submit`) override on the demo config: one small fine-tuning run and a
+# tiny evaluation, so every stage runs for real in a couple of minutes.
+TINY_TARGET_AND_EVALUATION = (
+    "ray.progress_bars=false",
+    "target.subsets=[gsnr]",
+    "target.ratios=[0.15]",
+    "target.epochs=1",
+    "evaluation.test_sets=[vicuna]",
+    "evaluation.max_prompts_per_set=2",
+    "evaluation.max_new_tokens=8",
+    "evaluation.heldout_limit=8",
+)
+
+
+def set_args(*overrides: str) -> list[str]:
+    """CLI arguments for config overrides: ["--set", o1, "--set", o2, ...]."""
+    return [arg for override in overrides for arg in ("--set", override)]
 
 
 class S3Server:
@@ -50,6 +73,96 @@ class S3Server:
 
     def stop(self) -> None:
         self._server.stop()
+
+
+def reply(content: str) -> tuple:
+    """A ChatServer action: answer 200 with this assistant message."""
+    return ("ok", content)
+
+
+def status(code: int, body: str = "", headers: dict | None = None) -> tuple:
+    """A ChatServer action: answer with this status, raw body and headers."""
+    return ("status", code, body, headers or {})
+
+
+HANG = ("hang",)  # a ChatServer action: never answer (until close)
+
+
+class ChatServer:
+    """A local OpenAI-compatible chat-completions endpoint: `respond(request_body)` picks each answer (`reply`,
+    `status` or HANG); every request received is kept in `requests`."""
+
+    def __init__(self, respond: Callable[[dict], tuple]) -> None:
+        self.requests: list[dict] = []
+        self.release = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                action = respond(body)
+                if action[0] == "hang":
+                    server.release.wait(10)  # longer than a client's timeout; released by close()
+                    return
+                if action[0] == "ok":
+                    code, headers = 200, {}
+                    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": action[1]}}]})
+                else:
+                    _, code, payload, headers = action
+                data = payload.encode()
+                self.send_response(code)
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.handle_error = lambda *args: None  # a client hanging up on a slow reply is expected
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        # a short poll keeps shutdown() from costing the default 0.5 s
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def processes_of(ray_tmp: str) -> list:
+    """Live processes whose environment has RAY_TMPDIR=ray_tmp: a CLI a test started and every Ray process it
+    spawned (they inherit the driver's environment), and nothing else on the machine."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("RAY_TMPDIR") == ray_tmp:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def stop_processes_of(ray_tmp: str, wait_s: float = 20) -> tuple[list, list]:
+    """Give the processes of that Ray wait_s to exit by themselves, then SIGKILL the rest by pid (never a broad
+    kill: the machine is shared). Returns (processes that exited by themselves, processes that were killed)."""
+    import psutil
+
+    procs = processes_of(ray_tmp)
+    gone, alive = psutil.wait_procs(procs, timeout=wait_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    return gone, alive
 
 
 @pytest.fixture(scope="session")

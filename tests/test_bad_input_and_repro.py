@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import stop_processes_of
 
 from gradfilter_ray import pipeline
 from gradfilter_ray.config import config_hash, load, to_dict
@@ -264,26 +265,6 @@ def two_runs(tmp_path_factory):
         for ray_tmp in temps:
             stop_processes_of(ray_tmp)
             shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def stop_processes_of(ray_tmp: str) -> None:
-    """Whatever is still running with RAY_TMPDIR=ray_tmp (only processes this test started): give it 20 s to exit,
-    then SIGKILL it by pid."""
-    import psutil
-
-    procs = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("RAY_TMPDIR") == ray_tmp:
-                procs.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    _, alive = psutil.wait_procs(procs, timeout=20)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def test_same_config_and_seed_select_identical_ids_in_two_separate_runs(two_runs):

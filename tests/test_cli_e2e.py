@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import TINY_TARGET_AND_EVALUATION, set_args
 
 from gradfilter_ray import pipeline
 from gradfilter_ray.rundir import RunDir
@@ -31,33 +32,14 @@ def test_demo_pipeline_through_the_cli_on_an_object_store(tmp_path, s3_server):
         "run",
         "--config",
         "jobs/configs/demo.yaml",
-        "--set",
-        f"output_dir={uri}",
-        "--set",
-        f"work_dir={tmp_path / 'driver1'}",
-        "--set",
-        "data.limit=40",
-        "--set",
-        "ray.progress_bars=false",
-        "--set",
-        "ensemble.members=3",
-        "--set",
-        "proxy.max_length=160",
-        # fine-tune one subset for a few steps and evaluate it on a handful of prompts
-        "--set",
-        "target.subsets=[gsnr]",
-        "--set",
-        "target.ratios=[0.15]",
-        "--set",
-        "target.epochs=1",
-        "--set",
-        "evaluation.test_sets=[vicuna]",
-        "--set",
-        "evaluation.max_prompts_per_set=2",
-        "--set",
-        "evaluation.max_new_tokens=8",
-        "--set",
-        "evaluation.heldout_limit=8",
+        *set_args(
+            f"output_dir={uri}",
+            f"work_dir={tmp_path / 'driver1'}",
+            "data.limit=40",
+            "ensemble.members=3",
+            "proxy.max_length=160",
+            *TINY_TARGET_AND_EVALUATION,
+        ),
     ]
     seen = len(s3_server.requests)
     done = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)

@@ -1,12 +1,11 @@
 """JudgeClient against a real local HTTP server that plays scripted OpenAI-style replies and failures."""
 
-import json
 import logging
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import HANG, ChatServer, status
+from conftest import reply as ok
 
 from gradfilter_ray.evaluation.judge import (
     JudgeClient,
@@ -19,60 +18,12 @@ from gradfilter_ray.evaluation.judge import (
 KEY = "sk-TEST-leak-canary-7f3a9c21e5"
 
 
-def ok(content):
-    return ("ok", content)
-
-
-def status(code, body="", headers=None):
-    return ("status", code, body, headers or {})
-
-
-HANG = ("hang",)
-
-
-class ScriptedServer:
+class ScriptedServer(ChatServer):
     """Answers each POST with the next scripted action and records what it received."""
 
     def __init__(self):
-        self.script, self.requests = [], []
-        self.release = threading.Event()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                action = server.script.pop(0) if server.script else status(418, "script exhausted")
-                if action[0] == "hang":
-                    server.release.wait(10)  # longer than the client's timeout; released at teardown
-                    return
-                if action[0] == "ok":
-                    code, headers = 200, {}
-                    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": action[1]}}]})
-                else:
-                    _, code, payload, headers = action
-                data = payload.encode()
-                self.send_response(code)
-                for name, value in {"Content-Type": "application/json", **headers}.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.handle_error = lambda *args: None  # the client hanging up on a slow reply is expected
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        # a short poll keeps shutdown() at teardown from costing the default 0.5 s per test
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.script: list[tuple] = []
+        super().__init__(lambda body: self.script.pop(0) if self.script else status(418, "script exhausted"))
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import processes_of, stop_processes_of
 
 from gradfilter_ray import pipeline
 from gradfilter_ray.config import load
@@ -85,19 +86,6 @@ def cli_env(ray_tmp: str, **hooks: str) -> dict:
 # ----- processes -----
 
 
-def processes_of(ray_tmp: str) -> list[psutil.Process]:
-    """Live processes whose environment has RAY_TMPDIR=ray_tmp: the CLI this test started and every Ray process it
-    spawned (they inherit the driver's environment), and nothing else on the machine."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("RAY_TMPDIR") == ray_tmp:
-                found.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
 def describe(proc: psutil.Process) -> str:
     try:
         return (" ".join(proc.cmdline()) or proc.name())[:60]
@@ -108,16 +96,9 @@ def describe(proc: psutil.Process) -> str:
 def reap(ray_tmp: str, wait_s: float) -> tuple[list[str], list[str]]:
     """Give the processes of that Ray wait_s to exit by themselves, then SIGKILL the rest by pid.
     Returns (what exited by itself, what we had to kill)."""
-    procs = processes_of(ray_tmp)
-    names = {p.pid: describe(p) for p in procs}
-    gone, alive = psutil.wait_procs(procs, timeout=wait_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-    return sorted(names[p.pid] for p in gone), sorted(names[p.pid] for p in alive)
+    names = {p.pid: describe(p) for p in processes_of(ray_tmp)}
+    gone, alive = stop_processes_of(ray_tmp, wait_s)
+    return sorted(names.get(p.pid, str(p.pid)) for p in gone), sorted(names.get(p.pid, str(p.pid)) for p in alive)
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Path):

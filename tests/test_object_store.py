@@ -137,3 +137,35 @@ def test_a_missing_bucket_is_a_clear_error_before_any_work(s3_server, tmp_path):
     driver = RunDir(uri, tmp_path / "d")
     with pytest.raises(StorageError, match="cannot create or reach it"):
         driver.pull()
+
+
+def test_a_finished_fine_tuning_subset_survives_a_new_driver_and_goes_once_published(s3_server, tmp_path):
+    from gradfilter_ray.target.stage import HELD_MARKER, SUMMARY, fetch_held, hold
+
+    uri = s3_server.uri()
+    first = RunDir(uri, tmp_path / "d1")
+    first.pull()
+    done_dir = first.finetune_done / "key1" / "gsnr_0.1"
+    (done_dir / "model").mkdir(parents=True)
+    (done_dir / "model" / "model.safetensors").write_bytes(b"weights")
+    (done_dir / SUMMARY).write_text('{"total_steps": 3}')
+    hold(first, done_dir)
+
+    second = RunDir(uri, tmp_path / "d2")  # the first driver died before the stage was published
+    second.pull()
+    again = second.finetune_done / "key1" / "gsnr_0.1"
+    assert fetch_held(second, again)
+    assert (again / "model" / "model.safetensors").read_bytes() == b"weights"
+    assert (again / SUMMARY).exists() and not (again / HELD_MARKER).exists()
+
+    # An upload cut short (no marker) is not taken for a finished subset.
+    second.store.delete(f".finetune_done/key1/gsnr_0.1/{HELD_MARKER}")
+    assert not fetch_held(
+        RunDir(uri, tmp_path / "d3"), RunDir(uri, tmp_path / "d3").finetune_done / "key1" / "gsnr_0.1"
+    )
+
+    # The holding area goes only after the stage's record is written.
+    second.on_finish(lambda: second.remove_shared(".finetune_done"))
+    assert second.store.exists(".finetune_done")
+    _stage_with(second, "finetune", {"finetune/summary.json": b"{}"})
+    assert not second.store.exists(".finetune_done") and second.stage_done("finetune", "k1")

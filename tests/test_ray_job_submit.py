@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import TINY_TARGET_AND_EVALUATION, set_args
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -144,29 +145,13 @@ def test_ray_job_submit_runs_the_demo_pipeline(ray_head, tmp_path):
         "gfr-demo",
         "--config",
         "jobs/configs/demo.yaml",
-        "--set",
-        f"output_dir={out_dir}",
-        "--set",
-        "data.limit=24",
-        "--set",
-        "ensemble.members=2",
-        "--set",
-        "proxy.max_length=128",
-        "--set",
-        "ray.progress_bars=false",
-        # one small fine-tuning run and a tiny evaluation: the DeepSpeed workers run under the submitted job too
-        "--set",
-        "target.subsets=[gsnr]",
-        "--set",
-        "target.epochs=1",
-        "--set",
-        "evaluation.test_sets=[vicuna]",
-        "--set",
-        "evaluation.max_prompts_per_set=2",
-        "--set",
-        "evaluation.max_new_tokens=8",
-        "--set",
-        "evaluation.heldout_limit=8",
+        *set_args(
+            f"output_dir={out_dir}",
+            "data.limit=24",
+            "ensemble.members=2",
+            "proxy.max_length=128",
+            *TINY_TARGET_AND_EVALUATION,  # the DeepSpeed workers and the evaluation run under the submitted job too
+        ),
     )
     assert job_status(address, env, "gfr-demo") == "SUCCEEDED", done.stdout[-4000:] + done.stderr[-2000:]
     manifest = json.loads((out_dir / "manifest.json").read_text())

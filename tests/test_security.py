@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import stop_processes_of
 
 from gradfilter_ray import pipeline
 from gradfilter_ray.config import ModelSpec, load
@@ -220,26 +221,6 @@ SECRETS = {
     "WANDB_API_KEY": "gfrcanarywandb0123456789abcdef",
 }
 SECRET_OVERRIDES = ["ray.progress_bars=false", "target.subsets=[]", "selection.ratios=[0.2]"]
-
-
-def stop_processes_of(ray_tmp: str) -> None:
-    """Whatever still runs with RAY_TMPDIR=ray_tmp (only processes this test started): 20 s to exit, then SIGKILL
-    by pid."""
-    import psutil
-
-    procs = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("RAY_TMPDIR") == ray_tmp:
-                procs.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    _, alive = psutil.wait_procs(procs, timeout=20)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def seeded_rundir(root: Path, cfg) -> RunDir:

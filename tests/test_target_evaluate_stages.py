@@ -7,14 +7,13 @@ from __future__ import annotations
 import csv
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import ChatServer, reply
 
 from gradfilter_ray.config import load
 from gradfilter_ray.evaluation import pws
@@ -66,44 +65,27 @@ def read_losses(path: Path) -> list[float]:
         return [float(r["loss"]) for r in csv.DictReader(fh)]
 
 
-class LongerAnswerJudge:
+class LongerAnswerJudge(ChatServer):
     """An OpenAI-compatible endpoint that rates the longer answer 8 and the other 4 (equal: 5 5), and replies
     with no scores for one scripted question, so the expected outcomes can be computed independently."""
 
     def __init__(self, garbled_question: str) -> None:
-        self.calls = 0
-        judge = self
+        def respond(body: dict) -> tuple:
+            prompt = body["messages"][-1]["content"]
+            one = re.search(r"Assistant 1's Answer\]\n(.*?)\n\n\[The End of Assistant 1", prompt, re.S).group(1)
+            two = re.search(r"Assistant 2's Answer\]\n(.*?)\n\n\[The End of Assistant 2", prompt, re.S).group(1)
+            if garbled_question in prompt:
+                return reply("I cannot decide.")
+            if len(one) == len(two):
+                return reply("5 5\nequal")
+            return reply("8 4\nfirst longer" if len(one) > len(two) else "4 8\nsecond longer")
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                judge.calls += 1
-                prompt = body["messages"][-1]["content"]
-                one = re.search(r"Assistant 1's Answer\]\n(.*?)\n\n\[The End of Assistant 1", prompt, re.S).group(1)
-                two = re.search(r"Assistant 2's Answer\]\n(.*?)\n\n\[The End of Assistant 2", prompt, re.S).group(1)
-                if garbled_question in prompt:
-                    content = "I cannot decide."
-                elif len(one) == len(two):
-                    content = "5 5\nequal"
-                else:
-                    content = "8 4\nfirst longer" if len(one) > len(two) else "4 8\nsecond longer"
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        super().__init__(respond)
+        self.url += "/v1"
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    @property
+    def calls(self) -> int:
+        return len(self.requests)
 
 
 @pytest.fixture(scope="module")

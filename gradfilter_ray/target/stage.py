@@ -6,7 +6,8 @@ tokenizer and train with `loop.train_steps`. A resumable DeepSpeed checkpoint go
 every ``checkpoint_every_steps`` steps and at each epoch's end; a re-run of fit() with the same name resumes from
 the latest one, and a failed worker group is restarted from it (FailureConfig). The last report carries the
 consolidated model (``model/``, safetensors) and ``train_loss.csv``. A finished subset is kept under
-``output_dir/.finetune_done/`` until the stage commits, so a crash loses at most the subset in flight.
+``output_dir/.finetune_done/`` until the stage commits, so a crash loses at most the subset in flight (with an
+object-store output_dir the holding area is uploaded too, and removed only once the stage is published).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ STATE_FILE = "trainer_state.json"
 LOSS_CSV = "train_loss.csv"
 MODEL_DIR = "model"
 SUMMARY = "train_summary.json"
+HELD_MARKER = ".held-complete"  # written after the last file of a subset uploaded to an object store
 
 
 def subset_names(cfg: Config) -> list[str]:
@@ -200,6 +202,29 @@ def _finish_subset(result, done_dir: Path) -> dict:
     return json.loads((done_dir / SUMMARY).read_text())
 
 
+def hold(rundir: RunDir, done_dir: Path) -> None:
+    """On an object store, keep a finished subset there as well, so that a new driver does not train it again.
+    Uploads are not atomic: a marker written after the last file says the copy is whole."""
+    if rundir.store is None:
+        return
+    rel = done_dir.relative_to(rundir.root).as_posix()
+    rundir.store.upload(done_dir, rel)
+    rundir.store.write_text(f"{rel}/{HELD_MARKER}", "complete\n")
+
+
+def fetch_held(rundir: RunDir, done_dir: Path) -> bool:
+    """Bring a subset that an earlier driver finished (and held in the object store) into the local holding area."""
+    if rundir.store is None or (done_dir / SUMMARY).exists():
+        return False
+    rel = done_dir.relative_to(rundir.root).as_posix()
+    if not rundir.store.exists(f"{rel}/{HELD_MARKER}"):
+        return False
+    shutil.rmtree(done_dir, ignore_errors=True)
+    rundir.store.download(rel, done_dir)
+    (done_dir / HELD_MARKER).unlink()
+    return True
+
+
 def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
     import pyarrow.parquet as pq
 
@@ -216,11 +241,12 @@ def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
             skipped[subset] = "empty selection"
             continue
         done_dir = holding / subset
-        if not (done_dir / SUMMARY).exists():
+        if not (done_dir / SUMMARY).exists() and not fetch_held(rundir, done_dir):
             result = build_trainer(cfg, rundir, subset).fit()
             if result.error is not None:
                 raise result.error
             _finish_subset(result, done_dir)
+            hold(rundir, done_dir)
             rundir.remove_shared(f"{rundir.finetune_train_state.name}/{trainer_name(cfg, subset)}")
         runs[subset] = json.loads((done_dir / SUMMARY).read_text())
     out = staged / "finetune"
@@ -228,6 +254,7 @@ def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
     for subset in runs:
         os.replace(holding / subset, out / subset)  # a rename: commit follows at once
     shutil.rmtree(rundir.finetune_done, ignore_errors=True)
+    rundir.on_finish(lambda: rundir.remove_shared(rundir.finetune_done.name))  # the store's copy: once published
     (out / "summary.json").write_text(json.dumps({"runs": runs, "skipped": skipped}, indent=2))
     return ["finetune"], {
         "runs": len(runs),
