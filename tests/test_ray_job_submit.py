@@ -98,7 +98,7 @@ def ray_head():
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=10)  # `ray start --block` rarely exits on SIGTERM alone: don't wait long for it
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         for pid in processes_mentioning(temp_dir):  # daemons that left the group: ours by their temp dir
