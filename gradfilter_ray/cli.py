@@ -69,19 +69,25 @@ def _dry_run(cfg: Config, stages: list[str]) -> None:
 
 
 def _compare(rundir: RunDir) -> int:
-    from gradfilter_ray.evaluation.compare import COMPARISON_FILES, write_comparison
+    """Rebuild eval/compare.* and the plots from what the run directory holds (whatever config produced it)."""
+    from gradfilter_ray.evaluation.compare import write_comparison
 
-    rundir.pull()
-    pipeline.fetch_driver_inputs("evaluate", rundir)
-    rundir.ensure_local("evaluate")
+    try:
+        rundir.pull()
+        if rundir.store is not None:
+            for stage, skip in (("finetune", ("model",)), ("evaluate", ())):
+                rundir.ensure_local(stage, skip_dirs=skip)
+    except (StorageError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ORDER if isinstance(exc, RuntimeError) else EXIT_CONFIG
     if not (rundir.eval / "runs.json").exists():
         print(f"error: {rundir.location} has no evaluated runs: run `gradfilter-ray evaluate` first", file=sys.stderr)
         return EXIT_ORDER
     rows = write_comparison(rundir.eval, rundir.finetune)
     if rundir.store is not None:
-        for name in COMPARISON_FILES:
-            if (rundir.eval / name).exists():
-                rundir.store.upload(rundir.eval / name, f"eval/{name}")
+        # Published like a stage, so other drivers' copies of eval/ are known to be stale.
+        record = rundir.stage_record("evaluate") or {}
+        rundir.finish_stage("evaluate", record["outputs"], record)
     print(f"compared {len(rows)} runs: {rundir.eval / 'compare.md'}")
     print((rundir.eval / "compare.md").read_text())
     return 0

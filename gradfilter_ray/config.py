@@ -302,7 +302,7 @@ class Config:
     )
     work_dir: str = doc(
         "Driver's local working copy when output_dir is an object-store URI (default: "
-        "<tmp>/gradfilter-ray/<hash of output_dir>); unused for a local output_dir.",
+        "$XDG_CACHE_HOME or ~/.cache, then gradfilter-ray/runs/<hash of output_dir>); unused for a local output_dir.",
         "",
     )
     seed: int = doc("Global seed recorded in the manifest.", 0)

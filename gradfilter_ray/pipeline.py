@@ -144,7 +144,7 @@ def run_stage(name: str, cfg: Config, rundir: RunDir, force: bool = False, log: 
     """Run one stage unless it is already done with the same key; returns its manifest record."""
     stage = STAGES[name]
     key = stage_key(name, cfg)
-    for up in stage.upstream:
+    for up in dict.fromkeys((*stage.upstream, *stage.driver_reads)):
         if not rundir.stage_done(up, stage_key(up, cfg)):
             raise StageOrderError(
                 f"stage '{name}' needs the output of '{up}' for this config in {rundir.root}: run "
@@ -167,7 +167,8 @@ def run_stage(name: str, cfg: Config, rundir: RunDir, force: bool = False, log: 
 
 
 def fetch_driver_inputs(name: str, rundir: RunDir) -> None:
-    """With an object-store output_dir: download what the driver reads for stage `name` (no-op when local)."""
+    """With an object-store output_dir: download what the driver reads for stage `name` (no-op when local).
+    run_stage has checked that each of those stages is done with this config's key."""
     for up in STAGES[name].driver_reads:
         rundir.ensure_local(up, skip_dirs=STAGES[up].driver_skips)
 

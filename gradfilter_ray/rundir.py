@@ -32,7 +32,8 @@ SIDE_FILES = (".judge_cache.jsonl",)  # not stage outputs, but worth keeping wit
 
 
 def _identity(record: dict[str, Any], skip_dirs: tuple[str, ...] = ()) -> str:
-    return f"{record.get('key')}@{record.get('finished')}" + (f"|without:{','.join(skip_dirs)}" if skip_dirs else "")
+    identity = f"{record.get('key')}@{record.get('finished')}#{record.get('publication', '')}"
+    return identity + (f"|without:{','.join(skip_dirs)}" if skip_dirs else "")
 
 
 class RunDir:
@@ -198,6 +199,8 @@ class RunDir:
         recorded as finished.
         """
         if self.store is not None:
+            # Every publication is told apart, even of the same record twice (`compare` republishes eval/).
+            record = {**record, "publication": uuid.uuid4().hex[:12]}
             self.record_stage(stage, {"status": "publishing", "key": record.get("key")})
             for name in outputs:
                 self.store.upload(self.root / name, name)
@@ -223,8 +226,18 @@ class RunDir:
         text = self.store.read_text(MANIFEST)
         self._write_local(MANIFEST, text if text is not None else "{}")
         for name in SIDE_FILES:
-            if not (self.root / name).exists() and self.store.exists(name):
-                self.store.download(name, self.root / name)
+            self._merge_side_file(name)
+
+    def _merge_side_file(self, name: str) -> None:
+        """Union of the store's and the local lines (a cache of paid-for judgements: never lose either side's)."""
+        if not self.store.exists(name):
+            return
+        remote = (self.store.read_text(name) or "").splitlines()
+        local_path_ = self.root / name
+        local = local_path_.read_text().splitlines() if local_path_.exists() else []
+        seen = set(remote)
+        merged = remote + [line for line in local if line not in seen]
+        self._write_local(name, "".join(line + "\n" for line in merged))
 
     def ensure_local(self, stage: str, skip_dirs: tuple[str, ...] = ()) -> None:
         """Make the driver's copy of a finished stage's outputs current (folders named in skip_dirs stay remote)."""
@@ -232,10 +245,15 @@ class RunDir:
             return
         record = self.stage_record(stage) or {}
         if record.get("status") != "done":
-            return
+            raise RuntimeError(f"stage '{stage}' is not done in {self.location}: nothing to read from it")
         mirror = self._mirror()
         for name in record.get("outputs", []):
-            if mirror.get(name) in (_identity(record), _identity(record, skip_dirs)):
+            kept = mirror.get(name, {})
+            # Trusted only when it was fetched under this very record and no file has gone missing or changed size
+            # since (a temp-dir cleaner, a hand edit): otherwise fetched again.
+            if kept.get("id") in (_identity(record), _identity(record, skip_dirs)) and kept.get(
+                "files"
+            ) == self._listing(name):
                 continue
             path = self.root / name
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
@@ -243,14 +261,23 @@ class RunDir:
             self._remember([name], _identity(record, skip_dirs))
             mirror = self._mirror()
 
-    def _mirror(self) -> dict[str, str]:
+    def _listing(self, name: str) -> dict[str, int] | None:
+        path = self.root / name
+        if path.is_file():
+            return {"": path.stat().st_size}
+        if not path.is_dir():
+            return None
+        return {p.relative_to(path).as_posix(): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+
+    def _mirror(self) -> dict[str, dict]:
         try:
             return json.loads((self.root / MIRROR).read_text())
         except FileNotFoundError:
             return {}
 
     def _remember(self, names: list[str], identity: str) -> None:
-        self._write_local(MIRROR, json.dumps({**self._mirror(), **dict.fromkeys(names, identity)}, indent=2))
+        entries = {name: {"id": identity, "files": self._listing(name)} for name in names}
+        self._write_local(MIRROR, json.dumps({**self._mirror(), **entries}, indent=2))
 
     def _forget(self, names: list[str]) -> None:
         if self.store is not None:

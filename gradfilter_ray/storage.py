@@ -9,10 +9,11 @@ in one PUT after every output of a stage is uploaded, is the only record that a 
 from __future__ import annotations
 
 import hashlib
-import tempfile
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 # Credentials belong in the environment (or the node's role), never in a URI that manifests and logs repeat.
 SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token", "sas_token", "account_key", "access_token")
@@ -29,11 +30,14 @@ def is_remote(output_dir: str) -> bool:
 
 
 def local_path(output_dir: str) -> Path:
-    return Path(urlsplit(output_dir).path) if output_dir.startswith("file://") else Path(output_dir)
+    return Path(unquote(urlsplit(output_dir).path)) if output_dir.startswith("file://") else Path(output_dir)
 
 
 def check_uri(output_dir: str) -> None:
-    """Reject URIs that carry credentials (they would be written to the manifest and printed in logs)."""
+    """Reject URIs that carry credentials (they would be written to the manifest and printed in logs), and
+    mistyped ones that would otherwise quietly become a local folder (`s3:/bucket`)."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/?(?!/)", output_dir):
+        raise StorageError(f"output_dir: {output_dir!r} looks like a mistyped URI (scheme://bucket/prefix)")
     if not is_remote(output_dir):
         return
     parts = urlsplit(output_dir)
@@ -50,8 +54,9 @@ def check_uri(output_dir: str) -> None:
 
 
 def default_work_dir(output_dir: str) -> Path:
-    digest = hashlib.sha256(output_dir.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "gradfilter-ray" / digest
+    """Under the user's cache, not the temp dir: temp cleaners remove old files one by one."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "gradfilter-ray" / "runs" / hashlib.sha256(output_dir.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -127,10 +132,12 @@ class ObjectStore:
         return sorted(i.path[len(prefix) :] for i in found if i.type == pafs.FileType.File)
 
     def upload(self, local: Path, rel: str) -> None:
-        """Replace `rel` with the local file or folder (old objects are deleted first: no stale leftovers)."""
+        """Replace `rel` with the local file or folder. A folder's old objects are deleted first (no stale
+        leftovers); a file is replaced by its one PUT, so readers see the old object or the new one."""
         import pyarrow.fs as pafs
 
-        self.delete(rel)
+        if local.is_dir() or self.fs.get_file_info(self.path(rel)).type == pafs.FileType.Directory:
+            self.delete(rel)
         if local.is_dir():
             self.fs.create_dir(self.path(rel))
             for file in sorted(p for p in local.rglob("*") if p.is_file()):

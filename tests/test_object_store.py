@@ -33,7 +33,10 @@ def test_uris_with_credentials_are_refused_and_local_forms_stay_local():
         load(None, ["output_dir=s3://key:secret@bucket/run"])
     assert load(None, ["output_dir=s3://bucket/run?region=eu-west-1"]).output_dir.startswith("s3://")
     assert not is_remote("runs/demo") and not is_remote("file:///tmp/x") and is_remote("gs://b/p")
-    assert str(local_path("file:///tmp/x")) == "/tmp/x"
+    assert str(local_path("file:///tmp/x")) == "/tmp/x" and str(local_path("file:///tmp/a%20b")) == "/tmp/a b"
+    for typo in ("s3:/bucket/run", "gs:bucket/run"):
+        with pytest.raises(StorageError, match="mistyped"):
+            check_uri(typo)
     assert (
         RunDir("file:///tmp/gfr-local").store is None and str(RunDir("file:///tmp/gfr-local").root) == "/tmp/gfr-local"
     )
@@ -56,6 +59,11 @@ def test_a_published_stage_is_seen_by_a_fresh_driver_and_downloaded_only_when_st
     assert not (second.root / "finetune/a/model").exists()  # weights stay in the store
     second.ensure_local("finetune")  # a reader that needs the weights gets them
     assert (second.root / "finetune/a/model/w.bin").read_bytes() == b"weights"
+
+    # A copy that lost a file since it was fetched (a temp cleaner, a hand edit) is fetched again.
+    (second.root / "finetune/a/loss.csv").unlink()
+    second.ensure_local("finetune")
+    assert (second.root / "finetune/a/loss.csv").read_bytes() == b"1,2\n"
 
     # Current copies are not fetched again: removing the remote object does not break a second call.
     store.delete("finetune/a/loss.csv")
@@ -169,3 +177,32 @@ def test_a_finished_fine_tuning_subset_survives_a_new_driver_and_goes_once_publi
     assert second.store.exists(".finetune_done")
     _stage_with(second, "finetune", {"finetune/summary.json": b"{}"})
     assert not second.store.exists(".finetune_done") and second.stage_done("finetune", "k1")
+
+
+def test_the_judge_cache_of_two_drivers_is_merged_not_overwritten(s3_server, tmp_path):
+    uri = s3_server.uri()
+    first = RunDir(uri, tmp_path / "d1")
+    first.pull()
+    (first.root / ".judge_cache.jsonl").write_text('{"k": "a"}\n{"k": "b"}\n')
+    _stage_with(first, "evaluate", {"eval/runs.json": b"{}"})
+    second = RunDir(uri, tmp_path / "d2")
+    (second.root).mkdir(parents=True)
+    (second.root / ".judge_cache.jsonl").write_text('{"k": "b"}\n{"k": "c"}\n')  # an older, different copy
+    second.pull()
+    assert (second.root / ".judge_cache.jsonl").read_text().splitlines() == ['{"k": "a"}', '{"k": "b"}', '{"k": "c"}']
+    _stage_with(second, "evaluate", {"eval/runs.json": b"{}"}, key="k2")
+    assert ObjectStore(uri).read_text(".judge_cache.jsonl").count("\n") == 3
+
+
+def test_a_stage_refuses_to_read_a_stage_that_is_not_done_for_this_config(tmp_path, s3_server):
+    from gradfilter_ray import pipeline
+
+    cfg = load(None, [f"output_dir={tmp_path / 'run'}"])
+    rundir = RunDir(cfg.output_dir)
+    rundir.record_stage("score", {"status": "done", "key": pipeline.stage_key("score", cfg)})
+    # select reads ingest's rows itself (not only score's): an ingest left half-published must stop it.
+    rundir.record_stage("ingest", {"status": "publishing", "key": pipeline.stage_key("ingest", cfg)})
+    with pytest.raises(pipeline.StageOrderError, match="'ingest'"):
+        pipeline.run_stage("select", cfg, rundir, log=lambda _: None)
+    with pytest.raises(RuntimeError, match="not done"):
+        RunDir(s3_server.uri(), tmp_path / "d").ensure_local("ingest")

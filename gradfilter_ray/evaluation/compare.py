@@ -55,9 +55,6 @@ def _fmt(value, digits: int | None = None) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-COMPARISON_FILES = ("compare.csv", "compare.md", "train_loss.png", "heldout_loss.png")
-
-
 def write_comparison(eval_dir: Path, finetune_dir: Path) -> list[dict]:
     runs = json.loads((eval_dir / "runs.json").read_text())
     judge = json.loads((eval_dir / "judge.json").read_text())

@@ -219,9 +219,11 @@ def fetch_held(rundir: RunDir, done_dir: Path) -> bool:
     rel = done_dir.relative_to(rundir.root).as_posix()
     if not rundir.store.exists(f"{rel}/{HELD_MARKER}"):
         return False
+    tmp = done_dir.with_name(f".{done_dir.name}.{uuid.uuid4().hex}")
+    rundir.store.download(rel, tmp)
+    (tmp / HELD_MARKER).unlink()
     shutil.rmtree(done_dir, ignore_errors=True)
-    rundir.store.download(rel, done_dir)
-    (done_dir / HELD_MARKER).unlink()
+    os.replace(tmp, done_dir)  # whole or absent: a download cut short is never taken for a finished subset
     return True
 
 
