@@ -72,14 +72,12 @@ def _compare(rundir: RunDir) -> int:
     """Rebuild eval/compare.* and the plots from what the run directory holds (whatever config produced it)."""
     from gradfilter_ray.evaluation.compare import write_comparison
 
-    try:
-        rundir.pull()
-        if rundir.store is not None:
-            for stage, skip in (("finetune", ("model",)), ("evaluate", ())):
-                rundir.ensure_local(stage, skip_dirs=skip)
-    except (StorageError, RuntimeError) as exc:
+    try:  # no-ops for a local run directory
+        pipeline.fetch_driver_inputs("evaluate", rundir)
+        rundir.ensure_local("evaluate")
+    except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ORDER if isinstance(exc, RuntimeError) else EXIT_CONFIG
+        return EXIT_ORDER
     if not (rundir.eval / "runs.json").exists():
         print(f"error: {rundir.location} has no evaluated runs: run `gradfilter-ray evaluate` first", file=sys.stderr)
         return EXIT_ORDER
@@ -126,14 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.command == "compare":
-        return _compare(RunDir(cfg.output_dir, cfg.work_dir or None))
     stages = list(pipeline.STAGES) if args.command == "run" else [args.command]
-    if args.dry_run:
+    if args.dry_run and args.command != "compare":
         _dry_run(cfg, stages)
         return 0
-
-    from gradfilter_ray.runtime import ray_session
 
     rundir = RunDir(cfg.output_dir, cfg.work_dir or None)
     try:
@@ -141,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "compare":
+        return _compare(rundir)
+
+    from gradfilter_ray.runtime import ray_session
+
     rundir.clean_stale_staging()
     _record_run(cfg, rundir, argv)
     with ray_session(cfg.ray):

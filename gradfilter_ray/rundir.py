@@ -68,9 +68,9 @@ class RunDir:
         scratch = f"{STAGING_PREFIX}{staged.name.removeprefix(STAGING_PREFIX)}"
         try:
             yield self.store.shared(f"{scratch}/{name}")
-            if self.store.files(f"{scratch}/{name}"):
+            try:
                 self.store.download(f"{scratch}/{name}", staged / name)
-            else:  # the workers wrote no rows
+            except FileNotFoundError:  # the workers wrote no rows
                 (staged / name).mkdir(parents=True, exist_ok=True)
         finally:
             self.store.delete(scratch)
@@ -230,9 +230,10 @@ class RunDir:
 
     def _merge_side_file(self, name: str) -> None:
         """Union of the store's and the local lines (a cache of paid-for judgements: never lose either side's)."""
-        if not self.store.exists(name):
+        remote_text = self.store.read_text(name)
+        if remote_text is None:
             return
-        remote = (self.store.read_text(name) or "").splitlines()
+        remote = remote_text.splitlines()
         local_path_ = self.root / name
         local = local_path_.read_text().splitlines() if local_path_.exists() else []
         seen = set(remote)
@@ -246,20 +247,19 @@ class RunDir:
         record = self.stage_record(stage) or {}
         if record.get("status") != "done":
             raise RuntimeError(f"stage '{stage}' is not done in {self.location}: nothing to read from it")
+        # A full copy serves a reader that skips folders; a copy without them does not serve one that needs them.
+        accepted = (_identity(record), _identity(record, skip_dirs))
         mirror = self._mirror()
         for name in record.get("outputs", []):
             kept = mirror.get(name, {})
             # Trusted only when it was fetched under this very record and no file has gone missing or changed size
-            # since (a temp-dir cleaner, a hand edit): otherwise fetched again.
-            if kept.get("id") in (_identity(record), _identity(record, skip_dirs)) and kept.get(
-                "files"
-            ) == self._listing(name):
+            # since (a cache cleaner, a hand edit): otherwise fetched again.
+            if kept.get("id") in accepted and kept.get("files") == self._listing(name):
                 continue
             path = self.root / name
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             self.store.download(name, path, skip_dirs=skip_dirs)
             self._remember([name], _identity(record, skip_dirs))
-            mirror = self._mirror()
 
     def _listing(self, name: str) -> dict[str, int] | None:
         path = self.root / name

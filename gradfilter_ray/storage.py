@@ -138,14 +138,7 @@ class ObjectStore:
 
         if local.is_dir() or self.fs.get_file_info(self.path(rel)).type == pafs.FileType.Directory:
             self.delete(rel)
-        if local.is_dir():
-            self.fs.create_dir(self.path(rel))
-            for file in sorted(p for p in local.rglob("*") if p.is_file()):
-                pafs.copy_files(
-                    str(file), self.path(f"{rel}/{file.relative_to(local).as_posix()}"), destination_filesystem=self.fs
-                )
-        else:
-            pafs.copy_files(str(local), self.path(rel), destination_filesystem=self.fs)
+        pafs.copy_files(str(local), self.path(rel), destination_filesystem=self.fs)  # a folder: recursively
 
     def download(self, rel: str, local: Path, skip_dirs: tuple[str, ...] = ()) -> None:
         """Copy `rel` (a file or a folder) to `local`, leaving out folders named in `skip_dirs`."""
