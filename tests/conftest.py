@@ -48,6 +48,58 @@ def set_args(*overrides: str) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
 
 
+def write_canonical_data(folder: Path, ids, source_rows=None) -> None:
+    """`data/` as ingest writes it, one Parquet file of synthetic canonical rows with these ids."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(ids)
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(
+        pa.table(
+            {
+                "id": ids,
+                "instruction": [f"instr {i}" for i in ids],
+                "input": [""] * n,
+                "output": [f"out {i}" for i in ids],
+                "extra": ["{}"] * n,
+                "source_format": ["alpaca"] * n,
+                "source_file": ["f.jsonl"] * n,
+                "source_row": ids if source_rows is None else np.asarray(source_rows),
+            }
+        ),
+        folder / "part-00000.parquet",
+    )
+
+
+def synthetic_gradients(ids, members: int, rng):
+    """A gradients table as extraction writes it: random but plausible norms (late below early) and losses."""
+    import pyarrow as pa
+
+    from gradfilter_ray.gradients.stage import GRADIENT_SCHEMA
+
+    n, m = len(ids), members
+    early = rng.uniform(1, 4, (n, m))
+
+    def lists(a):
+        return pa.array(list(a), pa.list_(pa.float64()))
+
+    return pa.table(
+        {
+            "id": ids,
+            "sq_norm_early": lists(early),
+            "sq_norm_late": lists(early * rng.uniform(0.2, 0.9, (n, m))),
+            "loss_early": lists(rng.uniform(1, 3, (n, m))),
+            "loss_late": lists(rng.uniform(0.5, 2, (n, m))),
+            "n_response_tokens": rng.integers(1, 30, n),
+            "n_tokens": rng.integers(31, 60, n),
+            "ifd_loss_cond": rng.uniform(1, 2, n),
+            "ifd_loss_uncond": rng.uniform(2, 3, n),
+        }
+    ).cast(GRADIENT_SCHEMA)
+
+
 class S3Server:
     """A real S3 HTTP server (moto) on loopback, in this process; every request line is kept in `requests`."""
 

@@ -23,15 +23,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import stop_processes_of
+from conftest import stop_processes_of, synthetic_gradients
 
 from gradfilter_ray import pipeline
 from gradfilter_ray.config import config_hash, load, to_dict
 from gradfilter_ray.data.formats import PREVIEW_CHARS, REASONS, ROW_ID_FILE_STRIDE
-from gradfilter_ray.gradients.stage import GRADIENT_SCHEMA
 from gradfilter_ray.models import resolve
 from gradfilter_ray.rundir import RunDir
 
@@ -128,27 +126,8 @@ def strict_json(line: str):
 def fake_model_stages(cfg, rundir: RunDir) -> None:
     """Gradient norms for every kept row, standing in for ensemble + extract (recorded done for this config)."""
     ids = np.sort(pq.read_table(rundir.data, columns=["id"])["id"].to_numpy())
-    rng = np.random.default_rng(0)
-    n, m = len(ids), cfg.ensemble.members
-    early = rng.uniform(1, 4, (n, m))
-
-    def lists(a):
-        return pa.array(list(a), pa.list_(pa.float64()))
-
     rundir.gradients.mkdir()
-    table = pa.table(
-        {
-            "id": ids,
-            "sq_norm_early": lists(early),
-            "sq_norm_late": lists(early * rng.uniform(0.2, 0.9, (n, m))),
-            "loss_early": lists(rng.uniform(1, 3, (n, m))),
-            "loss_late": lists(rng.uniform(0.5, 2, (n, m))),
-            "n_response_tokens": rng.integers(1, 30, n),
-            "n_tokens": rng.integers(31, 60, n),
-            "ifd_loss_cond": rng.uniform(1, 2, n),
-            "ifd_loss_uncond": rng.uniform(2, 3, n),
-        }
-    ).cast(GRADIENT_SCHEMA)
+    table = synthetic_gradients(ids, cfg.ensemble.members, np.random.default_rng(0))
     pq.write_table(table, rundir.gradients / "part-0.parquet")
     for stage in ("ensemble", "extract"):
         rundir.record_stage(stage, {"status": "done", "key": pipeline.stage_key(stage, cfg)})

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import processes_of, stop_processes_of
+from conftest import processes_of, stop_processes_of, write_canonical_data
 
 from gradfilter_ray import pipeline
 from gradfilter_ray.config import load
@@ -84,6 +84,14 @@ def cli_env(ray_tmp: str, **hooks: str) -> dict:
 
 
 # ----- processes -----
+
+
+def start_cli(out: Path, env: dict, log: Path) -> subprocess.Popen:
+    """The CLI run in its own session (so the test can kill its whole process group), output to `log`."""
+    with log.open("w") as fh:
+        return subprocess.Popen(
+            cli_args(out), cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def describe(proc: psutil.Process) -> str:
@@ -152,10 +160,7 @@ def faulted(tmp_path_factory):
                 gradients_stage.TEST_HOOK_ENV: str(hooks["extract_hook_1"]),
             },
         )
-        with log1.open("w") as fh:
-            first = subprocess.Popen(
-                cli_args(out), cwd=REPO, env=env1, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        first = start_cli(out, env1, log1)
         try:
             actor = wait_for(
                 lambda: actor_in_second_batch(hooks["extract_hook_1"]), 600, "run 1's actor in batch 2", first, log1
@@ -177,10 +182,7 @@ def faulted(tmp_path_factory):
 
         # Run 2: the same command; its extraction actor is SIGKILLed by the test in the middle of its second batch.
         env2 = cli_env(ray_tmp2, **{gradients_stage.TEST_HOOK_ENV: str(hooks["extract_hook_2"])})
-        with log2.open("w") as fh:
-            second = subprocess.Popen(
-                cli_args(out), cwd=REPO, env=env2, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        second = start_cli(out, env2, log2)
         try:
             victim = wait_for(
                 lambda: actor_in_second_batch(hooks["extract_hook_2"]), 300, "run 2's actor in batch 2", second, log2
@@ -399,24 +401,9 @@ def synthetic_rundir(root: Path, cfg, bad: dict[int, dict] | None = None) -> tup
     for `cfg`; `bad` maps a row index to column overrides (the injected faults)."""
     rng = np.random.default_rng(1)
     rundir = RunDir(root)
-    rundir.data.mkdir(parents=True)
     rundir.gradients.mkdir(parents=True)
     ids = np.arange(N_SYNTH, dtype=np.int64) * 3 + 5
-    pq.write_table(
-        pa.table(
-            {
-                "id": ids,
-                "instruction": [f"instr {i}" for i in ids],
-                "input": [""] * N_SYNTH,
-                "output": [f"out {i}" for i in ids],
-                "extra": ["{}"] * N_SYNTH,
-                "source_format": ["alpaca"] * N_SYNTH,
-                "source_file": ["f.jsonl"] * N_SYNTH,
-                "source_row": np.arange(N_SYNTH),
-            }
-        ),
-        rundir.data / "part-00000.parquet",
-    )
+    write_canonical_data(rundir.data, ids, source_rows=np.arange(N_SYNTH))
     early = rng.uniform(1.0, 4.0, (N_SYNTH, M_SYNTH))
     rows = {
         "sq_norm_early": early,

@@ -19,14 +19,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import stop_processes_of
+from conftest import stop_processes_of, synthetic_gradients, write_canonical_data
 
 from gradfilter_ray import pipeline
 from gradfilter_ray.config import ModelSpec, load
-from gradfilter_ray.gradients.stage import GRADIENT_SCHEMA
 from gradfilter_ray.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,42 +226,10 @@ def seeded_rundir(root: Path, cfg) -> RunDir:
     rng = np.random.default_rng(0)
     n, m = 40, cfg.ensemble.members
     rundir = RunDir(root)
-    rundir.data.mkdir(parents=True)
-    rundir.gradients.mkdir()
     ids = np.arange(n, dtype=np.int64)
-    pq.write_table(
-        pa.table(
-            {
-                "id": ids,
-                "instruction": [f"instr {i}" for i in ids],
-                "input": [""] * n,
-                "output": [f"out {i}" for i in ids],
-                "extra": ["{}"] * n,
-                "source_format": ["alpaca"] * n,
-                "source_file": ["f.jsonl"] * n,
-                "source_row": ids,
-            }
-        ),
-        rundir.data / "part-00000.parquet",
-    )
-    early = rng.uniform(1, 4, (n, m))
-
-    def lists(a):
-        return pa.array(list(a), pa.list_(pa.float64()))
-
-    table = pa.table(
-        {
-            "id": ids,
-            "sq_norm_early": lists(early),
-            "sq_norm_late": lists(early * rng.uniform(0.2, 0.9, (n, m))),
-            "loss_early": lists(rng.uniform(1, 3, (n, m))),
-            "loss_late": lists(rng.uniform(0.5, 2, (n, m))),
-            "n_response_tokens": rng.integers(1, 30, n),
-            "n_tokens": rng.integers(31, 60, n),
-            "ifd_loss_cond": rng.uniform(1, 2, n),
-            "ifd_loss_uncond": rng.uniform(2, 3, n),
-        }
-    ).cast(GRADIENT_SCHEMA)
+    write_canonical_data(rundir.data, ids)
+    rundir.gradients.mkdir()
+    table = synthetic_gradients(ids, m, rng)
     pq.write_table(table, rundir.gradients / "part-0.parquet")
     counts = {"rows_in": n, "rows_kept": n, "rows_rejected": 0, "rejects_by_reason": {}}
     for stage in ("ingest", "ensemble", "extract"):
