@@ -296,12 +296,12 @@ def write_run_dir(root: Path, spec: ModelSpec, rows: list[dict], rows_per_file: 
     from gradfilter_ray.ensemble.lora import save_adapter
     from gradfilter_ray.rundir import RunDir
 
-    rundir = RunDir(root)
+    rundir = RunDir(str(root))
     for m in range(MEMBERS):
         for e in (EARLY, LATE):
-            save_adapter(random_lora(spec, seed=100 * m + e), rundir.member_epoch(m, e))
-    write_rows(rundir.data, rows, rows_per_file)
-    assert set(pq.read_schema(next(rundir.data.glob("*.parquet"))).names) == set(CANONICAL_COLUMNS)
+            save_adapter(random_lora(spec, seed=100 * m + e), Path(rundir.member_epoch(m, e)))
+    write_rows(Path(rundir.data), rows, rows_per_file)
+    assert set(pq.read_schema(next(Path(rundir.data).glob("*.parquet"))).names) == set(CANONICAL_COLUMNS)
 
 
 def write_rows(folder: Path, rows: list[dict], rows_per_file: int) -> None:
@@ -496,9 +496,9 @@ def multi_adapter_overhead(spec: ModelSpec, root: Path, rows: list[dict], batch_
     from gradfilter_ray.models import load_causal_lm, load_tokenizer
     from gradfilter_ray.rundir import RunDir
 
-    rundir = RunDir(root)
+    rundir = RunDir(str(root))
     folders = {
-        adapter_name(m, c): rundir.member_epoch(m, e)
+        adapter_name(m, c): Path(rundir.member_epoch(m, e))
         for m in range(MEMBERS)
         for c, e in (("early", EARLY), ("late", LATE))
     }
@@ -562,12 +562,12 @@ def multi_adapter_overhead(spec: ModelSpec, root: Path, rows: list[dict], batch_
 
 def bare_extract(cfg: Config, root: Path, out_file: Path, limit: int | None = None) -> None:
     """What the stage computes, in-process: the same reads, the same NormExtractor, the same row windows."""
-    from gradfilter_ray.gradients.stage import NormExtractor, read_adapters
+    from gradfilter_ray.gradients.stage import NormExtractor, adapter_locations
     from gradfilter_ray.rundir import RunDir
 
-    rundir = RunDir(root)
+    rundir = RunDir(str(root))
     ens, grads = cfg.ensemble, cfg.gradients
-    adapters = read_adapters(rundir, ens.members, ens.early_epoch, ens.late_epoch)
+    adapters = adapter_locations(rundir.ensemble, ens.members, ens.early_epoch, ens.late_epoch)
     extractor = NormExtractor(dataclasses.asdict(cfg.proxy), dataclasses.asdict(grads), ens.members, adapters)
     table = pq.read_table(rundir.data, columns=["id", "instruction", "input", "output"])
     if limit is not None:
@@ -647,22 +647,26 @@ def timed_extractor_class(log_path: str) -> type:
 def timed_ray_stage(cfg: Config, root: Path, log_path: Path) -> tuple[float, TreeCPU, pa.Table, dict, dict | None]:
     """One run of the real stage. Its actor class is swapped for the timing subclass for the duration of the call,
     to split the run into start-up (until the first batch enters the actor), time in the UDF, and the rest."""
+    from gradfilter_ray import pipeline
     from gradfilter_ray.gradients import stage
     from gradfilter_ray.rundir import RunDir
 
-    rundir = RunDir(root)
+    rundir = RunDir(str(root))
+    key = pipeline.stage_key("extract", cfg)
     log_path.write_text("")
     original = getattr(stage, "NormExtractor", None)
     try:
         if original is not None:
             stage.NormExtractor = timed_extractor_class(str(log_path))
-        with rundir.staging("gradients") as staged, TreeCPU() as tc:
+        # as the pipeline runs it: the previous run's gradients/ removed first, then written in place
+        rundir.begin_stage("extract", key, pipeline.STAGES["extract"].writes)
+        with TreeCPU() as tc:
             began = time.time()
             w0 = time.perf_counter()
-            _, counts = stage.run(cfg, rundir, staged)
+            counts = stage.run(cfg, rundir, key)
             wall = time.perf_counter() - w0
             ended = time.time()
-            table = pq.read_table(staged / "gradients")
+        table = pq.read_table(rundir.gradients)
     finally:
         if original is not None:
             stage.NormExtractor = original
@@ -768,14 +772,14 @@ def vm_kib(field: str) -> int:
 
 def scaling_child(spec_file: str) -> None:
     """Stream a Parquet file through one NormExtractor (all 2M adapters) into a ParquetWriter; print one JSON line."""
-    from gradfilter_ray.gradients.stage import NormExtractor, read_adapters
+    from gradfilter_ray.gradients.stage import NormExtractor, adapter_locations
     from gradfilter_ray.rundir import RunDir
 
     job = json.loads(Path(spec_file).read_text())
     spec = small_spec(Path(job["tokenizer"]), job["vocab"])
     cfg = make_config(Path(job["root"]), spec, job["batch_size"], job["bucket_rows"])
     ens, grads = cfg.ensemble, cfg.gradients
-    adapters = read_adapters(RunDir(job["root"]), ens.members, ens.early_epoch, ens.late_epoch)
+    adapters = adapter_locations(RunDir(job["root"]).ensemble, ens.members, ens.early_epoch, ens.late_epoch)
     extractor = NormExtractor(dataclasses.asdict(cfg.proxy), dataclasses.asdict(grads), ens.members, adapters)
     source = pq.ParquetFile(job["data"])
     columns = ["id", "instruction", "input", "output"]

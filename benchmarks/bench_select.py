@@ -1,8 +1,10 @@
-"""Score + select at scale on synthetic norm columns: wall time and the driver's peak RSS at 100k and 1M rows.
+"""Score + select at scale on synthetic norm columns: wall time and peak RSS at 100k and 1M rows.
 
 Each size runs in a fresh subprocess (peak RSS is per process), on a synthetic run directory whose gradients and
-corpus are written in chunks. Flat memory means the 1M run's peak RSS stays close to the 100k run's, since both
-stages stream record batches. Results: benchmarks/results/bench_select.json.
+corpus are written in chunks. The subprocess runs the two stages' passes (`score_gradients`, `select_and_write`):
+in the job each runs as one Ray task, so this measures that task's work without Ray around it. Flat memory means
+the 1M run's peak RSS stays close to the 100k run's, since both passes stream record batches.
+Results: benchmarks/results/bench_select.json.
 Usage: python benchmarks/bench_select.py [--sizes 100000 1000000] [--quick]
 """
 
@@ -90,16 +92,19 @@ def child(root: str) -> None:
     sys.path.insert(0, str(REPO))
     from gradfilter_ray.config import load
     from gradfilter_ray.rundir import RunDir
-    from gradfilter_ray.scoring.stage import run_score, run_select
+    from gradfilter_ray.scoring.stage import score_gradients, select_and_write
 
-    rundir = RunDir(root)
+    run = RunDir(root)
     cfg = load(None, [f"output_dir={root}"])
+    scorers, s = list(cfg.scoring.scorers), cfg.scoring
+    passes = {  # what run_score / run_select run as one Ray task each
+        "score": lambda: score_gradients(run.gradients, run.scores, scorers, s.eps, s.random_seed),
+        "select": lambda: select_and_write(run.scores, run.data, run.selected, scorers, list(cfg.selection.ratios)),
+    }
     timings = {}
-    for name, fn in (("score", run_score), ("select", run_select)):
+    for name, fn in passes.items():
         started, cpu = time.perf_counter(), time.process_time()
-        with rundir.staging(name) as staged:
-            outputs, counts = fn(cfg, rundir, staged)
-            rundir.commit(staged, outputs)
+        counts = fn()
         timings[name] = {
             "wall_s": time.perf_counter() - started,
             "cpu_s": time.process_time() - cpu,

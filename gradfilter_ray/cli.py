@@ -17,12 +17,14 @@ import yaml
 
 from gradfilter_ray import pipeline
 from gradfilter_ray.config import Config, ConfigError, config_hash, load, to_dict
+from gradfilter_ray.driver_claim import DriverClaim, OutputDirInUse
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.storage import StorageError
 
 PACKAGES = ("gradfilter-ray", "ray", "torch", "transformers", "peft", "pyarrow", "deepspeed", "accelerate", "numpy")
 
 EXIT_CONFIG = 2
+EXIT_IN_USE = 3
 EXIT_ORDER = 4
 
 
@@ -46,9 +48,9 @@ def _git_sha() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _record_run(cfg: Config, rundir: RunDir, argv: list[str]) -> None:
+def _record_run(cfg: Config, run: RunDir, argv: list[str]) -> None:
     resolved = to_dict(cfg)
-    rundir.update_manifest(
+    run.update_manifest(
         config=resolved,
         config_hash=config_hash(cfg),
         seed=cfg.seed,
@@ -63,31 +65,27 @@ def _dry_run(cfg: Config, stages: list[str]) -> None:
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     print(f"# config hash {config_hash(cfg)}")
     print("# stages")
-    for name in stages:
-        stage = pipeline.STAGES[name]
-        print(f"- {name}: {stage.resources(cfg)} key={pipeline.stage_key(name, cfg)}")
+    print("\n".join(pipeline.plan(cfg, stages)))
 
 
-def _compare(rundir: RunDir) -> int:
+def _compare(run: RunDir) -> int:
     """Rebuild eval/compare.* and the plots from what the run directory holds (whatever config produced it)."""
+    import tempfile
+
     from gradfilter_ray.evaluation.compare import write_comparison
 
-    try:  # no-ops for a local run directory
-        pipeline.fetch_driver_inputs("evaluate", rundir)
-        rundir.ensure_local("evaluate")
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if not (run.eval / "runs.json").exists():
+        print(f"error: {run.location} has no evaluated runs: run `gradfilter-ray evaluate` first", file=sys.stderr)
         return EXIT_ORDER
-    if not (rundir.eval / "runs.json").exists():
-        print(f"error: {rundir.location} has no evaluated runs: run `gradfilter-ray evaluate` first", file=sys.stderr)
-        return EXIT_ORDER
-    rows = write_comparison(rundir.eval, rundir.finetune)
-    if rundir.store is not None:
-        # Published like a stage, so other drivers' copies of eval/ are known to be stale.
-        record = rundir.stage_record("evaluate") or {}
-        rundir.finish_stage("evaluate", record["outputs"], record)
-    print(f"compared {len(rows)} runs: {rundir.eval / 'compare.md'}")
-    print((rundir.eval / "compare.md").read_text())
+    with tempfile.TemporaryDirectory(prefix="gfr-compare-") as tmp:
+        eval_dir = run.eval.get(Path(tmp) / "eval")
+        rows = write_comparison(eval_dir, run.finetune)
+        for name in ("compare.csv", "compare.md", "train_loss.png", "heldout_loss.png"):
+            if (eval_dir / name).exists():
+                (run.eval / name).write_bytes((eval_dir / name).read_bytes())
+        table = (eval_dir / "compare.md").read_text()
+    print(f"compared {len(rows)} runs: {run.eval / 'compare.md'}")
+    print(table)
     return 0
 
 
@@ -129,28 +127,36 @@ def main(argv: list[str] | None = None) -> int:
         _dry_run(cfg, stages)
         return 0
 
-    rundir = RunDir(cfg.output_dir, cfg.work_dir or None)
+    run = RunDir(cfg.output_dir)
     try:
-        rundir.pull()
+        run.ensure_exists()
+        with DriverClaim(run.root):
+            return _drive(cfg, run, args, stages, argv)
     except StorageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.command == "compare":
-        return _compare(rundir)
+    except OutputDirInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_IN_USE
 
+
+def _drive(cfg: Config, run: RunDir, args: argparse.Namespace, stages: list[str], argv: list[str]) -> int:
+    if args.command == "compare":
+        return _compare(run)
+
+    from gradfilter_ray.report import summarize_run, summary_lines
     from gradfilter_ray.runtime import ray_session
 
-    rundir.clean_stale_staging()
-    _record_run(cfg, rundir, argv)
+    run.clean_scratch()
+    _record_run(cfg, run, argv)
     with ray_session(cfg.ray):
         try:
             for name in stages:
-                pipeline.run_stage(name, cfg, rundir, force=args.force)
+                pipeline.run_stage(name, cfg, run, force=args.force)
         except pipeline.StageOrderError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ORDER
-    where = rundir.location if rundir.store is None else f"{rundir.location} (driver's copy: {rundir.root})"
-    print(f"outputs in {where}")
+    print("\n".join(summary_lines(summarize_run(run.read_manifest(), str(run.root)))))
     return 0
 
 

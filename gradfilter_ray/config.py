@@ -300,11 +300,6 @@ class Config:
         "object-store URI (s3://bucket/prefix, gs://bucket/prefix; credentials from the environment).",
         "runs/demo",
     )
-    work_dir: str = doc(
-        "Driver's local working copy when output_dir is an object-store URI (default: "
-        "$XDG_CACHE_HOME or ~/.cache, then gradfilter-ray/runs/<hash of output_dir>); unused for a local output_dir.",
-        "",
-    )
     seed: int = doc("Global seed recorded in the manifest.", 0)
     data: DataConfig = doc("Input corpus.", default_factory=DataConfig)
     proxy: ProxyConfig = doc("Proxy LM and tokenisation.", default_factory=ProxyConfig)
@@ -467,7 +462,7 @@ def section_hash(*sections: Any) -> str:
 
 def config_hash(cfg: Config) -> str:
     """Hash of everything a run computes from: the whole config except where it is written."""
-    return section_hash({k: v for k, v in to_dict(cfg).items() if k not in ("output_dir", "work_dir")})
+    return section_hash({k: v for k, v in to_dict(cfg).items() if k != "output_dir"})
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str]]:

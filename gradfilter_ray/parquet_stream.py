@@ -9,27 +9,28 @@ corpus size, and was also faster on 2 cores.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gradfilter_ray.storage import Location
+
 BATCH_ROWS = 16_384
 
 
-def parquet_files(path: str | Path) -> list[Path]:
+def parquet_files(where: Location) -> list[Location]:
     """The Parquet files of a file or a folder (sorted, so a stream's order is reproducible)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+    if where.is_file():
+        return [where]
+    files = [where / rel for rel in where.files() if rel.endswith(".parquet")]
     if not files:
-        raise FileNotFoundError(f"no Parquet files under {path}")
+        raise FileNotFoundError(f"no Parquet files under {where}")
     return files
 
 
 def stream_batches(
-    path: str | Path, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS
+    where: Location, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS
 ) -> Iterator[pa.RecordBatch]:
-    for file in parquet_files(path):
-        yield from pq.ParquetFile(file).iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
+    for file in parquet_files(where):
+        with file.open_input() as handle:
+            yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)

@@ -1,22 +1,32 @@
-"""The pipeline: a table of stage shells, each keyed by the config it depends on, skipped when already done.
+"""The job: a table of stages, each row the stage function itself, what it reads, what keys it, what it writes.
 
-A stage's key hashes the config sections it reads plus the keys of the stages it reads from, so a config change
-re-runs exactly the stages it affects and everything downstream of them, and nothing else.
+A stage's key hashes the config fields it is keyed by plus the keys of the stages it reads, so a config change
+re-runs exactly the stages it affects and everything downstream of them, and nothing else. The runner passes the
+key into the stage (shells never import this module) and owns the commit protocol of `rundir.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from gradfilter_ray.config import Config, section_hash
+from gradfilter_ray.config import Config, section_hash, to_dict
+from gradfilter_ray.data.stage import run as ingest
+from gradfilter_ray.ensemble.stage import run as ensemble
+from gradfilter_ray.evaluation.stage import run as evaluate
+from gradfilter_ray.gradients.stage import run as extract
+from gradfilter_ray.report import run as report
 from gradfilter_ray.rundir import RunDir, StageTimer
+from gradfilter_ray.scoring.stage import run_score as score
+from gradfilter_ray.scoring.stage import run_select as select
+from gradfilter_ray.target.stage import run as finetune
 
-StageFn = Callable[[Config, RunDir, Path], tuple[list[str], dict[str, Any]]]
+StageFn = Callable[[Config, RunDir, str], dict[str, Any]]
+
+# How often Ray Train may restart a worker group changes no result: raising it to resume a crashed run must not
+# re-key the stage (which would rename its Ray Train run and start over).
+NOT_KEYED = {"max_failures"}
 
 
 class StageOrderError(RuntimeError):
@@ -26,151 +36,95 @@ class StageOrderError(RuntimeError):
 @dataclass(frozen=True)
 class Stage:
     name: str
-    upstream: tuple[str, ...]
-    depends_on: Callable[[Config], tuple]
+    run: StageFn
+    reads: tuple[str, ...]  # stages whose outputs it reads
+    keyed_by: tuple[str, ...]  # config fields (dotted) whose values key its outputs
+    writes: tuple[str, ...]  # its outputs, relative to output_dir
     resources: Callable[[Config], str]
-    entry: str  # "module:function" of the Ray shell
-    # Stages whose outputs the driver itself reads (Ray workers read through RunDir.shared instead); with an
-    # object-store output_dir these are downloaded to the driver's working copy before the stage runs.
-    driver_reads: tuple[str, ...] = ()
-    # Folders of this stage's outputs no driver ever reads (fine-tuned weights: evaluation actors fetch them).
-    driver_skips: tuple[str, ...] = ()
-
-    def load(self) -> StageFn:
-        module, func = self.entry.split(":")
-        return getattr(importlib.import_module(module), func)
+    resumes: bool = False  # its outputs keep finished units (each with its own marker) across an interruption
 
 
-def _without_retry_budget(section):
-    """How often Ray Train may restart a worker group changes no result: raising it to resume a crashed run must
-    not re-key the stage (which would rename its Ray Train run and start over)."""
-    return dataclasses.replace(section, max_failures=0)
-
-
-def _ensemble_resources(cfg: Config) -> str:
-    e = cfg.ensemble
+def _members(c: Config) -> str:
+    e = c.ensemble
     return f"{e.members} Ray Train workers x ({e.cpus_per_member} CPU, {e.gpus_per_member} GPU)"
 
 
-def _extract_resources(cfg: Config) -> str:
-    g = cfg.gradients
+def _actors(c: Config) -> str:
+    g = c.gradients
     return f"{g.num_actors} Ray Data actors x ({g.cpus_per_actor} CPU, {g.gpus_per_actor} GPU)"
 
 
-def _finetune_resources(cfg: Config) -> str:
-    t = cfg.target
-    return (
-        f"per subset, {t.num_workers} Ray Train workers x ({t.cpus_per_worker} CPU, {t.gpus_per_worker} GPU), "
-        f"DeepSpeed ZeRO-{t.zero_stage}"
-    )
+def _trainers(c: Config) -> str:
+    t = c.target
+    each = f"({t.cpus_per_worker} CPU, {t.gpus_per_worker} GPU)"
+    return f"per subset {t.num_workers} Ray Train workers x {each}, ZeRO-{t.zero_stage}"
+
+
+def _evaluators(c: Config) -> str:
+    return f"per run 1 Ray Data actor x ({c.evaluation.cpus_per_actor} CPU, {c.evaluation.gpus_per_actor} GPU)"
 
 
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
-        Stage(
-            "ingest", (), lambda c: (c.data,), lambda c: "Ray Data tasks, 1 CPU each", "gradfilter_ray.data.stage:run"
-        ),
-        Stage(
-            "ensemble",
-            ("ingest",),
-            lambda c: (c.proxy, _without_retry_budget(c.ensemble)),
-            _ensemble_resources,
-            "gradfilter_ray.ensemble.stage:run",
-        ),
-        Stage(
-            "extract",
-            ("ingest", "ensemble"),
-            lambda c: (c.proxy, c.gradients.precision),
-            _extract_resources,
-            "gradfilter_ray.gradients.stage:run",
-            driver_reads=("ingest", "ensemble"),
-        ),
-        Stage(
-            "score",
-            ("extract",),
-            lambda c: (c.scoring,),
-            lambda c: "driver, streaming (IFD losses come from the extraction pass)",
-            "gradfilter_ray.scoring.stage:run_score",
-            driver_reads=("extract",),
-        ),
-        Stage(
-            "select",
-            ("score",),
-            lambda c: (c.selection,),
-            lambda c: "driver, streaming two-pass top-k",
-            "gradfilter_ray.scoring.stage:run_select",
-            driver_reads=("ingest", "score"),
-        ),
-        Stage(
-            "report",
-            ("score", "select"),
-            lambda c: (),
-            lambda c: "driver",
-            "gradfilter_ray.report:run",
-            driver_reads=("ingest", "score", "select"),
-        ),
-        Stage(
-            "finetune",
-            ("select",),
-            lambda c: (_without_retry_budget(c.target),),
-            _finetune_resources,
-            "gradfilter_ray.target.stage:run",
-            driver_reads=("select",),
-            driver_skips=("model",),
-        ),
-        Stage(
-            "evaluate",
-            ("finetune",),
-            lambda c: (c.evaluation, c.target.max_length),
-            lambda c: (
-                f"Ray Data batch inference, 1 actor x ({c.evaluation.cpus_per_actor} CPU, "
-                f"{c.evaluation.gpus_per_actor} GPU) per run; judge when configured"
-            ),
-            "gradfilter_ray.evaluation.stage:run",
-            driver_reads=("finetune",),
-        ),
+        Stage("ingest", ingest, (), ("data",), ("data", "rejects.parquet"), lambda c: "Ray Data tasks + 1 task"),
+        Stage("ensemble", ensemble, ("ingest",), ("proxy", "ensemble"), ("ensemble",), _members),
+        Stage("extract", extract, ("ingest", "ensemble"), ("proxy", "gradients.precision"), ("gradients",), _actors),
+        Stage("score", score, ("extract",), ("scoring",), ("scores.parquet",), lambda c: "1 Ray task"),
+        Stage("select", select, ("ingest", "score"), ("selection",), ("selected",), lambda c: "1 Ray task"),
+        Stage("report", report, ("ingest", "score", "select"), (), ("report",), lambda c: "1 Ray task"),
+        Stage("finetune", finetune, ("select",), ("target",), ("finetune",), _trainers, resumes=True),
+        Stage("evaluate", evaluate, ("finetune",), ("evaluation", "target.max_length"), ("eval",), _evaluators),
     ]
 }
 
 
+def keyed_value(cfg: Config, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    value = to_dict(value) if hasattr(value, "__dataclass_fields__") else value
+    return {k: v for k, v in value.items() if k not in NOT_KEYED} if isinstance(value, dict) else value
+
+
 def stage_key(name: str, cfg: Config) -> str:
     stage = STAGES[name]
-    upstream = [stage_key(u, cfg) for u in stage.upstream]
-    return section_hash(name, *stage.depends_on(cfg), upstream)
+    values = [keyed_value(cfg, field) for field in stage.keyed_by]
+    return section_hash(name, *values, [stage_key(up, cfg) for up in stage.reads])
 
 
-def run_stage(name: str, cfg: Config, rundir: RunDir, force: bool = False, log: Callable[[str], None] = print) -> dict:
+def run_stage(name: str, cfg: Config, run: RunDir, force: bool = False, log: Callable[[str], None] = print) -> dict:
     """Run one stage unless it is already done with the same key; returns its manifest record."""
     stage = STAGES[name]
     key = stage_key(name, cfg)
-    for up in dict.fromkeys((*stage.upstream, *stage.driver_reads)):
-        if not rundir.stage_done(up, stage_key(up, cfg)):
+    for up in stage.reads:
+        if not run.stage_done(up, stage_key(up, cfg)):
             raise StageOrderError(
-                f"stage '{name}' needs the output of '{up}' for this config in {rundir.root}: run "
+                f"stage '{name}' needs the output of '{up}' for this config in {run.location}: run "
                 f"`gradfilter-ray {up}` (or `gradfilter-ray run`) first"
             )
-    if not force and rundir.stage_done(name, key):
+    if not force and run.stage_done(name, key):
         log(f"[{name}] already done (key {key}), skipping")
-        return rundir.stage_record(name) or {}
-    fn = stage.load()
+        return run.stage_record(name) or {}
     log(f"[{name}] running ({stage.resources(cfg)})")
-    fetch_driver_inputs(name, rundir)
     timer = StageTimer()
-    with rundir.staging(name) as staged:
-        outputs, counts = fn(cfg, rundir, staged)
-        rundir.commit(staged, outputs)
-    record = timer.record(key, outputs=outputs, **counts)
-    rundir.finish_stage(name, outputs, record)
+    run.begin_stage(name, key, stage.writes, keep_outputs=stage.resumes and not force)
+    counts = stage.run(cfg, run, key)
+    record = timer.record(key, outputs=list(stage.writes), **counts)
+    run.finish_stage(name, record)
     log(f"[{name}] done in {record['seconds']:.1f}s: " + ", ".join(f"{k}={v}" for k, v in counts.items() if _short(v)))
     return record
 
 
-def fetch_driver_inputs(name: str, rundir: RunDir) -> None:
-    """With an object-store output_dir: download what the driver reads for stage `name` (no-op when local).
-    run_stage has checked that each of those stages is done with this config's key."""
-    for up in STAGES[name].driver_reads:
-        rundir.ensure_local(up, skip_dirs=STAGES[up].driver_skips)
+def plan(cfg: Config, names: list[str]) -> list[str]:
+    """The table's view for --dry-run: one block per stage (key, reads, keyed by, writes, resources)."""
+    lines = []
+    for name in names:
+        s = STAGES[name]
+        lines.append(f"{name:<9} key {stage_key(name, cfg)}  {s.resources(cfg)}")
+        lines.append(f"{'':<9} reads [{', '.join(s.reads)}]  keyed by [{', '.join(s.keyed_by)}]")
+        lines.append(f"{'':<9} writes [{', '.join(s.writes)}]" + ("  (keeps finished units)" if s.resumes else ""))
+    return lines
 
 
 def _short(value: Any) -> bool:

@@ -1,149 +1,115 @@
-"""The one place that spells output paths, commits stage outputs atomically and keeps manifest.json.
+"""The run directory: where every output lives (one name each), and manifest.json, the only record of done.
 
-A stage writes everything into a private staging folder beside its final place, then `commit` renames each
-output into place and only afterwards records the stage as done (with its key) in the manifest. A crash at any
-point leaves either the old outputs or a stage that is not recorded as done, never a partial output taken for a
-finished one.
-
-When `output_dir` is an object-store URI (s3://, gs://), `root` is the driver's local working copy and the object
-store is the run directory of record: `finish_stage` uploads a stage's outputs and only then writes the manifest
-there (one PUT), `pull` starts a driver from the object store's manifest, and `ensure_local` downloads the outputs
-of finished stages that the driver reads. Ray workers reach outputs through `shared`, never through `root`.
+Every stage reads and writes its outputs in place through `Location`s, the same code for a local folder, a shared
+mount and an object store. The commit protocol needs no rename, so it holds on object stores too:
+1. `begin_stage` replaces the stage's manifest record with "running" (so the stage is not done from here on) and
+   removes its old outputs (a stage that resumes finished units keeps them: each unit carries its own marker);
+2. the stage's Ray workers (bulk data) and the driver (small tables) write the outputs to their final places;
+3. `finish_stage` writes the record "done" with the stage's key, last, in one whole-object write.
+A crash anywhere before 3 leaves a stage that is not done and runs again; nothing else says a stage is done.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import os
-import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-from gradfilter_ray.storage import ObjectStore, Shared, default_work_dir, is_remote, local_path
+from gradfilter_ray.storage import Location, open_location
 
 MANIFEST = "manifest.json"
-STAGING_PREFIX = ".staging-"
-MIRROR = ".mirror.json"  # which stage record each local copy of an output was downloaded or published under
-SIDE_FILES = (".judge_cache.jsonl",)  # not stage outputs, but worth keeping with the run (paid-for judgements)
-
-
-def _identity(record: dict[str, Any], skip_dirs: tuple[str, ...] = ()) -> str:
-    identity = f"{record.get('key')}@{record.get('finished')}#{record.get('publication', '')}"
-    return identity + (f"|without:{','.join(skip_dirs)}" if skip_dirs else "")
+SCRATCH = ".scratch"  # per-stage intermediate files, removed when the stage ends (and by the next driver)
 
 
 class RunDir:
-    def __init__(self, output_dir: str | os.PathLike, work_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, output_dir: str) -> None:
         self.location = str(output_dir)
-        self.store = ObjectStore(self.location) if is_remote(self.location) else None
-        if self.store is None:
-            self.root = local_path(self.location)
-        else:
-            self.root = Path(work_dir) if work_dir else default_work_dir(self.location)
-        self._on_finish: list[Callable[[], None]] = []
+        self.root = open_location(self.location)
+        self._manifest: dict[str, Any] | None = None
 
-    # ----- where every node reaches an output -----
-    def shared(self, rel: str) -> Shared:
-        """`rel` (e.g. "data", "selected/gsnr_0.1.parquet", ".ray_train") as a location any Ray worker opens."""
-        if self.store is not None:
-            return self.store.shared(rel)
-        return Shared(str((self.root / rel).resolve()))
+    def at(self, rel: str) -> Location:
+        """`rel` (e.g. "data", "selected/gsnr_0.1.parquet") as a location any node opens."""
+        return self.root / rel
 
-    def remove_shared(self, rel: str) -> None:
-        if self.store is not None:
-            self.store.delete(rel)
-        path = self.root / rel
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    def ensure_exists(self) -> None:
+        """Create the folder (and, where the URI allows it, the bucket): a missing bucket or permission fails here,
+        before any work, with the store's own message."""
+        from gradfilter_ray.storage import StorageError
 
-    @contextmanager
-    def worker_output(self, staged: Path, name: str) -> Iterator[Shared]:
-        """Where Ray workers on any node write the output `name`; afterwards it lies in `staged/name` here."""
-        if self.store is None:
-            yield Shared(str((staged / name).resolve()))
-            return
-        scratch = f"{STAGING_PREFIX}{staged.name.removeprefix(STAGING_PREFIX)}"
         try:
-            yield self.store.shared(f"{scratch}/{name}")
-            try:
-                self.store.download(f"{scratch}/{name}", staged / name)
-            except FileNotFoundError:  # the workers wrote no rows
-                (staged / name).mkdir(parents=True, exist_ok=True)
-        finally:
-            self.store.delete(scratch)
+            self.root.make_dir()
+        except OSError as exc:
+            raise StorageError(f"output_dir {self.location}: cannot create or reach it: {exc}") from exc
 
-    # ----- output paths (fixed names other tools rely on) -----
+    # ----- output names (fixed: other tools rely on them) -----
     @property
-    def data(self) -> Path:
-        return self.root / "data"
+    def data(self) -> Location:
+        return self.at("data")
 
     @property
-    def rejects(self) -> Path:
-        return self.root / "rejects.parquet"
+    def rejects(self) -> Location:
+        return self.at("rejects.parquet")
 
     @property
-    def ensemble(self) -> Path:
-        return self.root / "ensemble"
+    def ensemble(self) -> Location:
+        return self.at("ensemble")
 
-    def member_epoch(self, member: int, epoch: int) -> Path:
+    def member_epoch(self, member: int, epoch: int) -> Location:
         return self.ensemble / f"member_{member}" / f"epoch_{epoch}"
 
     @property
-    def ensemble_train_state(self) -> Path:
+    def ensemble_train_state(self) -> Location:
         """Ray Train's storage for the ensemble run (checkpoints used for resume)."""
-        return self.root / ".ray_train"
+        return self.at(".ray_train")
 
     @property
-    def gradients(self) -> Path:
-        return self.root / "gradients"
+    def gradients(self) -> Location:
+        return self.at("gradients")
 
     @property
-    def selected(self) -> Path:
-        return self.root / "selected"
+    def scores(self) -> Location:
+        return self.at("scores.parquet")
 
     @property
-    def finetune(self) -> Path:
-        return self.root / "finetune"
+    def selected(self) -> Location:
+        return self.at("selected")
 
     @property
-    def finetune_train_state(self) -> Path:
+    def finetune(self) -> Location:
+        return self.at("finetune")
+
+    @property
+    def finetune_train_state(self) -> Location:
         """Ray Train's storage for the target fine-tuning runs (DeepSpeed checkpoints used for resume)."""
-        return self.root / ".ray_train_finetune"
+        return self.at(".ray_train_finetune")
 
     @property
-    def finetune_done(self) -> Path:
-        """Subsets whose fine-tuning finished, held here until the stage commits (a crash keeps them)."""
-        return self.root / ".finetune_done"
+    def eval(self) -> Location:
+        return self.at("eval")
 
     @property
-    def eval(self) -> Path:
-        return self.root / "eval"
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.root / MANIFEST
+    def judge_cache(self) -> Location:
+        """Paid-for judgements, kept across re-runs of evaluate (not a stage output)."""
+        return self.at(".judge_cache.jsonl")
 
     # ----- manifest -----
+    # One driver per output_dir (driver_claim.py), so after its first read the driver's copy is the manifest: it is
+    # written through on every change and never read back from the store.
     def read_manifest(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.manifest_path.read_text())
-        except FileNotFoundError:
-            return {}
+        if self._manifest is None:
+            try:
+                self._manifest = json.loads(self.at(MANIFEST).read_text())
+            except FileNotFoundError:
+                self._manifest = {}
+        return copy.deepcopy(self._manifest)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        text = json.dumps(manifest, indent=2, sort_keys=True, default=str)
-        self._write_local(MANIFEST, text)
-        if self.store is not None:
-            self.store.write_text(MANIFEST, text)
-
-    def _write_local(self, name: str, text: str) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{name}.{uuid.uuid4().hex}"
-        tmp.write_text(text)
-        os.replace(tmp, self.root / name)
+        self.at(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        self._manifest = copy.deepcopy(manifest)
 
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
         manifest = self.read_manifest()
@@ -163,141 +129,32 @@ class RunDir:
         record = self.stage_record(stage)
         return bool(record) and record.get("status") == "done" and record.get("key") == key
 
-    # ----- atomic commit -----
-    @contextmanager
-    def staging(self, stage: str) -> Iterator[Path]:
-        """A fresh private folder for a stage's outputs; removed afterwards whether or not it was committed."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f"{STAGING_PREFIX}{stage}-{uuid.uuid4().hex[:8]}"
-        path.mkdir()
-        try:
-            yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
+    # ----- the commit protocol -----
+    def begin_stage(self, stage: str, key: str, outputs: tuple[str, ...], keep_outputs: bool = False) -> None:
+        self.record_stage(stage, {"status": "running", "key": key})
+        if not keep_outputs:
+            for rel in outputs:
+                self.at(rel).delete()
 
-    def commit(self, staged: Path, names: list[str]) -> None:
-        """Move each named output from the staging folder into the run directory, replacing older versions."""
-        self._forget(names)
-        for name in names:
-            src = staged / name
-            if not src.exists():
-                raise FileNotFoundError(f"stage output {name} was not produced in {staged}")
-            dst = self.root / name
-            old = None
-            if dst.exists():
-                old = self.root / f"{STAGING_PREFIX}old-{name}-{uuid.uuid4().hex[:8]}"
-                os.replace(dst, old)
-            os.replace(src, dst)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-
-    def finish_stage(self, stage: str, outputs: list[str], record: dict[str, Any]) -> None:
-        """Record a committed stage as done; on an object store, upload its outputs first.
-
-        The object store's manifest first loses the stage's old record, then gets the new one after the last
-        upload: a crash in between leaves a stage that is not done (and re-runs), never a half-replaced output
-        recorded as finished.
-        """
-        if self.store is not None:
-            # Every publication is told apart, even of the same record twice (`compare` republishes eval/).
-            record = {**record, "publication": uuid.uuid4().hex[:12]}
-            self.record_stage(stage, {"status": "publishing", "key": record.get("key")})
-            for name in outputs:
-                self.store.upload(self.root / name, name)
-            for name in SIDE_FILES:
-                if (self.root / name).exists():
-                    self.store.upload(self.root / name, name)
-            self._remember(outputs, _identity(record))
+    def finish_stage(self, stage: str, record: dict[str, Any]) -> None:
         self.record_stage(stage, record)
-        callbacks, self._on_finish = self._on_finish, []
-        for callback in callbacks:
-            callback()
 
-    def on_finish(self, callback: Callable[[], None]) -> None:
-        """Run `callback` once the running stage is recorded as done (e.g. drop what a re-run would need before)."""
-        self._on_finish.append(callback)
-
-    # ----- the driver's local copy of an object-store run directory -----
-    def pull(self) -> None:
-        """Start from the object store's manifest (a local copy left by an earlier driver is not trusted)."""
-        if self.store is None:
-            return
-        self.store.ensure_exists()
-        text = self.store.read_text(MANIFEST)
-        self._write_local(MANIFEST, text if text is not None else "{}")
-        for name in SIDE_FILES:
-            self._merge_side_file(name)
-
-    def _merge_side_file(self, name: str) -> None:
-        """Union of the store's and the local lines (a cache of paid-for judgements: never lose either side's)."""
-        remote_text = self.store.read_text(name)
-        if remote_text is None:
-            return
-        remote = remote_text.splitlines()
-        local_path_ = self.root / name
-        local = local_path_.read_text().splitlines() if local_path_.exists() else []
-        seen = set(remote)
-        merged = remote + [line for line in local if line not in seen]
-        self._write_local(name, "".join(line + "\n" for line in merged))
-
-    def ensure_local(self, stage: str, skip_dirs: tuple[str, ...] = ()) -> None:
-        """Make the driver's copy of a finished stage's outputs current (folders named in skip_dirs stay remote)."""
-        if self.store is None:
-            return
-        record = self.stage_record(stage) or {}
-        if record.get("status") != "done":
-            raise RuntimeError(f"stage '{stage}' is not done in {self.location}: nothing to read from it")
-        # A full copy serves a reader that skips folders; a copy without them does not serve one that needs them.
-        accepted = (_identity(record), _identity(record, skip_dirs))
-        mirror = self._mirror()
-        for name in record.get("outputs", []):
-            kept = mirror.get(name, {})
-            # Trusted only when it was fetched under this very record and no file has gone missing or changed size
-            # since (a cache cleaner, a hand edit): otherwise fetched again.
-            if kept.get("id") in accepted and kept.get("files") == self._listing(name):
-                continue
-            path = self.root / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            self.store.download(name, path, skip_dirs=skip_dirs)
-            self._remember([name], _identity(record, skip_dirs))
-
-    def _listing(self, name: str) -> dict[str, int] | None:
-        path = self.root / name
-        if path.is_file():
-            return {"": path.stat().st_size}
-        if not path.is_dir():
-            return None
-        return {p.relative_to(path).as_posix(): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
-
-    def _mirror(self) -> dict[str, dict]:
+    @contextmanager
+    def scratch(self, stage: str) -> Iterator[Location]:
+        """A fresh folder for a stage's intermediate files, on the same storage (so workers on any node reach it);
+        removed afterwards whether or not the stage finished."""
+        where = self.at(f"{SCRATCH}/{stage}-{uuid.uuid4().hex[:8]}")
         try:
-            return json.loads((self.root / MIRROR).read_text())
-        except FileNotFoundError:
-            return {}
+            yield where
+        finally:
+            where.delete()
 
-    def _remember(self, names: list[str], identity: str) -> None:
-        entries = {name: {"id": identity, "files": self._listing(name)} for name in names}
-        self._write_local(MIRROR, json.dumps({**self._mirror(), **entries}, indent=2))
-
-    def _forget(self, names: list[str]) -> None:
-        if self.store is not None:
-            mirror = self._mirror()
-            self._write_local(MIRROR, json.dumps({k: v for k, v in mirror.items() if k not in names}, indent=2))
-
-    def clean_stale_staging(self) -> int:
-        """Remove staging folders left by an interrupted run; returns how many were removed."""
-        removed = 0
-        if self.store is not None:
-            for name in self.store.top_level():
-                if name.startswith(STAGING_PREFIX):
-                    self.store.delete(name)
-                    removed += 1
-        if not self.root.exists():
-            return removed
-        stale = [p for p in self.root.iterdir() if p.name.startswith(STAGING_PREFIX)]
-        for path in stale:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        return removed + len(stale)
+    def clean_scratch(self) -> int:
+        """Remove scratch folders left by a killed driver (one driver per output_dir: none is in use)."""
+        stale = self.at(SCRATCH)
+        count = len(stale.children()) if stale.exists() else 0
+        stale.delete()
+        return count
 
 
 class StageTimer:

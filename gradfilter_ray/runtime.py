@@ -72,3 +72,28 @@ def cluster_summary() -> dict:
 # Parquet reads and writes are light next to the model work they feed; at Ray Data's default of 1 CPU a read or
 # write task can starve beside an actor pool that holds the node's CPUs (a deadlock on a 2-core machine).
 IO_REMOTE_ARGS = {"num_cpus": 0.25}
+
+
+def run_as_task(fn, *args, num_cpus: float = 1, max_retries: int = 2):
+    """Run `fn(*args)` as one Ray task (on a worker, next to the data rather than on the driver); its result."""
+    import ray
+
+    return ray.get(ray.remote(fn).options(num_cpus=num_cpus, max_retries=max_retries).remote(*args))
+
+
+@contextmanager
+def sigint_restored() -> Iterator[None]:
+    """Ray Train's fit() leaves a SIGINT handler that holds the TrainController's handle: the controller (~0.4 GB)
+    then lives until ray.shutdown (and is orphaned if the driver is killed), and Ctrl-C is swallowed twice. Put the
+    previous handler back once fit() returns."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

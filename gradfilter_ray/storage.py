@@ -1,16 +1,15 @@
-"""Where a run directory lives when `output_dir` is an object-store URI (s3://, gs://, ...), through pyarrow.
+"""One storage path for every backend: a `Location` is a path plus the pyarrow filesystem that opens it.
 
-The driver works on a local copy of the run directory and publishes each finished stage to the object store; Ray
-workers on any node read their inputs from (and write their outputs to) the object store directly. Object stores
-have no atomic rename, so "done" is never inferred from files being there: the manifest, a single object written
-in one PUT after every output of a stage is uploaded, is the only record that a stage finished.
+A local folder, a shared mount and an object store (s3://, gs://, any URI pyarrow opens) go through the same code:
+the driver and every Ray worker read and write `Location`s, which pickle, so they travel to workers as they are.
+Object stores have no atomic rename, so "done" is never inferred from files being there: see `rundir.py`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -53,110 +52,148 @@ def check_uri(output_dir: str) -> None:
         raise StorageError(f"output_dir: {output_dir!r} names no bucket")
 
 
-def default_work_dir(output_dir: str) -> Path:
-    """Under the user's cache, not the temp dir: temp cleaners remove old files one by one."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "gradfilter-ray" / "runs" / hashlib.sha256(output_dir.encode()).hexdigest()[:16]
+def open_location(output_dir: str) -> Location:
+    """The Location of `output_dir`: a local path (made absolute: workers may run elsewhere) or a store URI."""
+    import pyarrow.fs as pafs
+
+    check_uri(output_dir)
+    if not is_remote(output_dir):
+        return Location(str(local_path(output_dir).resolve()), pafs.LocalFileSystem())
+    fs, base = pafs.FileSystem.from_uri(output_dir)
+    return Location(base.rstrip("/"), fs)
 
 
 @dataclass(frozen=True)
-class Shared:
-    """A location every node of the cluster reaches: a path and the pyarrow filesystem to open it with (None =
-    the local filesystem, i.e. a shared mount). Both pickle, so they travel to Ray workers as they are."""
+class Location:
+    """A file or folder any node of the cluster reaches. Paths of a local one are real paths (`os.fspath` works),
+    so Python code that only ever sees local runs (tests, benchmarks) may hand it to plain file APIs."""
 
     path: str
-    filesystem: object | None = None
+    filesystem: object
 
+    # ----- naming -----
+    def __truediv__(self, rel: str | os.PathLike) -> Location:
+        return Location(f"{self.path}/{os.fspath(rel)}", self.filesystem)
 
-class ObjectStore:
-    """The run directory on an object store: upload, download, delete and small-object reads and writes."""
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
 
-    def __init__(self, uri: str) -> None:
+    @property
+    def is_local(self) -> bool:
         import pyarrow.fs as pafs
 
-        check_uri(uri)
-        self.uri = uri
-        self.fs, base = pafs.FileSystem.from_uri(uri)
-        self.base = base.rstrip("/")
+        return isinstance(self.filesystem, pafs.LocalFileSystem)
 
-    def ensure_exists(self) -> None:
-        """Create the prefix (and, where the URI allows it, the bucket): a missing bucket or a missing permission
-        fails here, before any work, with the store's own message."""
-        try:
-            self.fs.create_dir(self.base)
-        except OSError as exc:
-            raise StorageError(f"output_dir {self.uri}: cannot create or reach it: {exc}") from exc
+    def __fspath__(self) -> str:
+        if not self.is_local:
+            raise TypeError(f"{self} is on an object store: open it through its filesystem")
+        return self.path
 
-    def path(self, rel: str = "") -> str:
-        return f"{self.base}/{rel}" if rel else self.base
+    def __str__(self) -> str:
+        return self.path if self.is_local else f"{self.filesystem.type_name}://{self.path}"
 
-    def shared(self, rel: str) -> Shared:
-        return Shared(self.path(rel), self.fs)
+    # ----- queries -----
+    def _type(self):
+        return self.filesystem.get_file_info(self.path).type
 
-    def exists(self, rel: str) -> bool:
+    def exists(self) -> bool:
         import pyarrow.fs as pafs
 
-        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+        return self._type() != pafs.FileType.NotFound
 
-    def read_text(self, rel: str) -> str | None:
-        if not self.exists(rel):
-            return None
-        with self.fs.open_input_stream(self.path(rel)) as stream:
-            return stream.read().decode("utf-8")
-
-    def write_text(self, rel: str, text: str) -> None:
-        # One PUT: readers see the old object or the new one, never a mix.
-        with self.fs.open_output_stream(self.path(rel)) as stream:
-            stream.write(text.encode("utf-8"))
-
-    def delete(self, rel: str) -> None:
+    def is_file(self) -> bool:
         import pyarrow.fs as pafs
 
-        kind = self.fs.get_file_info(self.path(rel)).type
-        if kind == pafs.FileType.Directory:
-            self.fs.delete_dir(self.path(rel))
-        elif kind == pafs.FileType.File:
-            self.fs.delete_file(self.path(rel))
+        return self._type() == pafs.FileType.File
 
-    def files(self, rel: str) -> list[str]:
-        """Paths (relative to `rel`) of every file under `rel`; [rel's own name] when it is a single file."""
+    def files(self) -> list[str]:
+        """Paths (relative to this folder, sorted) of every file under it; [""] for a file; [] when absent."""
         import pyarrow.fs as pafs
 
-        info = self.fs.get_file_info(self.path(rel))
-        if info.type == pafs.FileType.File:
+        kind = self._type()
+        if kind == pafs.FileType.File:
             return [""]
-        if info.type == pafs.FileType.NotFound:
+        if kind == pafs.FileType.NotFound:
             return []
-        prefix = self.path(rel) + "/"
-        found = self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=True))
+        prefix = self.path + "/"
+        found = self.filesystem.get_file_info(pafs.FileSelector(self.path, recursive=True))
         return sorted(i.path[len(prefix) :] for i in found if i.type == pafs.FileType.File)
 
-    def upload(self, local: Path, rel: str) -> None:
-        """Replace `rel` with the local file or folder. A folder's old objects are deleted first (no stale
-        leftovers); a file is replaced by its one PUT, so readers see the old object or the new one."""
+    def children(self) -> list[str]:
         import pyarrow.fs as pafs
 
-        if local.is_dir() or self.fs.get_file_info(self.path(rel)).type == pafs.FileType.Directory:
-            self.delete(rel)
-        pafs.copy_files(str(local), self.path(rel), destination_filesystem=self.fs)  # a folder: recursively
+        found = self.filesystem.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted(i.base_name for i in found)
 
-    def download(self, rel: str, local: Path, skip_dirs: tuple[str, ...] = ()) -> None:
-        """Copy `rel` (a file or a folder) to `local`, leaving out folders named in `skip_dirs`."""
+    # ----- whole-object reads and writes -----
+    def read_bytes(self) -> bytes:
+        with self.filesystem.open_input_stream(self.path) as stream:
+            return stream.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
+
+    def write_bytes(self, payload: bytes) -> None:
+        """Readers see the old object or the new one, never a mix: on a local disk a rename of a temporary file
+        beside it; on an object store the single PUT does that by itself."""
+        if not self.is_local:
+            with self.filesystem.open_output_stream(self.path) as stream:
+                stream.write(payload)
+            return
+        self.parent().make_dir()
+        tmp = f"{self.path}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+        os.replace(tmp, self.path)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+    def open_input(self):
+        return self.filesystem.open_input_file(self.path)
+
+    def open_output(self):
+        if self.is_local:  # object stores have no folders to create
+            self.parent().make_dir()
+        return self.filesystem.open_output_stream(self.path)
+
+    # ----- folders -----
+    def parent(self) -> Location:
+        return Location(self.path.rsplit("/", 1)[0], self.filesystem)
+
+    def make_dir(self) -> None:
+        self.filesystem.create_dir(self.path, recursive=True)
+
+    def delete(self) -> None:
         import pyarrow.fs as pafs
 
-        files = self.files(rel)
-        if not files:
-            raise FileNotFoundError(f"{self.uri}: {rel} does not exist")
-        for sub in files:
-            if skip_dirs and set(Path(sub).parts[:-1]) & set(skip_dirs):
-                continue
-            dest = local / sub if sub else local
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            src = self.path(f"{rel}/{sub}" if sub else rel)
-            pafs.copy_files(src, str(dest), source_filesystem=self.fs)
+        kind = self._type()
+        if kind == pafs.FileType.Directory:
+            self.filesystem.delete_dir(self.path)
+        elif kind == pafs.FileType.File:
+            self.filesystem.delete_file(self.path)
 
-    def top_level(self) -> list[str]:
+    def put(self, local: Path) -> None:
+        """Replace this file or folder with a local one (a folder's old files are removed first)."""
         import pyarrow.fs as pafs
 
-        selector = pafs.FileSelector(self.base, allow_not_found=True)
-        return [i.base_name for i in self.fs.get_file_info(selector)]
+        self.delete()
+        self.parent().make_dir()
+        if Path(local).is_dir() and self.is_local:  # copy_files creates no local folders
+            for sub in [Path(local), *(p for p in Path(local).rglob("*") if p.is_dir())]:
+                (self / sub.relative_to(local).as_posix()).make_dir()
+        pafs.copy_files(str(local), self.path, destination_filesystem=self.filesystem)
+
+    def get(self, local: Path) -> Path:
+        """Copy this file or folder to `local` (e.g. a model folder onto a node's disk); returns `local`."""
+        import pyarrow.fs as pafs
+
+        if not self.exists():
+            raise FileNotFoundError(f"{self} does not exist")
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+        if not self.is_file():
+            for sub in {Path(rel).parent for rel in self.files()}:
+                (Path(local) / sub).mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(self.path, str(local), source_filesystem=self.filesystem)
+        return Path(local)

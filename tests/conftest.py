@@ -100,11 +100,60 @@ def synthetic_gradients(ids, members: int, rng):
     ).cast(GRADIENT_SCHEMA)
 
 
+class ByteCounter:
+    """WSGI middleware: bytes each client process sent (request bodies) and received (response bodies), by pid.
+    The pid owning a connection is looked up once per client port (the SDKs keep connections alive)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.server_port = 0
+        self.by_pid: dict[int | None, list[int]] = {}
+        self.by_pid_and_path: dict[tuple[int | None, str], int] = {}
+        self._pids: dict[int, int | None] = {}
+        self._lock = threading.Lock()
+
+    def _pid(self, client_port: int) -> int | None:
+        import psutil
+
+        if client_port not in self._pids:
+            for conn in psutil.net_connections(kind="tcp"):
+                ours = conn.raddr and conn.raddr.port == self.server_port
+                if ours and conn.laddr and conn.laddr.port == client_port:
+                    self._pids[client_port] = conn.pid
+                    break
+        return self._pids.get(client_port)
+
+    def _add(self, pid: int | None, sent: int, received: int) -> None:
+        with self._lock:
+            counts = self.by_pid.setdefault(pid, [0, 0])
+            counts[0] += sent
+            counts[1] += received
+
+    def __call__(self, environ, start_response):
+        pid = self._pid(int(environ.get("REMOTE_PORT") or 0))
+        path = "/".join(environ.get("PATH_INFO", "").split("/")[3:4])  # /bucket/prefix/<this>/...
+        moved = int(environ.get("CONTENT_LENGTH") or 0)
+        self._add(pid, moved, 0)
+        for chunk in self.app(environ, start_response):
+            self._add(pid, 0, len(chunk))
+            moved += len(chunk)
+            yield chunk
+        with self._lock:
+            self.by_pid_and_path[(pid, path)] = self.by_pid_and_path.get((pid, path), 0) + moved
+
+    def reset(self) -> None:
+        with self._lock:
+            self.by_pid.clear()
+            self.by_pid_and_path.clear()
+
+
 class S3Server:
-    """A real S3 HTTP server (moto) on loopback, in this process; every request line is kept in `requests`."""
+    """A real S3 HTTP server (moto) on loopback, in this process; every request line is kept in `requests`, and
+    `bytes` counts what each client process uploaded and downloaded."""
 
     def __init__(self) -> None:
-        from moto.server import ThreadedMotoServer
+        from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
 
         self.requests: list[str] = []
         log = logging.getLogger("werkzeug")
@@ -113,9 +162,12 @@ class S3Server:
         handler = logging.Handler()
         handler.emit = lambda record: self.requests.append(record.getMessage())
         log.addHandler(handler)
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self._server.start()
-        host, port = self._server.get_host_and_port()
+        self.bytes = ByteCounter(DomainDispatcherApplication(create_backend_app))
+        self._server = make_server("127.0.0.1", 0, self.bytes, True, request_handler=MotoRequestHandler)
+        host, port = self._server.server_address[:2]
+        self.bytes.server_port = port
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
         self.endpoint = f"{host}:{port}"
 
     def uri(self, prefix: str = "run") -> str:
@@ -124,7 +176,8 @@ class S3Server:
         return f"s3://{bucket}/{prefix}?endpoint_override={self.endpoint}&scheme=http&allow_bucket_creation=true"
 
     def stop(self) -> None:
-        self._server.stop()
+        self._server.shutdown()
+        self._thread.join()
 
 
 def reply(content: str) -> tuple:
@@ -187,18 +240,14 @@ class ChatServer:
 
 
 def processes_of(ray_tmp: str) -> list:
-    """Live processes whose environment has RAY_TMPDIR=ray_tmp: a CLI a test started and every Ray process it
-    spawned (they inherit the driver's environment), and nothing else on the machine."""
-    import psutil
+    """Live processes of the Ray on this temp dir: a CLI a test started with RAY_TMPDIR=ray_tmp and every Ray
+    process it spawned, and nothing else on the machine. Matched by environment (the driver and its workers inherit
+    RAY_TMPDIR), command line (gcs_server, raylet, ...) or an open file under ray_tmp (the dashboard and runtime-env
+    agents run with a scrubbed environment and a `ray::` title: only their log files under the session dir tell)."""
+    from leak_guard import processes_in, register_ray_tmp
 
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("RAY_TMPDIR") == ray_tmp:
-                found.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return found
+    register_ray_tmp(ray_tmp)
+    return [proc for proc, _, _ in processes_in([ray_tmp])]
 
 
 def stop_processes_of(ray_tmp: str, wait_s: float = 20) -> tuple[list, list]:
@@ -208,12 +257,21 @@ def stop_processes_of(ray_tmp: str, wait_s: float = 20) -> tuple[list, list]:
 
     procs = processes_of(ray_tmp)
     gone, alive = psutil.wait_procs(procs, timeout=wait_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
+    # Look again after each kill: a process started after the first look (a worker its raylet was spawning) is
+    # just as much ours.
+    for _ in range(5):
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        known = {p.pid for p in gone + alive}
+        late = [p for p in processes_of(ray_tmp) if p.pid not in known]
+        if not late:
+            break
+        late_gone, late_alive = psutil.wait_procs(late, timeout=min(wait_s, 5))
+        gone, alive = gone + late_gone, alive + late_alive
     return gone, alive
 
 
@@ -221,9 +279,10 @@ def stop_processes_of(ray_tmp: str, wait_s: float = 20) -> tuple[list, list]:
 def ray_cluster():
     """An embedded local Ray (never attaches to another cluster on the machine), shut down at the end."""
     import ray
+    from leak_guard import register_ray_tmp
 
     # Socket paths under the temp dir must fit in 108 bytes: keep it short, not a deep pytest tmp_path.
-    temp_dir = tempfile.mkdtemp(prefix="gfr-", dir="/tmp")
+    temp_dir = register_ray_tmp(tempfile.mkdtemp(prefix="gfr-", dir="/tmp"))  # checked by leak_guard at exit
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, logging_level="WARNING")
     import ray.data
@@ -255,3 +314,8 @@ def llama_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(ASSETS / "models" / "stories260K"))
+
+
+# At the end of the session, fail if any process of the suite's own Ray sessions (every temp dir given to
+# register_ray_tmp, to a subprocess as RAY_TMPDIR or to `ray start --temp-dir`) is still alive: tests/leak_guard.py.
+pytest_plugins = ["leak_guard"]

@@ -11,6 +11,7 @@ from gradfilter_ray.config import DataConfig
 from gradfilter_ray.data import ingest
 from gradfilter_ray.data.formats import ROW_ID_FILE_STRIDE
 from gradfilter_ray.data.sources import SourceError
+from gradfilter_ray.storage import open_location
 
 pytestmark = pytest.mark.ray
 
@@ -40,10 +41,13 @@ def read_data(folder):
 
 
 def run_ingest(tmp_path, path, **overrides):
-    staged = tmp_path / "staged"
-    staged.mkdir(parents=True, exist_ok=True)
-    counts = ingest.run(DataConfig(path=str(path), max_field_chars=1000, **overrides), staged)
-    return counts, read_data(staged / "data"), pq.read_table(staged / "rejects.parquet")
+    """ingest into `tmp_path/out` (data/, rejects.parquet, its scratch folder): the outputs and the counts."""
+    root = open_location(str(tmp_path / "out"))
+    data, rejects, scratch = root / "data", root / "rejects.parquet", root / "scratch"
+    counts = ingest.ingest(DataConfig(path=str(path), max_field_chars=1000, **overrides), data, rejects, scratch)
+    # it writes its two outputs and, otherwise, only its scratch folder (which the caller removes)
+    assert set(root.children()) <= {"data", "rejects.parquet", "scratch"}
+    return counts, read_data(data), pq.read_table(rejects)
 
 
 def test_every_bad_kind_is_rejected_with_reason_and_counts_reconcile(ray_cluster, tmp_path):

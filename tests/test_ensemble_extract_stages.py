@@ -1,5 +1,6 @@
-"""Ensemble and extraction stages on the session's local Ray with a tiny GPT-2: outputs, resume, exactly-once,
-equality with a bare in-process computation and with the batch-size-1 reference, determinism."""
+"""Ensemble and extraction stages on the session's local Ray with a tiny GPT-2: outputs, resume (a preempted attempt
+is not done, and its re-run replaces every old output), exactly-once, equality with a bare in-process computation
+and with the batch-size-1 reference, determinism."""
 
 from pathlib import Path
 
@@ -27,16 +28,24 @@ def finished_run(ray_cluster, tmp_path_factory):
     """ingest -> ensemble (interrupted after epoch 1, then resumed) -> extract, once for the module."""
     out = tmp_path_factory.mktemp("tiny") / "run"
     cfg = tiny_cfg(out)
-    rundir = RunDir(out)
+    rundir = RunDir(str(out))
     pipeline.run_stage("ingest", cfg, rundir, **QUIET)
-    # A preempted first attempt: the trainer stops after epoch 1, leaving only its checkpoint behind.
+    # A preempted first attempt: the trainer stops after epoch 1, leaving its checkpoint and (written in place)
+    # epoch 1 of each member in ensemble/, but no record: the stage is not done.
+    key = pipeline.stage_key("ensemble", cfg)
+    rundir.begin_stage("ensemble", key, pipeline.STAGES["ensemble"].writes)
     partial = ensemble_stage.build_trainer(
-        cfg, rundir, ensemble_stage._tokenized_dataset(cfg, rundir), stop_after_epoch=1
+        cfg, rundir, key, ensemble_stage._tokenized_dataset(cfg, rundir), stop_after_epoch=1
     ).fit()
     assert partial.error is None and partial.metrics["epoch"] == 1
     with partial.checkpoint.as_directory() as saved:
         early_before = (Path(saved) / "member_1" / "epoch_1" / "adapter_model.safetensors").read_bytes()
         assert not (Path(saved) / "member_1" / "epoch_2").exists()
+    assert (rundir.member_epoch(1, 1) / "adapter_model.safetensors").read_bytes() == early_before
+    assert not rundir.member_epoch(1, 2).exists() and not rundir.stage_done("ensemble", key)
+    # A file the preempted attempt left in ensemble/ that the finished stage does not write: the re-run replaces
+    # every old output, so it must be gone afterwards.
+    (rundir.ensemble / "stale-from-the-preempted-attempt.txt").write_text("stale")
     record = pipeline.run_stage("ensemble", cfg, rundir, **QUIET)
     extract = pipeline.run_stage("extract", cfg, rundir, **QUIET)
     return cfg, rundir, record, extract, early_before
@@ -49,10 +58,16 @@ def test_ensemble_writes_every_member_epoch_as_safetensors_with_loss_curves(fini
     for m in range(2):
         for e in (1, 2):
             folder = rundir.member_epoch(m, e)
-            assert (folder / "adapter_model.safetensors").stat().st_size > 0
+            assert Path(folder / "adapter_model.safetensors").stat().st_size > 0
             lines = (folder / "train_loss.csv").read_text().splitlines()
             assert lines[0] == "step,loss" and len(lines) == 1 + int(np.ceil(record["rows_trained"] / 8))
-    assert not (rundir.member_epoch(0, 1).parent / "train_state.pt").exists()
+    # only adapters, curves and the summary are published: no optimiser state, nothing left of the first attempt
+    files = rundir.ensemble.files()
+    assert not [f for f in files if f.endswith(ensemble_stage.TRAIN_STATE)], files
+    assert "stale-from-the-preempted-attempt.txt" not in files and "summary.json" in files
+    assert rundir.stage_done("ensemble", pipeline.stage_key("ensemble", cfg))
+    # the finished stage removed its Ray Train run (checkpoints are only for resuming)
+    assert not (rundir.ensemble_train_state / ensemble_stage.trainer_name(record["key"])).exists()
 
 
 def test_resumed_ensemble_equals_an_uninterrupted_one(finished_run, tmp_path):
@@ -62,7 +77,7 @@ def test_resumed_ensemble_equals_an_uninterrupted_one(finished_run, tmp_path):
     # epoch 1 was not redone: the committed epoch-1 adapter is byte for byte the preempted run's
     assert (rundir.member_epoch(1, 1) / "adapter_model.safetensors").read_bytes() == early_before
 
-    clean = RunDir(tmp_path / "clean")
+    clean = RunDir(str(tmp_path / "clean"))
     clean_cfg = tiny_cfg(clean.root)
     pipeline.run_stage("ingest", clean_cfg, clean, **QUIET)
     pipeline.run_stage("ensemble", clean_cfg, clean, **QUIET)
@@ -101,7 +116,7 @@ def test_extraction_equals_bare_computation_and_the_bs1_reference(finished_run):
     tokenizer = load_tokenizer(cfg.proxy.model)
     tokens = tokenize_table(data, tokenizer, cfg.proxy)
     base = load_causal_lm(cfg.proxy.model, torch.float64)
-    model = load_adapters(base, {"late1": rundir.member_epoch(1, 2)})
+    model = load_adapters(base, {"late1": Path(rundir.member_epoch(1, 2))})
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for row in range(5):
         batch = collate_rows([tokens["input_ids"][row].as_py()], [tokens["label_start"][row].as_py()], 0)

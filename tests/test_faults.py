@@ -3,9 +3,10 @@ fault-free computation of the same config:
 
 - an ensemble worker (rank 0) dies after its epoch-1 checkpoint: Ray Train restarts the group from it and the
   adapters equal a clean, uninterrupted training of the same members (same seeds) done in-process without Ray;
-- the driver is SIGKILLed (its whole process group) while an extraction actor is mid-stream: the same command
-  resumes, skips the finished stages, ignores the dead run's staging folder and finishes; the dead driver's Ray
-  processes are found by their RAY_TMPDIR and are gone (or killed by pid);
+- the driver is SIGKILLed (its whole process group) while an extraction actor is mid-stream: extraction is
+  recorded "running", never done; the same command takes over the dead driver's claim, resumes, skips the finished
+  stages, re-runs extraction replacing whatever the dead run left in gradients/, removes left-over scratch folders
+  and finishes; the dead driver's Ray processes are found by their RAY_TMPDIR and are gone (or killed by pid);
 - in the resumed run an extraction actor is SIGKILLed mid-stream: Ray Data restarts it, every id appears once and
   the values equal the extractor run in-process on the same batches.
 
@@ -13,8 +14,9 @@ One module fixture runs the CLI twice as subprocesses (each with its own embedde
 the test hooks of `ensemble.stage` and `gradients.stage` switched on through environment variables; the tests then
 judge what happened. No session Ray is needed.
 
-Cheaper faults on a synthetic run directory (no model, no Ray): a config change re-runs exactly the stages it
-affects; NaN/inf norms and losses go through score -> select -> report flagged, counted and never selected.
+Cheaper faults on a synthetic run directory (no model; score and select run as Ray tasks on the session's Ray):
+a config change re-runs exactly the stages it affects; NaN/inf norms and losses go through score -> select -> report
+flagged, counted and never selected.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ from conftest import processes_of, stop_processes_of, write_canonical_data
 
 from gradfilter_ray import pipeline
 from gradfilter_ray.config import load
+from gradfilter_ray.driver_claim import CLAIM_FILE
 from gradfilter_ray.ensemble import stage as ensemble_stage
 from gradfilter_ray.gradients import stage as gradients_stage
-from gradfilter_ray.rundir import STAGING_PREFIX, RunDir
+from gradfilter_ray.rundir import SCRATCH, RunDir
+from gradfilter_ray.target import stage as target_stage
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "configs" / "tiny_gpt2.yaml"
@@ -135,6 +139,17 @@ def actor_in_second_batch(hook: Path) -> int | None:
     return next((pid for pid, call in hook_lines(hook / "calls.log") if call == 2), None)
 
 
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+# Left in the run directory after the kill, as a killed driver can leave them: a partial extraction file (a write
+# task that finished before the kill; Ray's own file names never start with "stale") holding an id no input has,
+# and a scratch folder of a stage in flight. The resumed run must remove both.
+STALE_GRADIENTS = "gradients/stale-part-of-the-killed-run.parquet"
+STALE_SCRATCH = f"{SCRATCH}/ingest-deadbeef/normalized/part-0.parquet"
+
+
 # ----- the faulted runs -----
 
 
@@ -165,8 +180,7 @@ def faulted(tmp_path_factory):
             actor = wait_for(
                 lambda: actor_in_second_batch(hooks["extract_hook_1"]), 600, "run 1's actor in batch 2", first, log1
             )
-            facts["manifest_at_kill"] = RunDir(out).read_manifest()
-            facts["staging_at_kill"] = sorted(p.name for p in out.glob(f"{STAGING_PREFIX}*"))
+            facts["manifest_at_kill"] = RunDir(str(out)).read_manifest()
             at_kill = processes_of(ray_tmp1)
             facts["ray_processes_at_kill"] = len(at_kill)
             facts["actor_is_ours_at_kill"] = actor in {p.pid for p in at_kill}
@@ -174,11 +188,17 @@ def faulted(tmp_path_factory):
             os.killpg(first.pid, signal.SIGKILL)  # the CLI's own session: only processes this test started
             first.wait(timeout=60)
         facts["first_rc"] = first.returncode
+        facts["first_pid"] = first.pid
         facts["first_log"] = log1.read_text()
-        facts["gradients_after_kill"] = (out / "gradients").exists()
-        facts["staging_after_kill"] = sorted(p.name for p in out.glob(f"{STAGING_PREFIX}*"))
+        facts["manifest_after_kill"] = RunDir(str(out)).read_manifest()
+        facts["claim_after_kill"] = json.loads((out / CLAIM_FILE).read_text())
         facts["exited_by_themselves"], facts["killed_by_pid"] = reap(ray_tmp1, wait_s=45)
         facts["left_after_kill"] = [describe(p) for p in processes_of(ray_tmp1)]
+        facts["gradients_after_kill"] = files_under(out / "gradients")  # no process of run 1 writes any more
+        stale = pa.table({"id": pa.array([-1], pa.int64())})
+        for rel in (STALE_GRADIENTS, STALE_SCRATCH):
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(stale, out / rel)
 
         # Run 2: the same command; its extraction actor is SIGKILLed by the test in the middle of its second batch.
         env2 = cli_env(ray_tmp2, **{gradients_stage.TEST_HOOK_ENV: str(hooks["extract_hook_2"])})
@@ -199,6 +219,7 @@ def faulted(tmp_path_factory):
                 second.wait(timeout=60)
         facts["second_rc"] = second.returncode
         facts["second_log"] = log2.read_text()
+        facts["gradients_after_second"] = files_under(out / "gradients")
         facts["left_after_second"] = reap(ray_tmp2, wait_s=30)[1]
         yield facts
     finally:
@@ -254,7 +275,7 @@ def clean_gradients(cfg, rundir: RunDir, scratch: Path) -> pa.Table:
     """The extraction actor's class run in-process on the same batches Ray Data gives it. Its temporary files go
     to `scratch` (which must be empty afterwards: a killed actor runs no finalizer)."""
     ens = cfg.ensemble
-    adapters = gradients_stage.read_adapters(rundir, ens.members, ens.early_epoch, ens.late_epoch)
+    adapters = gradients_stage.adapter_locations(rundir.ensemble, ens.members, ens.early_epoch, ens.late_epoch)
     threads, tempdir = torch.get_num_threads(), tempfile.tempdir
     scratch.mkdir()
     try:
@@ -278,16 +299,20 @@ def clean_gradients(cfg, rundir: RunDir, scratch: Path) -> pa.Table:
 def test_driver_killed_mid_extraction_resumes_and_skips_finished_stages(faulted):
     out = faulted["out"]
     cfg = tiny_cfg(out)
-    # The kill landed mid-extraction: ingest and ensemble recorded, extract not, its staging folder in use, the
-    # actor (a process of this run's Ray) blocked in its second batch: one batch done, one in flight, one queued.
+    # The kill landed mid-extraction: ingest and ensemble recorded done, extract recorded "running" (begun, so not
+    # done), the actor (a process of this run's Ray) blocked in its second batch: one batch done, one in flight,
+    # one queued.
     at_kill = faulted["manifest_at_kill"]["stages"]
     assert at_kill["ingest"]["status"] == at_kill["ensemble"]["status"] == "done"
-    assert "extract" not in at_kill
-    assert any(name.startswith(f"{STAGING_PREFIX}extract-") for name in faulted["staging_at_kill"])
+    assert at_kill["extract"] == {"status": "running", "key": pipeline.stage_key("extract", cfg)}
     assert faulted["actor_is_ours_at_kill"] and faulted["ray_processes_at_kill"] >= 4
     assert faulted["first_rc"] == -signal.SIGKILL
-    # The partial extraction was never committed as an output.
-    assert not faulted["gradients_after_kill"] and faulted["staging_after_kill"]
+    # Whatever the killed run wrote to gradients/ in place, extraction is not done: only the record written last by
+    # a finished stage says done, and the kill came before it.
+    assert faulted["manifest_after_kill"]["stages"]["extract"]["status"] == "running"
+    print(f"gradients/ after the kill: {faulted['gradients_after_kill']}")
+    # The killed driver's claim on the run directory was left behind (and the resumed run below took it over).
+    assert faulted["claim_after_kill"]["pid"] == faulted["first_pid"]
     # Nothing of the killed driver's Ray survives the cleanup: what exited by itself and what we killed by pid.
     print(f"killed driver's Ray: exited by themselves {faulted['exited_by_themselves']}")
     print(f"killed driver's Ray: killed by pid after 45 s {faulted['killed_by_pid']}")
@@ -300,13 +325,19 @@ def test_driver_killed_mid_extraction_resumes_and_skips_finished_stages(faulted)
     assert "[extract] running" in log and "[extract] already done" not in log
     assert faulted["left_after_second"] == []  # a clean exit shuts its Ray down
 
-    rundir = RunDir(out)
+    rundir = RunDir(str(out))
     manifest = rundir.read_manifest()
     for stage in ("ingest", "ensemble"):  # the records are the first run's: skipped, not re-run
         assert manifest["stages"][stage] == at_kill[stage]
     for stage in FINISHED:
         assert rundir.stage_done(stage, pipeline.stage_key(stage, cfg)), stage
-    assert not list(out.glob(f"{STAGING_PREFIX}*"))  # the dead run's staging folder is gone, no new one left
+    # The re-run of extraction replaced every file the killed run left in gradients/ (none survives by name, the
+    # planted stale part included); the dead run's scratch folder is gone and no new one is left.
+    after = faulted["gradients_after_second"]
+    assert STALE_GRADIENTS.split("/", 1)[1] not in after and after
+    assert not set(faulted["gradients_after_kill"]) & set(after), faulted["gradients_after_kill"]
+    assert files_under(out / SCRATCH) == []
+    assert not (out / CLAIM_FILE).exists()  # a clean exit releases its claim
 
     data_ids = np.sort(pq.read_table(rundir.data, columns=["id"])["id"].to_numpy())
     grads = pq.read_table(rundir.gradients).sort_by("id")
@@ -330,7 +361,7 @@ def test_extraction_actor_killed_mid_stream_is_restarted_and_output_matches(fini
     assert len(restarted) == 1, calls  # a new actor process took over and processed the batches again
     assert len([1 for pid, _ in calls if pid in restarted]) >= 2
 
-    rundir = RunDir(out)
+    rundir = RunDir(str(out))
     cfg = tiny_cfg(out)
     got = pq.read_table(rundir.gradients).sort_by("id")
     expected = clean_gradients(cfg, rundir, tmp_path / "scratch")
@@ -363,7 +394,7 @@ def test_ensemble_worker_crash_restarts_from_checkpoint_and_matches_clean_run(fa
     record = faulted["manifest_at_kill"]["stages"]["ensemble"]
     assert record["rows_trained"] == ROWS and record["members"] == 2
 
-    rundir = RunDir(out)
+    rundir = RunDir(str(out))
     clean = clean_adapters(cfg, rundir)
     for m in range(cfg.ensemble.members):
         for e in range(1, cfg.ensemble.epochs + 1):
@@ -371,7 +402,8 @@ def test_ensemble_worker_crash_restarts_from_checkpoint_and_matches_clean_run(fa
             assert got.keys() == clean[m, e].keys()
             for key in got:
                 torch.testing.assert_close(got[key], clean[m, e][key], rtol=1e-5, atol=1e-6, msg=f"m{m} e{e} {key}")
-    assert not (rundir.ensemble_train_state / ensemble_stage.trainer_name(cfg)).exists()
+    trainer = ensemble_stage.trainer_name(pipeline.stage_key("ensemble", cfg))
+    assert not (rundir.ensemble_train_state / trainer).exists()
     # the dead worker's private folder was removed by its successor; the finished workers removed their own
     crashed_pid = (hook / "crashed").read_text().split()[-1]
     work = Path(tempfile.gettempdir()) / ensemble_stage.WORK_ROOT
@@ -400,10 +432,10 @@ def synthetic_rundir(root: Path, cfg, bad: dict[int, dict] | None = None) -> tup
     """data/ and gradients/ for N_SYNTH rows as the real stages write them, ingest/ensemble/extract recorded done
     for `cfg`; `bad` maps a row index to column overrides (the injected faults)."""
     rng = np.random.default_rng(1)
-    rundir = RunDir(root)
-    rundir.gradients.mkdir(parents=True)
+    rundir = RunDir(str(root))
+    rundir.gradients.make_dir()
     ids = np.arange(N_SYNTH, dtype=np.int64) * 3 + 5
-    write_canonical_data(rundir.data, ids, source_rows=np.arange(N_SYNTH))
+    write_canonical_data(Path(rundir.data), ids, source_rows=np.arange(N_SYNTH))
     early = rng.uniform(1.0, 4.0, (N_SYNTH, M_SYNTH))
     rows = {
         "sq_norm_early": early,
@@ -440,7 +472,7 @@ def downstream(stages: set[str]) -> set[str]:
     """The stages plus everything that reads them, directly or not."""
     found = set(stages)
     while True:
-        more = {name for name, st in pipeline.STAGES.items() if set(st.upstream) & found} - found
+        more = {name for name, st in pipeline.STAGES.items() if set(st.reads) & found} - found
         if not more:
             return found
         found |= more
@@ -481,13 +513,20 @@ def test_stage_keys_change_exactly_for_the_stages_a_config_field_affects(tmp_pat
 def test_raising_max_failures_does_not_invalidate_the_ensemble(tmp_path):
     base = tiny_cfg(tmp_path / "run")
     more = load(TINY, [f"output_dir={tmp_path / 'run'}", *OVERRIDES, "ensemble.max_failures=5"])
-    assert pipeline.stage_key("ensemble", more) == pipeline.stage_key("ensemble", base)
-    assert ensemble_stage.trainer_name(more) == ensemble_stage.trainer_name(base)
+    key = pipeline.stage_key("ensemble", base)
+    assert pipeline.stage_key("ensemble", more) == key
+    # Ray Train's run is named from the key alone, so the resumed trainer finds the old run's checkpoints
+    assert ensemble_stage.trainer_name(pipeline.stage_key("ensemble", more)) == ensemble_stage.trainer_name(key)
     target_more = load(TINY, [f"output_dir={tmp_path / 'run'}", *OVERRIDES, "target.max_failures=5"])
-    assert pipeline.stage_key("finetune", target_more) == pipeline.stage_key("finetune", base)
+    target_key = pipeline.stage_key("finetune", base)
+    assert pipeline.stage_key("finetune", target_more) == target_key
+    assert target_stage.trainer_name(pipeline.stage_key("finetune", target_more), "gsnr_0.1") == (
+        target_stage.trainer_name(target_key, "gsnr_0.1")
+    )
 
 
-def test_changing_scoring_eps_reruns_score_select_report_only(tmp_path):
+@pytest.mark.ray
+def test_changing_scoring_eps_reruns_score_select_report_only(ray_cluster, tmp_path):
     root = tmp_path / "run"
     cfg = load(TINY, [f"output_dir={root}", *OVERRIDES, "selection.ratios=[0.1, 0.3]"])
     rundir, _ = synthetic_rundir(root, cfg)
@@ -518,7 +557,8 @@ def test_changing_scoring_eps_reruns_score_select_report_only(tmp_path):
     assert all("already done" in m for m in again) and len(again) == len(FINISHED)
 
 
-def test_nan_and_inf_rows_are_flagged_counted_and_never_selected(tmp_path):
+@pytest.mark.ray
+def test_nan_and_inf_rows_are_flagged_counted_and_never_selected(ray_cluster, tmp_path):
     """Each injected row would top the G-SNR ranking (or IFD's) if its guard failed."""
     huge = [1e6] * M_SYNTH
     bad = {

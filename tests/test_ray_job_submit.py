@@ -161,7 +161,7 @@ def test_ray_job_submit_runs_the_demo_pipeline(ray_head, tmp_path):
     assert (out_dir / "selected" / "gsnr_0.1.jsonl").exists() and (out_dir / "report" / "index.html").exists()
     assert (out_dir / "finetune" / "gsnr_0.15" / "model" / "model.safetensors").exists()
     assert (out_dir / "eval" / "compare.csv").read_text().count("gsnr_0.15") == 1
-    assert "outputs in" in done.stdout
+    assert "rows in: 24" in done.stdout
 
 
 def test_a_bad_config_fails_the_job_with_the_error_in_its_logs(ray_head):

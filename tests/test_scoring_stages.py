@@ -1,5 +1,6 @@
-"""Score -> select -> report shells on a synthetic run directory (no model needed): every id scored once, exact
-top-k with ties against a sort-based reference, selections in the input's own keys, a report that opens."""
+"""Score -> select -> report stages on a synthetic run directory (no model needed): every id scored once, exact
+top-k with ties against a sort-based reference, selections in the input's own keys, a report that opens. Score and
+select run as one Ray task each, so they run through `pipeline.run_stage` on the session's Ray."""
 
 import json
 
@@ -8,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gradfilter_ray import report
+from gradfilter_ray import pipeline, report
 from gradfilter_ray.config import load
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.scoring import stage
@@ -18,9 +19,9 @@ N, M = 400, 3
 
 def build_rundir(tmp_path):
     rng = np.random.default_rng(0)
-    rundir = RunDir(tmp_path / "run")
-    rundir.data.mkdir(parents=True)
-    rundir.gradients.mkdir(parents=True)
+    rundir = RunDir(str(tmp_path / "run"))
+    rundir.data.make_dir()
+    rundir.gradients.make_dir()
     ids = rng.permutation(np.arange(N, dtype=np.int64) * 7 + 3)  # sparse, unordered ids
     pq.write_table(
         pa.table(
@@ -69,19 +70,23 @@ def build_rundir(tmp_path):
     return rundir, ids
 
 
+QUIET = {"log": lambda _: None}
+
+
 @pytest.fixture
-def scored(tmp_path):
+def scored(ray_cluster, tmp_path):
     rundir, ids = build_rundir(tmp_path)
     cfg = load(None, [f"output_dir={rundir.root}", "selection.ratios=[0.05, 0.1, 0.15]"])
-    with rundir.staging("score") as staged:
-        outputs, counts = stage.run_score(cfg, rundir, staged)
-        rundir.commit(staged, outputs)
+    for upstream in ("ingest", "ensemble", "extract"):  # their outputs are the synthetic ones above
+        rundir.record_stage(upstream, {"status": "done", "key": pipeline.stage_key(upstream, cfg)})
+    counts = pipeline.run_stage("score", cfg, rundir, **QUIET)
     return cfg, rundir, ids, counts
 
 
+@pytest.mark.ray
 def test_every_id_is_scored_once_with_reasons_counted(scored):
     cfg, rundir, ids, counts = scored
-    scores = pq.read_table(rundir.root / "scores.parquet")
+    scores = pq.read_table(rundir.scores)
     assert sorted(scores["id"].to_pylist()) == sorted(ids.tolist())
     assert counts["rows"] == N == counts["rows_eligible"] + counts["rows_ineligible"]
     assert counts["ineligible_by_reason"] == {"no_response_tokens": 1, "non_finite": 1, "zero_early_norm": 1}
@@ -91,12 +96,11 @@ def test_every_id_is_scored_once_with_reasons_counted(scored):
         assert column in scores.column_names
 
 
+@pytest.mark.ray
 def test_selection_is_the_exact_top_k_with_ties_by_id(scored):
     cfg, rundir, ids, _ = scored
-    with rundir.staging("select") as staged:
-        outputs, counts = stage.run_select(cfg, rundir, staged)
-        rundir.commit(staged, outputs)
-    scores = pq.read_table(rundir.root / "scores.parquet").to_pandas()
+    counts = pipeline.run_stage("select", cfg, rundir, **QUIET)
+    scores = pq.read_table(rundir.scores).to_pandas()
     n_base = int(scores["base_eligible"].sum())
     assert counts["rows_with_response"] == n_base == N - 1
     for scorer in ("gsnr", "abs_drop", "random", "length", "ifd"):
@@ -107,31 +111,31 @@ def test_selection_is_the_exact_top_k_with_ties_by_id(scored):
             k = int(np.floor(ratio * n_base + 1e-9))
             expected = sorted(i for _, i in reference[:k])
             name = stage.selection_name(scorer, ratio)
-            got = sorted(pq.read_table(rundir.root / "selected" / f"{name}.parquet")["id"].to_pylist())
+            got = sorted(pq.read_table(rundir.selected / f"{name}.parquet")["id"].to_pylist())
             assert got == expected, name
             assert counts["selections"][name]["selected"] == len(expected)
     # heavy ties really happened (a check that the tie rule was exercised)
     assert scores["gsnr"].round(12).duplicated().sum() > 100
-    line = (rundir.root / "selected" / "gsnr_0.05.jsonl").read_text().splitlines()[0]
+    line = (rundir.selected / "gsnr_0.05.jsonl").read_text().splitlines()[0]
     record = json.loads(line)
     assert set(record) == {"instruction", "input", "output", "category"}
-    full = pq.read_table(rundir.root / "selected" / "full.parquet")
+    full = pq.read_table(rundir.selected / "full.parquet")
     assert full.num_rows == n_base
 
 
+@pytest.mark.ray
 def test_nested_selections_and_report(scored):
     cfg, rundir, _, _ = scored
-    with rundir.staging("select") as staged:
-        rundir.commit(staged, stage.run_select(cfg, rundir, staged)[0])
-    small = set(pq.read_table(rundir.root / "selected" / "gsnr_0.05.parquet")["id"].to_pylist())
-    large = set(pq.read_table(rundir.root / "selected" / "gsnr_0.15.parquet")["id"].to_pylist())
+    pipeline.run_stage("select", cfg, rundir, **QUIET)
+    small = set(pq.read_table(rundir.selected / "gsnr_0.05.parquet")["id"].to_pylist())
+    large = set(pq.read_table(rundir.selected / "gsnr_0.15.parquet")["id"].to_pylist())
     assert small < large
-    with rundir.staging("report") as staged:
-        outputs, counts = report.run(cfg, rundir, staged)
-        rundir.commit(staged, outputs)
-    page = (rundir.root / "report" / "index.html").read_text()
+    counts = report.run(cfg, rundir, pipeline.stage_key("report", cfg))
+    assert counts["figures"] >= 4 and counts["selections"] == len(list(rundir.selected.children())) // 2
+    out = rundir.at("report")
+    page = (out / "index.html").read_text()
     for png in ("score_histograms.png", "drop_vs_noise.png", "response_lengths.png", "overlap.png"):
-        assert f"src='{png}'" in page and (rundir.root / "report" / png).stat().st_size > 1000
+        assert f"src='{png}'" in page and len((out / png).read_bytes()) > 1000
     assert "instr " in page and "Top and bottom" in page and "file://" not in page
 
 

@@ -225,10 +225,10 @@ def seeded_rundir(root: Path, cfg) -> RunDir:
     """Ingest, ensemble and extract recorded done for `cfg` over synthetic outputs, so `run` goes on from score."""
     rng = np.random.default_rng(0)
     n, m = 40, cfg.ensemble.members
-    rundir = RunDir(root)
+    rundir = RunDir(str(root))
     ids = np.arange(n, dtype=np.int64)
-    write_canonical_data(rundir.data, ids)
-    rundir.gradients.mkdir()
+    write_canonical_data(Path(rundir.data), ids)
+    rundir.gradients.make_dir()
     table = synthetic_gradients(ids, m, rng)
     pq.write_table(table, rundir.gradients / "part-0.parquet")
     counts = {"rows_in": n, "rows_kept": n, "rows_rejected": 0, "rejects_by_reason": {}}

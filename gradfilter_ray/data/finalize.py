@@ -7,7 +7,6 @@ Runs over the normalized Parquet that the Ray Data pass wrote. Only (id, content
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +15,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from gradfilter_ray.data.formats import CANONICAL_COLUMNS, DUPLICATE, NORMALIZED_SCHEMA, REJECT_COLUMNS
+from gradfilter_ray.storage import Location
 
 ROWS_PER_OUTPUT_FILE = 200_000
 
@@ -34,9 +34,9 @@ def duplicate_twins(ids: np.ndarray, hashes: pa.Array, eligible: np.ndarray) -> 
 
 
 class _RollingWriter:
-    def __init__(self, folder: Path, schema: pa.Schema, rows_per_file: int) -> None:
+    def __init__(self, folder: Location, schema: pa.Schema, rows_per_file: int) -> None:
         self.folder, self.schema, self.rows_per_file = folder, schema, rows_per_file
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.make_dir()
         self.writer: pq.ParquetWriter | None = None
         self.rows_in_file = 0
         self.files = 0
@@ -46,7 +46,8 @@ class _RollingWriter:
             return
         if self.writer is None or self.rows_in_file >= self.rows_per_file:
             self.close()
-            self.writer = pq.ParquetWriter(self.folder / f"part-{self.files:05d}.parquet", self.schema)
+            part = self.folder / f"part-{self.files:05d}.parquet"
+            self.writer = pq.ParquetWriter(part.path, self.schema, filesystem=part.filesystem)
             self.files += 1
             self.rows_in_file = 0
         self.writer.write_table(table.cast(self.schema))
@@ -58,9 +59,11 @@ class _RollingWriter:
             self.writer = None
 
 
-def split_kept_rejected(normalized: Path, data_out: Path, rejects_out: Path, dedup: bool) -> dict:
+def split_kept_rejected(normalized: Location, data_out: Location, rejects_out: Location, dedup: bool) -> dict:
     """Write canonical rows to `data_out/` and every rejected row to `rejects_out`; return the counts."""
-    dataset = pads.dataset(normalized, format="parquet", schema=NORMALIZED_SCHEMA)
+    dataset = pads.dataset(
+        normalized.path, format="parquet", schema=NORMALIZED_SCHEMA, filesystem=normalized.filesystem
+    )
     keys = dataset.to_table(columns=["id", "content_hash", "reason"])
     ids = keys["id"].to_numpy()
     if len(np.unique(ids)) != len(ids):
@@ -74,8 +77,8 @@ def split_kept_rejected(normalized: Path, data_out: Path, rejects_out: Path, ded
     kept_schema = pa.schema([NORMALIZED_SCHEMA.field(c) for c in CANONICAL_COLUMNS])
     reject_schema = pa.schema([NORMALIZED_SCHEMA.field(c) for c in REJECT_COLUMNS])
     kept_writer = _RollingWriter(data_out, kept_schema, ROWS_PER_OUTPUT_FILE)
-    rejects_out.parent.mkdir(parents=True, exist_ok=True)
-    reject_writer = pq.ParquetWriter(rejects_out, reject_schema)
+    rejects_out.parent().make_dir()
+    reject_writer = pq.ParquetWriter(rejects_out.path, reject_schema, filesystem=rejects_out.filesystem)
     reasons: Counter[str] = Counter()
     rows_in = rows_kept = 0
     twin_ids = pa.array(list(twins), pa.int64())
@@ -111,7 +114,8 @@ def split_kept_rejected(normalized: Path, data_out: Path, rejects_out: Path, ded
         kept_writer.close()
         reject_writer.close()
     if kept_writer.files == 0:  # an empty but valid dataset folder, so later stages see zero rows, not an error
-        pq.write_table(kept_schema.empty_table(), data_out / "part-00000.parquet")
+        empty = data_out / "part-00000.parquet"
+        pq.write_table(kept_schema.empty_table(), empty.path, filesystem=empty.filesystem)
     rows_rejected = sum(reasons.values())
     if rows_in != rows_kept + rows_rejected:
         raise AssertionError(f"row accounting broken: {rows_in} in != {rows_kept} kept + {rows_rejected} rejected")

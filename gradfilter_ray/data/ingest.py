@@ -1,15 +1,15 @@
 """Ingest stage (Ray shell): input files -> canonical Parquet `data/` + `rejects.parquet`, every row accounted for.
 
 Ray Data streams the files: one read task per file yields raw rows in batches, `normalize_batch` (pure) turns them
-into canonical-or-rejected rows, and the result lands in the stage's staging folder as Parquet. A columnar pass
-(`finalize.split_kept_rejected`) then removes exact duplicates and splits kept from rejected.
+into canonical-or-rejected rows, and the result lands in a scratch folder as Parquet. A columnar pass
+(`finalize.split_kept_rejected`, one Ray task) then removes exact duplicates and splits kept from rejected. Input
+checksums are Ray tasks too: no corpus byte passes through the driver.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from pathlib import Path
 
 import pyarrow as pa
 
@@ -17,7 +17,8 @@ from gradfilter_ray.config import DataConfig
 from gradfilter_ray.data.finalize import split_kept_rejected
 from gradfilter_ray.data.formats import normalize_batch
 from gradfilter_ray.data.sources import SourceFile, list_sources, read_raw, resolve_filesystem
-from gradfilter_ray.storage import Shared
+from gradfilter_ray.runtime import IO_REMOTE_ARGS
+from gradfilter_ray.storage import Location
 
 
 def read_source_files(batch: pa.Table, filesystem_uri: str, limit: int | None):
@@ -37,24 +38,25 @@ def checksum(source: SourceFile, filesystem_uri: str) -> dict:
     return {"path": source.uri, "sha256": digest.hexdigest(), "bytes": size}
 
 
-def run(cfg: DataConfig, staged: Path) -> dict:
-    """Write `staged/data/` and `staged/rejects.parquet` (staged reachable from every node); return counts and
-    input checksums. The pipeline's shell calls the two halves itself, to route the Ray workers' writes."""
-    files, inputs = write_normalized(cfg, Shared(str(staged / "normalized")))
-    return finalize(cfg, staged, files, inputs)
+def ingest(cfg: DataConfig, data: Location, rejects: Location, scratch: Location) -> dict:
+    """Write `data/` and `rejects.parquet` (every location reachable from every node); return counts and input
+    checksums."""
+    import ray
 
-
-def finalize(cfg: DataConfig, staged: Path, files: int, inputs: list[dict]) -> dict:
-    counts = split_kept_rejected(staged / "normalized", staged / "data", staged / "rejects.parquet", dedup=cfg.dedup)
+    files, inputs = write_normalized(cfg, scratch / "normalized")
+    split = ray.remote(split_kept_rejected).options(num_cpus=1, max_retries=2)
+    counts = ray.get(split.remote(scratch / "normalized", data, rejects, cfg.dedup))
     return {**counts, "files": files, "inputs": inputs}
 
 
-def write_normalized(cfg: DataConfig, normalized: Shared) -> tuple[int, list[dict]]:
+def write_normalized(cfg: DataConfig, normalized: Location) -> tuple[int, list[dict]]:
     """Stream the input files through normalisation into Parquet at `normalized`; returns (files, checksums)."""
+    import ray
     import ray.data
 
     files = list_sources(cfg.path, cfg.format)
-    inputs = [checksum(f, cfg.path) for f in files]
+    checksum_task = ray.remote(checksum).options(**IO_REMOTE_ARGS)
+    inputs = ray.get([checksum_task.remote(f, cfg.path) for f in files])
     ds = ray.data.from_items([dataclasses.asdict(f) for f in files], override_num_blocks=len(files))
     ds = ds.map_batches(
         read_source_files,

@@ -1,21 +1,18 @@
-"""Ingest stage entry point for the pipeline table."""
+"""Ingest stage (shell): the input corpus -> canonical `data/` and `rejects.parquet`, every row accounted for."""
 
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 from gradfilter_ray.config import Config
-from gradfilter_ray.data import ingest
+from gradfilter_ray.data.ingest import ingest
 from gradfilter_ray.models import resolve
 from gradfilter_ray.rundir import RunDir
 
 
-def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
+def run(cfg: Config, run: RunDir, key: str) -> dict:
     data_cfg = replace(cfg.data, path=resolve(cfg.data.path))
-    with rundir.worker_output(staged, "normalized") as normalized:
-        files, inputs = ingest.write_normalized(data_cfg, normalized)
-    counts = ingest.finalize(data_cfg, staged, files, inputs)
-    inputs = counts.pop("inputs")
-    rundir.update_manifest(inputs=inputs)
-    return ["data", "rejects.parquet"], counts
+    with run.scratch("ingest") as scratch:
+        counts = ingest(data_cfg, run.data, run.rejects, scratch)
+    run.update_manifest(inputs=counts.pop("inputs"))
+    return counts

@@ -2,15 +2,16 @@
 
 Every worker receives the whole tokenised corpus (``DataConfig(datasets_to_split=[])``), attaches a LoRA adapter
 seeded with ``seed + rank`` to the frozen proxy and runs `loop.train_member`. After each epoch each worker writes
-``member_{rank}/epoch_{e}/`` (adapter safetensors + loss curve) and its optimiser state into the checkpoint it
-reports; Ray merges the members' files into one checkpoint. A re-run with the same config resumes from the
-latest checkpoint (Ray Train's storage under ``output_dir/.ray_train``); a failed worker group is restarted from
-it (``FailureConfig``).
+``member_{rank}/epoch_{e}/`` (adapter safetensors + loss curve) straight to ``output_dir/ensemble/`` and, with its
+optimiser state, into the checkpoint it reports. A re-run with the same config resumes from the latest checkpoint
+(Ray Train's storage under ``output_dir/.ray_train``) and first writes the epochs it restored; a failed worker group
+is restarted from it (``FailureConfig``).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -23,7 +24,8 @@ import numpy as np
 
 from gradfilter_ray.config import Config, EnsembleConfig, ProxyConfig, build
 from gradfilter_ray.rundir import RunDir
-from gradfilter_ray.runtime import IO_REMOTE_ARGS
+from gradfilter_ray.runtime import IO_REMOTE_ARGS, sigint_restored
+from gradfilter_ray.storage import Location
 
 TRAIN_STATE = "train_state.pt"
 LOSS_CSV = "train_loss.csv"
@@ -52,7 +54,7 @@ def _collect_rows(shard):
 
 def _write_loss_curve(path: Path, losses: list[float]) -> None:
     with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
+        writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["step", "loss"])
         writer.writerows((i + 1, f"{loss:.8g}") for i, loss in enumerate(losses))
 
@@ -104,6 +106,7 @@ def train_member_worker(config: dict) -> None:
 
     workdir = member_workdir(rank)
     member_dir = workdir / f"member_{rank}"
+    published: Location = config["ensemble_out"] / f"member_{rank}"
     start_epoch, optimizer_state = 1, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -114,6 +117,8 @@ def train_member_worker(config: dict) -> None:
         weights = load_file(str(member_dir / f"epoch_{last}" / "adapter_model.safetensors"), device=str(device))
         set_peft_model_state_dict(model, weights)
         start_epoch, optimizer_state = last + 1, state["optimizer"]
+        for epoch in range(1, start_epoch):  # the stage removed its old outputs when it began
+            (published / f"epoch_{epoch}").put(member_dir / f"epoch_{epoch}")
     else:
         member_dir.mkdir(parents=True)
     hook = config.get("test_hook")
@@ -125,6 +130,7 @@ def train_member_worker(config: dict) -> None:
         epoch_dir = member_dir / f"epoch_{epoch}"
         save_adapter(model, epoch_dir)
         _write_loss_curve(epoch_dir / LOSS_CSV, losses)
+        (published / f"epoch_{epoch}").put(epoch_dir)
         torch.save({"epoch": epoch, "optimizer": optimizer.state_dict()}, member_dir / TRAIN_STATE)
         with tempfile.TemporaryDirectory(prefix="ckpt-", dir=workdir) as tmp:  # reaped with workdir after a crash
             shutil.copytree(member_dir, Path(tmp) / member_dir.name)
@@ -171,23 +177,22 @@ def _crash_once(hook: dict, epoch: int, wait_s: float = 120.0) -> None:
     os._exit(1)
 
 
-def _test_hook(cfg: Config, rundir: RunDir) -> dict | None:
+def _test_hook(run: RunDir, key: str) -> dict | None:
     folder = os.environ.get(TEST_HOOK_ENV)
     if not folder:
         return None
     crash = os.environ.get(TEST_CRASH_ENV)
     # Fault tests run on a local run directory; the hook polls Ray Train's snapshot file there.
-    snapshot = rundir.ensemble_train_state.resolve() / trainer_name(cfg) / SNAPSHOT_FILE
+    snapshot = run.ensemble_train_state / trainer_name(key) / SNAPSHOT_FILE
     return {"dir": folder, "crash_after_epoch": int(crash) if crash else None, "snapshot": str(snapshot)}
 
 
-def _tokenized_dataset(cfg: Config, rundir: RunDir):
+def _tokenized_dataset(cfg: Config, run: RunDir):
     import ray.data
 
     from gradfilter_ray.data.tokenized import TokenizeRows
 
-    data = rundir.shared("data")
-    ds = ray.data.read_parquet(data.path, filesystem=data.filesystem, ray_remote_args=IO_REMOTE_ARGS)
+    ds = ray.data.read_parquet(run.data.path, filesystem=run.data.filesystem, **IO_REMOTE_ARGS)
     ds = ds.map_batches(
         TokenizeRows,
         fn_constructor_kwargs={"proxy": cfg.proxy},
@@ -199,13 +204,13 @@ def _tokenized_dataset(cfg: Config, rundir: RunDir):
     return ds.materialize()
 
 
-def _summary(ensemble_dir: Path, ens: EnsembleConfig, counts: dict, adapter: dict) -> dict:
+def _summary(ensemble_dir: Location, ens: EnsembleConfig, counts: dict, adapter: dict) -> dict:
     members = {}
     for m in range(ens.members):
         curves = {}
         for e in range(1, ens.epochs + 1):
-            with (ensemble_dir / f"member_{m}" / f"epoch_{e}" / LOSS_CSV).open() as fh:
-                curves[e] = [float(r["loss"]) for r in csv.DictReader(fh)]
+            text = (ensemble_dir / f"member_{m}" / f"epoch_{e}" / LOSS_CSV).read_text()
+            curves[e] = [float(r["loss"]) for r in csv.DictReader(io.StringIO(text))]
         members[m] = {
             "seed": ens.seed + m,
             "first_step_loss": curves[1][0] if curves[1] else None,
@@ -231,13 +236,11 @@ def adapter_facts(cfg: Config) -> dict:
     }
 
 
-def trainer_name(cfg: Config) -> str:
-    from gradfilter_ray.pipeline import stage_key
-
-    return f"ensemble-{stage_key('ensemble', cfg)}"
+def trainer_name(key: str) -> str:
+    return f"ensemble-{key}"
 
 
-def build_trainer(cfg: Config, rundir: RunDir, ds, stop_after_epoch: int | None = None):
+def build_trainer(cfg: Config, run: RunDir, key: str, ds, stop_after_epoch: int | None = None):
     """The TorchTrainer for this config; the same name and storage always, so fit() resumes where it stopped."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -245,7 +248,7 @@ def build_trainer(cfg: Config, rundir: RunDir, ds, stop_after_epoch: int | None 
     ens = cfg.ensemble
     use_gpu = ens.gpus_per_member > 0
     resources = {"CPU": ens.cpus_per_member, **({"GPU": ens.gpus_per_member} if use_gpu else {})}
-    storage = rundir.shared(rundir.ensemble_train_state.name)
+    storage = run.ensemble_train_state
     trainer = TorchTrainer(
         train_member_worker,
         train_loop_config={
@@ -253,13 +256,14 @@ def build_trainer(cfg: Config, rundir: RunDir, ds, stop_after_epoch: int | None 
             "proxy": asdict(cfg.proxy),
             "torch_threads": max(1, int(ens.cpus_per_member)),
             "stop_after_epoch": stop_after_epoch,
-            "test_hook": _test_hook(cfg, rundir),
+            "test_hook": _test_hook(run, key),
+            "ensemble_out": run.ensemble,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=ens.members, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
-            name=trainer_name(cfg),
+            name=trainer_name(key),
             storage_path=storage.path,
             storage_filesystem=storage.filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -271,9 +275,9 @@ def build_trainer(cfg: Config, rundir: RunDir, ds, stop_after_epoch: int | None 
     return trainer
 
 
-def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
+def run(cfg: Config, run: RunDir, key: str) -> dict:
     ens = cfg.ensemble
-    ds = _tokenized_dataset(cfg, rundir)
+    ds = _tokenized_dataset(cfg, run)
     stats = ds.select_columns(["n_response_tokens"]).to_pandas()["n_response_tokens"].to_numpy()
     counts = {
         "rows_in": int(len(stats)),
@@ -283,20 +287,14 @@ def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
     if counts["rows_trained"] == 0:
         raise RuntimeError("no row has a response token left after tokenisation: raise proxy.max_length")
 
-    trainer = build_trainer(cfg, rundir, ds)
-    result = trainer.fit()
+    with sigint_restored():
+        result = build_trainer(cfg, run, key, ds).fit()
     if result.error is not None:
         raise result.error
-    out = staged / "ensemble"
-    with result.checkpoint.as_directory() as saved:
-        for m in range(ens.members):
-            shutil.copytree(
-                Path(saved) / f"member_{m}", out / f"member_{m}", ignore=shutil.ignore_patterns(TRAIN_STATE)
-            )
-    summary = _summary(out, ens, counts, adapter_facts(cfg))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    rundir.remove_shared(f"{rundir.ensemble_train_state.name}/{trainer_name(cfg)}")
-    return ["ensemble"], {
+    summary = _summary(run.ensemble, ens, counts, adapter_facts(cfg))
+    (run.ensemble / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run.ensemble_train_state / trainer_name(key)).delete()
+    return {
         **counts,
         "members": ens.members,
         "epochs": ens.epochs,

@@ -9,20 +9,22 @@ run's training-loss curve on one plot, the paper's Figure 3) and ``heldout_loss.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 
+from gradfilter_ray.storage import Location
+
 BASE_COLUMNS = ["run", "scorer", "ratio", "n_train", "heldout_loss", "final_train_loss", "judged_against"]
 
 
-def read_loss_curve(path: Path) -> tuple[list[int], list[float]]:
-    with path.open() as fh:
-        rows = list(csv.DictReader(fh))
+def read_loss_curve(path: Path | Location) -> tuple[list[int], list[float]]:
+    rows = list(csv.DictReader(io.StringIO(path.read_text())))
     return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
 
 
-def comparison_rows(runs: dict[str, dict], judge: dict, finetune_dir: Path) -> tuple[list[str], list[dict]]:
+def comparison_rows(runs: dict[str, dict], judge: dict, finetune_dir: Path | Location) -> tuple[list[str], list[dict]]:
     judged = judge.get("runs", {}) if judge.get("status") == "ran" else {}
     test_sets = sorted({s for r in judged.values() for s in r["per_set"]})
     columns = BASE_COLUMNS + [f"pws_{s}" for s in test_sets] + (["pws_all"] if judged else [])
@@ -55,12 +57,12 @@ def _fmt(value, digits: int | None = None) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def write_comparison(eval_dir: Path, finetune_dir: Path) -> list[dict]:
+def write_comparison(eval_dir: Path, finetune_dir: Path | Location) -> list[dict]:
     runs = json.loads((eval_dir / "runs.json").read_text())
     judge = json.loads((eval_dir / "judge.json").read_text())
     columns, rows = comparison_rows(runs, judge, finetune_dir)
     with (eval_dir / "compare.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows({c: _fmt(r.get(c)) for c in columns} for r in rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -78,7 +80,7 @@ def write_comparison(eval_dir: Path, finetune_dir: Path) -> list[dict]:
     return rows
 
 
-def _plots(eval_dir: Path, finetune_dir: Path, rows: list[dict]) -> None:
+def _plots(eval_dir: Path, finetune_dir: Path | Location, rows: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

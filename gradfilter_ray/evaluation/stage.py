@@ -4,13 +4,16 @@ against the reference scorer's run at the same ratio; finally the comparison tab
 
 Outputs under ``output_dir/eval/``: ``runs/{run}/generations.jsonl`` (test_set, id, instruction, input, answer),
 ``runs/{run}/heldout.json``, ``runs/{run}/judge_vs_{reference}.jsonl`` (per prompt outcome) and the comparison
-files. The judge's cache lives at ``output_dir/.judge_cache.jsonl`` so a re-run pays for no pair twice.
+files, built by the driver in a local folder and written to ``output_dir/eval/`` at the end (they are small); the
+models are read by the actors. The judge's cache lives at ``output_dir/.judge_cache.jsonl`` so a re-run pays for no
+pair twice.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +23,7 @@ import pyarrow as pa
 
 from gradfilter_ray.config import Config, EvaluationConfig, build
 from gradfilter_ray.rundir import RunDir
-from gradfilter_ray.storage import Shared
+from gradfilter_ray.storage import Location
 
 GENERATE, HELDOUT = "generate", "heldout"
 JUDGE_CACHE = ".judge_cache.jsonl"
@@ -29,9 +32,7 @@ JUDGE_CACHE = ".judge_cache.jsonl"
 class ModelEvaluator:
     """Ray Data callable class: loads one fine-tuned model once, then answers prompts and scores references."""
 
-    def __init__(self, model: Shared, evaluation: dict, max_length: int) -> None:
-        import tempfile
-
+    def __init__(self, model: Location, evaluation: dict, max_length: int) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -43,12 +44,9 @@ class ModelEvaluator:
         self.device = pick_device(ev.gpus_per_actor)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         model_dir = model.path
-        if model.filesystem is not None:  # an object-store run directory: fetch the folder to this node first
-            import pyarrow.fs as pafs
-
+        if not model.is_local:  # an object-store run directory: fetch the folder to this node first
             self._download = tempfile.TemporaryDirectory(prefix="gfr-eval-model-")
-            model_dir = self._download.name
-            pafs.copy_files(model.path, model_dir, source_filesystem=model.filesystem)
+            model_dir = str(model.get(Path(self._download.name) / "model"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -110,7 +108,7 @@ def evaluation_rows(ev: EvaluationConfig) -> list[dict]:
     return rows
 
 
-def evaluate_model(cfg: Config, model: Shared, rows: list[dict]) -> pa.Table:
+def evaluate_model(cfg: Config, model: Location, rows: list[dict]) -> pa.Table:
     import ray.data
 
     ev = cfg.evaluation
@@ -159,7 +157,7 @@ def _read_generations(path: Path) -> dict[tuple[str, str], dict]:
         return {(r["test_set"], r["id"]): r for r in map(json.loads, fh)}
 
 
-def judge_runs(cfg: Config, rundir: RunDir, eval_dir: Path, runs: dict[str, dict], log=print) -> dict:
+def judge_runs(cfg: Config, cache: Path, eval_dir: Path, runs: dict[str, dict], log=print) -> dict:
     """Judge every run against the reference scorer's run at the same ratio, both answer orders per prompt."""
     from gradfilter_ray.evaluation import pws
     from gradfilter_ray.evaluation.judge import JudgeClient, judge_pair
@@ -174,7 +172,7 @@ def judge_runs(cfg: Config, rundir: RunDir, eval_dir: Path, runs: dict[str, dict
         os.environ.get(j.api_key_env) or None,
         timeout_s=j.timeout_s,
         max_retries=j.max_retries,
-        cache_path=rundir.root / JUDGE_CACHE,
+        cache_path=cache,
     )
     results = {}
     for run, info in runs.items():
@@ -207,28 +205,35 @@ def judge_runs(cfg: Config, rundir: RunDir, eval_dir: Path, runs: dict[str, dict
     return {"status": "ran", "model": j.model, "runs": results}
 
 
-def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
+def run(cfg: Config, run: RunDir, key: str) -> dict:
     from gradfilter_ray.evaluation.compare import write_comparison
 
-    summary = json.loads((rundir.finetune / "summary.json").read_text())
-    eval_dir = staged / "eval"
-    eval_dir.mkdir(parents=True)
+    summary = json.loads((run.finetune / "summary.json").read_text())
     rows = evaluation_rows(cfg.evaluation)
-    runs = {}
-    for run_name, train in summary["runs"].items():
-        table = evaluate_model(cfg, rundir.shared(f"{rundir.finetune.name}/{run_name}/model"), rows)
-        scorer, _, ratio = run_name.rpartition("_")
-        info = {
-            "scorer": scorer or run_name,
-            "ratio": float(ratio) if scorer else 1.0,
-            "n_train": train["rows_trained"],
-        }
-        runs[run_name] = {**info, **_write_run(eval_dir / "runs" / run_name, table)}
-    judge = judge_runs(cfg, rundir, eval_dir, runs)
-    (eval_dir / "judge.json").write_text(json.dumps(judge, indent=2))
-    (eval_dir / "runs.json").write_text(json.dumps(runs, indent=2))
-    write_comparison(eval_dir, rundir.finetune)
-    return ["eval"], {
+    with tempfile.TemporaryDirectory(prefix="gfr-eval-") as tmp:
+        eval_dir = Path(tmp) / "eval"
+        eval_dir.mkdir()
+        runs = {}
+        for run_name, train in summary["runs"].items():
+            table = evaluate_model(cfg, run.finetune / run_name / "model", rows)
+            scorer, _, ratio = run_name.rpartition("_")
+            info = {
+                "scorer": scorer or run_name,
+                "ratio": float(ratio) if scorer else 1.0,
+                "n_train": train["rows_trained"],
+            }
+            runs[run_name] = {**info, **_write_run(eval_dir / "runs" / run_name, table)}
+        cache = Path(tmp) / JUDGE_CACHE
+        if cfg.evaluation.judge.base_url and run.judge_cache.exists():
+            run.judge_cache.get(cache)
+        judge = judge_runs(cfg, cache, eval_dir, runs)
+        if cache.exists():
+            run.judge_cache.put(cache)
+        (eval_dir / "judge.json").write_text(json.dumps(judge, indent=2))
+        (eval_dir / "runs.json").write_text(json.dumps(runs, indent=2))
+        write_comparison(eval_dir, run.finetune)
+        run.eval.put(eval_dir)
+    return {
         "runs": len(runs),
         "prompts": sum(r["kind"] == GENERATE for r in rows),
         "heldout_examples": sum(r["kind"] == HELDOUT for r in rows),

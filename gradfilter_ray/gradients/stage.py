@@ -1,9 +1,9 @@
 """Extraction stage (Ray shell): stream the corpus through per-example LoRA gradient norms on an actor pool.
 
-Each `NormExtractor` actor loads the frozen proxy once and all 2M adapters (M members x early/late), tokenises
-each incoming batch once, sorts it by length (less padding), and for every sub-batch runs the batched exact-norm
-kernel once per adapter. The adapters travel to the actors as bytes through Ray's object store, so extraction
-works on nodes that cannot see the ensemble's output folder.
+Each `NormExtractor` actor loads the frozen proxy once and all 2M adapters (M members x early/late, read by the
+actor itself from ``output_dir/ensemble/``), tokenises each incoming batch once, sorts it by length (less padding),
+and for every sub-batch runs the batched exact-norm kernel once per adapter. The actors' output goes straight to
+``output_dir/gradients/``; the driver reads only the id columns, to check every row came out exactly once.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import pyarrow as pa
 
 from gradfilter_ray.config import Config, GradientsConfig, ProxyConfig, build
 from gradfilter_ray.rundir import RunDir
-from gradfilter_ray.runtime import IO_REMOTE_ARGS
+from gradfilter_ray.runtime import IO_REMOTE_ARGS, run_as_task
+from gradfilter_ray.storage import Location
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -55,13 +56,13 @@ def adapter_name(member: int, checkpoint: str) -> str:
     return f"m{member}_{checkpoint}"
 
 
-def read_adapters(rundir: RunDir, members: int, early: int, late: int) -> dict[str, dict[str, bytes]]:
-    adapters = {}
-    for m in range(members):
-        for checkpoint, epoch in (("early", early), ("late", late)):
-            folder = rundir.member_epoch(m, epoch)
-            adapters[adapter_name(m, checkpoint)] = {f: (folder / f).read_bytes() for f in ADAPTER_FILES}
-    return adapters
+def adapter_locations(ensemble: Location, members: int, early: int, late: int) -> dict[str, Location]:
+    """adapter name -> its folder under `ensemble/` (member m's early and late epochs)."""
+    return {
+        adapter_name(m, checkpoint): ensemble / f"member_{m}" / f"epoch_{epoch}"
+        for m in range(members)
+        for checkpoint, epoch in (("early", early), ("late", late))
+    }
 
 
 def _list_column(values: np.ndarray) -> pa.Array:
@@ -79,7 +80,7 @@ class NormExtractor:
         proxy: dict,
         gradients: dict,
         members: int,
-        adapters: dict[str, dict[str, bytes]],
+        adapters: dict[str, Location],
         test_hook_dir: str | None = None,
     ) -> None:
         import torch
@@ -98,12 +99,10 @@ class NormExtractor:
         # folder kept for the actor's lifetime would be left behind in /tmp by every extraction.
         with tempfile.TemporaryDirectory(prefix="gfr-adapters-") as tmp:
             folders = {}
-            for name, files in adapters.items():
-                folder = Path(tmp) / name
-                folder.mkdir()
-                for filename, payload in files.items():
-                    (folder / filename).write_bytes(payload)
-                folders[name] = folder
+            for name, where in adapters.items():
+                folders[name] = Path(tmp) / name
+                for filename in ADAPTER_FILES:
+                    (where / filename).get(folders[name] / filename)
             self.model = load_adapters(base, folders)
         self._hook_dir = Path(test_hook_dir) if test_hook_dir else None
         self._calls = 0
@@ -201,18 +200,33 @@ def check_exactly_once(input_ids: np.ndarray, output_ids: np.ndarray) -> None:
         raise RuntimeError(f"gradients output lost {len(missing)} ids and invented {len(extra)}")
 
 
-def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
+def audit_output(data: Location, out: Location) -> dict:
+    """Check the written table holds every input id exactly once; its row and token counts."""
     import pyarrow.parquet as pq
+
+    def read(where: Location, columns: list[str]):
+        return pq.read_table(where.path, columns=columns, filesystem=where.filesystem)
+
+    written = read(out, ["id", "n_tokens", "n_response_tokens"])
+    check_exactly_once(read(data, ["id"])["id"].to_numpy(), written["id"].to_numpy())
+    return {
+        "rows": written.num_rows,
+        "tokens": int(np.sum(written["n_tokens"].to_numpy())),
+        "rows_no_response_tokens": int(np.sum(written["n_response_tokens"].to_numpy() == 0)),
+    }
+
+
+def run(cfg: Config, run: RunDir, key: str) -> dict:
     import ray.data
 
     ens, grads = cfg.ensemble, cfg.gradients
-    adapters = read_adapters(rundir, ens.members, ens.early_epoch, ens.late_epoch)
-    data = rundir.shared("data")
+    adapters = adapter_locations(run.ensemble, ens.members, ens.early_epoch, ens.late_epoch)
+    data = run.data
     ds = ray.data.read_parquet(
         data.path,
         filesystem=data.filesystem,
         columns=["id", "instruction", "input", "output"],
-        ray_remote_args=IO_REMOTE_ARGS,
+        **IO_REMOTE_ARGS,
     )
     gpu_args = {"num_gpus": grads.gpus_per_actor} if grads.gpus_per_actor > 0 else {}
     ds = ds.map_batches(
@@ -233,21 +247,18 @@ def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
         **gpu_args,
     )
     started = time.perf_counter()
-    with rundir.worker_output(staged, "gradients") as target:
-        ds.write_parquet(target.path, filesystem=target.filesystem, ray_remote_args=IO_REMOTE_ARGS)
-        seconds = time.perf_counter() - started
-    out = staged / "gradients"
+    out = run.gradients
+    ds.write_parquet(out.path, filesystem=out.filesystem, ray_remote_args=IO_REMOTE_ARGS)
+    seconds = time.perf_counter() - started
 
-    written = pq.read_table(out, columns=["id", "n_tokens", "n_response_tokens"])
-    check_exactly_once(pq.read_table(rundir.data, columns=["id"])["id"].to_numpy(), written["id"].to_numpy())
-    rows = written.num_rows
-    tokens = int(np.sum(written["n_tokens"].to_numpy()))
-    return ["gradients"], {
+    audit = run_as_task(audit_output, data, out)
+    rows = audit["rows"]
+    return {
         "rows": rows,
-        "rows_no_response_tokens": int(np.sum(written["n_response_tokens"].to_numpy() == 0)),
+        "rows_no_response_tokens": audit["rows_no_response_tokens"],
         "adapters": len(adapters),
         "seconds_streaming": round(seconds, 2),
         "examples_per_s": round(rows / seconds, 2),
-        "tokens_per_s": round(tokens / seconds, 1),
+        "tokens_per_s": round(audit["tokens"] / seconds, 1),
         "norms_per_s": round(rows * len(adapters) / seconds, 2),
     }

@@ -1,6 +1,7 @@
-"""Score and select stages (shells): stream the gradients table through the pure scorers, then pick subsets.
+"""Score and select stages: stream the gradients table through the pure scorers, then pick subsets.
 
-Both stages stream record batches (memory flat in corpus size): `score` writes one row per example with every
+Each stage's pass runs as one Ray task next to the data (the driver holds no table). Both stream record batches
+(memory flat in corpus size): `score` writes one row per example with every
 G-SNR component, every ablation and every baseline's score; `select` finds each (scorer, ratio)'s exact top-k
 boundary in a first pass over two columns (bounded candidate set, no global sort) and filters in a second pass
 that writes every selection at once while reading the corpus a single time.
@@ -9,7 +10,6 @@ that writes every selection at once while reading the corpus a single time.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,10 +18,12 @@ import pyarrow.parquet as pq
 
 from gradfilter_ray.config import Config
 from gradfilter_ray.data.formats import original_record
-from gradfilter_ray.parquet_stream import stream_batches
+from gradfilter_ray.parquet_stream import parquet_files, stream_batches
 from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.runtime import run_as_task
 from gradfilter_ray.scoring import baselines, gsnr
 from gradfilter_ray.scoring.selection import TopKBoundary, k_for_ratio, mask_from_threshold
+from gradfilter_ray.storage import Location
 
 # scorer -> (score column, eligibility column) in scores.parquet; every score ranks descending.
 BASELINES = {
@@ -86,20 +88,21 @@ def score_batch(batch: pa.RecordBatch, eps: float, random_seed: int) -> pa.Table
     return pa.table(columns)
 
 
-def run_score(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
-    for name in cfg.scoring.scorers:
+def score_gradients(gradients: Location, scores: Location, scorers: list[str], eps: float, random_seed: int) -> dict:
+    """gradients/ -> scores.parquet (one row per example, every component and every scorer); returns counts."""
+    for name in scorers:
         if name != "full":
             scorer_columns(name)
     writer = None
     rows = eligible = 0
     reasons: dict[str, int] = {}
     try:
-        for batch in stream_batches(rundir.gradients):
+        for batch in stream_batches(gradients):
             if batch.num_rows == 0:
                 continue
-            scored = score_batch(batch, cfg.scoring.eps, cfg.scoring.random_seed)
+            scored = score_batch(batch, eps, random_seed)
             if writer is None:
-                writer = pq.ParquetWriter(staged / "scores.parquet", scored.schema)
+                writer = pq.ParquetWriter(scores.path, scored.schema, filesystem=scores.filesystem)
             writer.write_table(scored)
             rows += scored.num_rows
             eligible += int(pc.sum(scored["eligible"]).as_py() or 0)
@@ -109,8 +112,8 @@ def run_score(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dic
         if writer is not None:
             writer.close()
     if writer is None:
-        raise RuntimeError(f"{rundir.gradients} holds no rows to score")
-    return ["scores.parquet"], {
+        raise RuntimeError(f"{gradients} holds no rows to score")
+    return {
         "rows": rows,
         "rows_eligible": eligible,
         "rows_ineligible": rows - eligible,
@@ -118,12 +121,17 @@ def run_score(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dic
     }
 
 
+def run_score(cfg: Config, run: RunDir, key: str) -> dict:
+    s = cfg.scoring
+    return run_as_task(score_gradients, run.gradients, run.scores, list(s.scorers), s.eps, s.random_seed)
+
+
 def selection_name(scorer: str, ratio: float) -> str:
     return f"{scorer}_{ratio:g}"
 
 
-def _column_chunks(path: Path, columns: list[str]):
-    for batch in stream_batches(path, columns):
+def _column_chunks(where: Location, columns: list[str]):
+    for batch in stream_batches(where, columns):
         yield {c: batch.column(c).to_numpy(zero_copy_only=False) for c in columns}
 
 
@@ -184,7 +192,7 @@ def _lookup(ids: np.ndarray, sorted_set: np.ndarray) -> tuple[np.ndarray, np.nda
     return sorted_set[pos] == ids, pos
 
 
-def _top_rows(scores_path: Path, scorer: str, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _top_rows(scores_path: Location, scorer: str, k: int) -> tuple[np.ndarray, np.ndarray, int]:
     """The exact top k rows of one scorer (ties -> smaller id) in two streaming reads of its three columns: one
     finds the boundary, one collects the rows inside it. Returns (ids, scores, eligible count)."""
     score_col, elig_col = scorer_columns(scorer)
@@ -205,7 +213,7 @@ def _top_rows(scores_path: Path, scorer: str, k: int) -> tuple[np.ndarray, np.nd
     return np.concatenate(ids), np.concatenate(scores), n_eligible
 
 
-def select_ids(scores_path: Path, plan: dict[str, dict[str, int]]) -> tuple[Selections, dict]:
+def select_ids(scores_path: Location, plan: dict[str, dict[str, int]]) -> tuple[Selections, dict]:
     """Exact top-k (ties -> smaller id) of every planned selection. One scorer at a time (so only one boundary's
     candidates are alive), each at its largest k; the smaller ks are ranked inside those rows. Returns the
     selections and name -> counts."""
@@ -227,40 +235,48 @@ def select_ids(scores_path: Path, plan: dict[str, dict[str, int]]) -> tuple[Sele
     return selections, counts
 
 
-def run_select(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
-    scores_path = rundir.root / "scores.parquet"
-    n_base = sum(int(c["base_eligible"].sum()) for c in _column_chunks(scores_path, ["base_eligible"]))
-    plan = selection_plan(cfg.scoring.scorers, cfg.selection.ratios, n_base)
-    selections, counts = select_ids(scores_path, plan)
-    write_selections(rundir, selections, staged / "selected")
-    return ["selected"], {"rows_with_response": n_base, "selections": counts}
+def select_and_write(scores: Location, data: Location, out: Location, scorers: list[str], ratios: list[float]) -> dict:
+    n_base = sum(int(c["base_eligible"].sum()) for c in _column_chunks(scores, ["base_eligible"]))
+    plan = selection_plan(scorers, ratios, n_base)
+    selections, counts = select_ids(scores, plan)
+    write_selections(data, selections, out)
+    return {"rows_with_response": n_base, "selections": counts}
 
 
-def write_selections(rundir: RunDir, selections: Selections, out: Path) -> None:
+def run_select(cfg: Config, run: RunDir, key: str) -> dict:
+    args = (run.scores, run.data, run.selected, list(cfg.scoring.scorers), list(cfg.selection.ratios))
+    return run_as_task(select_and_write, *args)
+
+
+def write_selections(data: Location, selections: Selections, out: Location) -> None:
     """One pass over the corpus writes every selection: JSONL in the input's own keys plus a Parquet twin."""
-    out.mkdir(parents=True)
+    out.make_dir()
     names = selections.names()
-    jsonl = {name: (out / f"{name}.jsonl").open("w", encoding="utf-8") for name in names}
+    jsonl = {name: (out / f"{name}.jsonl").open_output() for name in names}
     writers: dict[str, pq.ParquetWriter] = {}
     try:
-        for batch in stream_batches(rundir.data):
+        for batch in stream_batches(data):
             ids = batch.column("id").to_numpy()
             for name in names:
                 mask = selections.mask(name, ids)
                 if not mask.any():
                     continue
                 chosen = pa.Table.from_batches([batch.filter(pa.array(mask))])
-                for row in chosen.to_pylist():
-                    jsonl[name].write(json.dumps(original_record(row), ensure_ascii=False) + "\n")
+                lines = "".join(
+                    json.dumps(original_record(row), ensure_ascii=False) + "\n" for row in chosen.to_pylist()
+                )
+                jsonl[name].write(lines.encode("utf-8"))
                 if name not in writers:
-                    writers[name] = pq.ParquetWriter(out / f"{name}.parquet", chosen.schema)
+                    where = out / f"{name}.parquet"
+                    writers[name] = pq.ParquetWriter(where.path, chosen.schema, filesystem=where.filesystem)
                 writers[name].write_table(chosen)
     finally:
         for fh in jsonl.values():
             fh.close()
         for writer in writers.values():
             writer.close()
-    schema = pq.read_schema(next(iter(Path(rundir.data).glob("*.parquet"))))
+    schema = pq.ParquetFile(parquet_files(data)[0].open_input()).schema_arrow
     for name in names:
         if name not in writers:  # an empty selection still gets its (empty) Parquet twin
-            pq.write_table(schema.empty_table(), out / f"{name}.parquet")
+            where = out / f"{name}.parquet"
+            pq.write_table(schema.empty_table(), where.path, filesystem=where.filesystem)

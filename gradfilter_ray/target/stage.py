@@ -4,32 +4,36 @@ For each subset (scorer x ratio, plus `full` when asked) the workers read the se
 ``selected/{name}.parquet`` (output_dir must be reachable from every node), tokenise them with the target's
 tokenizer and train with `loop.train_steps`. A resumable DeepSpeed checkpoint goes through ``ray.train.report``
 every ``checkpoint_every_steps`` steps and at each epoch's end; a re-run of fit() with the same name resumes from
-the latest one, and a failed worker group is restarted from it (FailureConfig). The last report carries the
-consolidated model (``model/``, safetensors) and ``train_loss.csv``. A finished subset is kept under
-``output_dir/.finetune_done/`` until the stage commits, so a crash loses at most the subset in flight (with an
-object-store output_dir the holding area is uploaded too, and removed only once the stage is published).
+the latest one, and a failed worker group is restarted from it (FailureConfig). Rank 0 writes the consolidated
+model (``model/``, safetensors), ``train_loss.csv`` and ``train_summary.json`` straight to
+``output_dir/finetune/{subset}/`` (no copy through the driver) and, last, a ``_done`` marker holding the stage key:
+a subset with that marker is finished, so a crash loses at most the subset in flight.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 import tempfile
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 
 from gradfilter_ray.config import Config, TargetConfig, build
 from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.runtime import sigint_restored
+from gradfilter_ray.storage import Location
 
 DS_TAG = "ds"
 STATE_FILE = "trainer_state.json"
 LOSS_CSV = "train_loss.csv"
 MODEL_DIR = "model"
 SUMMARY = "train_summary.json"
-HELD_MARKER = ".held-complete"  # written after the last file of a subset uploaded to an object store
+DONE_MARKER = "_done"  # written after a subset's last file; holds the stage key it was trained under
+
+
+def subset_finished(out: Location, key: str) -> bool:
+    marker = out / DONE_MARKER
+    return marker.exists() and marker.read_text().strip() == key
 
 
 def subset_names(cfg: Config) -> list[str]:
@@ -44,7 +48,7 @@ def subset_names(cfg: Config) -> list[str]:
 
 def _write_loss_csv(path: Path, losses: list[list[float]]) -> None:
     with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
+        writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["step", "loss"])
         writer.writerows((int(step), f"{loss:.8g}") for step, loss in losses)
 
@@ -76,14 +80,13 @@ def finetune_worker(config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
+    out: Location = config["out"]
+    if subset_finished(out, config["key"]):
+        return  # finished before a restart
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as saved:
-            if (Path(saved) / MODEL_DIR).exists():
-                return  # finished before a restart: the driver takes the model from this checkpoint
 
     tokenizer = load_tokenizer(target.model)
-    subset = config["subset"]  # a RunDir.shared location: this worker may be on any node
+    subset = config["subset"]  # a Location: this worker may be on any node
     table = pq.read_table(subset.path, filesystem=subset.filesystem, columns=["instruction", "input", "output"])
     rows = tokenize_subset(tokenizer, table, target.max_length)
     plan = plan_training(len(rows), target, world)
@@ -149,30 +152,30 @@ def finetune_worker(config: dict) -> None:
             "method": target.method,
         }
         (Path(tmp) / SUMMARY).write_text(json.dumps(summary, indent=2))
-        ray.train.report(
-            {"step": plan.total_steps, "finished": 1}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
-        )
+        out.put(Path(tmp))
+    (out / DONE_MARKER).write_text(config["key"])
+    ray.train.report({"step": plan.total_steps, "finished": 1})
 
 
-def trainer_name(cfg: Config, subset: str) -> str:
-    from gradfilter_ray.pipeline import stage_key
-
-    return f"finetune-{stage_key('finetune', cfg)}-{subset}"
+def trainer_name(key: str, subset: str) -> str:
+    return f"finetune-{key}-{subset}"
 
 
-def build_trainer(cfg: Config, rundir: RunDir, subset: str, stop_after_steps: int | None = None):
+def build_trainer(cfg: Config, run: RunDir, key: str, subset: str, stop_after_steps: int | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
     t = cfg.target
     use_gpu = t.gpus_per_worker > 0
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if use_gpu else {})}
-    storage = rundir.shared(rundir.finetune_train_state.name)
+    storage = run.finetune_train_state
     return TorchTrainer(
         finetune_worker,
         train_loop_config={
             "target": asdict(t),
-            "subset": rundir.shared(f"{rundir.selected.name}/{subset}.parquet"),
+            "subset": run.selected / f"{subset}.parquet",
+            "out": run.finetune / subset,
+            "key": key,
             "torch_threads": max(1, int(t.cpus_per_worker)),
             "stop_after_steps": stop_after_steps,
         },
@@ -180,7 +183,7 @@ def build_trainer(cfg: Config, rundir: RunDir, subset: str, stop_after_steps: in
             num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
-            name=trainer_name(cfg, subset),
+            name=trainer_name(key, subset),
             storage_path=storage.path,
             storage_filesystem=storage.filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
@@ -189,76 +192,35 @@ def build_trainer(cfg: Config, rundir: RunDir, subset: str, stop_after_steps: in
     )
 
 
-def _finish_subset(result, done_dir: Path) -> dict:
-    """Copy the final checkpoint's model and curve into the crash-safe holding area (atomic rename)."""
-    tmp = done_dir.with_name(f".{done_dir.name}.{uuid.uuid4().hex}")
-    with result.checkpoint.as_directory() as saved:
-        if not (Path(saved) / MODEL_DIR).exists():
-            raise RuntimeError(f"the last checkpoint of {done_dir.name} holds no model: training did not finish")
-        shutil.copytree(
-            Path(saved), tmp, ignore=shutil.ignore_patterns(DS_TAG, STATE_FILE, "latest", "zero_to_fp32.py")
-        )
-    os.replace(tmp, done_dir)
-    return json.loads((done_dir / SUMMARY).read_text())
-
-
-def hold(rundir: RunDir, done_dir: Path) -> None:
-    """On an object store, keep a finished subset there as well, so that a new driver does not train it again.
-    Uploads are not atomic: a marker written after the last file says the copy is whole."""
-    if rundir.store is None:
-        return
-    rel = done_dir.relative_to(rundir.root).as_posix()
-    rundir.store.upload(done_dir, rel)
-    rundir.store.write_text(f"{rel}/{HELD_MARKER}", "complete\n")
-
-
-def fetch_held(rundir: RunDir, done_dir: Path) -> bool:
-    """Bring a subset that an earlier driver finished (and held in the object store) into the local holding area."""
-    if rundir.store is None or (done_dir / SUMMARY).exists():
-        return False
-    rel = done_dir.relative_to(rundir.root).as_posix()
-    if not rundir.store.exists(f"{rel}/{HELD_MARKER}"):
-        return False
-    tmp = done_dir.with_name(f".{done_dir.name}.{uuid.uuid4().hex}")
-    rundir.store.download(rel, tmp)
-    (tmp / HELD_MARKER).unlink()
-    shutil.rmtree(done_dir, ignore_errors=True)
-    os.replace(tmp, done_dir)  # whole or absent: a download cut short is never taken for a finished subset
-    return True
-
-
-def run(cfg: Config, rundir: RunDir, staged: Path) -> tuple[list[str], dict]:
+def run(cfg: Config, run: RunDir, key: str) -> dict:
     import pyarrow.parquet as pq
 
-    from gradfilter_ray.pipeline import stage_key
-
-    holding = rundir.finetune_done / stage_key("finetune", cfg)
-    holding.mkdir(parents=True, exist_ok=True)
     runs, skipped = {}, {}
     for subset in subset_names(cfg):
-        path = rundir.selected / f"{subset}.parquet"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist: is '{subset}' among scoring.scorers x selection.ratios?")
-        if pq.ParquetFile(path).metadata.num_rows == 0:
-            skipped[subset] = "empty selection"
-            continue
-        done_dir = holding / subset
-        if not (done_dir / SUMMARY).exists() and not fetch_held(rundir, done_dir):
-            result = build_trainer(cfg, rundir, subset).fit()
+        selected = run.selected / f"{subset}.parquet"
+        if not selected.exists():
+            raise FileNotFoundError(
+                f"{selected} does not exist: is '{subset}' among scoring.scorers x selection.ratios?"
+            )
+        with selected.open_input() as handle:
+            if pq.ParquetFile(handle).metadata.num_rows == 0:
+                skipped[subset] = "empty selection"
+                continue
+        out = run.finetune / subset
+        if not subset_finished(out, key):
+            out.delete()  # left by a run under another key, or cut short
+            with sigint_restored():
+                result = build_trainer(cfg, run, key, subset).fit()
             if result.error is not None:
                 raise result.error
-            _finish_subset(result, done_dir)
-            hold(rundir, done_dir)
-            rundir.remove_shared(f"{rundir.finetune_train_state.name}/{trainer_name(cfg, subset)}")
-        runs[subset] = json.loads((done_dir / SUMMARY).read_text())
-    out = staged / "finetune"
-    out.mkdir(parents=True)
-    for subset in runs:
-        os.replace(holding / subset, out / subset)  # a rename: commit follows at once
-    shutil.rmtree(rundir.finetune_done, ignore_errors=True)
-    rundir.on_finish(lambda: rundir.remove_shared(rundir.finetune_done.name))  # the store's copy: once published
-    (out / "summary.json").write_text(json.dumps({"runs": runs, "skipped": skipped}, indent=2))
-    return ["finetune"], {
+            if not subset_finished(out, key):
+                raise RuntimeError(f"fine-tuning {subset} ended without writing its model to {out}")
+            (run.finetune_train_state / trainer_name(key, subset)).delete()
+        runs[subset] = json.loads((out / SUMMARY).read_text())
+    for stale in set(run.finetune.children()) - set(runs) - {"summary.json"}:
+        (run.finetune / stale).delete()  # subsets of an earlier config: not this stage's output
+    (run.finetune / "summary.json").write_text(json.dumps({"runs": runs, "skipped": skipped}, indent=2))
+    return {
         "runs": len(runs),
         "skipped": skipped,
         "steps": {s: r["total_steps"] for s, r in runs.items()},
