@@ -652,14 +652,14 @@ def timed_ray_stage(cfg: Config, root: Path, log_path: Path) -> tuple[float, Tre
     from gradfilter_ray.rundir import RunDir
 
     rundir = RunDir(str(root))
-    key = pipeline.stage_key("extract", cfg)
+    key = pipeline.stage_key("gradients", cfg)
     log_path.write_text("")
     original = getattr(stage, "NormExtractor", None)
     try:
         if original is not None:
             stage.NormExtractor = timed_extractor_class(str(log_path))
         # as the pipeline runs it: the previous run's gradients/ removed first, then written in place
-        rundir.begin_stage("extract", key, pipeline.STAGES["extract"].writes)
+        rundir.begin_stage("gradients", key, pipeline.STAGES["gradients"].writes)
         with TreeCPU() as tc:
             began = time.time()
             w0 = time.perf_counter()

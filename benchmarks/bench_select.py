@@ -99,7 +99,7 @@ def child(root: str) -> None:
     scorers, s = list(cfg.scoring.scorers), cfg.scoring
     passes = {  # what run_score / run_select run as one Ray task each
         "score": lambda: score_gradients(run.gradients, run.scores, scorers, s.eps, s.random_seed),
-        "select": lambda: select_and_write(run.scores, run.data, run.selected, scorers, list(cfg.selection.ratios)),
+        "select": lambda: select_and_write(run.scores, run.data, run.selection, scorers, list(cfg.selection.ratios)),
     }
     timings = {}
     for name, fn in passes.items():

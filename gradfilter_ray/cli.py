@@ -1,4 +1,4 @@
-"""Command line: `gradfilter-ray run|ingest|ensemble|extract|score|select|finetune|evaluate|report`.
+"""Command line: `gradfilter-ray run|data|ensemble|gradients|scoring|selection|report|finetune|evaluation|compare`.
 
 One code path for `make run`, `ray job submit` and a KubeRay RayJob: parse, load and validate the config, open a
 Ray session, run the stage table.
@@ -69,22 +69,22 @@ def _dry_run(cfg: Config, stages: list[str]) -> None:
 
 
 def _compare(run: RunDir) -> int:
-    """Rebuild eval/compare.* and the plots from what the run directory holds (whatever config produced it)."""
+    """Rebuild evaluation/compare.* and the plots from what the run directory holds (whatever config produced it)."""
     import tempfile
 
     from gradfilter_ray.evaluation.compare import write_comparison
 
-    if not (run.eval / "runs.json").exists():
-        print(f"error: {run.location} has no evaluated runs: run `gradfilter-ray evaluate` first", file=sys.stderr)
+    if not (run.evaluation / "runs.json").exists():
+        print(f"error: {run.location} has no evaluated runs: run `gradfilter-ray evaluation` first", file=sys.stderr)
         return EXIT_ORDER
     with tempfile.TemporaryDirectory(prefix="gfr-compare-") as tmp:
-        eval_dir = run.eval.get(Path(tmp) / "eval")
+        eval_dir = run.evaluation.get(Path(tmp) / "evaluation")
         rows = write_comparison(eval_dir, run.finetune)
         for name in ("compare.csv", "compare.md", "train_loss.png", "heldout_loss.png"):
             if (eval_dir / name).exists():
-                (run.eval / name).write_bytes((eval_dir / name).read_bytes())
+                (run.evaluation / name).write_bytes((eval_dir / name).read_bytes())
         table = (eval_dir / "compare.md").read_text()
-    print(f"compared {len(rows)} runs: {run.eval / 'compare.md'}")
+    print(f"compared {len(rows)} runs: {run.evaluation / 'compare.md'}")
     print(table)
     return 0
 
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ["run", *pipeline.STAGES, "compare"]:
         help_text = {
             "run": "run every stage in order",
-            "compare": "rebuild eval/compare.csv, compare.md and the plots from the run directory's outputs",
+            "compare": "rebuild evaluation/compare.csv, compare.md and the plots from the run directory's outputs",
         }.get(name, f"run the {name} stage alone")
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", "-c", help="YAML config file (see jobs/configs/)")

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from gradfilter_ray.scoring.scorers import SCORERS
 from gradfilter_ray.storage import StorageError, check_uri
 
 
@@ -150,35 +151,21 @@ class GradientsConfig:
             raise ConfigError("batch_size, num_actors and length_bucket_rows must be >= 1")
 
 
-SCORER_NAMES = (
-    "gsnr",
-    "early_magnitude",
-    "late_magnitude",
-    "abs_drop",
-    "rel_drop",
-    "drop_over_var",
-    "scale_free",
-    "random",
-    "ifd",
-    "length",
-    "full",
-)
-
-
 @dataclass(frozen=True)
 class ScoringConfig:
     eps: float = doc("Added to the late-checkpoint variance in G-SNR's denominator.", 1e-8)
     scorers: list[str] = doc(
-        "Scorers to select with: gsnr, its ablations (early_magnitude, late_magnitude, abs_drop, rel_drop, "
-        "drop_over_var, scale_free), and the baselines random, ifd (Superfiltering), length, full.",
-        default_factory=lambda: list(SCORER_NAMES),
+        "Scorers to select with (each is its column in scoring/scores.parquet): gsnr, its ablations (g_early, "
+        "g_late, drop_abs, drop_rel, drop_over_var, scale_free), and the baselines random, ifd (Superfiltering), "
+        "length.",
+        default_factory=lambda: list(SCORERS),
     )
     random_seed: int = doc("Seed of the random baseline.", 0)
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.scorers if s not in SCORER_NAMES]
+        unknown = [s for s in self.scorers if s not in SCORERS]
         if unknown:
-            raise ConfigError(f"unknown scorer(s) {unknown}; valid: {list(SCORER_NAMES)}")
+            raise ConfigError(f"unknown scorer(s) {unknown}; valid: {list(SCORERS)}")
         if not self.eps >= 0:
             raise ConfigError("eps must be >= 0")
 
@@ -193,7 +180,7 @@ class SelectionConfig:
 
 
 @dataclass(frozen=True)
-class TargetConfig:
+class FinetuneConfig:
     model: ModelSpec = doc(
         "The target LM fine-tuned on each subset.",
         default_factory=lambda: ModelSpec(name_or_path="meta-llama/Llama-2-7b-hf"),
@@ -202,7 +189,7 @@ class TargetConfig:
     method: Literal["full", "lora"] = doc("Full fine-tuning (paper) or LoRA (saved merged into the model).", "full")
     lora_rank: int = doc("LoRA rank when method is lora.", 16)
     lora_alpha: float = doc("LoRA alpha when method is lora.", 32.0)
-    zero_stage: Literal[2, 3] = doc("DeepSpeed ZeRO stage (templates: gradfilter_ray/target/zero{2,3}.json).", 3)
+    zero_stage: Literal[2, 3] = doc("DeepSpeed ZeRO stage (templates: gradfilter_ray/finetune/zero{2,3}.json).", 3)
     offload_optimizer: bool = doc("ZeRO CPU offload of optimizer state.", False)
     learning_rate: float = doc("Peak learning rate (Superfiltering recipe: 2e-5 for 7B, 1e-5 for 13B).", 2e-5)
     weight_decay: float = doc("AdamW weight decay.", 0.0)
@@ -223,11 +210,12 @@ class TargetConfig:
     )
     gradient_checkpointing: bool = doc("Recompute activations in backward (needed for 7B/13B at length 2048).", True)
     max_failures: int = doc("Ray Train restarts of a failed worker group (resumes from the last checkpoint).", 1)
-    subsets: list[str] = doc(
-        "Which selections to fine-tune on, as scorer names ('full' adds the whole dataset).",
+    scorers: list[str] = doc(
+        "Fine-tune on the selections of these scorers (one run per scorer and ratio).",
         default_factory=lambda: ["gsnr", "random", "ifd"],
     )
-    ratios: list[float] | None = doc("Which selection ratios to fine-tune at; None = every selection.ratios.", None)
+    ratios: list[float] | None = doc("Fine-tune at these selection ratios; None = every selection.ratios.", None)
+    full: bool = doc("Also fine-tune on the whole dataset (the run named 'full').", False)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.effective_batch_size < 1 or self.micro_batch_size < 1 or self.num_workers < 1:
@@ -236,9 +224,9 @@ class TargetConfig:
             raise ConfigError("warmup_ratio must be in [0, 1)")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or self.checkpoint_every_steps < 0:
             raise ConfigError("cpus_per_worker must be > 0; gpus_per_worker and checkpoint_every_steps >= 0")
-        unknown = [s for s in self.subsets if s not in SCORER_NAMES]
+        unknown = [s for s in self.scorers if s not in SCORERS]
         if unknown:
-            raise ConfigError(f"subsets: unknown scorer(s) {unknown}; valid: {list(SCORER_NAMES)}")
+            raise ConfigError(f"scorers: unknown scorer(s) {unknown}; valid: {list(SCORERS)}")
 
 
 @dataclass(frozen=True)
@@ -307,7 +295,7 @@ class Config:
     gradients: GradientsConfig = doc("Per-example gradient-norm extraction.", default_factory=GradientsConfig)
     scoring: ScoringConfig = doc("G-SNR and baselines.", default_factory=ScoringConfig)
     selection: SelectionConfig = doc("Subset sizes.", default_factory=SelectionConfig)
-    target: TargetConfig = doc("Target fine-tuning.", default_factory=TargetConfig)
+    finetune: FinetuneConfig = doc("Target fine-tuning.", default_factory=FinetuneConfig)
     evaluation: EvaluationConfig = doc("Evaluation of the fine-tuned targets.", default_factory=EvaluationConfig)
     ray: RayConfig = doc("Ray session.", default_factory=RayConfig)
 
@@ -318,12 +306,12 @@ class Config:
             check_uri(self.output_dir)
         except StorageError as exc:
             raise ConfigError(str(exc)) from None
-        missing = [r for r in self.target.ratios or [] if r not in self.selection.ratios]
+        missing = [r for r in self.finetune.ratios or [] if r not in self.selection.ratios]
         if missing:
-            raise ConfigError(f"target.ratios: {missing} are not among selection.ratios {self.selection.ratios}")
-        unscored = [s for s in self.target.subsets if s not in self.scoring.scorers]
+            raise ConfigError(f"finetune.ratios: {missing} are not among selection.ratios {self.selection.ratios}")
+        unscored = [s for s in self.finetune.scorers if s not in self.scoring.scorers]
         if unscored:
-            raise ConfigError(f"target.subsets: {unscored} are not among scoring.scorers {self.scoring.scorers}")
+            raise ConfigError(f"finetune.scorers: {unscored} are not among scoring.scorers {self.scoring.scorers}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

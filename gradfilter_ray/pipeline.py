@@ -12,15 +12,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradfilter_ray.config import Config, section_hash, to_dict
-from gradfilter_ray.data.stage import run as ingest
+from gradfilter_ray.data.stage import run as data
 from gradfilter_ray.ensemble.stage import run as ensemble
-from gradfilter_ray.evaluation.stage import run as evaluate
-from gradfilter_ray.gradients.stage import run as extract
+from gradfilter_ray.evaluation.stage import run as evaluation
+from gradfilter_ray.finetune.stage import run as finetune
+from gradfilter_ray.gradients.stage import run as gradients
 from gradfilter_ray.report import run as report
 from gradfilter_ray.rundir import RunDir, StageTimer
-from gradfilter_ray.scoring.stage import run_score as score
-from gradfilter_ray.scoring.stage import run_select as select
-from gradfilter_ray.target.stage import run as finetune
+from gradfilter_ray.scoring.stage import run_score as scoring
+from gradfilter_ray.scoring.stage import run_select as selection
 
 StageFn = Callable[[Config, RunDir, str], dict[str, Any]]
 
@@ -55,9 +55,9 @@ def _actors(c: Config) -> str:
 
 
 def _trainers(c: Config) -> str:
-    t = c.target
+    t = c.finetune
     each = f"({t.cpus_per_worker} CPU, {t.gpus_per_worker} GPU)"
-    return f"per subset {t.num_workers} Ray Train workers x {each}, ZeRO-{t.zero_stage}"
+    return f"per selection {t.num_workers} Ray Train workers x {each}, ZeRO-{t.zero_stage}"
 
 
 def _evaluators(c: Config) -> str:
@@ -67,14 +67,21 @@ def _evaluators(c: Config) -> str:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
-        Stage("ingest", ingest, (), ("data",), ("data", "rejects.parquet"), lambda c: "Ray Data tasks + 1 task"),
-        Stage("ensemble", ensemble, ("ingest",), ("proxy", "ensemble"), ("ensemble",), _members),
-        Stage("extract", extract, ("ingest", "ensemble"), ("proxy", "gradients.precision"), ("gradients",), _actors),
-        Stage("score", score, ("extract",), ("scoring",), ("scores.parquet",), lambda c: "1 Ray task"),
-        Stage("select", select, ("ingest", "score"), ("selection",), ("selected",), lambda c: "1 Ray task"),
-        Stage("report", report, ("ingest", "score", "select"), (), ("report",), lambda c: "1 Ray task"),
-        Stage("finetune", finetune, ("select",), ("target",), ("finetune",), _trainers, resumes=True),
-        Stage("evaluate", evaluate, ("finetune",), ("evaluation", "target.max_length"), ("eval",), _evaluators),
+        Stage("data", data, (), ("data",), ("data", "rejects.parquet"), lambda c: "Ray Data tasks + 1 task"),
+        Stage("ensemble", ensemble, ("data",), ("proxy", "ensemble"), ("ensemble",), _members),
+        Stage("gradients", gradients, ("data", "ensemble"), ("proxy", "gradients.precision"), ("gradients",), _actors),
+        Stage("scoring", scoring, ("gradients",), ("scoring",), ("scoring",), lambda c: "1 Ray task"),
+        Stage("selection", selection, ("data", "scoring"), ("selection",), ("selection",), lambda c: "1 Ray task"),
+        Stage("report", report, ("data", "scoring", "selection"), (), ("report",), lambda c: "1 Ray task"),
+        Stage("finetune", finetune, ("selection",), ("finetune",), ("finetune",), _trainers, resumes=True),
+        Stage(
+            "evaluation",
+            evaluation,
+            ("finetune",),
+            ("evaluation", "finetune.max_length"),
+            ("evaluation",),
+            _evaluators,
+        ),
     ]
 }
 
@@ -121,9 +128,9 @@ def plan(cfg: Config, names: list[str]) -> list[str]:
     lines = []
     for name in names:
         s = STAGES[name]
-        lines.append(f"{name:<9} key {stage_key(name, cfg)}  {s.resources(cfg)}")
-        lines.append(f"{'':<9} reads [{', '.join(s.reads)}]  keyed by [{', '.join(s.keyed_by)}]")
-        lines.append(f"{'':<9} writes [{', '.join(s.writes)}]" + ("  (keeps finished units)" if s.resumes else ""))
+        lines.append(f"{name:<10} key {stage_key(name, cfg)}  {s.resources(cfg)}")
+        lines.append(f"{'':<10} reads [{', '.join(s.reads)}]  keyed by [{', '.join(s.keyed_by)}]")
+        lines.append(f"{'':<10} writes [{', '.join(s.writes)}]" + ("  (keeps finished units)" if s.resumes else ""))
     return lines
 
 

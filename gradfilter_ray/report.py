@@ -25,13 +25,13 @@ import pyarrow.parquet as pq
 from gradfilter_ray.config import Config
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import run_as_task
-from gradfilter_ray.scoring.stage import selection_name
+from gradfilter_ray.scoring.scorers import FULL, Selection, eligible
 
 MAX_POINTS = 50_000
 SHOWN_EXAMPLES = 8
-PLOT_COLUMNS = ["id", "eligible", "gsnr", "drop_rel", "noise", "g_early", "g_late", "ifd", "n_response_tokens"]
+PLOT_COLUMNS = ["id", "gsnr", "drop_rel", "noise", "g_early", "g_late", "ifd", "n_response_tokens"]
 REPORT_PAGE = "report/index.html"  # relative to the run directory
-COMPARE_TABLE = "eval/compare.md"
+COMPARE_TABLE = "evaluation/compare.md"
 DPI = 100
 PAGE_WIDTH_PX = 1200  # the body's widest box; every figure is at most this wide at DPI (and CSS scales it down)
 STYLE = (
@@ -69,7 +69,7 @@ def summarize_run(manifest: dict, location: str | None = None) -> dict[str, Any]
     stages = manifest.get("stages", {}) or {}
     if location is None:
         location = str((manifest.get("config") or {}).get("output_dir") or "")
-    ingest, score, select = stages.get("ingest") or {}, stages.get("score") or {}, stages.get("select") or {}
+    ingest, score, select = stages.get("data") or {}, stages.get("scoring") or {}, stages.get("selection") or {}
 
     def done(name: str) -> bool:
         return (stages.get(name) or {}).get("status") == "done"
@@ -89,9 +89,9 @@ def summarize_run(manifest: dict, location: str | None = None) -> dict[str, Any]
             name: {"selected": c.get("selected"), "k": c.get("k"), "n_eligible": c.get("n_eligible")}
             for name, c in (select.get("selections") or {}).items()
         },
-        "selected_dir": _join(location, "selected") if done("select") else None,
+        "selection_dir": _join(location, "selection") if done("selection") else None,
         "report": _join(location, REPORT_PAGE) if done("report") else None,
-        "compare": _join(location, COMPARE_TABLE) if done("evaluate") else None,
+        "compare": _join(location, COMPARE_TABLE) if done("evaluation") else None,
     }
 
 
@@ -109,12 +109,10 @@ def selection_grid(selections: dict[str, dict]) -> tuple[list[str], dict[str, di
     grid: dict[str, dict[str, int | None]] = {}
     labels: set[str] = set()
     for name, counts in selections.items():
-        scorer, _, label = name.rpartition("_")
         try:
-            float(label)
+            selection = Selection.parse(name)
+            scorer, label = selection.scorer, "all" if selection.scorer == FULL else f"{selection.ratio:g}"
         except ValueError:
-            scorer, label = "", ""
-        if not scorer:
             scorer, label = name, "all"
         labels.add(label)
         grid.setdefault(scorer, {})[label] = counts.get("selected")
@@ -150,12 +148,12 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         for scorer, row in grid.items():
             counts = "".join(f" {_num_text(row.get(label)):>{w}}" for label, w in zip(labels, cells))
             lines.append(f"  {scorer:<{width}}{counts}")
-        if s["selected_dir"]:
-            lines.append(f"subsets: {s['selected_dir']}/<scorer>_<ratio>.jsonl (and .parquet)")
+        if s["selection_dir"]:
+            lines.append(f"subsets: {s['selection_dir']}/<scorer>_<ratio>.jsonl (and .parquet)")
     else:
         lines.append("selected: select has not run")
     lines.append(f"report: {s['report'] or 'not built yet (gradfilter-ray report)'}")
-    lines.append(f"comparison: {s['compare'] or 'not built yet (gradfilter-ray evaluate)'}")
+    lines.append(f"comparison: {s['compare'] or 'not built yet (gradfilter-ray evaluation)'}")
     return lines
 
 
@@ -186,13 +184,13 @@ def _summary_table(s: dict[str, Any]) -> str:
         rows.append(("eligible for G-SNR", f"{_num(s['rows_eligible'])} of {_num(s['rows_scored'])} scored"))
     if s["selections"]:
         rows.append(("selected", _selection_grid_table(s)))
-    if s["selected_dir"]:
+    if s["selection_dir"]:
         rows.append(
-            ("subsets", "<a href='../selected/'>selected/</a> (&lt;scorer&gt;_&lt;ratio&gt;.jsonl and .parquet)")
+            ("subsets", "<a href='../selection/'>selection/</a> (&lt;scorer&gt;_&lt;ratio&gt;.jsonl and .parquet)")
         )
     rows.append(("report", "this page"))
     compare = f"<a href='../{COMPARE_TABLE}'>{COMPARE_TABLE}</a>"
-    rows.append(("comparison", compare if s["compare"] else f"{compare} (written by the evaluate stage)"))
+    rows.append(("comparison", compare if s["compare"] else f"{compare} (written by the evaluation stage)"))
     body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     return f"<table class='summary'>{body}</table>"
 
@@ -220,22 +218,24 @@ def accounting_rows(s: dict[str, Any]) -> list[tuple[str, str, int | None, str]]
     """(stage, what, rows, note) for every line of the row accounting."""
     rows: list[tuple[str, str, int | None, str]] = []
     if s["rows_in"] is not None:
-        rows.append(("ingest", "rows in", s["rows_in"], "= kept + rejected"))
-        rows.append(("ingest", "kept", s["rows_kept"], _share(s["rows_kept"], s["rows_in"]) + " of rows in"))
-        rows.append(("ingest", "rejected", s["rows_rejected"], _share(s["rows_rejected"], s["rows_in"])))
+        rows.append(("data", "rows in", s["rows_in"], "= kept + rejected"))
+        rows.append(("data", "kept", s["rows_kept"], _share(s["rows_kept"], s["rows_in"]) + " of rows in"))
+        rows.append(("data", "rejected", s["rows_rejected"], _share(s["rows_rejected"], s["rows_in"])))
         for reason, n in s["rejects_by_reason"].items():
-            rows.append(("ingest", f"rejected: {reason}", n, ""))
+            rows.append(("data", f"rejected: {reason}", n, ""))
     if s["rows_scored"] is not None:
-        rows.append(("score", "scored", s["rows_scored"], "= eligible + ineligible"))
-        rows.append(("score", "eligible for G-SNR", s["rows_eligible"], _share(s["rows_eligible"], s["rows_scored"])))
-        rows.append(("score", "ineligible for G-SNR", s["rows_ineligible"], ""))
+        rows.append(("scoring", "scored", s["rows_scored"], "= eligible + ineligible"))
+        rows.append(
+            ("scoring", "eligible for G-SNR", s["rows_eligible"], _share(s["rows_eligible"], s["rows_scored"]))
+        )
+        rows.append(("scoring", "ineligible for G-SNR", s["rows_ineligible"], ""))
         for reason, n in s["ineligible_by_reason"].items():
-            rows.append(("score", f"ineligible: {reason}", n, ""))
+            rows.append(("scoring", f"ineligible: {reason}", n, ""))
     if s["rows_with_response"] is not None:
-        rows.append(("select", "rows with a response", s["rows_with_response"], "k = ratio x these rows"))
+        rows.append(("selection", "rows with a response", s["rows_with_response"], "k = ratio x these rows"))
     for name, c in s["selections"].items():
         note = f"k={_num(c['k'])}, {_num(c['n_eligible'])} eligible for this scorer"
-        rows.append(("select", f"selected: {name}", c["selected"], note))
+        rows.append(("selection", f"selected: {name}", c["selected"], note))
     return rows
 
 
@@ -251,10 +251,14 @@ def _accounting_table(s: dict[str, Any]) -> str:
     return f"<table class='accounting'>{head}{body}</table>"
 
 
+def gsnr_eligible(scores: pa.Table) -> np.ndarray:
+    return eligible(scores["gsnr"].to_numpy(zero_copy_only=False))
+
+
 def pick_examples(scores: pa.Table, n: int = SHOWN_EXAMPLES) -> list[dict[str, Any]]:
     """The `n` eligible rows with the highest G-SNR and the `n` with the lowest (ties -> smaller id), each a dict
     of `scores`' columns plus "rank": "top" or "bottom"."""
-    eligible = scores.filter(scores["eligible"])
+    eligible = scores.filter(pa.array(gsnr_eligible(scores)))
     if eligible.num_rows == 0:
         return []
     order = pc.sort_indices(eligible, sort_keys=[("gsnr", "descending"), ("id", "ascending")]).to_numpy()
@@ -358,7 +362,7 @@ def render_plots(
     import matplotlib.pyplot as plt
 
     pngs: dict[str, bytes] = {}
-    sample = _sample(scores.filter(scores["eligible"]))
+    sample = _sample(scores.filter(pa.array(gsnr_eligible(scores))))
     largest = max(ratios)
     try:
         fig, axes = plt.subplots(2, 2, figsize=(10, 6))
@@ -372,7 +376,7 @@ def render_plots(
         fig.tight_layout()
         pngs["score_histograms.png"] = _png(fig)
 
-        chosen = selected.get(selection_name("gsnr", largest), np.empty(0, np.int64))
+        chosen = selected.get(Selection("gsnr", largest).name, np.empty(0, np.int64))
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         hit = np.isin(sample["id"].to_numpy(), chosen)
         noise = sample["noise"].to_numpy(zero_copy_only=False)
@@ -392,7 +396,7 @@ def render_plots(
         bins = np.linspace(0, max(1, int(lengths.max()) if len(lengths) else 1), 40)
         ax.hist(lengths, bins=bins, density=True, alpha=0.5, label="all rows")
         for scorer in [s for s in ("gsnr", "ifd", "random") if s in scorers]:
-            name = selection_name(scorer, largest)
+            name = Selection(scorer, largest).name
             picked = lengths[np.isin(all_ids, selected.get(name, np.empty(0, np.int64)))]
             if len(picked):
                 ax.hist(picked, bins=bins, density=True, histtype="step", label=name)
@@ -401,7 +405,7 @@ def render_plots(
         fig.tight_layout()
         pngs["response_lengths.png"] = _png(fig)
 
-        ranked = [s for s in scorers if s != "full"]
+        ranked = list(scorers)
         ncols = min(3, len(ratios))
         nrows = -(-len(ratios) // ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, 3.8 * nrows), squeeze=False)
@@ -409,7 +413,7 @@ def render_plots(
             ax.set_axis_off()
         for ax, ratio in zip(axes.flat, ratios):
             empty = np.empty(0, np.int64)
-            matrix = overlap_matrix({s: selected.get(selection_name(s, ratio), empty) for s in ranked}, ranked)
+            matrix = overlap_matrix({s: selected.get(Selection(s, ratio).name, empty) for s in ranked}, ranked)
             ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
             ax.set_xticks(range(len(ranked)), ranked, rotation=70, fontsize=7)
             ax.set_yticks(range(len(ranked)), ranked, fontsize=7)
@@ -436,8 +440,8 @@ def build_report(run: RunDir, scorers: list[str], ratios: list[float], manifest:
     out = run.at("report")
     scores = _read(run.scores, PLOT_COLUMNS)
     selected = {
-        rel.removesuffix(".parquet"): _read(run.selected / rel, ["id"])["id"].to_numpy()
-        for rel in run.selected.files()
+        rel.removesuffix(".parquet"): _read(run.selection / rel, ["id"])["id"].to_numpy()
+        for rel in run.selection.files()
         if rel.endswith(".parquet")
     }
     pngs = render_plots(scores, selected, scorers, ratios)

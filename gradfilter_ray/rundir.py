@@ -32,7 +32,7 @@ class RunDir:
         self._manifest: dict[str, Any] | None = None
 
     def at(self, rel: str) -> Location:
-        """`rel` (e.g. "data", "selected/gsnr_0.1.parquet") as a location any node opens."""
+        """`rel` (e.g. "data", "selection/gsnr_0.1.parquet") as a location any node opens."""
         return self.root / rel
 
     def ensure_exists(self) -> None:
@@ -72,11 +72,11 @@ class RunDir:
 
     @property
     def scores(self) -> Location:
-        return self.at("scores.parquet")
+        return self.at("scoring/scores.parquet")
 
     @property
-    def selected(self) -> Location:
-        return self.at("selected")
+    def selection(self) -> Location:
+        return self.at("selection")
 
     @property
     def finetune(self) -> Location:
@@ -88,8 +88,8 @@ class RunDir:
         return self.at(".ray_train_finetune")
 
     @property
-    def eval(self) -> Location:
-        return self.at("eval")
+    def evaluation(self) -> Location:
+        return self.at("evaluation")
 
     @property
     def judge_cache(self) -> Location:

@@ -153,9 +153,14 @@ class Location:
     def open_input(self):
         return self.filesystem.open_input_file(self.path)
 
-    def open_output(self):
-        if self.is_local:  # object stores have no folders to create
+    def writable(self) -> Location:
+        """This location, its local parent folders made (object stores have no folders to create)."""
+        if self.is_local:
             self.parent().make_dir()
+        return self
+
+    def open_output(self):
+        self.writable()
         return self.filesystem.open_output_stream(self.path)
 
     # ----- folders -----

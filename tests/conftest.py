@@ -33,9 +33,9 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 # tiny evaluation, so every stage runs for real in a couple of minutes.
 TINY_TARGET_AND_EVALUATION = (
     "ray.progress_bars=false",
-    "target.subsets=[gsnr]",
-    "target.ratios=[0.15]",
-    "target.epochs=1",
+    "finetune.scorers=[gsnr]",
+    "finetune.ratios=[0.15]",
+    "finetune.epochs=1",
     "evaluation.test_sets=[vicuna]",
     "evaluation.max_prompts_per_set=2",
     "evaluation.max_new_tokens=8",

@@ -130,7 +130,7 @@ def fake_model_stages(cfg, rundir: RunDir) -> None:
     rundir.gradients.make_dir()
     table = synthetic_gradients(ids, cfg.ensemble.members, np.random.default_rng(0))
     pq.write_table(table, rundir.gradients / "part-0.parquet")
-    for stage in ("ensemble", "extract"):
+    for stage in ("ensemble", "gradients"):
         rundir.record_stage(stage, {"status": "done", "key": pipeline.stage_key(stage, cfg)})
 
 
@@ -140,7 +140,7 @@ def test_hostile_corpus_is_fully_accounted_for_through_ingest_score_select_and_r
     out = tmp_path / "run"
     cfg = load(TINY, [f"output_dir={out}", f"data.path={tmp_path / 'corpus'}", "data.limit=null"])
     rundir = RunDir(str(out))
-    record = pipeline.run_stage("ingest", cfg, rundir, **QUIET)
+    record = pipeline.run_stage("data", cfg, rundir, **QUIET)
 
     n_in = len(JSONL_ROWS) + len(LIST_ROWS)
     n_rejected = sum(1 for _, reason in JSONL_ROWS + LIST_ROWS if reason)
@@ -148,7 +148,7 @@ def test_hostile_corpus_is_fully_accounted_for_through_ingest_score_select_and_r
     assert record["rows_rejected"] == n_rejected
     assert record["rejects_by_reason"] == expected_reasons()
     manifest = rundir.read_manifest()
-    assert manifest["stages"]["ingest"]["rejects_by_reason"] == expected_reasons()
+    assert manifest["stages"]["data"]["rejects_by_reason"] == expected_reasons()
     checksums = {Path(i["path"]).name: i for i in manifest["inputs"]}
     for name, path in files.items():
         assert checksums[path.name]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest(), name
@@ -185,14 +185,14 @@ def test_hostile_corpus_is_fully_accounted_for_through_ingest_score_select_and_r
 
     # The kept rows go on through score, select and report.
     fake_model_stages(cfg, rundir)
-    for stage in ("score", "select", "report"):
+    for stage in ("scoring", "selection", "report"):
         pipeline.run_stage(stage, cfg, rundir, **QUIET)
-    full = [strict_json(line) for line in (out / "selected" / "full.jsonl").read_text().splitlines()]
+    full = [strict_json(line) for line in (out / "selection" / "full.jsonl").read_text().splitlines()]
     assert len(full) == len(data)
     by_instruction = {r["instruction"]: r for r in full}
     assert by_instruction["nested"]["meta"] == NESTED_EXTRA["meta"]
     assert by_instruction["nan extra"]["score"] is None and by_instruction["A"]["id"] == "dup-1"
-    for path in (out / "selected").glob("*.jsonl"):
+    for path in (out / "selection").glob("*.jsonl"):
         for line in path.read_text().splitlines():
             strict_json(line)
     # The report's row accounting: rows in = kept + rejected, and every rejection reason with its count.
@@ -234,7 +234,7 @@ def ingest_accounting(page: str) -> dict[str, int]:
     parser = Rows()
     parser.feed(page)
     assert parser.rows, "the report has no accounting table"
-    return {row[1]: int(row[2]) for row in parser.rows[1:] if row[0] == "ingest"}
+    return {row[1]: int(row[2]) for row in parser.rows[1:] if row[0] == "data"}
 
 
 # ----- reproducibility: two separate CLI runs -----
@@ -244,7 +244,7 @@ REPRO = [
     "ensemble.members=2",
     "ray.progress_bars=false",
     "selection.ratios=[0.25, 0.5]",
-    "target.subsets=[]",  # keeps `run` cheap now that fine-tuning is a stage
+    "finetune.scorers=[]",  # keeps `run` cheap now that fine-tuning is a stage
 ]
 
 
@@ -285,14 +285,14 @@ def two_runs(tmp_path_factory):
 def test_same_config_and_seed_select_identical_ids_in_two_separate_runs(two_runs):
     first, second = (RunDir(str(p)) for p in two_runs)
     cfg = load(TINY, [f"output_dir={first.root}", *REPRO])
-    selections = first.read_manifest()["stages"]["select"]["selections"]
-    assert selections == second.read_manifest()["stages"]["select"]["selections"]
+    selections = first.read_manifest()["stages"]["selection"]["selections"]
+    assert selections == second.read_manifest()["stages"]["selection"]["selections"]
     assert len(selections) == 2 * (len(cfg.scoring.scorers) - 1) + 1
     for name in selections:
-        ids = [pq.read_table(r.root / "selected" / f"{name}.parquet")["id"].to_pylist() for r in (first, second)]
+        ids = [pq.read_table(r.root / "selection" / f"{name}.parquet")["id"].to_pylist() for r in (first, second)]
         assert sorted(ids[0]) == sorted(ids[1]), name
         assert ids[0] or not name.startswith("gsnr"), name
-        lines = [(r.root / "selected" / f"{name}.jsonl").read_text().splitlines() for r in (first, second)]
+        lines = [(r.root / "selection" / f"{name}.jsonl").read_text().splitlines() for r in (first, second)]
         assert sorted(lines[0]) == sorted(lines[1]), name
     grads = [pq.read_table(r.gradients).sort_by("id") for r in (first, second)]
     assert grads[0]["id"].equals(grads[1]["id"])
@@ -303,7 +303,7 @@ def test_same_config_and_seed_select_identical_ids_in_two_separate_runs(two_runs
     # Members differ from each other (a seed that is ignored would make them equal), runs do not.
     late = np.array(grads[0]["sq_norm_late"].to_pylist())
     assert not np.allclose(late[:, 0], late[:, 1])
-    for stage in ("ingest", "ensemble", "extract", "score", "select", "report"):
+    for stage in ("data", "ensemble", "gradients", "scoring", "selection", "report"):
         keys = [r.read_manifest()["stages"][stage]["key"] for r in (first, second)]
         assert keys[0] == keys[1] == pipeline.stage_key(stage, cfg), stage
 

@@ -63,7 +63,7 @@ def test_demo_pipeline_through_the_cli_on_an_object_store(tmp_path, s3_server):
 
     run = RunDir(uri)
     manifest = run.read_manifest()
-    ingest = manifest["stages"]["ingest"]
+    ingest = manifest["stages"]["data"]
     assert ingest["rows_in"] == 40 == ingest["rows_kept"] + ingest["rows_rejected"]
     data = read(run.data)
     assert data.num_rows == ingest["rows_kept"]
@@ -78,20 +78,20 @@ def test_demo_pipeline_through_the_cli_on_an_object_store(tmp_path, s3_server):
     assert len(grads["sq_norm_late"][0].as_py()) == 3
     scores = read(run.scores)
     assert sorted(scores["id"].to_pylist()) == sorted(grads["id"].to_pylist())
-    select = manifest["stages"]["select"]["selections"]
+    select = manifest["stages"]["selection"]["selections"]
     assert {"gsnr_0.05", "gsnr_0.1", "gsnr_0.15", "random_0.1", "ifd_0.1", "length_0.15", "full"} <= set(select)
     for name, counts in select.items():
-        lines = (run.selected / f"{name}.jsonl").read_text().splitlines()
+        lines = (run.selection / f"{name}.jsonl").read_text().splitlines()
         assert len(lines) == counts["selected"]
     assert (run.at("report") / "index.html").exists()
 
     model = run.finetune / "gsnr_0.15" / "model" / "model.safetensors"
     assert model.exists()
     assert (run.finetune / "gsnr_0.15" / "train_loss.csv").read_text().startswith("step,loss\n1,")
-    rows = {r["run"]: r for r in csv.DictReader(io.StringIO((run.eval / "compare.csv").read_text()))}
+    rows = {r["run"]: r for r in csv.DictReader(io.StringIO((run.evaluation / "compare.csv").read_text()))}
     assert set(rows) == {"gsnr_0.15"} and all(float(r["heldout_loss"]) > 0 for r in rows.values())
     assert "judge skipped: evaluation.judge.base_url is not set" in stdout
-    assert manifest["stages"]["evaluate"]["judge"] == "skipped" and manifest["stages"]["finetune"]["runs"] == 1
+    assert manifest["stages"]["evaluation"]["judge"] == "skipped" and manifest["stages"]["finetune"]["runs"] == 1
     assert not run.at(".scratch").files() and not run.at("driver_claim.json").exists()
     assert "rows in: 40" in stdout and str(run.at("report") / "index.html") in stdout  # the closing summary
 
@@ -101,7 +101,7 @@ def test_demo_pipeline_through_the_cli_on_an_object_store(tmp_path, s3_server):
         return [r for r in requests if "GET /" in r and fragment in r]
 
     assert fetched("/demo/data/part-"), "no worker read data/ from the store"
-    assert fetched("/demo/selected/gsnr_0.15.parquet"), "the fine-tuning workers did not read the subset"
+    assert fetched("/demo/selection/gsnr_0.15.parquet"), "the fine-tuning workers did not read the subset"
     assert fetched("/demo/finetune/gsnr_0.15/model/model.safetensors"), "the evaluation actor did not fetch the model"
     assert [r for r in requests if "PUT /" in r and "/demo/gradients/" in r]
     assert [r for r in requests if "PUT /" in r and "/demo/.ray_train_finetune/" in r]
@@ -109,8 +109,8 @@ def test_demo_pipeline_through_the_cli_on_an_object_store(tmp_path, s3_server):
     # A second driver (a new pod) finds every stage done in the store.
     again = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "[extract] already done" in again.stdout and "] running (" not in again.stdout
-    assert "[finetune] already done" in again.stdout and "[evaluate] already done" in again.stdout
+    assert "[gradients] already done" in again.stdout and "] running (" not in again.stdout
+    assert "[finetune] already done" in again.stdout and "[evaluation] already done" in again.stdout
     s3_server.bytes.reset()
     compare = subprocess.Popen(
         [sys.executable, "-m", "gradfilter_ray", "compare", "--config", "jobs/configs/demo.yaml"]

@@ -19,7 +19,7 @@ def test_paper_config_is_the_paper_setting():
     assert cfg.proxy.model.name_or_path == "gpt2"
     assert cfg.ensemble.members == 5 and cfg.ensemble.epochs == 2
     assert cfg.selection.ratios == [0.05, 0.10, 0.15]
-    assert cfg.target.model.name_or_path == "meta-llama/Llama-2-7b-hf"
+    assert cfg.finetune.model.name_or_path == "meta-llama/Llama-2-7b-hf"
 
 
 def test_overrides_are_parsed_as_yaml_and_typed(tmp_path):
@@ -81,7 +81,7 @@ def test_every_field_is_documented():
 
 
 def test_target_subsets_must_be_selected_ones():
-    with pytest.raises(ConfigError, match="target.ratios"):
-        load(None, ["selection.ratios=[0.1]", "target.ratios=[0.5]"])
-    with pytest.raises(ConfigError, match="target.subsets"):
-        load(None, ["scoring.scorers=[gsnr]", "target.subsets=[gsnr, ifd]"])
+    with pytest.raises(ConfigError, match="finetune.ratios"):
+        load(None, ["selection.ratios=[0.1]", "finetune.ratios=[0.5]"])
+    with pytest.raises(ConfigError, match="finetune.scorers"):
+        load(None, ["scoring.scorers=[gsnr]", "finetune.scorers=[gsnr, ifd]"])

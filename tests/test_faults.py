@@ -44,24 +44,25 @@ from gradfilter_ray import pipeline
 from gradfilter_ray.config import load
 from gradfilter_ray.driver_claim import CLAIM_FILE
 from gradfilter_ray.ensemble import stage as ensemble_stage
+from gradfilter_ray.finetune import stage as finetune_stage
 from gradfilter_ray.gradients import stage as gradients_stage
 from gradfilter_ray.rundir import SCRATCH, RunDir
-from gradfilter_ray.target import stage as target_stage
+from gradfilter_ray.scoring.scorers import GSNR_SCORERS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "configs" / "tiny_gpt2.yaml"
 ROWS = 16
 # length_bucket_rows=6 cuts the 16 rows into 3 batches, so "mid-stream" has a before and an after.
-# target.subsets=[] keeps `run` cheap now that fine-tuning is a stage (it has nothing to train).
+# finetune.scorers=[] keeps `run` cheap now that fine-tuning is a stage (it has nothing to train).
 OVERRIDES = [
     f"data.limit={ROWS}",
     "ensemble.members=2",
     "gradients.length_bucket_rows=6",
     "ray.progress_bars=false",
-    "target.subsets=[]",
+    "finetune.scorers=[]",
 ]
 GRADIENT_COLUMNS = ("sq_norm_early", "sq_norm_late", "loss_early", "loss_late", "ifd_loss_cond", "ifd_loss_uncond")
-FINISHED = ("ingest", "ensemble", "extract", "score", "select", "report")
+FINISHED = ("data", "ensemble", "gradients", "scoring", "selection", "report")
 
 
 def tiny_cfg(out: Path):
@@ -303,13 +304,13 @@ def test_driver_killed_mid_extraction_resumes_and_skips_finished_stages(faulted)
     # done), the actor (a process of this run's Ray) blocked in its second batch: one batch done, one in flight,
     # one queued.
     at_kill = faulted["manifest_at_kill"]["stages"]
-    assert at_kill["ingest"]["status"] == at_kill["ensemble"]["status"] == "done"
-    assert at_kill["extract"] == {"status": "running", "key": pipeline.stage_key("extract", cfg)}
+    assert at_kill["data"]["status"] == at_kill["ensemble"]["status"] == "done"
+    assert at_kill["gradients"] == {"status": "running", "key": pipeline.stage_key("gradients", cfg)}
     assert faulted["actor_is_ours_at_kill"] and faulted["ray_processes_at_kill"] >= 4
     assert faulted["first_rc"] == -signal.SIGKILL
     # Whatever the killed run wrote to gradients/ in place, extraction is not done: only the record written last by
     # a finished stage says done, and the kill came before it.
-    assert faulted["manifest_after_kill"]["stages"]["extract"]["status"] == "running"
+    assert faulted["manifest_after_kill"]["stages"]["gradients"]["status"] == "running"
     print(f"gradients/ after the kill: {faulted['gradients_after_kill']}")
     # The killed driver's claim on the run directory was left behind (and the resumed run below took it over).
     assert faulted["claim_after_kill"]["pid"] == faulted["first_pid"]
@@ -320,14 +321,14 @@ def test_driver_killed_mid_extraction_resumes_and_skips_finished_stages(faulted)
 
     log = faulted["second_log"]
     assert faulted["second_rc"] == 0, log[-4000:]
-    assert f"[ingest] already done (key {pipeline.stage_key('ingest', cfg)})" in log
+    assert f"[data] already done (key {pipeline.stage_key('data', cfg)})" in log
     assert f"[ensemble] already done (key {pipeline.stage_key('ensemble', cfg)})" in log
-    assert "[extract] running" in log and "[extract] already done" not in log
+    assert "[gradients] running" in log and "[gradients] already done" not in log
     assert faulted["left_after_second"] == []  # a clean exit shuts its Ray down
 
     rundir = RunDir(str(out))
     manifest = rundir.read_manifest()
-    for stage in ("ingest", "ensemble"):  # the records are the first run's: skipped, not re-run
+    for stage in ("data", "ensemble"):  # the records are the first run's: skipped, not re-run
         assert manifest["stages"][stage] == at_kill[stage]
     for stage in FINISHED:
         assert rundir.stage_done(stage, pipeline.stage_key(stage, cfg)), stage
@@ -342,11 +343,11 @@ def test_driver_killed_mid_extraction_resumes_and_skips_finished_stages(faulted)
     data_ids = np.sort(pq.read_table(rundir.data, columns=["id"])["id"].to_numpy())
     grads = pq.read_table(rundir.gradients).sort_by("id")
     np.testing.assert_array_equal(grads["id"].to_numpy(), data_ids)
-    assert manifest["stages"]["extract"]["rows"] == len(data_ids) == ROWS
-    scores = pq.read_table(out / "scores.parquet", columns=["id"])
+    assert manifest["stages"]["gradients"]["rows"] == len(data_ids) == ROWS
+    scores = pq.read_table(out / "scoring" / "scores.parquet", columns=["id"])
     assert sorted(scores["id"].to_pylist()) == data_ids.tolist()
-    for name, counts in manifest["stages"]["select"]["selections"].items():
-        lines = (out / "selected" / f"{name}.jsonl").read_text().splitlines()
+    for name, counts in manifest["stages"]["selection"]["selections"].items():
+        lines = (out / "selection" / f"{name}.jsonl").read_text().splitlines()
         assert len(lines) == counts["selected"], name
         assert all({"instruction", "output"} <= set(json.loads(line)) for line in lines)
     assert (out / "report" / "index.html").stat().st_size > 0
@@ -463,7 +464,7 @@ def synthetic_rundir(root: Path, cfg, bad: dict[int, dict] | None = None) -> tup
     pq.write_table(table.slice(0, N_SYNTH // 2), rundir.gradients / "part-0.parquet")
     pq.write_table(table.slice(N_SYNTH // 2), rundir.gradients / "part-1.parquet")
     done = {"status": "done", "rows_in": N_SYNTH, "rows_kept": N_SYNTH, "rows_rejected": 0}
-    for stage in ("ingest", "ensemble", "extract"):
+    for stage in ("data", "ensemble", "gradients"):
         rundir.record_stage(stage, {**done, "key": pipeline.stage_key(stage, cfg)})
     return rundir, ids
 
@@ -486,15 +487,15 @@ def test_stage_keys_change_exactly_for_the_stages_a_config_field_affects(tmp_pat
         return {s for s in pipeline.STAGES if pipeline.stage_key(s, cfg) != pipeline.stage_key(s, base)}
 
     directly = {
-        "scoring.eps=0.001": {"score"},
-        "scoring.random_seed=7": {"score"},
-        "selection.ratios=[0.2]": {"select"},
-        "gradients.precision=float64": {"extract"},
-        "proxy.max_length=96": {"ensemble", "extract"},
+        "scoring.eps=0.001": {"scoring"},
+        "scoring.random_seed=7": {"scoring"},
+        "selection.ratios=[0.2]": {"selection"},
+        "gradients.precision=float64": {"gradients"},
+        "proxy.max_length=96": {"ensemble", "gradients"},
         "ensemble.lora_rank=2": {"ensemble"},
         "ensemble.seed=1": {"ensemble"},
-        "data.limit=10": {"ingest"},
-        "data.max_field_chars=100": {"ingest"},
+        "data.limit=10": {"data"},
+        "data.max_field_chars=100": {"data"},
         # knobs that change how fast, not what: nothing is re-run
         "gradients.batch_size=4": set(),
         "gradients.num_actors=2": set(),
@@ -506,8 +507,8 @@ def test_stage_keys_change_exactly_for_the_stages_a_config_field_affects(tmp_pat
     }
     for override, stages in directly.items():
         assert invalidated(override) == downstream(stages), override
-    core = {"ingest", "ensemble", "extract", "score", "select", "report"}
-    assert invalidated("scoring.eps=0.001") & core == {"score", "select", "report"}
+    core = {"data", "ensemble", "gradients", "scoring", "selection", "report"}
+    assert invalidated("scoring.eps=0.001") & core == {"scoring", "selection", "report"}
 
 
 def test_raising_max_failures_does_not_invalidate_the_ensemble(tmp_path):
@@ -517,11 +518,11 @@ def test_raising_max_failures_does_not_invalidate_the_ensemble(tmp_path):
     assert pipeline.stage_key("ensemble", more) == key
     # Ray Train's run is named from the key alone, so the resumed trainer finds the old run's checkpoints
     assert ensemble_stage.trainer_name(pipeline.stage_key("ensemble", more)) == ensemble_stage.trainer_name(key)
-    target_more = load(TINY, [f"output_dir={tmp_path / 'run'}", *OVERRIDES, "target.max_failures=5"])
+    target_more = load(TINY, [f"output_dir={tmp_path / 'run'}", *OVERRIDES, "finetune.max_failures=5"])
     target_key = pipeline.stage_key("finetune", base)
     assert pipeline.stage_key("finetune", target_more) == target_key
-    assert target_stage.trainer_name(pipeline.stage_key("finetune", target_more), "gsnr_0.1") == (
-        target_stage.trainer_name(target_key, "gsnr_0.1")
+    assert finetune_stage.trainer_name(pipeline.stage_key("finetune", target_more), "gsnr_0.1") == (
+        finetune_stage.trainer_name(target_key, "gsnr_0.1")
     )
 
 
@@ -533,7 +534,7 @@ def test_changing_scoring_eps_reruns_score_select_report_only(ray_cluster, tmp_p
     for stage in FINISHED:
         pipeline.run_stage(stage, cfg, rundir, log=lambda _: None)
     before = rundir.read_manifest()["stages"]
-    gsnr_before = pq.read_table(root / "scores.parquet", columns=["gsnr"])["gsnr"].to_numpy()
+    gsnr_before = pq.read_table(root / "scoring" / "scores.parquet", columns=["gsnr"])["gsnr"].to_numpy()
 
     changed = load(TINY, [f"output_dir={root}", *OVERRIDES, "selection.ratios=[0.1, 0.3]", "scoring.eps=100.0"])
     messages: list[str] = []
@@ -541,14 +542,14 @@ def test_changing_scoring_eps_reruns_score_select_report_only(ray_cluster, tmp_p
         pipeline.run_stage(stage, changed, rundir, log=messages.append)
     skipped = {m.split("]")[0][1:] for m in messages if "already done" in m}
     ran = {m.split("]")[0][1:] for m in messages if "] running" in m}
-    assert skipped == {"ingest", "ensemble", "extract"} and ran == {"score", "select", "report"}
+    assert skipped == {"data", "ensemble", "gradients"} and ran == {"scoring", "selection", "report"}
     after = rundir.read_manifest()["stages"]
-    for stage in ("ingest", "ensemble", "extract"):
+    for stage in ("data", "ensemble", "gradients"):
         assert after[stage] == before[stage]
-    for stage in ("score", "select", "report"):
+    for stage in ("scoring", "selection", "report"):
         assert after[stage]["key"] != before[stage]["key"]
         assert rundir.stage_done(stage, pipeline.stage_key(stage, changed))
-    gsnr_after = pq.read_table(root / "scores.parquet", columns=["gsnr"])["gsnr"].to_numpy()
+    gsnr_after = pq.read_table(root / "scoring" / "scores.parquet", columns=["gsnr"])["gsnr"].to_numpy()
     assert not np.allclose(gsnr_before, gsnr_after)  # the new eps was really applied
 
     again: list[str] = []
@@ -580,7 +581,7 @@ def test_nan_and_inf_rows_are_flagged_counted_and_never_selected(ray_cluster, tm
     for stage in FINISHED:
         pipeline.run_stage(stage, cfg, rundir, log=lambda _: None)
 
-    scores = pq.read_table(root / "scores.parquet").to_pandas().set_index("id")
+    scores = pq.read_table(root / "scoring" / "scores.parquet").to_pandas().set_index("id")
     expected = {
         0: "non_finite",
         1: "non_finite",
@@ -592,30 +593,30 @@ def test_nan_and_inf_rows_are_flagged_counted_and_never_selected(ray_cluster, tm
         7: "no_response_tokens",
     }
     for row, reason in expected.items():
-        assert not scores.loc[ids[row], "eligible"] and scores.loc[ids[row], "reason"] == reason, row
-        assert np.isnan(scores.loc[ids[row], "gsnr"])
+        assert scores.loc[ids[row], "reason"] == reason, row
+        assert np.isnan(scores.loc[ids[row], "gsnr"])  # NaN: not eligible for G-SNR
     for row in (8, 9, 10):
-        assert scores.loc[ids[row], "eligible"]  # the norms are fine: only IFD excludes the row
-        assert not scores.loc[ids[row], "ifd_eligible"] and scores.loc[ids[row], "ifd_reason"] == "non_finite"
+        assert np.isfinite(scores.loc[ids[row], "gsnr"])  # the norms are fine: only IFD excludes the row
+        assert np.isnan(scores.loc[ids[row], "ifd"]) and scores.loc[ids[row], "ifd_reason"] == "non_finite"
     healthy = scores.drop(index=ids[list(expected)])
-    assert healthy["eligible"].all() and np.isfinite(healthy["gsnr"]).all()
+    assert healthy["reason"].isna().all() and np.isfinite(healthy["gsnr"]).all()
 
     manifest = rundir.read_manifest()["stages"]
-    assert manifest["score"]["ineligible_by_reason"] == {
+    assert manifest["scoring"]["ineligible_by_reason"] == {
         "invalid_norm": 1,
         "no_response_tokens": 1,
         "non_finite": 5,
         "zero_early_norm": 1,
     }
-    assert manifest["score"]["rows"] == N_SYNTH == manifest["score"]["rows_eligible"] + 8
+    assert manifest["scoring"]["rows"] == N_SYNTH == manifest["scoring"]["rows_eligible"] + 8
 
-    gsnr_family = [s for s in cfg.scoring.scorers if s not in ("random", "length", "ifd", "full")]
+    gsnr_family = [s for s in cfg.scoring.scorers if s in GSNR_SCORERS]
     for scorer in gsnr_family:
         for ratio in cfg.selection.ratios:
-            chosen = set(pq.read_table(root / "selected" / f"{scorer}_{ratio:g}.parquet")["id"].to_pylist())
+            chosen = set(pq.read_table(root / "selection" / f"{scorer}_{ratio:g}.parquet")["id"].to_pylist())
             assert chosen and not chosen & set(ids[list(expected)]), (scorer, ratio)
     for ratio in cfg.selection.ratios:
-        chosen = set(pq.read_table(root / "selected" / f"ifd_{ratio:g}.parquet")["id"].to_pylist())
+        chosen = set(pq.read_table(root / "selection" / f"ifd_{ratio:g}.parquet")["id"].to_pylist())
         assert chosen and not chosen & set(ids[[7, 8, 9, 10]]), ratio
     page = (root / "report" / "index.html").read_text()
     assert "non_finite" in page and "zero_early_norm" in page

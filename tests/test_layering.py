@@ -30,9 +30,9 @@ CORE_MODULES = [
     "gradfilter_ray.scoring.gsnr",
     "gradfilter_ray.scoring.baselines",
     "gradfilter_ray.scoring.selection",
-    "gradfilter_ray.target.ds_config",
-    "gradfilter_ray.target.loop",
-    "gradfilter_ray.target.model",
+    "gradfilter_ray.finetune.ds_config",
+    "gradfilter_ray.finetune.loop",
+    "gradfilter_ray.finetune.model",
     "gradfilter_ray.evaluation.generate",
     "gradfilter_ray.evaluation.judge",
     "gradfilter_ray.evaluation.pws",
@@ -87,7 +87,7 @@ def pipeline_imports(source: str, module: str, filename: str = "<snippet>") -> l
 
 
 def test_the_pipeline_import_scanner_catches_every_form():
-    module = "gradfilter_ray.target.stage"
+    module = "gradfilter_ray.finetune.stage"
     for snippet in (
         "from gradfilter_ray.pipeline import stage_key",
         "import gradfilter_ray.pipeline",

@@ -23,20 +23,20 @@ def demo_cfg(tmp_path, *extra):
 def test_finished_stage_is_skipped_and_config_change_reruns_it(ray_cluster, tmp_path):
     cfg = demo_cfg(tmp_path)
     rundir = RunDir(cfg.output_dir)
-    first = pipeline.run_stage("ingest", cfg, rundir, log=lambda _: None)
-    assert first["rows_in"] == 30 and rundir.stage_done("ingest", pipeline.stage_key("ingest", cfg))
+    first = pipeline.run_stage("data", cfg, rundir, log=lambda _: None)
+    assert first["rows_in"] == 30 and rundir.stage_done("data", pipeline.stage_key("data", cfg))
     messages = []
-    again = pipeline.run_stage("ingest", cfg, rundir, log=messages.append)
+    again = pipeline.run_stage("data", cfg, rundir, log=messages.append)
     assert again["finished"] == first["finished"] and "already done" in messages[0]
 
     changed = demo_cfg(tmp_path, "data.limit=20")
-    assert pipeline.stage_key("ingest", changed) != pipeline.stage_key("ingest", cfg)
+    assert pipeline.stage_key("data", changed) != pipeline.stage_key("data", cfg)
     assert pipeline.stage_key("ensemble", changed) != pipeline.stage_key("ensemble", cfg)
-    rerun = pipeline.run_stage("ingest", changed, rundir, log=lambda _: None)
+    rerun = pipeline.run_stage("data", changed, rundir, log=lambda _: None)
     assert rerun["rows_in"] == 20
     # a change to a later section leaves ingest's key alone
     later = demo_cfg(tmp_path, "data.limit=20", "ensemble.members=2")
-    assert pipeline.stage_key("ingest", later) == pipeline.stage_key("ingest", changed)
+    assert pipeline.stage_key("data", later) == pipeline.stage_key("data", changed)
     assert pipeline.stage_key("ensemble", later) != pipeline.stage_key("ensemble", changed)
     assert not (Path(cfg.output_dir) / ".scratch").exists() or not list((Path(cfg.output_dir) / ".scratch").iterdir())
 
@@ -44,33 +44,33 @@ def test_finished_stage_is_skipped_and_config_change_reruns_it(ray_cluster, tmp_
 def test_a_crashing_stage_is_not_done_and_its_rerun_replaces_every_old_output(tmp_path, monkeypatch):
     run = RunDir(tmp_path / "run")
     (run.data / "old.txt").write_text("old")
-    run.record_stage("ingest", {"status": "done", "key": "an older key"})
+    run.record_stage("data", {"status": "done", "key": "an older key"})
 
     def crashing(cfg, run, key):
         (run.data / "new.txt").write_text("partial")
         raise RuntimeError("killed mid-stage")
 
-    monkeypatch.setitem(pipeline.STAGES, "ingest", replace(pipeline.STAGES["ingest"], run=crashing))
+    monkeypatch.setitem(pipeline.STAGES, "data", replace(pipeline.STAGES["data"], run=crashing))
     cfg = demo_cfg(tmp_path)
     with pytest.raises(RuntimeError, match="killed"):
-        pipeline.run_stage("ingest", cfg, run, log=lambda _: None)
-    assert run.stage_record("ingest")["status"] == "running"  # the older done record went first
-    assert not run.stage_done("ingest", pipeline.stage_key("ingest", cfg))
+        pipeline.run_stage("data", cfg, run, log=lambda _: None)
+    assert run.stage_record("data")["status"] == "running"  # the older done record went first
+    assert not run.stage_done("data", pipeline.stage_key("data", cfg))
     assert run.data.files() == ["new.txt"]  # the old output was removed before the stage began
 
     def finishing(cfg, run, key):
         (run.data / "whole.txt").write_text(key)
         return {"rows": 1}
 
-    monkeypatch.setitem(pipeline.STAGES, "ingest", replace(pipeline.STAGES["ingest"], run=finishing))
-    record = pipeline.run_stage("ingest", cfg, run, log=lambda _: None)
+    monkeypatch.setitem(pipeline.STAGES, "data", replace(pipeline.STAGES["data"], run=finishing))
+    record = pipeline.run_stage("data", cfg, run, log=lambda _: None)
     assert run.data.files() == ["whole.txt"] and record["rows"] == 1
-    assert run.stage_done("ingest", pipeline.stage_key("ingest", cfg))
+    assert run.stage_done("data", pipeline.stage_key("data", cfg))
 
 
 def test_a_stage_refuses_to_run_before_its_inputs_exist(tmp_path):
     cfg = demo_cfg(tmp_path)
-    with pytest.raises(pipeline.StageOrderError, match="run `gradfilter-ray ingest`"):
+    with pytest.raises(pipeline.StageOrderError, match="run `gradfilter-ray data`"):
         pipeline.run_stage("ensemble", cfg, RunDir(cfg.output_dir))
 
 

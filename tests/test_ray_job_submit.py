@@ -155,12 +155,12 @@ def test_ray_job_submit_runs_the_demo_pipeline(ray_head, tmp_path):
     )
     assert job_status(address, env, "gfr-demo") == "SUCCEEDED", done.stdout[-4000:] + done.stderr[-2000:]
     manifest = json.loads((out_dir / "manifest.json").read_text())
-    assert manifest["stages"]["ingest"]["rows_in"] == 24
-    assert manifest["stages"]["extract"]["rows"] == manifest["stages"]["ingest"]["rows_kept"]
-    assert pq.read_table(out_dir / "scores.parquet").num_rows == manifest["stages"]["extract"]["rows"]
-    assert (out_dir / "selected" / "gsnr_0.1.jsonl").exists() and (out_dir / "report" / "index.html").exists()
+    assert manifest["stages"]["data"]["rows_in"] == 24
+    assert manifest["stages"]["gradients"]["rows"] == manifest["stages"]["data"]["rows_kept"]
+    assert pq.read_table(out_dir / "scoring" / "scores.parquet").num_rows == manifest["stages"]["gradients"]["rows"]
+    assert (out_dir / "selection" / "gsnr_0.1.jsonl").exists() and (out_dir / "report" / "index.html").exists()
     assert (out_dir / "finetune" / "gsnr_0.15" / "model" / "model.safetensors").exists()
-    assert (out_dir / "eval" / "compare.csv").read_text().count("gsnr_0.15") == 1
+    assert (out_dir / "evaluation" / "compare.csv").read_text().count("gsnr_0.15") == 1
     assert "rows in: 24" in done.stdout
 
 

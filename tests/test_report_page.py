@@ -25,16 +25,21 @@ SELECTIONS = {
 }
 
 
-ALL_DONE = ("ingest", "score", "select", "report", "evaluate")
+ALL_DONE = ("data", "scoring", "selection", "report", "evaluation")
 
 
-def make_manifest(done=("ingest", "score", "select", "report")) -> dict:
+def make_manifest(done=("data", "scoring", "selection", "report")) -> dict:
     records = {
-        "ingest": {"rows_in": 1035, "rows_kept": 1000, "rows_rejected": 35, "rejects_by_reason": dict(REJECTS)},
-        "score": {"rows": 1000, "rows_eligible": 989, "rows_ineligible": 11, "ineligible_by_reason": dict(INELIGIBLE)},
-        "select": {"rows_with_response": 996, "selections": {k: dict(v) for k, v in SELECTIONS.items()}},
+        "data": {"rows_in": 1035, "rows_kept": 1000, "rows_rejected": 35, "rejects_by_reason": dict(REJECTS)},
+        "scoring": {
+            "rows": 1000,
+            "rows_eligible": 989,
+            "rows_ineligible": 11,
+            "ineligible_by_reason": dict(INELIGIBLE),
+        },
+        "selection": {"rows_with_response": 996, "selections": {k: dict(v) for k, v in SELECTIONS.items()}},
         "report": {"figures": 4},
-        "evaluate": {"runs": 1},
+        "evaluation": {"runs": 1},
     }
     stages = {name: {"status": "done", "key": "k", **records[name]} for name in done}
     return {"config": {"output_dir": "runs/unit"}, "seed": 0, "stages": stages}
@@ -61,16 +66,16 @@ def test_summary_paths_follow_the_run_directory_and_the_stages_done():
     s = report.summarize_run(make_manifest())
     assert s["location"] == "runs/unit"
     assert s["report"] == "runs/unit/report/index.html"
-    assert s["selected_dir"] == "runs/unit/selected"
-    assert s["compare"] is None  # evaluate has not run
+    assert s["selection_dir"] == "runs/unit/selection"
+    assert s["compare"] is None  # evaluation has not run
     s = report.summarize_run(make_manifest(done=ALL_DONE), "s3://b/run/")
-    assert s["report"] == "s3://b/run/report/index.html" and s["compare"] == "s3://b/run/eval/compare.md"
+    assert s["report"] == "s3://b/run/report/index.html" and s["compare"] == "s3://b/run/evaluation/compare.md"
 
 
 def test_summary_of_a_run_that_only_ingested():
-    s = report.summarize_run(make_manifest(done=("ingest",)))
+    s = report.summarize_run(make_manifest(done=("data",)))
     assert s["rows_kept"] == 1000
-    assert s["rows_scored"] is None and s["selections"] == {} and s["report"] is None and s["selected_dir"] is None
+    assert s["rows_scored"] is None and s["selections"] == {} and s["report"] is None and s["selection_dir"] is None
     text = "\n".join(report.summary_lines(s))
     assert "select has not run" in text and "report: not built yet" in text and "comparison: not built yet" in text
 
@@ -106,8 +111,8 @@ def test_summary_lines_show_rows_every_selection_and_where_the_outputs_are():
         assert cells[(scorer or name, ratio if scorer else "all")] == str(counts["selected"]), name
     assert cells[("full", "0.05")] == "-"
     assert "report: runs/unit/report/index.html" in lines
-    assert "comparison: runs/unit/eval/compare.md" in lines
-    assert "subsets: runs/unit/selected/<scorer>_<ratio>.jsonl (and .parquet)" in lines
+    assert "comparison: runs/unit/evaluation/compare.md" in lines
+    assert "subsets: runs/unit/selection/<scorer>_<ratio>.jsonl (and .parquet)" in lines
 
 
 def test_selection_grid_orders_ratios_numerically_and_puts_odd_names_in_all():
@@ -198,15 +203,15 @@ def test_page_opens_with_the_summary_holding_the_row_accounting():
     assert "runs/unit" in summary["text"] and "this page" in summary["text"]
     rows = {(r[0], r[1]): r[2] for r in parsed.accounting[1:]}
     assert parsed.accounting[0][:3] == ["stage", "rows", "count"]
-    assert rows[("ingest", "rows in")] == "1035" and rows[("ingest", "kept")] == "1000"
-    assert rows[("ingest", "rejected")] == "35"
+    assert rows[("data", "rows in")] == "1035" and rows[("data", "kept")] == "1000"
+    assert rows[("data", "rejected")] == "35"
     for reason, n in REJECTS.items():
-        assert rows[("ingest", f"rejected: {reason}")] == str(n)
+        assert rows[("data", f"rejected: {reason}")] == str(n)
     for reason, n in INELIGIBLE.items():
-        assert rows[("score", f"ineligible: {reason}")] == str(n)
-    assert rows[("score", "eligible for G-SNR")] == "989"
+        assert rows[("scoring", f"ineligible: {reason}")] == str(n)
+    assert rows[("scoring", "eligible for G-SNR")] == "989"
     for name, counts in SELECTIONS.items():
-        assert rows[("select", f"selected: {name}")] == str(counts["selected"])
+        assert rows[("selection", f"selected: {name}")] == str(counts["selected"])
 
 
 def test_page_shows_every_figure_after_the_accounting_and_escapes_text():
@@ -222,9 +227,9 @@ def test_page_shows_every_figure_after_the_accounting_and_escapes_text():
 
 def test_page_without_a_comparison_yet_links_where_it_will_be():
     page = make_page()
-    assert "<a href='../eval/compare.md'>eval/compare.md</a> (written by the evaluate stage)" in page
+    assert "<a href='../evaluation/compare.md'>evaluation/compare.md</a> (written by the evaluation stage)" in page
     page = make_page(make_manifest(done=ALL_DONE))
-    assert "<a href='../eval/compare.md'>eval/compare.md</a></td>" in page
+    assert "<a href='../evaluation/compare.md'>evaluation/compare.md</a></td>" in page
 
 
 def test_images_scale_down_to_the_window():
@@ -260,7 +265,6 @@ def pngs() -> dict[str, bytes]:
     scores = pa.table(
         {
             "id": ids,
-            "eligible": eligible,
             "gsnr": nan(drop / np.sqrt(noise)),
             "drop_rel": nan(drop),
             "noise": nan(noise),
@@ -296,7 +300,6 @@ def test_pick_examples_takes_top_and_bottom_eligible_rows_once_each():
     scores = pa.table(
         {
             "id": [1, 2, 3, 4, 5],
-            "eligible": [True, True, False, True, True],
             "gsnr": [0.5, 2.0, np.nan, 1.0, 0.1],
         }
     )

@@ -84,7 +84,7 @@ def test_whole_object_writes_leave_no_temporary_files_and_folders_round_trip(out
 def test_scratch_is_removed_after_the_stage_and_left_overs_by_the_next_driver(output_dir):
     run = RunDir(output_dir)
     run.ensure_exists()
-    with run.scratch("ingest") as scratch:
+    with run.scratch("data") as scratch:
         (scratch / "normalized" / "part-0.parquet").write_bytes(b"x")
         assert scratch.files() == ["normalized/part-0.parquet"]
     assert not scratch.exists()
@@ -101,11 +101,11 @@ def test_a_missing_bucket_is_a_clear_error_before_any_work(s3_server):
 def test_a_stage_refuses_to_read_a_stage_that_is_not_done_for_this_config(tmp_path):
     cfg = load(None, [f"output_dir={tmp_path / 'run'}"])
     run = RunDir(cfg.output_dir)
-    run.record_stage("score", {"status": "done", "key": pipeline.stage_key("score", cfg)})
+    run.record_stage("scoring", {"status": "done", "key": pipeline.stage_key("scoring", cfg)})
     # select reads ingest's rows itself (not only score's): an ingest that is running must stop it.
-    run.record_stage("ingest", {"status": "running", "key": pipeline.stage_key("ingest", cfg)})
-    with pytest.raises(pipeline.StageOrderError, match="'ingest'"):
-        pipeline.run_stage("select", cfg, run, log=lambda _: None)
+    run.record_stage("data", {"status": "running", "key": pipeline.stage_key("data", cfg)})
+    with pytest.raises(pipeline.StageOrderError, match="'data'"):
+        pipeline.run_stage("selection", cfg, run, log=lambda _: None)
 
 
 HOLDER = """
@@ -156,7 +156,7 @@ def test_the_cli_stops_a_second_driver_with_exit_3_naming_the_first(tmp_path):
     try:
         assert first.stdout.readline().strip() == "held"
         second = subprocess.run(
-            [sys.executable, "-m", "gradfilter_ray", "ingest", "--set", f"output_dir={out}"],
+            [sys.executable, "-m", "gradfilter_ray", "data", "--set", f"output_dir={out}"],
             capture_output=True,
             text=True,
             timeout=120,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gradfilter_ray.scoring import baselines
-from gradfilter_ray.scoring.selection import k_for_ratio, top_k_mask
+from gradfilter_ray.scoring.selection import top_k_mask
 
 
 def test_random_scores_depend_only_on_id_and_seed():
@@ -80,13 +80,3 @@ def test_ifd_non_finite_and_no_response_tokens():
     assert reason.tolist() == ["no_response_tokens"]
     with pytest.raises(ValueError):
         baselines.ifd_scores(np.ones(3), np.ones(2))
-
-
-def test_full_scores_select_every_eligible_row():
-    eligible = np.array([True, False, True, True, False])
-    scores = baselines.full_scores(5)
-    assert scores.dtype == np.float64 and not scores.any()
-    k = k_for_ratio(1.0, int(eligible.sum()))
-    assert top_k_mask(scores, np.arange(5, dtype=np.int64), eligible, k).tolist() == eligible.tolist()
-    with pytest.raises(ValueError):
-        baselines.full_scores(-1)

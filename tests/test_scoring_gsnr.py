@@ -7,7 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from gradfilter_ray.scoring import gsnr
+from gradfilter_ray.scoring import gsnr, scorers
+from gradfilter_ray.scoring.scorers import GSNR_SCORERS, SCORERS, Selection, check_scorer
 from gradfilter_ray.scoring.selection import top_k_mask
 
 
@@ -139,8 +140,8 @@ def test_guards_give_reason_nan_scores_and_never_rank_first():
         assert np.isfinite(table[name][0]), name
         # components only knows norms and token counts: the NaN-loss row is NaN-ed by score_table, not by it.
         assert np.isnan(np.delete(cols[name], [0, 6])).all(), name
-    for scorer, column in gsnr.SCORERS.items():
-        first = top_k_mask(table[column], ids, table["eligible"], 1)
+    for scorer in GSNR_SCORERS:
+        first = top_k_mask(table[scorer], ids, scorers.eligible(table[scorer]), 1)
         assert first.tolist() == [True] + [False] * 7, scorer
 
 
@@ -186,16 +187,21 @@ def test_scaling_a_row_leaves_relative_scores_unchanged():
     assert not np.allclose(scaled["gsnr"], base["gsnr"], rtol=1e-3)
 
 
-def test_scorer_columns_and_unknown_scorer():
-    assert gsnr.scorer_column("gsnr") == "gsnr"
-    assert set(gsnr.SCORERS.values()) <= set(gsnr.SCORE_COLUMNS)
-    assert {"early_magnitude", "late_magnitude", "abs_drop", "rel_drop", "drop_over_var", "scale_free"} <= set(
-        gsnr.SCORERS
-    )
+def test_every_gsnr_scorer_is_a_column_and_selection_names_round_trip():
+    assert set(GSNR_SCORERS) <= set(gsnr.SCORE_COLUMNS) and set(GSNR_SCORERS) <= set(SCORERS)
     with pytest.raises(ValueError) as info:
-        gsnr.scorer_column("snr")
-    for name in gsnr.SCORERS:
+        check_scorer("snr")
+    for name in SCORERS:
         assert name in str(info.value)
+    for scorer in SCORERS:
+        for ratio in (0.05, 0.1, 0.15, 1.0):
+            selection = Selection(scorer, ratio)
+            assert Selection.parse(selection.name) == selection
+    assert Selection.parse("full") == Selection.full() and Selection.full().name == "full"
+    for bad in ("snr_0.1", "gsnr_x", "gsnr", "gsnr_0.10"):
+        with pytest.raises(ValueError):
+            Selection.parse(bad)
+    np.testing.assert_array_equal(scorers.eligible(np.array([1.0, np.nan, -np.inf])), [True, False, True])
 
 
 def test_shape_errors():

@@ -6,13 +6,14 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 
 from gradfilter_ray import pipeline, report
 from gradfilter_ray.config import load
 from gradfilter_ray.rundir import RunDir
-from gradfilter_ray.scoring import stage
+from gradfilter_ray.scoring.scorers import SCORERS
 
 N, M = 400, 3
 
@@ -77,9 +78,9 @@ QUIET = {"log": lambda _: None}
 def scored(ray_cluster, tmp_path):
     rundir, ids = build_rundir(tmp_path)
     cfg = load(None, [f"output_dir={rundir.root}", "selection.ratios=[0.05, 0.1, 0.15]"])
-    for upstream in ("ingest", "ensemble", "extract"):  # their outputs are the synthetic ones above
+    for upstream in ("data", "ensemble", "gradients"):  # their outputs are the synthetic ones above
         rundir.record_stage(upstream, {"status": "done", "key": pipeline.stage_key(upstream, cfg)})
-    counts = pipeline.run_stage("score", cfg, rundir, **QUIET)
+    counts = pipeline.run_stage("scoring", cfg, rundir, **QUIET)
     return cfg, rundir, ids, counts
 
 
@@ -90,48 +91,50 @@ def test_every_id_is_scored_once_with_reasons_counted(scored):
     assert sorted(scores["id"].to_pylist()) == sorted(ids.tolist())
     assert counts["rows"] == N == counts["rows_eligible"] + counts["rows_ineligible"]
     assert counts["ineligible_by_reason"] == {"no_response_tokens": 1, "non_finite": 1, "zero_early_norm": 1}
-    eligible = scores.filter(scores["eligible"])
-    assert np.isfinite(eligible["gsnr"].to_numpy()).all()
-    for column in ("gsnr", "drop_rel", "noise", "scale_free", "random", "length", "ifd"):
+    gsnr = scores["gsnr"].to_numpy(zero_copy_only=False)
+    assert np.isfinite(gsnr).sum() == counts["rows_eligible"]  # NaN exactly where a reason is given
+    assert (scores["reason"].is_null().to_numpy(zero_copy_only=False) == np.isfinite(gsnr)).all()
+    for column in (*SCORERS, "noise", "reason", "ifd_reason"):
         assert column in scores.column_names
+    no_response = scores.filter(pa.compute.equal(scores["n_response_tokens"], 0))
+    for scorer in SCORERS:  # a row without a response token is eligible for no scorer
+        assert np.isnan(no_response[scorer].to_numpy(zero_copy_only=False)).all(), scorer
 
 
 @pytest.mark.ray
 def test_selection_is_the_exact_top_k_with_ties_by_id(scored):
     cfg, rundir, ids, _ = scored
-    counts = pipeline.run_stage("select", cfg, rundir, **QUIET)
+    counts = pipeline.run_stage("selection", cfg, rundir, **QUIET)
     scores = pq.read_table(rundir.scores).to_pandas()
-    n_base = int(scores["base_eligible"].sum())
+    n_base = int((scores["n_response_tokens"] > 0).sum())
     assert counts["rows_with_response"] == n_base == N - 1
-    for scorer in ("gsnr", "abs_drop", "random", "length", "ifd"):
-        column, elig = stage.scorer_columns(scorer)
-        pool = scores[scores[elig]]
-        reference = sorted(zip(-pool[column], pool["id"]))
+    for scorer in ("gsnr", "drop_abs", "random", "length", "ifd"):
+        pool = scores[scores[scorer].notna()]
+        reference = sorted(zip(-pool[scorer], pool["id"]))
         for ratio in cfg.selection.ratios:
             k = int(np.floor(ratio * n_base + 1e-9))
             expected = sorted(i for _, i in reference[:k])
-            name = stage.selection_name(scorer, ratio)
-            got = sorted(pq.read_table(rundir.selected / f"{name}.parquet")["id"].to_pylist())
+            name = f"{scorer}_{ratio:g}"
+            got = sorted(pq.read_table(rundir.selection / f"{name}.parquet")["id"].to_pylist())
             assert got == expected, name
             assert counts["selections"][name]["selected"] == len(expected)
     # heavy ties really happened (a check that the tie rule was exercised)
     assert scores["gsnr"].round(12).duplicated().sum() > 100
-    line = (rundir.selected / "gsnr_0.05.jsonl").read_text().splitlines()[0]
+    line = (rundir.selection / "gsnr_0.05.jsonl").read_text().splitlines()[0]
     record = json.loads(line)
     assert set(record) == {"instruction", "input", "output", "category"}
-    full = pq.read_table(rundir.selected / "full.parquet")
-    assert full.num_rows == n_base
+    assert not (rundir.selection / "full.parquet").exists()  # the whole dataset is a fine-tuning option, not a scorer
 
 
 @pytest.mark.ray
 def test_nested_selections_and_report(scored):
     cfg, rundir, _, _ = scored
-    pipeline.run_stage("select", cfg, rundir, **QUIET)
-    small = set(pq.read_table(rundir.selected / "gsnr_0.05.parquet")["id"].to_pylist())
-    large = set(pq.read_table(rundir.selected / "gsnr_0.15.parquet")["id"].to_pylist())
+    pipeline.run_stage("selection", cfg, rundir, **QUIET)
+    small = set(pq.read_table(rundir.selection / "gsnr_0.05.parquet")["id"].to_pylist())
+    large = set(pq.read_table(rundir.selection / "gsnr_0.15.parquet")["id"].to_pylist())
     assert small < large
     counts = report.run(cfg, rundir, pipeline.stage_key("report", cfg))
-    assert counts["figures"] >= 4 and counts["selections"] == len(list(rundir.selected.children())) // 2
+    assert counts["figures"] >= 4 and counts["selections"] == len(list(rundir.selection.children())) // 2
     out = rundir.at("report")
     page = (out / "index.html").read_text()
     for png in ("score_histograms.png", "drop_vs_noise.png", "response_lengths.png", "overlap.png"):

@@ -150,7 +150,7 @@ def test_trust_remote_code_is_off_unless_the_config_turns_it_on(monkeypatch):
 
     for path in (TINY, DEMO):
         cfg = load(path)
-        assert cfg.proxy.model.trust_remote_code is False and cfg.target.model.trust_remote_code is False
+        assert cfg.proxy.model.trust_remote_code is False and cfg.finetune.model.trust_remote_code is False
     assert ModelSpec(name_or_path="x").trust_remote_code is False
 
     calls = []
@@ -218,7 +218,7 @@ SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "gfrcanary/AWS+secret/9X7y5",
     "WANDB_API_KEY": "gfrcanarywandb0123456789abcdef",
 }
-SECRET_OVERRIDES = ["ray.progress_bars=false", "target.subsets=[]", "selection.ratios=[0.2]"]
+SECRET_OVERRIDES = ["ray.progress_bars=false", "finetune.scorers=[]", "selection.ratios=[0.2]"]
 
 
 def seeded_rundir(root: Path, cfg) -> RunDir:
@@ -232,7 +232,7 @@ def seeded_rundir(root: Path, cfg) -> RunDir:
     table = synthetic_gradients(ids, m, rng)
     pq.write_table(table, rundir.gradients / "part-0.parquet")
     counts = {"rows_in": n, "rows_kept": n, "rows_rejected": 0, "rejects_by_reason": {}}
-    for stage in ("ingest", "ensemble", "extract"):
+    for stage in ("data", "ensemble", "gradients"):
         rundir.record_stage(stage, {"status": "done", "key": pipeline.stage_key(stage, cfg), **counts})
     return rundir
 
@@ -256,7 +256,7 @@ def test_secrets_in_the_environment_appear_in_no_output_log_or_report(tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert any(p.name.endswith((".log", ".out", ".err")) for p in ray_text)  # Ray's logs were there to scan
-    assert "[score] running" in done.stdout and "[report] running" in done.stdout
+    assert "[scoring] running" in done.stdout and "[report] running" in done.stdout
     manifest = RunDir(out).read_manifest()
     assert manifest["stages"]["report"]["status"] == "done" and manifest["versions"]
 

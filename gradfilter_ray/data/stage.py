@@ -12,7 +12,7 @@ from gradfilter_ray.rundir import RunDir
 
 def run(cfg: Config, run: RunDir, key: str) -> dict:
     data_cfg = replace(cfg.data, path=resolve(cfg.data.path))
-    with run.scratch("ingest") as scratch:
+    with run.scratch("data") as scratch:
         counts = ingest(data_cfg, run.data, run.rejects, scratch)
     run.update_manifest(inputs=counts.pop("inputs"))
     return counts

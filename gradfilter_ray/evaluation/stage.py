@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from gradfilter_ray.config import Config, EvaluationConfig, build
 from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.scoring.scorers import FULL, Selection
 from gradfilter_ray.storage import Location
 
 GENERATE, HELDOUT = "generate", "heldout"
@@ -120,7 +121,7 @@ def evaluate_model(cfg: Config, model: Location, rows: list[dict]) -> pa.Table:
         fn_constructor_kwargs={
             "model": model,
             "evaluation": asdict(ev),
-            "max_length": cfg.target.max_length,
+            "max_length": cfg.finetune.max_length,
         },
         batch_size=ev.batch_size,
         batch_format="pyarrow",
@@ -164,7 +165,7 @@ def judge_runs(cfg: Config, cache: Path, eval_dir: Path, runs: dict[str, dict], 
 
     j = cfg.evaluation.judge
     if not j.base_url:
-        log("[evaluate] judge skipped: evaluation.judge.base_url is not set (held-out loss and curves still run)")
+        log("[evaluation] judge skipped: evaluation.judge.base_url is not set (held-out loss and curves still run)")
         return {"status": "skipped", "reason": "evaluation.judge.base_url is not set"}
     client = JudgeClient(
         j.base_url,
@@ -176,7 +177,7 @@ def judge_runs(cfg: Config, cache: Path, eval_dir: Path, runs: dict[str, dict], 
     )
     results = {}
     for run, info in runs.items():
-        reference = "full" if info["scorer"] == "full" else f"{j.reference}_{info['ratio']:g}"
+        reference = FULL if info["scorer"] == FULL else Selection(j.reference, info["ratio"]).name
         if info["scorer"] == j.reference or reference not in runs or reference == run:
             continue
         ours = _read_generations(eval_dir / "runs" / run / "generations.jsonl")
@@ -201,7 +202,7 @@ def judge_runs(cfg: Config, cache: Path, eval_dir: Path, runs: dict[str, dict], 
             "per_set": {s: pws.summarise(o) for s, o in sorted(per_set.items())},
             "overall": pws.summarise(outcomes),
         }
-        log(f"[evaluate] judge {run} vs {reference}: " + json.dumps(results[run]["overall"]))
+        log(f"[evaluation] judge {run} vs {reference}: " + json.dumps(results[run]["overall"]))
     return {"status": "ran", "model": j.model, "runs": results}
 
 
@@ -211,17 +212,13 @@ def run(cfg: Config, run: RunDir, key: str) -> dict:
     summary = json.loads((run.finetune / "summary.json").read_text())
     rows = evaluation_rows(cfg.evaluation)
     with tempfile.TemporaryDirectory(prefix="gfr-eval-") as tmp:
-        eval_dir = Path(tmp) / "eval"
+        eval_dir = Path(tmp) / "evaluation"
         eval_dir.mkdir()
         runs = {}
         for run_name, train in summary["runs"].items():
             table = evaluate_model(cfg, run.finetune / run_name / "model", rows)
-            scorer, _, ratio = run_name.rpartition("_")
-            info = {
-                "scorer": scorer or run_name,
-                "ratio": float(ratio) if scorer else 1.0,
-                "n_train": train["rows_trained"],
-            }
+            selection = Selection.parse(run_name)
+            info = {"scorer": selection.scorer, "ratio": selection.ratio, "n_train": train["rows_trained"]}
             runs[run_name] = {**info, **_write_run(eval_dir / "runs" / run_name, table)}
         cache = Path(tmp) / JUDGE_CACHE
         if cfg.evaluation.judge.base_url and run.judge_cache.exists():
@@ -232,7 +229,7 @@ def run(cfg: Config, run: RunDir, key: str) -> dict:
         (eval_dir / "judge.json").write_text(json.dumps(judge, indent=2))
         (eval_dir / "runs.json").write_text(json.dumps(runs, indent=2))
         write_comparison(eval_dir, run.finetune)
-        run.eval.put(eval_dir)
+        run.evaluation.put(eval_dir)
     return {
         "runs": len(runs),
         "prompts": sum(r["kind"] == GENERATE for r in rows),

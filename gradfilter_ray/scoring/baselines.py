@@ -1,4 +1,4 @@
-"""Baseline scorers: random, response length, Superfiltering's IFD, and the full dataset.
+"""Baseline scorers: random, response length and Superfiltering's IFD.
 
 Every scorer returns float64 [N] scores ranked descending by ``selection.top_k_mask`` (ties: smaller id first).
 """
@@ -9,7 +9,7 @@ import numpy as np
 
 from gradfilter_ray.scoring.gsnr import NO_RESPONSE_TOKENS, NON_FINITE
 
-__all__ = ["IFD_GE_1", "full_scores", "ifd_scores", "length_scores", "random_scores"]
+__all__ = ["IFD_GE_1", "ifd_scores", "length_scores", "random_scores"]
 
 IFD_GE_1 = "ifd_ge_1"
 
@@ -89,14 +89,3 @@ def ifd_scores(
     reason[(ifd >= 1.0) & np.equal(reason, None)] = IFD_GE_1
     eligible = np.equal(reason, None)
     return np.where(eligible, ifd, np.nan), eligible, reason
-
-
-def full_scores(n: int) -> np.ndarray:
-    """All-zero float64 [n] scores for the full-dataset baseline.
-
-    Selection of the full dataset uses k = number of eligible rows, so every eligible row is kept whatever the
-    scores; with a smaller k, all-equal scores would keep the k smallest ids (the tie rule), not a random subset.
-    """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    return np.zeros(n, dtype=np.float64)

@@ -12,7 +12,8 @@ member m's LoRA adapter after the early / late epoch:
 Units: norms are squared gradient norms (loss units squared per parameter unit squared); ``drop_rel`` is unitless,
 ``noise`` has squared-norm units squared, so ``gsnr`` is not scale-free (``scale_free`` is the ablation that is).
 
-Every column is computed by one code path (``components``); the ablation scorers are columns of the same table.
+Every column is computed by one code path (``components``); the ablation scorers are columns of the same table,
+named as the scorers that rank by them (``scorers.py``).
 Rows whose inputs make a score undefined are ineligible, carry a reason string and NaN in every column, and must
 never be ranked (see ``eligibility`` and ``score_table``).
 """
@@ -27,12 +28,10 @@ __all__ = [
     "INVALID_NORM",
     "NO_RESPONSE_TOKENS",
     "SCORE_COLUMNS",
-    "SCORERS",
     "ZERO_EARLY_NORM",
     "components",
     "eligibility",
     "score_table",
-    "scorer_column",
 ]
 
 # Ineligibility reasons, in priority order (a row gets the first that applies).
@@ -43,24 +42,6 @@ ZERO_EARLY_NORM = "zero_early_norm"
 NON_FINITE_SCORE = "non_finite_score"
 
 SCORE_COLUMNS = ("g_early", "g_late", "drop_abs", "drop_rel", "noise", "gsnr", "drop_over_var", "scale_free")
-
-SCORERS: dict[str, str] = {
-    "gsnr": "gsnr",
-    "early_magnitude": "g_early",
-    "late_magnitude": "g_late",
-    "abs_drop": "drop_abs",
-    "rel_drop": "drop_rel",
-    "drop_over_var": "drop_over_var",
-    "scale_free": "scale_free",
-}
-
-
-def scorer_column(name: str) -> str:
-    """The ``components`` column that scorer ``name`` ranks by (descending); ValueError naming the valid scorers."""
-    try:
-        return SCORERS[name]
-    except KeyError:
-        raise ValueError(f"unknown G-SNR scorer {name!r}; valid: {', '.join(sorted(SCORERS))}") from None
 
 
 def _check_norms(sq_early: np.ndarray, sq_late: np.ndarray, n_response_tokens: np.ndarray) -> None:

@@ -16,7 +16,17 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["TopKBoundary", "k_for_ratio", "mask_from_threshold", "threshold_for_top_k", "top_k_mask"]
+from gradfilter_ray.scoring.scorers import Selection, check_scorer
+
+__all__ = [
+    "Selections",
+    "TopKBoundary",
+    "k_for_ratio",
+    "mask_from_threshold",
+    "selection_plan",
+    "threshold_for_top_k",
+    "top_k_mask",
+]
 
 # floor() slack for ratio * n: covers float rounding (0.29 * 100 = 28.999999999999996) while being far below the
 # distance to the next integer for any dataset size this project handles (< 1e-3 up to 1e9 rows).
@@ -161,3 +171,42 @@ def mask_from_threshold(
     else:
         at_threshold &= ids <= max_tied_id
     return eligible & ((scores > threshold) | at_threshold)
+
+
+def selection_plan(scorers: list[str], ratios: list[float], n_base: int) -> dict[str, dict[str, int]]:
+    """scorer -> {selection name: k}. Every scorer selects the same k (a share of the rows that have a response
+    token), so subsets compare at equal size; a scorer whose own pool is smaller (IFD drops IFD >= 1) selects its
+    whole pool."""
+    return {
+        check_scorer(scorer): {Selection(scorer, r).name: k_for_ratio(r, n_base) for r in ratios} for scorer in scorers
+    }
+
+
+class Selections:
+    """Every selection's ids in compact form: per scorer, the sorted ids of its largest selection and, per id, the
+    smallest k that still holds it (top-k sets of one score are nested), so memory is ~16 bytes per row of each
+    scorer's largest subset."""
+
+    def __init__(self) -> None:
+        self._nested: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # scorer -> (sorted ids, rank of each id)
+        self._ks: dict[str, tuple[str, int]] = {}  # selection name -> (scorer, k)
+
+    def add_ranked(self, scorer: str, ids: np.ndarray, scores: np.ndarray, ks: dict[str, int]) -> None:
+        """`ids`/`scores`: the scorer's largest selection, any order; `ks`: selection name -> k."""
+        ranks = np.empty(ids.shape[0], dtype=np.int64)
+        ranks[np.lexsort((ids, -scores))] = np.arange(ids.shape[0])
+        by_id = np.argsort(ids, kind="stable")
+        self._nested[scorer] = (ids[by_id], ranks[by_id])
+        self._ks.update({name: (scorer, k) for name, k in ks.items()})
+
+    def names(self) -> list[str]:
+        return list(self._ks)
+
+    def mask(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Bool [len(ids)]: which of these corpus ids the selection holds (a binary search per id)."""
+        scorer, k = self._ks[name]
+        sorted_ids, ranks = self._nested[scorer]
+        if sorted_ids.shape[0] == 0:
+            return np.zeros(ids.shape[0], dtype=bool)
+        pos = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.shape[0] - 1)
+        return (sorted_ids[pos] == ids) & (ranks[pos] < k)

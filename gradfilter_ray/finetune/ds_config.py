@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gradfilter_ray.config import TargetConfig
+from gradfilter_ray.config import FinetuneConfig
 
 TEMPLATES = {2: Path(__file__).with_name("zero2.json"), 3: Path(__file__).with_name("zero3.json")}
 
@@ -41,7 +41,7 @@ class TrainPlan:
         return self.steps_per_epoch * self.epochs
 
 
-def plan_training(n_examples: int, cfg: TargetConfig, world_size: int) -> TrainPlan:
+def plan_training(n_examples: int, cfg: FinetuneConfig, world_size: int) -> TrainPlan:
     """Accumulation = ceil(effective / (micro x workers)), so the effective batch is met or exceeded, never
     undershot; an epoch's last step is filled up by wrapping around the epoch's order (as DistributedSampler
     pads), so every worker runs the same number of forwards, which DeepSpeed's collectives need."""
@@ -86,7 +86,7 @@ def epoch_positions(plan: TrainPlan, seed: int, epoch: int) -> np.ndarray:
     ).swapaxes(1, 2)
 
 
-def deepspeed_config(cfg: TargetConfig, plan: TrainPlan, bf16: bool) -> dict:
+def deepspeed_config(cfg: FinetuneConfig, plan: TrainPlan, bf16: bool) -> dict:
     """The ZeRO template for cfg.zero_stage with the run-dependent fields filled in."""
     config = json.loads(TEMPLATES[cfg.zero_stage].read_text())
     config["train_micro_batch_size_per_gpu"] = plan.micro_batch_size

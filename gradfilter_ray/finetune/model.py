@@ -6,66 +6,66 @@ from pathlib import Path
 
 import torch
 
-from gradfilter_ray.config import TargetConfig
+from gradfilter_ray.config import FinetuneConfig
 from gradfilter_ray.ensemble.lora import DEFAULT_TARGETS
 from gradfilter_ray.models import instantiate, model_family
 
 
-def _lora_config(target: TargetConfig, model_type: str):
+def _lora_config(finetune: FinetuneConfig, model_type: str):
     from peft import LoraConfig
 
     if model_type not in DEFAULT_TARGETS:
         raise ValueError(f"no default LoRA target modules for {model_type!r} (known: {sorted(DEFAULT_TARGETS)})")
     return LoraConfig(
-        r=target.lora_rank,
-        lora_alpha=target.lora_alpha,
+        r=finetune.lora_rank,
+        lora_alpha=finetune.lora_alpha,
         lora_dropout=0.05,
         target_modules=DEFAULT_TARGETS[model_type],
         task_type="CAUSAL_LM",
     )
 
 
-def build_trainable(target: TargetConfig, dtype: torch.dtype, ds_config: dict):
+def build_trainable(finetune: FinetuneConfig, dtype: torch.dtype, ds_config: dict):
     """The model to hand to deepspeed.initialize: every weight trainable (full) or a LoRA adapter (lora)."""
     keep_alive = None
-    if target.zero_stage == 3 and target.model.build_from_config is None:
+    if finetune.zero_stage == 3 and finetune.model.build_from_config is None:
         # With this object alive, from_pretrained builds the model already partitioned (deepspeed.zero.Init), so
         # no worker ever holds a whole 7B/13B model.
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)
-    model = instantiate(target.model, dtype)
+    model = instantiate(finetune.model, dtype)
     del keep_alive
-    if target.gradient_checkpointing:
+    if finetune.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    if target.method == "lora":
+    if finetune.method == "lora":
         from peft import get_peft_model
 
-        torch.manual_seed(target.seed)
-        model = get_peft_model(model, _lora_config(target, model_family(model)))
-        if target.gradient_checkpointing:
+        torch.manual_seed(finetune.seed)
+        model = get_peft_model(model, _lora_config(finetune, model_family(model)))
+        if finetune.gradient_checkpointing:
             model.enable_input_require_grads()
     else:
         model.requires_grad_(True)
     return model
 
 
-def save_merged(target: TargetConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, out: Path) -> None:
+def save_merged(finetune: FinetuneConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, out: Path) -> None:
     """Write a `save_pretrained` folder (safetensors) that AutoModelForCausalLM.from_pretrained loads, from the
     consolidated trained state dict: a fresh CPU copy of the model takes the weights (LoRA merged in), so this
     works the same whether ZeRO partitioned the training copy or not."""
-    model = instantiate(target.model, dtype)
-    if target.method == "lora":
+    model = instantiate(finetune.model, dtype)
+    if finetune.method == "lora":
         from peft import get_peft_model
 
-        model = get_peft_model(model, _lora_config(target, model_family(model)))
+        model = get_peft_model(model, _lora_config(finetune, model_family(model)))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if getattr(model.config, "tie_word_embeddings", False):
         missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied: it is the embedding matrix
     if missing or unexpected:
         raise RuntimeError(f"trained state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if target.method == "lora":
+    if finetune.method == "lora":
         model = model.merge_and_unload()
     model.config.use_cache = True
     model.save_pretrained(out)

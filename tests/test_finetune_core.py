@@ -9,12 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from gradfilter_ray.config import TargetConfig
-from gradfilter_ray.target.ds_config import TEMPLATES, deepspeed_config, epoch_positions, lr_factor, plan_training
+from gradfilter_ray.config import FinetuneConfig
+from gradfilter_ray.finetune.ds_config import TEMPLATES, deepspeed_config, epoch_positions, lr_factor, plan_training
 
 
-def _target(**kw) -> TargetConfig:
-    return TargetConfig(**kw)
+def _target(**kw) -> FinetuneConfig:
+    return FinetuneConfig(**kw)
 
 
 def test_plan_meets_the_effective_batch_and_rounds_steps_up():

@@ -1,7 +1,7 @@
 """Finetune stage (Ray shell): one Ray Train TorchTrainer per subset, whose workers run DeepSpeed.
 
-For each subset (scorer x ratio, plus `full` when asked) the workers read the selected rows from
-``selected/{name}.parquet`` (output_dir must be reachable from every node), tokenise them with the target's
+For each selection (scorer x ratio, plus the whole dataset `full` when asked) the workers read the rows from
+``selection/{name}.parquet`` (output_dir must be reachable from every node), tokenise them with the target's
 tokenizer and train with `loop.train_steps`. A resumable DeepSpeed checkpoint goes through ``ray.train.report``
 every ``checkpoint_every_steps`` steps and at each epoch's end; a re-run of fit() with the same name resumes from
 the latest one, and a failed worker group is restarted from it (FailureConfig). Rank 0 writes the consolidated
@@ -18,9 +18,10 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from gradfilter_ray.config import Config, TargetConfig, build
+from gradfilter_ray.config import Config, FinetuneConfig, build
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import sigint_restored
+from gradfilter_ray.scoring.scorers import FULL, Selection
 from gradfilter_ray.storage import Location
 
 DS_TAG = "ds"
@@ -31,19 +32,16 @@ SUMMARY = "train_summary.json"
 DONE_MARKER = "_done"  # written after a subset's last file; holds the stage key it was trained under
 
 
-def subset_finished(out: Location, key: str) -> bool:
+def run_finished(out: Location, key: str) -> bool:
     marker = out / DONE_MARKER
     return marker.exists() and marker.read_text().strip() == key
 
 
-def subset_names(cfg: Config) -> list[str]:
-    ratios = cfg.target.ratios if cfg.target.ratios is not None else cfg.selection.ratios
-    from gradfilter_ray.scoring.stage import selection_name
-
-    names = []
-    for scorer in cfg.target.subsets:
-        names += ["full"] if scorer == "full" else [selection_name(scorer, r) for r in ratios]
-    return names
+def selections(cfg: Config) -> list[Selection]:
+    """The runs to fine-tune: each scorer at each ratio, then the whole dataset when finetune.full is on."""
+    ratios = cfg.finetune.ratios if cfg.finetune.ratios is not None else cfg.selection.ratios
+    runs = [Selection(scorer, r) for scorer in cfg.finetune.scorers for r in ratios]
+    return runs + ([Selection.full()] if cfg.finetune.full else [])
 
 
 def _write_loss_csv(path: Path, losses: list[list[float]]) -> None:
@@ -61,14 +59,14 @@ def finetune_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
+    from gradfilter_ray.finetune.ds_config import deepspeed_config, lr_factor, plan_training
+    from gradfilter_ray.finetune.loop import tokenize_subset, train_steps
+    from gradfilter_ray.finetune.model import build_trainable, save_merged
     from gradfilter_ray.models import load_tokenizer
-    from gradfilter_ray.target.ds_config import deepspeed_config, lr_factor, plan_training
-    from gradfilter_ray.target.loop import tokenize_subset, train_steps
-    from gradfilter_ray.target.model import build_trainable, save_merged
 
     # The CPU accelerator otherwise JIT-builds a shared-memory allreduce op (minutes) that gloo never uses.
     getattr(deepspeed.ops, "__compatible_ops__", {})["deepspeed_shm_comm"] = False
-    target: TargetConfig = build(TargetConfig, config["target"], "target")
+    finetune: FinetuneConfig = build(FinetuneConfig, config["finetune"], "finetune")
     torch.set_num_threads(config["torch_threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -81,19 +79,19 @@ def finetune_worker(config: dict) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     out: Location = config["out"]
-    if subset_finished(out, config["key"]):
+    if run_finished(out, config["key"]):
         return  # finished before a restart
     checkpoint = ray.train.get_checkpoint()
 
-    tokenizer = load_tokenizer(target.model)
-    subset = config["subset"]  # a Location: this worker may be on any node
-    table = pq.read_table(subset.path, filesystem=subset.filesystem, columns=["instruction", "input", "output"])
-    rows = tokenize_subset(tokenizer, table, target.max_length)
-    plan = plan_training(len(rows), target, world)
-    ds_config = deepspeed_config(target, plan, bf16=dtype == torch.bfloat16)
-    model = build_trainable(target, dtype, ds_config)
+    tokenizer = load_tokenizer(finetune.model)
+    rows_at = config["rows"]  # a Location: this worker may be on any node
+    table = pq.read_table(rows_at.path, filesystem=rows_at.filesystem, columns=["instruction", "input", "output"])
+    rows = tokenize_subset(tokenizer, table, finetune.max_length)
+    plan = plan_training(len(rows), finetune, world)
+    ds_config = deepspeed_config(finetune, plan, bf16=dtype == torch.bfloat16)
+    model = build_trainable(finetune, dtype, ds_config)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=target.learning_rate, weight_decay=target.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=finetune.learning_rate, weight_decay=finetune.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, plan.warmup_steps, plan.total_steps)
     )
@@ -117,17 +115,19 @@ def finetune_worker(config: dict) -> None:
 
     def on_step(step: int, loss: float) -> bool:
         losses.append([step + 1, loss])
-        every = target.checkpoint_every_steps
+        every = finetune.checkpoint_every_steps
         if (step + 1) % plan.steps_per_epoch == 0 or (every and (step + 1) % every == 0):
             report_checkpoint(step)
         # Stopping early, as a preemption would (tests): the next fit() resumes from the last checkpoint.
         return bool(config.get("stop_after_steps")) and step + 1 >= config["stop_after_steps"]
 
-    finished = train_steps(engine, rows, plan, target.seed, rank, tokenizer.pad_token_id, device, start_step, on_step)
+    finished = train_steps(
+        engine, rows, plan, finetune.seed, rank, tokenizer.pad_token_id, device, start_step, on_step
+    )
     if not finished:
         return
 
-    if target.zero_stage == 3:
+    if finetune.zero_stage == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
     else:
         state_dict = engine.module.state_dict() if rank == 0 else None
@@ -135,7 +135,7 @@ def finetune_worker(config: dict) -> None:
         ray.train.report({"step": plan.total_steps, "finished": 1})
         return
     with tempfile.TemporaryDirectory(prefix="gfr-final-") as tmp:
-        save_merged(target, {k: v.to("cpu") for k, v in state_dict.items()}, dtype, Path(tmp) / MODEL_DIR)
+        save_merged(finetune, {k: v.to("cpu") for k, v in state_dict.items()}, dtype, Path(tmp) / MODEL_DIR)
         tokenizer.save_pretrained(Path(tmp) / MODEL_DIR)  # so evaluation and users load the folder alone
         _write_loss_csv(Path(tmp) / LOSS_CSV, losses)
         summary = {
@@ -148,8 +148,8 @@ def finetune_worker(config: dict) -> None:
             "first_loss": losses[0][1] if losses else None,
             "last_loss": losses[-1][1] if losses else None,
             "precision": str(dtype).removeprefix("torch."),
-            "zero_stage": target.zero_stage,
-            "method": target.method,
+            "zero_stage": finetune.zero_stage,
+            "method": finetune.method,
         }
         (Path(tmp) / SUMMARY).write_text(json.dumps(summary, indent=2))
         out.put(Path(tmp))
@@ -157,24 +157,29 @@ def finetune_worker(config: dict) -> None:
     ray.train.report({"step": plan.total_steps, "finished": 1})
 
 
-def trainer_name(key: str, subset: str) -> str:
-    return f"finetune-{key}-{subset}"
+def trainer_name(key: str, name: str) -> str:
+    return f"finetune-{key}-{name}"
 
 
-def build_trainer(cfg: Config, run: RunDir, key: str, subset: str, stop_after_steps: int | None = None):
+def training_rows(run: RunDir, selection: Selection) -> Location:
+    """What a run trains on: its selection's rows, or for `full` the whole dataset."""
+    return run.data if selection.scorer == FULL else run.selection / f"{selection.name}.parquet"
+
+
+def build_trainer(cfg: Config, run: RunDir, key: str, selection: Selection, stop_after_steps: int | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    t = cfg.target
+    t = cfg.finetune
     use_gpu = t.gpus_per_worker > 0
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if use_gpu else {})}
     storage = run.finetune_train_state
     return TorchTrainer(
         finetune_worker,
         train_loop_config={
-            "target": asdict(t),
-            "subset": run.selected / f"{subset}.parquet",
-            "out": run.finetune / subset,
+            "finetune": asdict(t),
+            "rows": training_rows(run, selection),
+            "out": run.finetune / selection.name,
             "key": key,
             "torch_threads": max(1, int(t.cpus_per_worker)),
             "stop_after_steps": stop_after_steps,
@@ -183,7 +188,7 @@ def build_trainer(cfg: Config, run: RunDir, key: str, subset: str, stop_after_st
             num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
-            name=trainer_name(key, subset),
+            name=trainer_name(key, selection.name),
             storage_path=storage.path,
             storage_filesystem=storage.filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
@@ -192,33 +197,34 @@ def build_trainer(cfg: Config, run: RunDir, key: str, subset: str, stop_after_st
     )
 
 
-def run(cfg: Config, run: RunDir, key: str) -> dict:
-    import pyarrow.parquet as pq
+def _row_count(where: Location) -> int:
+    import pyarrow.dataset as pads
 
+    return pads.dataset(where.path, format="parquet", filesystem=where.filesystem).count_rows()
+
+
+def run(cfg: Config, run: RunDir, key: str) -> dict:
     runs, skipped = {}, {}
-    for subset in subset_names(cfg):
-        selected = run.selected / f"{subset}.parquet"
-        if not selected.exists():
-            raise FileNotFoundError(
-                f"{selected} does not exist: is '{subset}' among scoring.scorers x selection.ratios?"
-            )
-        with selected.open_input() as handle:
-            if pq.ParquetFile(handle).metadata.num_rows == 0:
-                skipped[subset] = "empty selection"
-                continue
-        out = run.finetune / subset
-        if not subset_finished(out, key):
+    for selection in selections(cfg):
+        rows = training_rows(run, selection)
+        if not rows.exists():
+            raise FileNotFoundError(f"{rows} does not exist: is '{selection.scorer}' among scoring.scorers?")
+        if _row_count(rows) == 0:
+            skipped[selection.name] = "empty selection"
+            continue
+        out = run.finetune / selection.name
+        if not run_finished(out, key):
             out.delete()  # left by a run under another key, or cut short
             with sigint_restored():
-                result = build_trainer(cfg, run, key, subset).fit()
+                result = build_trainer(cfg, run, key, selection).fit()
             if result.error is not None:
                 raise result.error
-            if not subset_finished(out, key):
-                raise RuntimeError(f"fine-tuning {subset} ended without writing its model to {out}")
-            (run.finetune_train_state / trainer_name(key, subset)).delete()
-        runs[subset] = json.loads((out / SUMMARY).read_text())
+            if not run_finished(out, key):
+                raise RuntimeError(f"fine-tuning {selection.name} ended without writing its model to {out}")
+            (run.finetune_train_state / trainer_name(key, selection.name)).delete()
+        runs[selection.name] = json.loads((out / SUMMARY).read_text())
     for stale in set(run.finetune.children()) - set(runs) - {"summary.json"}:
-        (run.finetune / stale).delete()  # subsets of an earlier config: not this stage's output
+        (run.finetune / stale).delete()  # runs of an earlier config: not this stage's output
     (run.finetune / "summary.json").write_text(json.dumps({"runs": runs, "skipped": skipped}, indent=2))
     return {
         "runs": len(runs),

@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 
 from gradfilter_ray.data.prompt import collate_rows, label_start, tokenize_batch
-from gradfilter_ray.target.ds_config import TrainPlan, epoch_positions
+from gradfilter_ray.finetune.ds_config import TrainPlan, epoch_positions
 
 
 @dataclass

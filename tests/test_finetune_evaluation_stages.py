@@ -19,23 +19,23 @@ from conftest import ChatServer, reply
 from gradfilter_ray import pipeline
 from gradfilter_ray.config import load
 from gradfilter_ray.evaluation import pws
+from gradfilter_ray.finetune import stage as finetune_stage
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.storage import Location
-from gradfilter_ray.target import stage as finetune_stage
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "jobs" / "configs" / "demo.yaml"
 ROWS = json.loads((REPO / "gradfilter_ray" / "assets" / "data" / "alpaca_sample_1k.json").read_text())
 SMALL = [
-    "target.subsets=[gsnr, random]",
+    "finetune.scorers=[gsnr, random]",
     "selection.ratios=[0.5]",
-    "target.ratios=[0.5]",
-    "target.max_length=256",
-    "target.epochs=2",
-    "target.effective_batch_size=8",
-    "target.micro_batch_size=4",
-    "target.learning_rate=0.003",
+    "finetune.ratios=[0.5]",
+    "finetune.max_length=256",
+    "finetune.epochs=2",
+    "finetune.effective_batch_size=8",
+    "finetune.micro_batch_size=4",
+    "finetune.learning_rate=0.003",
     "evaluation.test_sets=[vicuna, koala]",
     "evaluation.max_prompts_per_set=3",
     "evaluation.max_new_tokens=12",
@@ -45,7 +45,7 @@ SMALL = [
 
 def make_selected(root: Path) -> None:
     """Two 24-row subsets as the select stage writes them (canonical columns)."""
-    (root / "selected").mkdir(parents=True)
+    (root / "selection").mkdir(parents=True)
     for name, rows in (("gsnr_0.5", ROWS[:24]), ("random_0.5", ROWS[24:48])):
         offset = 0 if name.startswith("gsnr") else 24
         table = pa.table(
@@ -56,7 +56,7 @@ def make_selected(root: Path) -> None:
                 "output": [r["output"] for r in rows],
             }
         )
-        pq.write_table(table, root / "selected" / f"{name}.parquet")
+        pq.write_table(table, root / "selection" / f"{name}.parquet")
 
 
 def small_cfg(out: Path, *extra: str):
@@ -70,7 +70,7 @@ def selected_run(root: Path, cfg) -> RunDir:
     """`root` with the two subsets of `make_selected` and the stages up to select recorded done for `cfg`."""
     make_selected(root)
     rundir = RunDir(str(root))
-    for stage in ("ingest", "ensemble", "extract", "score", "select"):
+    for stage in ("data", "ensemble", "gradients", "scoring", "selection"):
         rundir.record_stage(stage, {"status": "done", "key": pipeline.stage_key(stage, cfg)})
     return rundir
 
@@ -129,8 +129,8 @@ def test_finetune_loss_falls_and_the_model_loads_back(finetuned):
         assert isinstance(model, LlamaForCausalLM)
         assert AutoTokenizer.from_pretrained(str(folder / "model")).vocab_size == 512
         # written last, the subset's marker holds the stage key; its Ray Train run (checkpoints) is removed
-        assert finetune_stage.subset_finished(folder, counts["key"])
-        assert not finetune_stage.subset_finished(folder, "another-key")
+        assert finetune_stage.run_finished(folder, counts["key"])
+        assert not finetune_stage.run_finished(folder, "another-key")
         assert not (rundir.finetune_train_state / finetune_stage.trainer_name(counts["key"], run)).exists()
     assert sorted(rundir.finetune.children()) == ["gsnr_0.5", "random_0.5", "summary.json"]
 
@@ -161,12 +161,12 @@ def test_preempted_zero3_finetune_resumes_to_the_zero2_curve_and_weights(finetun
 
     _, reference, _ = finetuned
     root = tmp_path / "run"
-    cfg = small_cfg(root, "target.subsets=[gsnr]", "target.checkpoint_every_steps=2", "target.zero_stage=3")
+    cfg = small_cfg(root, "finetune.scorers=[gsnr]", "finetune.checkpoint_every_steps=2", "finetune.zero_stage=3")
     rundir = selected_run(root, cfg)
     key = pipeline.stage_key("finetune", cfg)
     partial = finetune_stage.build_trainer(cfg, rundir, key, "gsnr_0.5", stop_after_steps=4).fit()
     assert partial.error is None and partial.metrics["step"] == 4  # the checkpoint at step 4 is the latest
-    assert not finetune_stage.subset_finished(rundir.finetune / "gsnr_0.5", key)  # stopped: no model, no marker
+    assert not finetune_stage.run_finished(rundir.finetune / "gsnr_0.5", key)  # stopped: no model, no marker
     pipeline.run_stage("finetune", cfg, rundir, **QUIET)
     resumed = read_losses(rundir.finetune / "gsnr_0.5" / "train_loss.csv")
     uninterrupted = read_losses(reference.finetune / "gsnr_0.5" / "train_loss.csv")
@@ -191,12 +191,12 @@ def test_evaluate_generates_scores_heldout_judges_and_compares(finetuned, tmp_pa
     judge = LongerAnswerJudge(garbled)
     try:
         cfg = small_cfg(base.root, f"evaluation.judge.base_url={judge.url}", "evaluation.judge.concurrency=2")
-        counts = pipeline.run_stage("evaluate", cfg, base, **QUIET)
+        counts = pipeline.run_stage("evaluation", cfg, base, **QUIET)
         first_calls = judge.calls
         cached = base.judge_cache.read_text()
         # a re-run (it removes the stage's old outputs first) is answered from the judge cache, kept in the run
-        # directory beside eval/, not in it
-        again = pipeline.run_stage("evaluate", cfg, base, force=True, **QUIET)
+        # directory beside evaluation/, not in it
+        again = pipeline.run_stage("evaluation", cfg, base, force=True, **QUIET)
         assert judge.calls == first_calls and again["judge"] == "ran"
         assert base.judge_cache.read_text() == cached
     finally:
@@ -204,7 +204,7 @@ def test_evaluate_generates_scores_heldout_judges_and_compares(finetuned, tmp_pa
     assert counts["prompts"] == 6 and counts["heldout_examples"] == 10 and counts["judge"] == "ran"
     assert first_calls == 2 * 6  # one pair (gsnr vs random) per prompt, both answer orders
 
-    ev = base.eval
+    ev = base.evaluation
     gens = {}
     for run in ("gsnr_0.5", "random_0.5"):
         rows = [json.loads(line) for line in (ev / "runs" / run / "generations.jsonl").read_text().splitlines()]

@@ -29,7 +29,7 @@ def finished_run(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "run"
     cfg = tiny_cfg(out)
     rundir = RunDir(str(out))
-    pipeline.run_stage("ingest", cfg, rundir, **QUIET)
+    pipeline.run_stage("data", cfg, rundir, **QUIET)
     # A preempted first attempt: the trainer stops after epoch 1, leaving its checkpoint and (written in place)
     # epoch 1 of each member in ensemble/, but no record: the stage is not done.
     key = pipeline.stage_key("ensemble", cfg)
@@ -47,7 +47,7 @@ def finished_run(ray_cluster, tmp_path_factory):
     # every old output, so it must be gone afterwards.
     (rundir.ensemble / "stale-from-the-preempted-attempt.txt").write_text("stale")
     record = pipeline.run_stage("ensemble", cfg, rundir, **QUIET)
-    extract = pipeline.run_stage("extract", cfg, rundir, **QUIET)
+    extract = pipeline.run_stage("gradients", cfg, rundir, **QUIET)
     return cfg, rundir, record, extract, early_before
 
 
@@ -79,7 +79,7 @@ def test_resumed_ensemble_equals_an_uninterrupted_one(finished_run, tmp_path):
 
     clean = RunDir(str(tmp_path / "clean"))
     clean_cfg = tiny_cfg(clean.root)
-    pipeline.run_stage("ingest", clean_cfg, clean, **QUIET)
+    pipeline.run_stage("data", clean_cfg, clean, **QUIET)
     pipeline.run_stage("ensemble", clean_cfg, clean, **QUIET)
     for m in range(2):
         a = load_file(str(rundir.member_epoch(m, 2) / "adapter_model.safetensors"))
@@ -137,7 +137,7 @@ def test_extraction_equals_bare_computation_and_the_bs1_reference(finished_run):
 def test_extraction_is_deterministic(finished_run):
     cfg, rundir, _, _, _ = finished_run
     first = pq.read_table(rundir.gradients).sort_by("id")
-    again = pipeline.run_stage("extract", cfg, rundir, force=True, **QUIET)
+    again = pipeline.run_stage("gradients", cfg, rundir, force=True, **QUIET)
     second = pq.read_table(rundir.gradients).sort_by("id")
     assert again["rows"] == first.num_rows
     for column in ("sq_norm_early", "sq_norm_late", "loss_late"):
