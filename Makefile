@@ -10,7 +10,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint format bench clean-runs
+.PHONY: setup run test test-fast lint format bench clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The quick loop: everything but the tests marked `slow` (CLI pipelines, Ray Train runs, anything over ~5 s).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gradfilter_ray tests benchmarks jobs

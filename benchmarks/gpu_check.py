@@ -24,7 +24,8 @@ import transformers  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from gradfilter_ray.gradients.norms import lora_parameter_count, per_example_sq_norms  # noqa: E402
+from gradfilter_ray.gradients.norms import per_example_sq_norms  # noqa: E402
+from gradfilter_ray.lora import lora_parameter_count  # noqa: E402
 
 
 def build_model(small: bool) -> torch.nn.Module:

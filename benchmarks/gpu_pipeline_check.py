@@ -1,8 +1,9 @@
 """GPU path of the ensemble loop and the extraction actor, without Ray (the device machine has no Ray).
 
 Checks that the stages take CUDA + bf16 when a GPU is assigned: a member trains on CUDA under bf16 autocast and
-its loss falls; `NormExtractor` (the extraction stage's Ray Data actor class, called in-process) produces bf16
-CUDA norms close to an fp32 CPU run of the same adapters, and its throughput. Writes DIR/gpu_pipeline_check.json.
+its loss falls; `NormExtractor` (the extraction stage's Ray Data actor class, called in-process on `tokens/`-style
+rows) produces bf16 CUDA norms close to an fp32 CPU run of the same adapters, and its throughput. Writes
+DIR/gpu_pipeline_check.json.
 Usage: python3 benchmarks/gpu_pipeline_check.py --out DIR [--device cpu --small]
 """
 
@@ -26,9 +27,10 @@ import torch  # noqa: E402
 from gradfilter_ray.config import EnsembleConfig, GradientsConfig, ModelSpec, ProxyConfig  # noqa: E402
 from gradfilter_ray.data.tokenized import tokenize_table  # noqa: E402
 from gradfilter_ray.ensemble.loop import TokenRows, train_member  # noqa: E402
-from gradfilter_ray.ensemble.lora import attach_lora, save_adapter  # noqa: E402
-from gradfilter_ray.gradients.stage import ADAPTER_FILES, NormExtractor, adapter_name  # noqa: E402
+from gradfilter_ray.gradients.stage import NormExtractor, adapter_name  # noqa: E402
+from gradfilter_ray.lora import attach_lora, save_adapter  # noqa: E402
 from gradfilter_ray.models import load_causal_lm, load_tokenizer  # noqa: E402
+from gradfilter_ray.storage import open_location  # noqa: E402
 
 
 def gpt2_spec(small: bool) -> ModelSpec:
@@ -70,7 +72,7 @@ def main() -> int:
     )
 
     # 1. ensemble member loop on the device (bf16 autocast on CUDA), saving early/late adapters
-    adapters: dict[str, dict[str, bytes]] = {}
+    adapters = {}  # adapter name -> its folder, as the stage passes them
     workdir = Path(tempfile.mkdtemp())
     for member in range(ens.members):
         model = attach_lora(load_causal_lm(spec, torch.float32, device), ens, seed=10 + member)
@@ -81,7 +83,7 @@ def main() -> int:
             folder = workdir / f"m{member}_e{epoch}"
             save_adapter(model, folder)
             checkpoint = "early" if epoch == 1 else "late"
-            adapters[adapter_name(member, checkpoint)] = {f: (folder / f).read_bytes() for f in ADAPTER_FILES}
+            adapters[adapter_name(member, checkpoint)] = open_location(str(folder))
 
         started = time.perf_counter()
         train_member(model, rows, ens, 10 + member, device, tokenizer.pad_token_id, on_epoch_end)
@@ -99,11 +101,11 @@ def main() -> int:
             batch_size=32, gpus_per_actor=1.0 if dev == "cuda" else 0.0, precision=precision, cpus_per_actor=4
         )
         actor = NormExtractor(asdict(proxy), asdict(grads), ens.members, adapters)
-        actor(table.slice(0, 8))  # warm-up
+        actor(tokens.slice(0, 8))  # warm-up
         if dev == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        out = actor(table.slice(0, n))
+        out = actor(tokens.slice(0, n))
         if dev == "cuda":
             torch.cuda.synchronize()
         return out, time.perf_counter() - started

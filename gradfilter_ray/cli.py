@@ -1,4 +1,5 @@
-"""Command line: `gradfilter-ray run|data|ensemble|gradients|scoring|selection|report|finetune|evaluation|compare`.
+"""Command line: `gradfilter-ray run|compare|<stage>` (stages: data, tokens, ensemble, gradients, scoring, selection,
+report, finetune, evaluation).
 
 One code path for `make run`, `ray job submit` and a KubeRay RayJob: parse, load and validate the config, open a
 Ray session, run the stage table.
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     run = RunDir(cfg.output_dir)
     try:
         run.ensure_exists()
-        with DriverClaim(run.root):
+        with DriverClaim(run.root) as claim:
+            run.guard = claim.check
             return _drive(cfg, run, args, stages, argv)
     except StorageError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -156,7 +158,8 @@ def _drive(cfg: Config, run: RunDir, args: argparse.Namespace, stages: list[str]
         except pipeline.StageOrderError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ORDER
-    print("\n".join(summary_lines(summarize_run(run.read_manifest(), str(run.root)))))
+    keys = {name: pipeline.stage_key(name, cfg) for name in pipeline.STAGES}
+    print("\n".join(summary_lines(summarize_run(run.read_manifest(), str(run.root), keys))))
     return 0
 
 

@@ -172,7 +172,10 @@ class ScoringConfig:
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    ratios: list[float] = doc("Fractions of eligible rows to keep.", default_factory=lambda: [0.05, 0.10, 0.15])
+    ratios: list[float] = doc(
+        "Fractions of the rows with a response token to keep (the same k for every scorer).",
+        default_factory=lambda: [0.05, 0.10, 0.15],
+    )
 
     def __post_init__(self) -> None:
         if not self.ratios or any(not 0.0 < r <= 1.0 for r in self.ratios):

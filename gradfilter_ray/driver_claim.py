@@ -72,6 +72,7 @@ class DriverClaim:
         }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.lost_to: dict | None = None  # the claim that replaced ours (a store outage longer than ttl_s)
 
     def _read(self) -> dict | None:
         try:
@@ -102,17 +103,29 @@ class DriverClaim:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
+                current = self._read()
+                if current and current.get("token") != self.token:
+                    self.lost_to = current  # never overwrite another driver's claim: stop and let check() say so
+                    return
                 self._write()
             except OSError:  # a store hiccup: the next beat retries; the claim lives ttl_s beyond the last one
                 pass
+
+    def check(self) -> None:
+        """Raise if another driver has taken the output_dir over (called before every manifest write)."""
+        if self.lost_to is not None:
+            raise OutputDirInUse(f"{self.root}: this driver lost its claim to another ({describe(self.lost_to)})")
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        current = self._read()
-        if current and current.get("token") == self.token:
-            self.where.delete()
+        try:
+            current = self._read()
+            if current and current.get("token") == self.token:
+                self.where.delete()
+        except OSError:  # the claim then expires by itself; a finished run must not fail on its way out
+            pass
 
     def __enter__(self) -> DriverClaim:
         return self.acquire()

@@ -13,6 +13,7 @@ from typing import Any
 
 from gradfilter_ray.config import Config, section_hash, to_dict
 from gradfilter_ray.data.stage import run as data
+from gradfilter_ray.data.tokens_stage import run as tokens
 from gradfilter_ray.ensemble.stage import run as ensemble
 from gradfilter_ray.evaluation.stage import run as evaluation
 from gradfilter_ray.finetune.stage import run as finetune
@@ -68,12 +69,15 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
         Stage("data", data, (), ("data",), ("data", "rejects.parquet"), lambda c: "Ray Data tasks + 1 task"),
-        Stage("ensemble", ensemble, ("data",), ("proxy", "ensemble"), ("ensemble",), _members),
-        Stage("gradients", gradients, ("data", "ensemble"), ("proxy", "gradients.precision"), ("gradients",), _actors),
+        Stage("tokens", tokens, ("data",), ("proxy",), ("tokens",), lambda c: "Ray Data tasks + 1 task"),
+        Stage("ensemble", ensemble, ("tokens",), ("proxy", "ensemble"), ("ensemble",), _members),
+        Stage(
+            "gradients", gradients, ("tokens", "ensemble"), ("proxy", "gradients.precision"), ("gradients",), _actors
+        ),
         Stage("scoring", scoring, ("gradients",), ("scoring",), ("scoring",), lambda c: "1 Ray task"),
         Stage("selection", selection, ("data", "scoring"), ("selection",), ("selection",), lambda c: "1 Ray task"),
         Stage("report", report, ("data", "scoring", "selection"), (), ("report",), lambda c: "1 Ray task"),
-        Stage("finetune", finetune, ("selection",), ("finetune",), ("finetune",), _trainers, resumes=True),
+        Stage("finetune", finetune, ("data", "selection"), ("finetune",), ("finetune",), _trainers, resumes=True),
         Stage(
             "evaluation",
             evaluation,

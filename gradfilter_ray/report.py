@@ -59,14 +59,19 @@ def _join(location: str, rel: str) -> str:
     return f"{location.rstrip('/')}/{rel}" if location else rel
 
 
-def summarize_run(manifest: dict, location: str | None = None) -> dict[str, Any]:
-    """The run's summary from its manifest: rows in / kept / rejected (by reason) from the ingest record, rows
-    eligible for G-SNR (and ineligible by reason) from the score record, rows selected per selection from the select
-    record, and where the report and the comparison are (None while their stage has not run).
+def summarize_run(manifest: dict, location: str | None = None, keys: dict[str, str] | None = None) -> dict[str, Any]:
+    """The run's summary from its manifest: rows in / kept / rejected (by reason) from the data record, rows
+    eligible for G-SNR (and ineligible by reason) from the scoring record, rows selected per selection from the
+    selection record, and where the report and the comparison are (None while their stage has not run).
 
-    `location` is the run directory as the user named it (default: the manifest's `config.output_dir`). A count is
-    None when its stage has no record."""
-    stages = manifest.get("stages", {}) or {}
+    `location` is the run directory as the user named it (default: the manifest's `config.output_dir`). Only done
+    records count, and with `keys` (stage -> key of the config at hand) only those done for that config, so the
+    summary never mixes configs. A count is None when its stage has no such record."""
+    stages = {
+        name: record
+        for name, record in (manifest.get("stages", {}) or {}).items()
+        if (record or {}).get("status") == "done" and (keys is None or record.get("key") == keys.get(name))
+    }
     if location is None:
         location = str((manifest.get("config") or {}).get("output_dir") or "")
     ingest, score, select = stages.get("data") or {}, stages.get("scoring") or {}, stages.get("selection") or {}
@@ -125,7 +130,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     s = summary
     lines = [f"run directory: {s['location'] or '.'}"]
     if s["rows_in"] is None:
-        lines.append("rows: ingest has not run")
+        lines.append("rows: the data stage has not run")
     else:
         rejected = f"{s['rows_rejected']} rejected" + (
             f" ({_reasons(s['rejects_by_reason'])})" if s["rejects_by_reason"] else ""
@@ -151,7 +156,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         if s["selection_dir"]:
             lines.append(f"subsets: {s['selection_dir']}/<scorer>_<ratio>.jsonl (and .parquet)")
     else:
-        lines.append("selected: select has not run")
+        lines.append("selected: the selection stage has not run")
     lines.append(f"report: {s['report'] or 'not built yet (gradfilter-ray report)'}")
     lines.append(f"comparison: {s['compare'] or 'not built yet (gradfilter-ray evaluation)'}")
     return lines

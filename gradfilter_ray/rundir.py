@@ -15,7 +15,7 @@ import copy
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,6 +30,14 @@ class RunDir:
         self.location = str(output_dir)
         self.root = open_location(self.location)
         self._manifest: dict[str, Any] | None = None
+        self.guard: Callable[[], None] = lambda: None  # raises when this driver may no longer write (driver_claim)
+
+    def __getstate__(self) -> dict:
+        # A copy sent to a Ray task reads and writes outputs; the driver's guard (and its claim) stays here.
+        return {**self.__dict__, "guard": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, guard=lambda: None)
 
     def at(self, rel: str) -> Location:
         """`rel` (e.g. "data", "selection/gsnr_0.1.parquet") as a location any node opens."""
@@ -53,6 +61,10 @@ class RunDir:
     @property
     def rejects(self) -> Location:
         return self.at("rejects.parquet")
+
+    @property
+    def tokens(self) -> Location:
+        return self.at("tokens")
 
     @property
     def ensemble(self) -> Location:
@@ -93,7 +105,7 @@ class RunDir:
 
     @property
     def judge_cache(self) -> Location:
-        """Paid-for judgements, kept across re-runs of evaluate (not a stage output)."""
+        """Paid-for judgements, kept across re-runs of the evaluation stage (not a stage output)."""
         return self.at(".judge_cache.jsonl")
 
     # ----- manifest -----
@@ -108,6 +120,7 @@ class RunDir:
         return copy.deepcopy(self._manifest)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self.guard()
         self.at(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         self._manifest = copy.deepcopy(manifest)
 

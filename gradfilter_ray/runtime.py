@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from gradfilter_ray.config import RayConfig
+from gradfilter_ray.faults import fault_env
 
 
 def resolve_address(cfg: RayConfig) -> str:
@@ -27,6 +28,8 @@ def init_kwargs(cfg: RayConfig) -> dict:
         "log_to_driver": True,
         "configure_logging": True,
     }
+    if fault_env():  # tests only: their fault handler must reach every worker
+        kwargs["runtime_env"] = {"env_vars": fault_env()}
     if address == "local":
         kwargs["include_dashboard"] = False
         if cfg.num_cpus is not None:
@@ -43,6 +46,9 @@ def configure_data_context(cfg: RayConfig) -> None:
     ctx.enable_progress_bars = cfg.progress_bars
     # Row order inside our outputs is not meaningful (every row carries its id), so let Ray stream freely.
     ctx.execution_options.preserve_order = False
+    # ray.log_level covers Ray Data's driver-side INFO lines too ("execution finished", "Data sink ... written",
+    # and the periodic progress log lines it prints in place of bars when output is not a terminal).
+    logging.getLogger("ray.data").setLevel(max(logging.getLogger("ray.data").level, getattr(logging, cfg.log_level)))
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """Entry point for Ray jobs: `ray job submit --working-dir . -- python jobs/run.py --config jobs/configs/X.yaml`.
 
 Same code path as `gradfilter-ray`: with only options it runs the whole pipeline (`run`), otherwise the first
-argument names a stage (`python jobs/run.py extract --config ...`). Under `ray job submit` RAY_ADDRESS is set, so
+argument names a stage (`python jobs/run.py gradients --config ...`). Under `ray job submit` RAY_ADDRESS is set, so
 the pipeline attaches to the cluster instead of starting an embedded Ray.
 """
 

@@ -1,4 +1,6 @@
-"""Shared fixtures: one local Ray cluster per test session (start-up is paid once), and small inputs."""
+"""Shared fixtures: one local Ray cluster per test session (start-up is paid once), small inputs, and the session's
+CLI runs (tests/cli_runs.py: one reference run of the tiny config, the same config faulted and resumed, the demo on
+s3://), started together in the background and read by every test that needs a finished run."""
 
 from __future__ import annotations
 
@@ -29,25 +31,6 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
-# What the end-to-end tests (CLI, `ray job submit`) override on the demo config: one small fine-tuning run and a
-# tiny evaluation, so every stage runs for real in a couple of minutes.
-TINY_TARGET_AND_EVALUATION = (
-    "ray.progress_bars=false",
-    "finetune.scorers=[gsnr]",
-    "finetune.ratios=[0.15]",
-    "finetune.epochs=1",
-    "evaluation.test_sets=[vicuna]",
-    "evaluation.max_prompts_per_set=2",
-    "evaluation.max_new_tokens=8",
-    "evaluation.heldout_limit=8",
-)
-
-
-def set_args(*overrides: str) -> list[str]:
-    """CLI arguments for config overrides: ["--set", o1, "--set", o2, ...]."""
-    return [arg for override in overrides for arg in ("--set", override)]
-
-
 def write_canonical_data(folder: Path, ids, source_rows=None) -> None:
     """`data/` as ingest writes it, one Parquet file of synthetic canonical rows with these ids."""
     import numpy as np
@@ -73,31 +56,65 @@ def write_canonical_data(folder: Path, ids, source_rows=None) -> None:
     )
 
 
-def synthetic_gradients(ids, members: int, rng):
-    """A gradients table as extraction writes it: random but plausible norms (late below early) and losses."""
+def synthetic_gradients(ids, members: int, rng, bad: dict[int, dict] | None = None):
+    """A gradients table as extraction writes it: random but plausible norms (late below early) and losses; `bad`
+    maps a row index to column overrides (injected faults: NaN, inf, zero norms, no response tokens ...)."""
     import pyarrow as pa
 
-    from gradfilter_ray.gradients.stage import GRADIENT_SCHEMA
+    from gradfilter_ray.gradients.extract import GRADIENT_SCHEMA
 
     n, m = len(ids), members
     early = rng.uniform(1, 4, (n, m))
+    columns = {
+        "sq_norm_early": early,
+        "sq_norm_late": early * rng.uniform(0.2, 0.9, (n, m)),
+        "loss_early": rng.uniform(1, 3, (n, m)),
+        "loss_late": rng.uniform(0.5, 2, (n, m)),
+        "n_response_tokens": rng.integers(1, 30, n),
+        "n_tokens": rng.integers(31, 60, n),
+        "ifd_loss_cond": rng.uniform(1, 2, n),
+        "ifd_loss_uncond": rng.uniform(2, 3, n),
+    }
+    for row, overrides in (bad or {}).items():
+        for column, value in overrides.items():
+            columns[column][row] = value
+    lists = {c: pa.array(list(columns[c]), pa.list_(pa.float64())) for c in columns if columns[c].ndim == 2}
+    return pa.table({"id": ids, **{c: lists.get(c, columns[c]) for c in columns}}).cast(GRADIENT_SCHEMA)
 
-    def lists(a):
-        return pa.array(list(a), pa.list_(pa.float64()))
 
-    return pa.table(
-        {
-            "id": ids,
-            "sq_norm_early": lists(early),
-            "sq_norm_late": lists(early * rng.uniform(0.2, 0.9, (n, m))),
-            "loss_early": lists(rng.uniform(1, 3, (n, m))),
-            "loss_late": lists(rng.uniform(0.5, 2, (n, m))),
-            "n_response_tokens": rng.integers(1, 30, n),
-            "n_tokens": rng.integers(31, 60, n),
-            "ifd_loss_cond": rng.uniform(1, 2, n),
-            "ifd_loss_uncond": rng.uniform(2, 3, n),
-        }
-    ).cast(GRADIENT_SCHEMA)
+def model_stages() -> list[str]:
+    """The stages before scoring, in the table's order: what a synthetic gradients table stands in for."""
+    from gradfilter_ray import pipeline
+
+    names = list(pipeline.STAGES)
+    return names[: names.index("scoring")]
+
+
+def synthetic_run(root: Path, cfg, ids, rng, bad: dict[int, dict] | None = None, data: bool = True, parts: int = 1):
+    """A run directory that `run` goes on with from scoring: data/ (unless data=False: the caller's ingest wrote
+    it) and gradients/ for these ids as the real stages write them, and every stage before scoring recorded done for
+    `cfg`. `bad` as in synthetic_gradients; the gradients table is written in `parts` files."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from gradfilter_ray import pipeline
+    from gradfilter_ray.rundir import RunDir
+
+    run = RunDir(str(root))
+    ids = np.asarray(ids, dtype=np.int64)
+    n = len(ids)
+    if data:
+        write_canonical_data(Path(run.data), ids, source_rows=np.arange(n))
+    run.gradients.make_dir()
+    table = synthetic_gradients(ids, cfg.ensemble.members, rng, bad)
+    step = -(-n // parts)
+    for k in range(parts):
+        pq.write_table(table.slice(k * step, step), run.gradients / f"part-{k}.parquet")
+    counts = {"rows_in": n, "rows_kept": n, "rows_rejected": 0, "rejects_by_reason": {}} if data else {}
+    for stage in model_stages():
+        if data or stage != "data":
+            run.record_stage(stage, {"status": "done", "key": pipeline.stage_key(stage, cfg), **counts})
+    return run
 
 
 class ByteCounter:
@@ -239,42 +256,6 @@ class ChatServer:
         self.httpd.server_close()
 
 
-def processes_of(ray_tmp: str) -> list:
-    """Live processes of the Ray on this temp dir: a CLI a test started with RAY_TMPDIR=ray_tmp and every Ray
-    process it spawned, and nothing else on the machine. Matched by environment (the driver and its workers inherit
-    RAY_TMPDIR), command line (gcs_server, raylet, ...) or an open file under ray_tmp (the dashboard and runtime-env
-    agents run with a scrubbed environment and a `ray::` title: only their log files under the session dir tell)."""
-    from leak_guard import processes_in, register_ray_tmp
-
-    register_ray_tmp(ray_tmp)
-    return [proc for proc, _, _ in processes_in([ray_tmp])]
-
-
-def stop_processes_of(ray_tmp: str, wait_s: float = 20) -> tuple[list, list]:
-    """Give the processes of that Ray wait_s to exit by themselves, then SIGKILL the rest by pid (never a broad
-    kill: the machine is shared). Returns (processes that exited by themselves, processes that were killed)."""
-    import psutil
-
-    procs = processes_of(ray_tmp)
-    gone, alive = psutil.wait_procs(procs, timeout=wait_s)
-    # Look again after each kill: a process started after the first look (a worker its raylet was spawning) is
-    # just as much ours.
-    for _ in range(5):
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
-        known = {p.pid for p in gone + alive}
-        late = [p for p in processes_of(ray_tmp) if p.pid not in known]
-        if not late:
-            break
-        late_gone, late_alive = psutil.wait_procs(late, timeout=min(wait_s, 5))
-        gone, alive = gone + late_gone, alive + late_alive
-    return gone, alive
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     """An embedded local Ray (never attaches to another cluster on the machine), shut down at the end."""
@@ -291,6 +272,68 @@ def ray_cluster():
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# Modules whose every test is slow (Ray Train runs in a module fixture) but which carry no `slow` marker of their own
+# yet; marked here so that `make test-fast` stays a quick loop.
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    """Run the tests that read the CLI runs of tests/cli_runs.py first (in their order):
+    those runs start together in the background when the first of them is needed, and so finish before the rest of
+    the session runs (nothing else then competes with them for the 2 cores, and they with nothing else)."""
+    from cli_runs import PIPELINES
+
+    first = [item for item in items if set(getattr(item, "fixturenames", ())) & set(PIPELINES)]
+    if first:
+        items[:] = first + [item for item in items if item not in first]
+
+
+@pytest.fixture(scope="session")
+def _cli_runs(request, tmp_path_factory):
+    """The CLI runs of tests/cli_runs.py that this session's selected tests use, started together in background
+    threads the first time a test asks for one (concurrent runs share the 2 cores better than one after the other);
+    stopped (if still running) and their Ray temp dirs removed at the end of the session."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cli_runs import PIPELINES, Pipeline
+
+    used = sorted({name for item in request.session.items for name in item.fixturenames if name in PIPELINES})
+    abort = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=max(1, len(used)), thread_name_prefix="gfr-cli-run")
+    runs = {}
+    for name in used:
+        run, needs = PIPELINES[name]
+        pipeline = Pipeline(tmp_path_factory.mktemp(name), abort)
+        runs[name] = (pipeline, pool.submit(run, pipeline, *(request.getfixturevalue(f) for f in needs)))
+    try:
+        yield {name: future for name, (_, future) in runs.items()}
+    finally:
+        abort.set()  # a run still going (an interrupted session) kills its CLI and returns
+        for pipeline, future in runs.values():
+            try:
+                future.result()
+            except BaseException:  # noqa: BLE001 - already reported by the tests that used it
+                pass
+            pipeline.cleanup()
+        pool.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference_run(_cli_runs) -> dict:
+    """The shared finished run of the tiny config (tests/cli_runs.py: run_reference); read it, never write to it."""
+    return _cli_runs["reference_run"].result()
+
+
+@pytest.fixture(scope="session")
+def faulted_run(_cli_runs) -> dict:
+    """The same config run with faults, then resumed (tests/cli_runs.py: run_faulted): what happened, as facts."""
+    return _cli_runs["faulted_run"].result()
+
+
+@pytest.fixture(scope="session")
+def s3_demo_run(_cli_runs) -> dict:
+    """The demo config end to end on s3:// (tests/cli_runs.py: run_s3_demo): what happened, as facts."""
+    return _cli_runs["s3_demo_run"].result()
 
 
 @pytest.fixture(scope="session")

@@ -1,22 +1,19 @@
 """End to end through the CLI, as `make run` does it, on the demo config with small overrides, writing to an
-object store (s3:// on a local S3 server). Local run directories are covered end to end by the `ray job submit`
-test; here every stage's Ray workers read and write through the store, the server counts the bytes each process
-moves (the driver's are a small fraction), and a second driver finds everything done."""
+object store (s3:// on a local S3 server): the session's `s3_demo_run` (tests/cli_runs.py). Every stage's Ray workers
+read and write through the store, the server counts the bytes each process moves (the driver's are a small
+fraction), a second driver finds everything done, and `compare` rebuilds the comparison without fetching the model.
+Local run directories are covered end to end by the tiny runs (test_reproducibility.py, test_fault_*.py) and
+`ray job submit` by test_ray_job_submit.py."""
 
 import csv
 import io
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_TARGET_AND_EVALUATION, set_args
 
 from gradfilter_ray.rundir import RunDir
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 # The driver moves only the manifest, its claim, stage summaries, evaluation's small result files and Ray Data's
 # planning reads of Parquet footers: a fixed amount that does not grow with models or corpus (tens of KB a stage).
 DRIVER_SHARE_LIMIT = 0.08  # of all bytes moved to and from the store (measured: 4.9 % with the demo's tiny models)
@@ -27,41 +24,25 @@ def read(where):
     return pq.read_table(where.path, filesystem=where.filesystem)
 
 
-@pytest.mark.slow
-def test_demo_pipeline_through_the_cli_on_an_object_store(tmp_path, s3_server):
-    uri = s3_server.uri("demo")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    args = [
-        sys.executable,
-        "-m",
-        "gradfilter_ray",
-        "run",
-        "--config",
-        "jobs/configs/demo.yaml",
-        *set_args(
-            f"output_dir={uri}",
-            "data.limit=40",
-            "ensemble.members=3",
-            "proxy.max_length=160",
-            *TINY_TARGET_AND_EVALUATION,
-        ),
-    ]
-    seen = len(s3_server.requests)
-    s3_server.bytes.reset()
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
-    stdout, stderr = proc.communicate(timeout=900)
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    requests = s3_server.requests[seen:]
-    moved = {pid: sum(c) for pid, c in s3_server.bytes.by_pid.items()}
-    total, by_driver = sum(moved.values()), moved.get(proc.pid, 0)
+@pytest.fixture(scope="module")
+def demo(s3_demo_run):
+    first = s3_demo_run["first"]
+    assert first["rc"] == 0, first["stdout"][-3000:] + first["stderr"][-3000:]
+    return s3_demo_run
+
+
+def test_demo_pipeline_through_the_cli_on_an_object_store(demo):
+    stdout, driver = demo["first"]["stdout"], demo["first"]["pid"]
+    moved = demo["bytes_by_pid"]
+    total, by_driver = sum(moved.values()), moved.get(driver, 0)
     share = by_driver / total
     print(f"bytes to and from the store: total {total}, driver {by_driver} ({share:.2%}), {len(moved)} processes")
-    driver_paths = {p: n for (pid, p), n in s3_server.bytes.by_pid_and_path.items() if pid == proc.pid}
+    driver_paths = {p: n for (pid, p), n in demo["bytes_by_pid_and_path"].items() if pid == driver}
     print("driver bytes by top-level path:", dict(sorted(driver_paths.items(), key=lambda kv: -kv[1])))
     assert total > 1_000_000 and 0 < by_driver < DRIVER_BYTES_LIMIT and share < DRIVER_SHARE_LIMIT, moved
+    assert demo["left_after_first"] == []  # a clean exit shuts its Ray down
 
-    run = RunDir(uri)
+    run = RunDir(demo["uri"])
     manifest = run.read_manifest()
     ingest = manifest["stages"]["data"]
     assert ingest["rows_in"] == 40 == ingest["rows_kept"] + ingest["rows_rejected"]
@@ -79,7 +60,7 @@ def test_demo_pipeline_through_the_cli_on_an_object_store(tmp_path, s3_server):
     scores = read(run.scores)
     assert sorted(scores["id"].to_pylist()) == sorted(grads["id"].to_pylist())
     select = manifest["stages"]["selection"]["selections"]
-    assert {"gsnr_0.05", "gsnr_0.1", "gsnr_0.15", "random_0.1", "ifd_0.1", "length_0.15", "full"} <= set(select)
+    assert {"gsnr_0.05", "gsnr_0.1", "gsnr_0.15", "random_0.1", "ifd_0.1", "length_0.15"} <= set(select)
     for name, counts in select.items():
         lines = (run.selection / f"{name}.jsonl").read_text().splitlines()
         assert len(lines) == counts["selected"]
@@ -95,33 +76,30 @@ def test_demo_pipeline_through_the_cli_on_an_object_store(tmp_path, s3_server):
     assert not run.at(".scratch").files() and not run.at("driver_claim.json").exists()
     assert "rows in: 40" in stdout and str(run.at("report") / "index.html") in stdout  # the closing summary
 
-    # What Ray workers read from the store shows in its request log: ensemble and extract actors read data/, the
-    # fine-tuning workers the subset, the evaluation actor the model; checkpoints go to .ray_train*.
+
+def test_workers_read_and_write_the_store_themselves(demo):
+    """What Ray workers read from the store shows in its request log: the tokenising tasks read data/, ensemble
+    and extraction read tokens/, the fine-tuning workers the subset, the evaluation actor the model; checkpoints go
+    to .ray_train*."""
+    requests = demo["requests"]
+
     def fetched(fragment):
         return [r for r in requests if "GET /" in r and fragment in r]
 
     assert fetched("/demo/data/part-"), "no worker read data/ from the store"
+    assert fetched("/demo/tokens/"), "no worker read tokens/ from the store"
     assert fetched("/demo/selection/gsnr_0.15.parquet"), "the fine-tuning workers did not read the subset"
     assert fetched("/demo/finetune/gsnr_0.15/model/model.safetensors"), "the evaluation actor did not fetch the model"
     assert [r for r in requests if "PUT /" in r and "/demo/gradients/" in r]
     assert [r for r in requests if "PUT /" in r and "/demo/.ray_train_finetune/" in r]
 
-    # A second driver (a new pod) finds every stage done in the store.
-    again = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "[gradients] already done" in again.stdout and "] running (" not in again.stdout
-    assert "[finetune] already done" in again.stdout and "[evaluation] already done" in again.stdout
-    s3_server.bytes.reset()
-    compare = subprocess.Popen(
-        [sys.executable, "-m", "gradfilter_ray", "compare", "--config", "jobs/configs/demo.yaml"]
-        + set_args(f"output_dir={uri}"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env=env,
-    )
-    out, err = compare.communicate(timeout=300)
-    assert compare.returncode == 0 and "| gsnr_0.15 |" in out, out[-2000:] + err[-2000:]
-    model_bytes = len(model.read_bytes())
-    assert sum(s3_server.bytes.by_pid.get(compare.pid, [0, 0])) < model_bytes  # the weights stayed in the store
+
+def test_a_second_driver_finds_every_stage_done_and_compare_leaves_the_weights_in_the_store(demo):
+    again = demo["again"]
+    assert again["rc"] == 0, again["stdout"][-3000:] + again["stderr"][-3000:]
+    assert "[gradients] already done" in again["stdout"] and "] running (" not in again["stdout"]
+    assert "[finetune] already done" in again["stdout"] and "[evaluation] already done" in again["stdout"]
+    compare = demo["compare"]
+    assert compare["rc"] == 0 and "| gsnr_0.15 |" in compare["stdout"], compare["stdout"][-2000:] + compare["stderr"]
+    model = RunDir(demo["uri"]).finetune / "gsnr_0.15" / "model" / "model.safetensors"
+    assert compare["bytes"] < len(model.read_bytes())  # the weights stayed in the store

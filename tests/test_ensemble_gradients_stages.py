@@ -1,6 +1,6 @@
-"""Ensemble and extraction stages on the session's local Ray with a tiny GPT-2: outputs, resume (a preempted attempt
-is not done, and its re-run replaces every old output), exactly-once, equality with a bare in-process computation
-and with the batch-size-1 reference, determinism."""
+"""Tokens, ensemble and extraction stages on the session's local Ray with a tiny GPT-2: outputs, resume (a preempted
+attempt is not done, and its re-run replaces every old output), exactly-once, tokens/ equal to tokenising in-process,
+equality with a bare in-process computation and with the batch-size-1 reference, determinism."""
 
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from gradfilter_ray.config import load
 from gradfilter_ray.ensemble import stage as ensemble_stage
 from gradfilter_ray.rundir import RunDir
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny_gpt2.yaml"
 QUIET = {"log": lambda _: None}
 
@@ -25,17 +25,18 @@ def tiny_cfg(out, *extra):
 
 @pytest.fixture(scope="module")
 def finished_run(ray_cluster, tmp_path_factory):
-    """ingest -> ensemble (interrupted after epoch 1, then resumed) -> extract, once for the module."""
+    """ingest -> tokens -> ensemble (interrupted after epoch 1, then resumed) -> extract, once for the module."""
     out = tmp_path_factory.mktemp("tiny") / "run"
     cfg = tiny_cfg(out)
     rundir = RunDir(str(out))
     pipeline.run_stage("data", cfg, rundir, **QUIET)
+    pipeline.run_stage("tokens", cfg, rundir, **QUIET)
     # A preempted first attempt: the trainer stops after epoch 1, leaving its checkpoint and (written in place)
     # epoch 1 of each member in ensemble/, but no record: the stage is not done.
     key = pipeline.stage_key("ensemble", cfg)
     rundir.begin_stage("ensemble", key, pipeline.STAGES["ensemble"].writes)
     partial = ensemble_stage.build_trainer(
-        cfg, rundir, key, ensemble_stage._tokenized_dataset(cfg, rundir), stop_after_epoch=1
+        cfg, rundir, key, ensemble_stage.token_dataset(rundir), stop_after_epoch=1
     ).fit()
     assert partial.error is None and partial.metrics["epoch"] == 1
     with partial.checkpoint.as_directory() as saved:
@@ -49,6 +50,26 @@ def finished_run(ray_cluster, tmp_path_factory):
     record = pipeline.run_stage("ensemble", cfg, rundir, **QUIET)
     extract = pipeline.run_stage("gradients", cfg, rundir, **QUIET)
     return cfg, rundir, record, extract, early_before
+
+
+def test_tokens_stage_equals_tokenizing_in_process_token_by_token(finished_run):
+    from gradfilter_ray.data.tokenized import TOKEN_SCHEMA, tokenize_table
+    from gradfilter_ray.models import load_tokenizer
+
+    cfg, rundir, record, extract, _ = finished_run
+    written = pq.read_table(rundir.tokens).sort_by("id")
+    data = pq.read_table(rundir.data).sort_by("id")
+    expected = tokenize_table(data, load_tokenizer(cfg.proxy.model), cfg.proxy)
+    assert written.schema.remove_metadata() == TOKEN_SCHEMA and written.num_rows == data.num_rows == 24
+    for column in TOKEN_SCHEMA.names:
+        assert written[column].to_pylist() == expected[column].to_pylist(), column
+    # every row is accounted for the same way by tokens, ensemble and gradients
+    tokens = rundir.stage_record("tokens")
+    no_response = int(np.sum(expected["n_response_tokens"].to_numpy() == 0))
+    assert tokens["rows"] == record["rows_in"] == extract["rows"] == 24
+    assert tokens["rows_no_response_tokens"] == record["rows_no_response_tokens"] == no_response
+    assert extract["rows_no_response_tokens"] == no_response
+    assert tokens["tokens"] == int(np.sum(expected["n_tokens"].to_numpy()))
 
 
 def test_ensemble_writes_every_member_epoch_as_safetensors_with_loss_curves(finished_run):
@@ -79,8 +100,8 @@ def test_resumed_ensemble_equals_an_uninterrupted_one(finished_run, tmp_path):
 
     clean = RunDir(str(tmp_path / "clean"))
     clean_cfg = tiny_cfg(clean.root)
-    pipeline.run_stage("data", clean_cfg, clean, **QUIET)
-    pipeline.run_stage("ensemble", clean_cfg, clean, **QUIET)
+    for stage in ("data", "tokens", "ensemble"):
+        pipeline.run_stage(stage, clean_cfg, clean, **QUIET)
     for m in range(2):
         a = load_file(str(rundir.member_epoch(m, 2) / "adapter_model.safetensors"))
         b = load_file(str(clean.member_epoch(m, 2) / "adapter_model.safetensors"))
@@ -107,7 +128,7 @@ def test_extraction_has_every_id_once_with_m_values_per_checkpoint(finished_run)
 def test_extraction_equals_bare_computation_and_the_bs1_reference(finished_run):
     from gradfilter_ray.data.prompt import collate_rows
     from gradfilter_ray.data.tokenized import tokenize_table
-    from gradfilter_ray.ensemble.lora import load_adapters
+    from gradfilter_ray.lora import load_adapters
     from gradfilter_ray.models import load_causal_lm, load_tokenizer
 
     cfg, rundir, _, _, _ = finished_run

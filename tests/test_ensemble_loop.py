@@ -8,7 +8,7 @@ import torch
 
 from gradfilter_ray.config import EnsembleConfig, ModelSpec
 from gradfilter_ray.ensemble.loop import TokenRows, epoch_order, train_member
-from gradfilter_ray.ensemble.lora import attach_lora, target_modules
+from gradfilter_ray.lora import attach_lora, target_modules
 from gradfilter_ray.models import load_causal_lm
 
 TINY = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "vocab_size": 97}

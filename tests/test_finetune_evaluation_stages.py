@@ -21,9 +21,10 @@ from gradfilter_ray.config import load
 from gradfilter_ray.evaluation import pws
 from gradfilter_ray.finetune import stage as finetune_stage
 from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.scoring.scorers import Selection
 from gradfilter_ray.storage import Location
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # Ray Train (DeepSpeed) runs
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "jobs" / "configs" / "demo.yaml"
 ROWS = json.loads((REPO / "gradfilter_ray" / "assets" / "data" / "alpaca_sample_1k.json").read_text())
@@ -164,7 +165,7 @@ def test_preempted_zero3_finetune_resumes_to_the_zero2_curve_and_weights(finetun
     cfg = small_cfg(root, "finetune.scorers=[gsnr]", "finetune.checkpoint_every_steps=2", "finetune.zero_stage=3")
     rundir = selected_run(root, cfg)
     key = pipeline.stage_key("finetune", cfg)
-    partial = finetune_stage.build_trainer(cfg, rundir, key, "gsnr_0.5", stop_after_steps=4).fit()
+    partial = finetune_stage.build_trainer(cfg, rundir, key, Selection.parse("gsnr_0.5"), stop_after_steps=4).fit()
     assert partial.error is None and partial.metrics["step"] == 4  # the checkpoint at step 4 is the latest
     assert not finetune_stage.run_finished(rundir.finetune / "gsnr_0.5", key)  # stopped: no model, no marker
     pipeline.run_stage("finetune", cfg, rundir, **QUIET)

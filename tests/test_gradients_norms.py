@@ -13,7 +13,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import gradfilter_ray
-from gradfilter_ray.gradients.norms import adapted_module_names, lora_parameter_count, per_example_sq_norms
+from gradfilter_ray.gradients.norms import per_example_sq_norms
+from gradfilter_ray.lora import adapted_module_names, lora_parameter_count
 
 # Prefer the copy bundled with the package so the real pretrained LLaMA case also runs on a fresh machine.
 _BUNDLED = os.path.join(os.path.dirname(gradfilter_ray.__file__), "assets", "models", "stories260K")

@@ -1,5 +1,6 @@
-"""Layering rules: pure cores stay framework-free (no core module imports ray, checked in a fresh interpreter), and
-stage shells never import the pipeline (the runner passes each stage its key; shells only get (cfg, run, key)).
+"""Layering rules: pure cores stay framework-free (no core module imports ray, checked in a fresh interpreter), stage
+shells never import the pipeline (the runner passes each stage its key; shells only get (cfg, run, key)), and the
+`ensemble` and `gradients` packages never import each other (what both need lives in `gradfilter_ray.lora`).
 
 The import scan parses the package with `ast` (so function-level imports count and comments do not) and is itself
 tested on snippets that break the rule, so a scanner that finds nothing cannot pass by accident.
@@ -23,9 +24,11 @@ CORE_MODULES = [
     "gradfilter_ray.data.sources",
     "gradfilter_ray.data.finalize",
     "gradfilter_ray.data.prompt",
+    "gradfilter_ray.data.tokenized",
     "gradfilter_ray.gradients.norms",
+    "gradfilter_ray.gradients.extract",
     "gradfilter_ray.losses",
-    "gradfilter_ray.ensemble.lora",
+    "gradfilter_ray.lora",
     "gradfilter_ray.ensemble.loop",
     "gradfilter_ray.scoring.gsnr",
     "gradfilter_ray.scoring.baselines",
@@ -62,8 +65,9 @@ def _module_of(path: Path) -> str:
     return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
 
 
-def pipeline_imports(source: str, module: str, filename: str = "<snippet>") -> list[str]:
-    """Every import of gradfilter_ray.pipeline in one module's source (at any depth), as 'file:line'."""
+def pipeline_imports(source: str, module: str, filename: str = "<snippet>", target: str = PIPELINE) -> list[str]:
+    """Every import of `target` (default gradfilter_ray.pipeline) or anything inside it in one module's source (at
+    any depth), as 'file:line'."""
     package = module.rsplit(".", 1)[0]
     found = []
     for node in ast.walk(ast.parse(source, filename)):
@@ -81,7 +85,7 @@ def pipeline_imports(source: str, module: str, filename: str = "<snippet>") -> l
             called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
             if called in ("import_module", "__import__"):
                 names = [str(node.args[0].value)]
-        if any(n == PIPELINE or n.startswith(PIPELINE + ".") for n in names):
+        if any(n == target or n.startswith(target + ".") for n in names):
             found.append(f"{filename}:{node.lineno}")
     return found
 
@@ -124,3 +128,30 @@ def test_stage_shells_do_not_import_the_pipeline():
     assert not shell_names & set(importers), {k: v for k, v in importers.items() if k in shell_names}
     assert set(importers) <= PIPELINE_IMPORTERS_ALLOWED, importers
     assert "gradfilter_ray/cli.py" in importers  # the scan does see the one real importer
+
+
+def test_ensemble_and_gradients_do_not_import_each_other():
+    # the scanner sees this rule's forms too
+    assert pipeline_imports(
+        "from ..gradients.norms import x", "gradfilter_ray.ensemble.stage", target="gradfilter_ray.gradients"
+    )
+    assert pipeline_imports(
+        "from gradfilter_ray import ensemble", "gradfilter_ray.gradients.stage", target="gradfilter_ray.ensemble"
+    )
+    assert not pipeline_imports(
+        "from gradfilter_ray.lora import x", "gradfilter_ray.ensemble.stage", target="gradfilter_ray.gradients"
+    )
+    found = {}
+    for package, other in (("ensemble", "gradients"), ("gradients", "ensemble")):
+        files = sorted((PACKAGE / package).rglob("*.py"))
+        assert len(files) >= 3, files
+        for path in files:
+            hits = pipeline_imports(
+                path.read_text(),
+                _module_of(path),
+                str(path.relative_to(PACKAGE.parent)),
+                target=f"gradfilter_ray.{other}",
+            )
+            if hits:
+                found[str(path.relative_to(PACKAGE.parent))] = hits
+    assert found == {}, found

@@ -1,18 +1,27 @@
-"""Stage table mechanics on the real ingest stage: skip when done, re-run on a config change, atomic commit."""
+"""Stage table mechanics: skip when done, a config change re-runs exactly the stages it affects (keys on the whole
+table; on the real ingest stage; on score -> select -> report over a synthetic run), atomic commit, order, the
+dry-run plan and config errors of the CLI."""
 
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
+from conftest import synthetic_run
 
 from gradfilter_ray import pipeline
 from gradfilter_ray.config import load
+from gradfilter_ray.ensemble import stage as ensemble_stage
+from gradfilter_ray.finetune import stage as finetune_stage
 from gradfilter_ray.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "jobs" / "configs" / "demo.yaml"
+TINY = REPO / "jobs" / "configs" / "tiny_gpt2.yaml"
+CORE = list(pipeline.STAGES)[: list(pipeline.STAGES).index("report") + 1]  # the stages `run` needs no target for
 
 
 def demo_cfg(tmp_path, *extra):
@@ -70,7 +79,8 @@ def test_a_crashing_stage_is_not_done_and_its_rerun_replaces_every_old_output(tm
 
 def test_a_stage_refuses_to_run_before_its_inputs_exist(tmp_path):
     cfg = demo_cfg(tmp_path)
-    with pytest.raises(pipeline.StageOrderError, match="run `gradfilter-ray data`"):
+    first_input = pipeline.STAGES["ensemble"].reads[0]
+    with pytest.raises(pipeline.StageOrderError, match=f"run `gradfilter-ray {first_input}`"):
         pipeline.run_stage("ensemble", cfg, RunDir(cfg.output_dir))
 
 
@@ -95,3 +105,97 @@ def test_cli_dry_run_prints_config_plan_and_resources():
 def test_cli_config_errors_exit_2_naming_the_field():
     out = run_cli("run", "--config", str(DEMO), "--set", "ensemble.memberz=3")
     assert out.returncode == 2 and "ensemble.memberz" in out.stderr
+
+
+def tiny_cfg(tmp_path, *extra):
+    base = ("ensemble.members=2", "ray.progress_bars=false", "finetune.scorers=[]")
+    return load(TINY, [f"output_dir={tmp_path / 'run'}", *base, *extra])
+
+
+def downstream(stages: set[str]) -> set[str]:
+    """The stages plus everything that reads them, directly or not."""
+    found = set(stages)
+    while True:
+        more = {name for name, st in pipeline.STAGES.items() if set(st.reads) & found} - found
+        if not more:
+            return found
+        found |= more
+
+
+def test_stage_keys_change_exactly_for_the_stages_a_config_field_affects(tmp_path):
+    base = tiny_cfg(tmp_path)
+
+    def invalidated(override: str) -> set[str]:
+        cfg = tiny_cfg(tmp_path, override)
+        return {s for s in pipeline.STAGES if pipeline.stage_key(s, cfg) != pipeline.stage_key(s, base)}
+
+    directly = {
+        "scoring.eps=0.001": {"scoring"},
+        "scoring.random_seed=7": {"scoring"},
+        "selection.ratios=[0.2]": {"selection"},
+        "gradients.precision=float64": {"gradients"},
+        "proxy.max_length=96": {"tokens", "ensemble", "gradients"},
+        "ensemble.lora_rank=2": {"ensemble"},
+        "ensemble.seed=1": {"ensemble"},
+        "data.limit=10": {"data"},
+        "data.max_field_chars=100": {"data"},
+        # knobs that change how fast, not what: nothing is re-run
+        "gradients.batch_size=4": set(),
+        "gradients.num_actors=2": set(),
+        "gradients.length_bucket_rows=64": set(),
+        "gradients.torch_threads=2": set(),
+        "ray.num_cpus=1": set(),
+        "ray.progress_bars=true": set(),
+        f"output_dir={tmp_path / 'moved'}": set(),  # a run directory can move
+    }
+    for override, stages in directly.items():
+        assert invalidated(override) == downstream(stages), override
+    assert invalidated("scoring.eps=0.001") & set(CORE) == {"scoring", "selection", "report"}
+
+
+def test_raising_max_failures_does_not_invalidate_the_ensemble(tmp_path):
+    base = tiny_cfg(tmp_path)
+    more = tiny_cfg(tmp_path, "ensemble.max_failures=5")
+    key = pipeline.stage_key("ensemble", base)
+    assert pipeline.stage_key("ensemble", more) == key
+    # Ray Train's run is named from the key alone, so the resumed trainer finds the old run's checkpoints
+    assert ensemble_stage.trainer_name(pipeline.stage_key("ensemble", more)) == ensemble_stage.trainer_name(key)
+    target_more = tiny_cfg(tmp_path, "finetune.max_failures=5")
+    target_key = pipeline.stage_key("finetune", base)
+    assert pipeline.stage_key("finetune", target_more) == target_key
+    assert finetune_stage.trainer_name(pipeline.stage_key("finetune", target_more), "gsnr_0.1") == (
+        finetune_stage.trainer_name(target_key, "gsnr_0.1")
+    )
+
+
+@pytest.mark.ray
+def test_changing_scoring_eps_reruns_score_select_report_only(ray_cluster, tmp_path):
+    root = tmp_path / "run"
+    cfg = tiny_cfg(tmp_path, "selection.ratios=[0.1, 0.3]")
+    rundir = synthetic_run(root, cfg, np.arange(60) * 3 + 5, np.random.default_rng(1), parts=2)
+    model = [s for s in CORE if s not in ("scoring", "selection", "report")]
+    for stage in CORE:
+        pipeline.run_stage(stage, cfg, rundir, log=lambda _: None)
+    before = rundir.read_manifest()["stages"]
+    gsnr_before = pq.read_table(root / "scoring" / "scores.parquet", columns=["gsnr"])["gsnr"].to_numpy()
+
+    changed = tiny_cfg(tmp_path, "selection.ratios=[0.1, 0.3]", "scoring.eps=100.0")
+    messages: list[str] = []
+    for stage in CORE:
+        pipeline.run_stage(stage, changed, rundir, log=messages.append)
+    skipped = {m.split("]")[0][1:] for m in messages if "already done" in m}
+    ran = {m.split("]")[0][1:] for m in messages if "] running" in m}
+    assert skipped == set(model) and ran == {"scoring", "selection", "report"}
+    after = rundir.read_manifest()["stages"]
+    for stage in model:
+        assert after[stage] == before[stage]
+    for stage in ("scoring", "selection", "report"):
+        assert after[stage]["key"] != before[stage]["key"]
+        assert rundir.stage_done(stage, pipeline.stage_key(stage, changed))
+    gsnr_after = pq.read_table(root / "scoring" / "scores.parquet", columns=["gsnr"])["gsnr"].to_numpy()
+    assert not np.allclose(gsnr_before, gsnr_after)  # the new eps was really applied
+
+    again: list[str] = []
+    for stage in CORE:
+        pipeline.run_stage(stage, changed, rundir, log=again.append)
+    assert all("already done" in m for m in again) and len(again) == len(CORE)

@@ -1,6 +1,9 @@
-"""A real submission: start a local Ray head (loopback, own temp dir and ports), `ray job submit` the demo pipeline,
-wait for SUCCEEDED and check the outputs; a bad config must end FAILED with the config error in the logs. The head
-is stopped by its own process group and processes (never `ray stop`, which would kill every Ray on the machine)."""
+"""The submission path: start a local Ray head (loopback, own temp dir and ports), `ray job submit` one cheap stage
+(`data`) with the documented jobs/runtime_env.yaml, wait for SUCCEEDED and check that the job ran in that runtime
+env (the uploaded working dir, its env_vars) on the cluster and wrote its outputs; a bad config must end FAILED with
+the config error in the job's logs. The whole pipeline end to end is test_cli_e2e.py's (the same CLI, which
+attaches to the cluster named by RAY_ADDRESS under `ray job submit`). The head is stopped by its own process group
+and then by its processes (never `ray stop`, which would kill every Ray on the machine)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_TARGET_AND_EVALUATION, set_args
+import yaml
+from cli_runs import set_args, stop_processes_of
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -28,18 +32,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return [p for p in pids if p != os.getpid()]
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +90,12 @@ def ray_head():
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=10)  # `ray start --block` rarely exits on SIGTERM alone: don't wait long for it
+            head.wait(timeout=3)  # `ray start --block` rarely exits on SIGTERM alone: don't wait long for it
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
-        for pid in processes_mentioning(temp_dir):  # daemons that left the group: ours by their temp dir
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            head.wait(timeout=30)
+        # daemons that left the group (gcs, raylet, agents, workers): ours by their temp dir, killed by pid
+        stop_processes_of(temp_dir, wait_s=5)
 
 
 def submit(address: str, env: dict, submission_id: str, *pipeline_args: str) -> subprocess.CompletedProcess:
@@ -136,32 +126,25 @@ def job_status(address: str, env: dict, submission_id: str) -> str:
     return text
 
 
-def test_ray_job_submit_runs_the_demo_pipeline(ray_head, tmp_path):
+def test_ray_job_submit_runs_a_stage_on_the_cluster_in_the_runtime_env(ray_head, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
     address, env = ray_head
     out_dir = tmp_path / "job-run"
-    done = submit(
-        address,
-        env,
-        "gfr-demo",
-        "--config",
-        "jobs/configs/demo.yaml",
-        *set_args(
-            f"output_dir={out_dir}",
-            "data.limit=24",
-            "ensemble.members=2",
-            "proxy.max_length=128",
-            *TINY_TARGET_AND_EVALUATION,  # the DeepSpeed workers and the evaluation run under the submitted job too
-        ),
-    )
-    assert job_status(address, env, "gfr-demo") == "SUCCEEDED", done.stdout[-4000:] + done.stderr[-2000:]
+    overrides = set_args(f"output_dir={out_dir}", "data.limit=24", "ray.progress_bars=false")
+    done = submit(address, env, "gfr-data", "data", "--config", "jobs/configs/tiny_gpt2.yaml", *overrides)
+    assert job_status(address, env, "gfr-data") == "SUCCEEDED", done.stdout[-4000:] + done.stderr[-2000:]
+    # The job ran in the runtime env of jobs/runtime_env.yaml: its working dir uploaded as a package, its env_vars.
+    runtime_env = JobSubmissionClient(address).get_job_info("gfr-data").runtime_env
+    assert runtime_env["working_dir"].startswith("gcs://_ray_pkg_"), runtime_env
+    documented = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    assert runtime_env["env_vars"] == documented["env_vars"], runtime_env
+    # The stage attached to the cluster (its Ray Data tasks ran there) and committed its outputs.
     manifest = json.loads((out_dir / "manifest.json").read_text())
-    assert manifest["stages"]["data"]["rows_in"] == 24
-    assert manifest["stages"]["gradients"]["rows"] == manifest["stages"]["data"]["rows_kept"]
-    assert pq.read_table(out_dir / "scoring" / "scores.parquet").num_rows == manifest["stages"]["gradients"]["rows"]
-    assert (out_dir / "selection" / "gsnr_0.1.jsonl").exists() and (out_dir / "report" / "index.html").exists()
-    assert (out_dir / "finetune" / "gsnr_0.15" / "model" / "model.safetensors").exists()
-    assert (out_dir / "evaluation" / "compare.csv").read_text().count("gsnr_0.15") == 1
-    assert "rows in: 24" in done.stdout
+    record = manifest["stages"]["data"]
+    assert record["status"] == "done" and record["rows_in"] == 24 == record["rows_kept"] + record["rows_rejected"]
+    assert pq.read_table(out_dir / "data").num_rows == record["rows_kept"]
+    assert manifest["command"][0] == "data" and "[data] done" in done.stdout
 
 
 def test_a_bad_config_fails_the_job_with_the_error_in_its_logs(ray_head):

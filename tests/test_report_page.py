@@ -77,7 +77,17 @@ def test_summary_of_a_run_that_only_ingested():
     assert s["rows_kept"] == 1000
     assert s["rows_scored"] is None and s["selections"] == {} and s["report"] is None and s["selection_dir"] is None
     text = "\n".join(report.summary_lines(s))
-    assert "select has not run" in text and "report: not built yet" in text and "comparison: not built yet" in text
+    assert "the selection stage has not run" in text and "report: not built yet" in text
+    assert "comparison: not built yet" in text
+
+
+def test_summary_never_mixes_configs():
+    manifest = make_manifest(done=ALL_DONE)
+    manifest["stages"]["scoring"]["status"] = "running"
+    keys = {name: "k" for name in ALL_DONE} | {"evaluation": "another config's key"}
+    s = report.summarize_run(manifest, keys=keys)
+    assert s["rows_in"] == 1035 and s["rows_scored"] is None  # a record that is not done does not count
+    assert s["compare"] is None and s["report"] is not None  # nor one done for another config
 
 
 # ----- summary lines (what the CLI prints) -----

@@ -9,21 +9,14 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import pickle
 import shutil
-import subprocess
-import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
-from conftest import stop_processes_of, synthetic_gradients, write_canonical_data
+from cli_runs import CANARY_SECRETS
 
-from gradfilter_ray import pipeline
 from gradfilter_ray.config import ModelSpec, load
 from gradfilter_ray.rundir import RunDir
 
@@ -211,59 +204,24 @@ def test_a_pickled_checkpoint_cannot_run_code_when_loaded(tmp_path):
 
 # ----- secrets -----
 
-SECRETS = {
-    "OPENAI_API_KEY": "sk-gfrcanary-3b9f0c1e7a5d4f2b",
-    "HF_TOKEN": "hf_gfrcanaryQ8ZK2mW7xP4vL9rT",
-    "HUGGING_FACE_HUB_TOKEN": "hf_gfrcanaryHUB5n1c8d2",
-    "AWS_SECRET_ACCESS_KEY": "gfrcanary/AWS+secret/9X7y5",
-    "WANDB_API_KEY": "gfrcanarywandb0123456789abcdef",
-}
-SECRET_OVERRIDES = ["ray.progress_bars=false", "finetune.scorers=[]", "selection.ratios=[0.2]"]
 
-
-def seeded_rundir(root: Path, cfg) -> RunDir:
-    """Ingest, ensemble and extract recorded done for `cfg` over synthetic outputs, so `run` goes on from score."""
-    rng = np.random.default_rng(0)
-    n, m = 40, cfg.ensemble.members
-    rundir = RunDir(str(root))
-    ids = np.arange(n, dtype=np.int64)
-    write_canonical_data(Path(rundir.data), ids)
-    rundir.gradients.make_dir()
-    table = synthetic_gradients(ids, m, rng)
-    pq.write_table(table, rundir.gradients / "part-0.parquet")
-    counts = {"rows_in": n, "rows_kept": n, "rows_rejected": 0, "rejects_by_reason": {}}
-    for stage in ("data", "ensemble", "gradients"):
-        rundir.record_stage(stage, {"status": "done", "key": pipeline.stage_key(stage, cfg), **counts})
-    return rundir
-
-
-def test_secrets_in_the_environment_appear_in_no_output_log_or_report(tmp_path):
-    out = tmp_path / "run"
-    cfg = load(TINY, [f"output_dir={out}", *SECRET_OVERRIDES])
-    seeded_rundir(out, cfg)
-    ray_tmp = tempfile.mkdtemp(prefix="gfr-s-", dir="/tmp")
-    env = {**os.environ, **SECRETS, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": ray_tmp}
-    env.pop("RAY_ADDRESS", None)
-    args = [sys.executable, "-m", "gradfilter_ray", "run", "--config", str(TINY), "--set", f"output_dir={out}"]
-    for item in SECRET_OVERRIDES:
-        args += ["--set", item]
-    try:
-        done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        ray_files = [p for p in Path(ray_tmp).rglob("*") if p.is_file() and not p.is_symlink()]
-        ray_text = {p: p.read_bytes() for p in ray_files if p.stat().st_size < 50_000_000}
-    finally:
-        stop_processes_of(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+@pytest.mark.slow
+def test_secrets_in_the_environment_appear_in_no_output_log_or_report(reference_run):
+    """The session's reference run (tests/cli_runs.py: every stage up to the report, ensemble and extraction
+    included) had CANARY_SECRETS in its environment, which its driver and every Ray worker inherit."""
+    out, log, ray_tmp = reference_run["out"], reference_run["log"], Path(reference_run["ray_tmp"])
+    assert reference_run["rc"] == 0, log[-4000:]
+    ray_files = [p for p in ray_tmp.rglob("*") if p.is_file() and not p.is_symlink()]
+    ray_text = {p: p.read_bytes() for p in ray_files if p.stat().st_size < 50_000_000}
     assert any(p.name.endswith((".log", ".out", ".err")) for p in ray_text)  # Ray's logs were there to scan
-    assert "[scoring] running" in done.stdout and "[report] running" in done.stdout
+    assert "[scoring] running" in log and "[report] running" in log and "[gradients] running" in log
     manifest = RunDir(out).read_manifest()
     assert manifest["stages"]["report"]["status"] == "done" and manifest["versions"]
 
     outputs = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert out / "manifest.json" in outputs and out / "report" / "index.html" in outputs
-    texts = {"stdout": done.stdout.encode(), "stderr": done.stderr.encode(), **outputs}
-    for name, secret in SECRETS.items():
+    texts = {"driver stdout and stderr": log.encode(), **outputs}
+    for name, secret in CANARY_SECRETS.items():
         leaks = [str(where) for where, blob in texts.items() if secret.encode() in blob]
         assert leaks == [], f"{name} leaked into {leaks}"
         # Ray's own session files (logs, configs) on the run's RAY_TMPDIR are checked too

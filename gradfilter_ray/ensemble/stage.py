@@ -1,11 +1,13 @@
 """Ensemble stage (Ray shell): one Ray Train TorchTrainer, one worker per member, no gradient all-reduce.
 
-Every worker receives the whole tokenised corpus (``DataConfig(datasets_to_split=[])``), attaches a LoRA adapter
-seeded with ``seed + rank`` to the frozen proxy and runs `loop.train_member`. After each epoch each worker writes
+Every worker receives the whole tokenised corpus (``output_dir/tokens/``, written once by the `tokens` stage, read as
+is: ``DataConfig(datasets_to_split=[])``), attaches a LoRA adapter seeded with ``seed + rank`` to the frozen proxy
+and runs `loop.train_member`. After each epoch each worker writes
 ``member_{rank}/epoch_{e}/`` (adapter safetensors + loss curve) straight to ``output_dir/ensemble/`` and, with its
 optimiser state, into the checkpoint it reports. A re-run with the same config resumes from the latest checkpoint
 (Ray Train's storage under ``output_dir/.ray_train``) and first writes the epochs it restored; a failed worker group
-is restarted from it (``FailureConfig``).
+is restarted from it (``FailureConfig``). The workers call `faults.fault_point` at "ensemble.start" (after any restore)
+and "ensemble.epoch_end" (after reporting an epoch's checkpoint); it does nothing unless a test configures a handler.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from gradfilter_ray.config import Config, EnsembleConfig, ProxyConfig, build
+from gradfilter_ray.driver_claim import pid_alive
+from gradfilter_ray.faults import fault_point
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import IO_REMOTE_ARGS, sigint_restored
 from gradfilter_ray.storage import Location
@@ -30,14 +33,10 @@ from gradfilter_ray.storage import Location
 TRAIN_STATE = "train_state.pt"
 LOSS_CSV = "train_loss.csv"
 WORK_ROOT = "gfr-member-work"
-
-# Test-only fault-injection hook, off unless GFR_TEST_ENSEMBLE_HOOK_DIR names a folder in the driver's environment
-# (read by the driver, passed in train_loop_config: Ray workers do not see the driver's environment). Each worker
-# then logs "rank start_epoch pid" to `starts.log` there; with GFR_TEST_CRASH_AFTER_EPOCH=e, rank 0 dies
-# (os._exit) right after epoch e's checkpoint is registered by the controller, once (marker file `crashed`).
-TEST_HOOK_ENV = "GFR_TEST_ENSEMBLE_HOOK_DIR"
-TEST_CRASH_ENV = "GFR_TEST_CRASH_AFTER_EPOCH"
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2 writes it when it registers a checkpoint
+# Ray Train V2 writes this file into its run folder (the "ensemble.epoch_end" fault point's `train_dir`) when the
+# controller registers a checkpoint: a fault handler polls it to know the epoch is safely recorded.
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+TOKEN_COLUMNS = ["id", "input_ids", "label_start", "n_response_tokens"]
 
 
 def _collect_rows(shard):
@@ -59,16 +58,6 @@ def _write_loss_curve(path: Path, losses: list[float]) -> None:
         writer.writerows((i + 1, f"{loss:.8g}") for i, loss in enumerate(losses))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def member_workdir(rank: int) -> Path:
     """A private folder for this worker under ``$TMPDIR/gfr-member-work/``, named after its pid. A worker that dies
     (crash, OOM kill, preemption) cannot remove its own: each new worker removes those whose process is gone."""
@@ -76,7 +65,7 @@ def member_workdir(rank: int) -> Path:
     root.mkdir(exist_ok=True)
     for stale in root.iterdir():
         pid = stale.name.split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-member{rank}-", dir=root))
 
@@ -90,7 +79,7 @@ def train_member_worker(config: dict) -> None:
     from safetensors.torch import load_file
 
     from gradfilter_ray.ensemble.loop import train_member
-    from gradfilter_ray.ensemble.lora import attach_lora, save_adapter
+    from gradfilter_ray.lora import attach_lora, save_adapter
     from gradfilter_ray.models import load_causal_lm, load_tokenizer
 
     ens: EnsembleConfig = build(EnsembleConfig, config["ensemble"], "ensemble")
@@ -121,10 +110,7 @@ def train_member_worker(config: dict) -> None:
             (published / f"epoch_{epoch}").put(member_dir / f"epoch_{epoch}")
     else:
         member_dir.mkdir(parents=True)
-    hook = config.get("test_hook")
-    if hook:
-        with (Path(hook["dir"]) / "starts.log").open("a") as fh:
-            fh.write(f"{rank} {start_epoch} {os.getpid()}\n")
+    fault_point("ensemble.start", rank=rank, start_epoch=start_epoch, pid=os.getpid())
 
     def on_epoch_end(epoch, model, optimizer, losses):
         epoch_dir = member_dir / f"epoch_{epoch}"
@@ -138,8 +124,7 @@ def train_member_worker(config: dict) -> None:
                 {"epoch": epoch, "mean_loss": float(np.mean(losses)) if losses else float("nan")},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
             )
-        if hook and rank == 0 and hook.get("crash_after_epoch") == epoch:
-            _crash_once(hook, epoch)
+        fault_point("ensemble.epoch_end", rank=rank, epoch=epoch, pid=os.getpid(), train_dir=str(config["train_dir"]))
 
     if start_epoch <= ens.epochs:
         train_member(
@@ -157,51 +142,17 @@ def train_member_worker(config: dict) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _registered_epoch(snapshot: Path) -> int:
-    try:
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-    except (OSError, ValueError):
-        return 0
-    return int(latest.get("metrics", {}).get("epoch", 0))
-
-
-def _crash_once(hook: dict, epoch: int, wait_s: float = 120.0) -> None:
-    """Test hook: once the controller has registered this epoch's checkpoint, kill this worker (only once)."""
-    marker = Path(hook["dir"]) / "crashed"
-    if marker.exists():
-        return
-    deadline = time.monotonic() + wait_s
-    while _registered_epoch(Path(hook["snapshot"])) < epoch and time.monotonic() < deadline:
-        time.sleep(0.1)
-    marker.write_text(f"epoch {epoch} pid {os.getpid()}\n")
-    os._exit(1)
-
-
-def _test_hook(run: RunDir, key: str) -> dict | None:
-    folder = os.environ.get(TEST_HOOK_ENV)
-    if not folder:
-        return None
-    crash = os.environ.get(TEST_CRASH_ENV)
-    # Fault tests run on a local run directory; the hook polls Ray Train's snapshot file there.
-    snapshot = run.ensemble_train_state / trainer_name(key) / SNAPSHOT_FILE
-    return {"dir": folder, "crash_after_epoch": int(crash) if crash else None, "snapshot": str(snapshot)}
-
-
-def _tokenized_dataset(cfg: Config, run: RunDir):
+def token_dataset(run: RunDir):
+    """`tokens/` (the `tokens` stage's output) as a Ray Dataset, materialised before training: its read tasks must
+    not compete with the members for CPUs."""
     import ray.data
 
-    from gradfilter_ray.data.tokenized import TokenizeRows
-
-    ds = ray.data.read_parquet(run.data.path, filesystem=run.data.filesystem, **IO_REMOTE_ARGS)
-    ds = ds.map_batches(
-        TokenizeRows,
-        fn_constructor_kwargs={"proxy": cfg.proxy},
-        batch_size=1024,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=1),
-    )
-    # Materialised before training: the tokeniser's actor must not compete with the members for CPUs.
-    return ds.materialize()
+    tokens = run.tokens
+    ds = ray.data.read_parquet(tokens.path, filesystem=tokens.filesystem, **IO_REMOTE_ARGS)
+    ds = ds.select_columns(TOKEN_COLUMNS).materialize()
+    # Every member's pass over its copy would otherwise print a progress bar of its own, relayed as log lines.
+    ds.context.enable_progress_bars = False
+    return ds
 
 
 def _summary(ensemble_dir: Location, ens: EnsembleConfig, counts: dict, adapter: dict) -> dict:
@@ -223,8 +174,7 @@ def adapter_facts(cfg: Config) -> dict:
     """Which modules the adapter covers and how many parameters it has (built on the proxy, no training)."""
     import torch
 
-    from gradfilter_ray.ensemble.lora import attach_lora
-    from gradfilter_ray.gradients.norms import adapted_module_names, lora_parameter_count
+    from gradfilter_ray.lora import adapted_module_names, attach_lora, lora_parameter_count
     from gradfilter_ray.models import load_causal_lm
 
     model = attach_lora(load_causal_lm(cfg.proxy.model, torch.float32, "cpu"), cfg.ensemble, seed=0)
@@ -256,8 +206,8 @@ def build_trainer(cfg: Config, run: RunDir, key: str, ds, stop_after_epoch: int 
             "proxy": asdict(cfg.proxy),
             "torch_threads": max(1, int(ens.cpus_per_member)),
             "stop_after_epoch": stop_after_epoch,
-            "test_hook": _test_hook(run, key),
             "ensemble_out": run.ensemble,
+            "train_dir": storage / trainer_name(key),  # this trainer's Ray Train run folder
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=ens.members, use_gpu=use_gpu, resources_per_worker=resources
@@ -277,7 +227,7 @@ def build_trainer(cfg: Config, run: RunDir, key: str, ds, stop_after_epoch: int 
 
 def run(cfg: Config, run: RunDir, key: str) -> dict:
     ens = cfg.ensemble
-    ds = _tokenized_dataset(cfg, run)
+    ds = token_dataset(run)
     stats = ds.select_columns(["n_response_tokens"]).to_pandas()["n_response_tokens"].to_numpy()
     counts = {
         "rows_in": int(len(stats)),

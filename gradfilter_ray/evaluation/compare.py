@@ -1,6 +1,6 @@
 """The comparison of fine-tuned runs: a table (CSV + Markdown) and plots, built only from files on disk.
 
-Reads ``finetune/{run}/train_loss.csv`` and ``train_summary.json`` plus the evaluate stage's ``runs.json`` and
+Reads ``finetune/{run}/train_loss.csv`` and ``train_summary.json`` plus the evaluation stage's ``runs.json`` and
 ``judge.json``; writes ``compare.csv`` (one row per run: run, scorer, ratio, n_train, heldout_loss, final
 train loss, and ``pws_<testset>`` / ``pws_all`` when a judge ran), ``compare.md``, ``train_loss.png`` (every
 run's training-loss curve on one plot, the paper's Figure 3) and ``heldout_loss.png``.

@@ -1,10 +1,10 @@
-"""Evaluate stage (Ray shell): per fine-tuned run, one Ray Data pass of batch inference over the test prompts
+"""Evaluation stage (Ray shell): per fine-tuned run, one Ray Data pass of batch inference over the test prompts
 and the held-out reference answers; then, when a judge endpoint is configured, pairwise judging of every run
 against the reference scorer's run at the same ratio; finally the comparison table and plots (compare.py).
 
-Outputs under ``output_dir/eval/``: ``runs/{run}/generations.jsonl`` (test_set, id, instruction, input, answer),
+Outputs under ``output_dir/evaluation/``: ``runs/{run}/generations.jsonl`` (test_set, id, instruction, input, answer),
 ``runs/{run}/heldout.json``, ``runs/{run}/judge_vs_{reference}.jsonl`` (per prompt outcome) and the comparison
-files, built by the driver in a local folder and written to ``output_dir/eval/`` at the end (they are small); the
+files, built by the driver in a local folder and written to ``output_dir/evaluation/`` at the end (they are small); the
 models are read by the actors. The judge's cache lives at ``output_dir/.judge_cache.jsonl`` so a re-run pays for no
 pair twice.
 """
@@ -223,9 +223,11 @@ def run(cfg: Config, run: RunDir, key: str) -> dict:
         cache = Path(tmp) / JUDGE_CACHE
         if cfg.evaluation.judge.base_url and run.judge_cache.exists():
             run.judge_cache.get(cache)
-        judge = judge_runs(cfg, cache, eval_dir, runs)
-        if cache.exists():
-            run.judge_cache.put(cache)
+        try:
+            judge = judge_runs(cfg, cache, eval_dir, runs)
+        finally:  # judgements are paid for: keep those made before a crash too (one whole-object write)
+            if cache.exists():
+                run.judge_cache.write_bytes(cache.read_bytes())
         (eval_dir / "judge.json").write_text(json.dumps(judge, indent=2))
         (eval_dir / "runs.json").write_text(json.dumps(runs, indent=2))
         write_comparison(eval_dir, run.finetune)

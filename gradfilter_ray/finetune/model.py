@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from gradfilter_ray.config import FinetuneConfig
-from gradfilter_ray.ensemble.lora import DEFAULT_TARGETS
+from gradfilter_ray.lora import DEFAULT_TARGETS
 from gradfilter_ray.models import instantiate, model_family
 
 

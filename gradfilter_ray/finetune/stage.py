@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -53,11 +54,14 @@ def _write_loss_csv(path: Path, losses: list[list[float]]) -> None:
 
 def finetune_worker(config: dict) -> None:
     """Ray Train worker: DeepSpeed on this worker's share of one subset."""
+    import torch
+
+    if not torch.cuda.is_available():  # DeepSpeed otherwise warns, in every worker, that it fell back to CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import pyarrow.parquet as pq
     import ray.train
     import ray.train.torch
-    import torch
 
     from gradfilter_ray.finetune.ds_config import deepspeed_config, lr_factor, plan_training
     from gradfilter_ray.finetune.loop import tokenize_subset, train_steps

@@ -12,54 +12,12 @@ from collections.abc import Iterator
 
 import torch
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from gradfilter_ray.lora import lora_layers, resolve_adapter
 from gradfilter_ray.losses import IGNORE_INDEX, per_example_losses, scored_window
 
-__all__ = ["IGNORE_INDEX", "adapted_module_names", "lora_parameter_count", "per_example_sq_norms"]
-
-
-def _resolve_adapter(model: nn.Module, adapter_name: str | None) -> str:
-    if adapter_name is not None:
-        return adapter_name
-    active = list(model.active_adapters)
-    if len(active) != 1:
-        raise ValueError(f"expected exactly one active adapter, got {active}; pass adapter_name")
-    return active[0]
-
-
-def _lora_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, LoraLayer]]:
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
-    if not layers:
-        raise ValueError(f"no LoRA layer carries adapter {adapter_name!r}")
-    for name, m in layers:
-        # Variants (DoRA, aLoRA, ...) and embedding LoRA add parameters / paths the Linear contraction does not cover.
-        if adapter_name in getattr(m, "lora_variant", {}):
-            raise NotImplementedError(f"{name}: LoRA variants (e.g. DoRA) are not supported")
-        if adapter_name in getattr(m, "lora_embedding_A", {}):
-            raise NotImplementedError(f"{name}: embedding LoRA is not supported")
-        if getattr(m, "merged", False):
-            raise RuntimeError(f"{name}: adapter is merged into the base weights; unmerge first")
-        if not isinstance(m.lora_A[adapter_name], nn.Linear) or not isinstance(m.lora_B[adapter_name], nn.Linear):
-            raise NotImplementedError(f"{name}: only Linear lora_A / lora_B modules are supported")
-    return layers
-
-
-def adapted_module_names(model: nn.Module, adapter_name: str | None = None) -> list[str]:
-    """Names (as in model.named_modules()) of the modules carrying the adapter."""
-    return [n for n, _ in _lora_layers(model, _resolve_adapter(model, adapter_name))]
-
-
-def lora_parameter_count(model: nn.Module, adapter_name: str | None = None) -> int:
-    """Number of scalar LoRA A/B parameters (incl. lora_B bias if any) of the adapter: the dimension of theta."""
-    name = _resolve_adapter(model, adapter_name)
-    return sum(
-        p.numel()
-        for _, m in _lora_layers(model, name)
-        for lin in (m.lora_A[name], m.lora_B[name])
-        for p in lin.parameters()
-    )
+__all__ = ["IGNORE_INDEX", "per_example_sq_norms"]
 
 
 def _activate(model: nn.Module, names: list[str]) -> None:
@@ -115,8 +73,8 @@ def per_example_sq_norms(
     (labels[i, 1:] != -100), computed in eval mode. Returns CPU tensors (sq_norms [B] float64, losses [B] float64,
     n_response_tokens [B] int64); a row without response tokens yields (0, 0, 0).
     """
-    name = _resolve_adapter(model, adapter_name)
-    layers = _lora_layers(model, name)
+    name = resolve_adapter(model, adapter_name)
+    layers = lora_layers(model, name)
     lins = [lin for _, m in layers for lin in (m.lora_A[name], m.lora_B[name])]
     params = [p for lin in lins for p in lin.parameters()]
     B = input_ids.shape[0]
