@@ -101,15 +101,20 @@ class DriverClaim:
         return self
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                current = self._read()
-                if current and current.get("token") != self.token:
-                    self.lost_to = current  # never overwrite another driver's claim: stop and let check() say so
-                    return
-                self._write()
-            except OSError:  # a store hiccup: the next beat retries; the claim lives ttl_s beyond the last one
-                pass
+        while not self._stop.wait(self.heartbeat_s) and self.beat():
+            pass
+
+    def beat(self) -> bool:
+        """Refresh the heartbeat unless another driver has taken the claim over; False once it has."""
+        try:
+            current = self._read()
+            if current and current.get("token") != self.token:
+                self.lost_to = current  # never overwrite another driver's claim: stop and let check() say so
+                return False
+            self._write()
+        except OSError:  # a store hiccup: the next beat retries; the claim lives ttl_s beyond the last one
+            pass
+        return True
 
     def check(self) -> None:
         """Raise if another driver has taken the output_dir over (called before every manifest write)."""
