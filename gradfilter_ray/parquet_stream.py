@@ -34,3 +34,8 @@ def stream_batches(
     for file in parquet_files(where):
         with file.open_input() as handle:
             yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
+
+
+def read_columns(where: Location, columns: list[str]) -> pa.Table:
+    """A few columns of a Parquet file or folder, whole (for small tables: ids, counts, scores to plot)."""
+    return pq.read_table(where.path, columns=columns, filesystem=where.filesystem)

@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from gradfilter_ray.config import Config
+from gradfilter_ray.parquet_stream import read_columns
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import run_as_task
 from gradfilter_ray.scoring.scorers import FULL, Selection, eligible
@@ -436,16 +436,12 @@ def render_plots(
 # ----- the stage (I/O) -----
 
 
-def _read(where, columns: list[str]) -> pa.Table:
-    return pq.read_table(where.path, columns=columns, filesystem=where.filesystem)
-
-
 def build_report(run: RunDir, scorers: list[str], ratios: list[float], manifest: dict) -> dict:
     """Read scores, selections and a few example rows; write `report/` (PNGs and index.html); return counts."""
     out = run.at("report")
-    scores = _read(run.scores, PLOT_COLUMNS)
+    scores = read_columns(run.scores, PLOT_COLUMNS)
     selected = {
-        rel.removesuffix(".parquet"): _read(run.selection / rel, ["id"])["id"].to_numpy()
+        rel.removesuffix(".parquet"): read_columns(run.selection / rel, ["id"])["id"].to_numpy()
         for rel in run.selection.files()
         if rel.endswith(".parquet")
     }

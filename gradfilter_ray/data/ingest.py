@@ -17,7 +17,7 @@ from gradfilter_ray.config import DataConfig
 from gradfilter_ray.data.finalize import split_kept_rejected
 from gradfilter_ray.data.formats import normalize_batch
 from gradfilter_ray.data.sources import SourceFile, list_sources, read_raw, resolve_filesystem
-from gradfilter_ray.runtime import IO_REMOTE_ARGS
+from gradfilter_ray.runtime import IO_REMOTE_ARGS, run_as_task
 from gradfilter_ray.storage import Location
 
 
@@ -41,11 +41,8 @@ def checksum(source: SourceFile, filesystem_uri: str) -> dict:
 def ingest(cfg: DataConfig, data: Location, rejects: Location, scratch: Location) -> dict:
     """Write `data/` and `rejects.parquet` (every location reachable from every node); return counts and input
     checksums."""
-    import ray
-
     files, inputs = write_normalized(cfg, scratch / "normalized")
-    split = ray.remote(split_kept_rejected).options(num_cpus=1, max_retries=2)
-    counts = ray.get(split.remote(scratch / "normalized", data, rejects, cfg.dedup))
+    counts = run_as_task(split_kept_rejected, scratch / "normalized", data, rejects, cfg.dedup)
     return {**counts, "files": files, "inputs": inputs}
 
 

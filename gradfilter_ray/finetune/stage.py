@@ -59,7 +59,6 @@ def finetune_worker(config: dict) -> None:
     if not torch.cuda.is_available():  # DeepSpeed otherwise warns, in every worker, that it fell back to CPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
-    import pyarrow.parquet as pq
     import ray.train
     import ray.train.torch
 
@@ -67,6 +66,7 @@ def finetune_worker(config: dict) -> None:
     from gradfilter_ray.finetune.loop import tokenize_subset, train_steps
     from gradfilter_ray.finetune.model import build_trainable, save_merged
     from gradfilter_ray.models import load_tokenizer
+    from gradfilter_ray.parquet_stream import read_columns
 
     # The CPU accelerator otherwise JIT-builds a shared-memory allreduce op (minutes) that gloo never uses.
     getattr(deepspeed.ops, "__compatible_ops__", {})["deepspeed_shm_comm"] = False
@@ -89,7 +89,7 @@ def finetune_worker(config: dict) -> None:
 
     tokenizer = load_tokenizer(finetune.model)
     rows_at = config["rows"]  # a Location: this worker may be on any node
-    table = pq.read_table(rows_at.path, filesystem=rows_at.filesystem, columns=["instruction", "input", "output"])
+    table = read_columns(rows_at, ["instruction", "input", "output"])
     rows = tokenize_subset(tokenizer, table, finetune.max_length)
     plan = plan_training(len(rows), finetune, world)
     ds_config = deepspeed_config(finetune, plan, bf16=dtype == torch.bfloat16)

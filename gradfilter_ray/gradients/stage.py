@@ -15,12 +15,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from gradfilter_ray.config import Config, GradientsConfig, ProxyConfig, build
 from gradfilter_ray.faults import fault_point
-from gradfilter_ray.gradients.extract import adapter_name
+from gradfilter_ray.row_audit import audit_token_rows
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import IO_REMOTE_ARGS, run_as_task
 from gradfilter_ray.storage import Location
@@ -36,6 +35,8 @@ TOKEN_COLUMNS = ["id", "input_ids", "label_start", "response_input_ids", "respon
 
 def adapter_locations(ensemble: Location, members: int, early: int, late: int) -> dict[str, Location]:
     """adapter name -> its folder under `ensemble/` (member m's early and late epochs)."""
+    from gradfilter_ray.gradients.extract import adapter_name  # torch and peft: not at the CLI's start-up
+
     return {
         adapter_name(m, checkpoint): ensemble / f"member_{m}" / f"epoch_{epoch}"
         for m in range(members)
@@ -83,33 +84,6 @@ class NormExtractor:
         )
 
 
-def check_exactly_once(input_ids: np.ndarray, output_ids: np.ndarray) -> None:
-    """Every input id appears exactly once in the output (no loss, no duplication from retries)."""
-    uniq, counts = np.unique(output_ids, return_counts=True)
-    if (counts > 1).any():
-        raise RuntimeError(f"{int((counts > 1).sum())} ids appear more than once in the gradients output")
-    missing = np.setdiff1d(input_ids, uniq)
-    extra = np.setdiff1d(uniq, input_ids)
-    if len(missing) or len(extra):
-        raise RuntimeError(f"gradients output lost {len(missing)} ids and invented {len(extra)}")
-
-
-def audit_output(tokens: Location, out: Location) -> dict:
-    """Check the written table holds every input id exactly once; its row and token counts."""
-    import pyarrow.parquet as pq
-
-    def read(where: Location, columns: list[str]):
-        return pq.read_table(where.path, columns=columns, filesystem=where.filesystem)
-
-    written = read(out, ["id", "n_tokens", "n_response_tokens"])
-    check_exactly_once(read(tokens, ["id"])["id"].to_numpy(), written["id"].to_numpy())
-    return {
-        "rows": written.num_rows,
-        "tokens": int(np.sum(written["n_tokens"].to_numpy())),
-        "rows_no_response_tokens": int(np.sum(written["n_response_tokens"].to_numpy() == 0)),
-    }
-
-
 def run(cfg: Config, run: RunDir, key: str) -> dict:
     import ray.data
 
@@ -138,7 +112,7 @@ def run(cfg: Config, run: RunDir, key: str) -> dict:
     ds.write_parquet(out.path, filesystem=out.filesystem, ray_remote_args=IO_REMOTE_ARGS)
     seconds = time.perf_counter() - started
 
-    audit = run_as_task(audit_output, tokens, out)
+    audit = run_as_task(audit_token_rows, tokens, out)
     rows = audit["rows"]
     return {
         "rows": rows,
