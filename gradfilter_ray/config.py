@@ -115,9 +115,21 @@ class EnsembleConfig:
     cpus_per_member: float = doc("CPUs reserved per member worker (fractions let several share a core).", 1.0)
     gpus_per_member: float = doc("GPUs per member worker (fractions let several small members share one GPU).", 0.0)
     precision: Precision = doc("Training dtype; 'auto' = bf16 autocast on CUDA, fp32 on CPU.", "auto")
+    batching: Literal["length_grouped", "random"] = doc(
+        "How an epoch's rows form batches: 'length_grouped' (seeded per epoch: rows of similar length share a batch, "
+        "so little compute goes to padding) or 'random' (uniformly shuffled batches).",
+        "length_grouped",
+    )
+    length_group_batches: int = doc(
+        "length_grouped: rows are sorted by length within shuffled windows of this many batches (larger = less "
+        "padding, less randomness in who shares a batch).",
+        64,
+    )
     max_failures: int = doc("Ray Train restarts of a failed worker group (resumes from the last checkpoint).", 1)
 
     def __post_init__(self) -> None:
+        if self.length_group_batches < 1:
+            raise ConfigError("length_group_batches must be >= 1")
         if self.members < 1:
             raise ConfigError("members must be >= 1")
         if self.epochs < 1:
@@ -134,21 +146,40 @@ class EnsembleConfig:
 
 @dataclass(frozen=True)
 class GradientsConfig:
-    batch_size: int = doc("Examples per batched forward/backward in extraction.", 16)
-    num_actors: int = doc("Extraction actors (each holds the proxy and all 2M adapters).", 1)
+    tokens_per_batch: int = doc(
+        "Token budget of one extraction batch (rows x padded length): what bounds an actor's memory. Rows sorted by "
+        "length fill batches up to it; an out-of-memory batch is split in halves and retried.",
+        16_384,
+    )
+    batch_size: int = doc("Most rows in one extraction batch (a cap on short rows; tokens_per_batch sets the size).", 64)
+    loss_chunk_tokens: int = doc(
+        "Labelled positions per LM-head chunk of the loss: no [tokens, vocab] tensor larger than this many rows "
+        "exists at once (forward or backward).",
+        2_048,
+    )
+    shard_rows: int = doc(
+        "Rows per output shard: each shard is committed on its own, so an interrupted extraction recomputes only "
+        "unfinished shards; rows are sorted by length within a shard (less padding). Progress is counted in shards.",
+        4_096,
+    )
+    num_actors: int = doc("Extraction actors (each holds the proxy and all 2M adapters); one per GPU on GPU nodes.", 1)
     cpus_per_actor: float = doc("CPUs Ray reserves per extraction actor (leave one for Ray Data's read tasks).", 1.0)
     torch_threads: int | None = doc("Intra-op threads per actor; None = max(1, int(cpus_per_actor)).", None)
     gpus_per_actor: float = doc("GPUs per extraction actor; 0 on CPU-only clusters.", 0.0)
+    gpu_memory_fraction: float | None = doc(
+        "Cap on the share of its GPU's memory an actor's torch allocator may take; None = gpus_per_actor when it is "
+        "below 1 (actors sharing a GPU cannot starve each other), no cap otherwise.",
+        None,
+    )
     precision: Precision = doc(
         "Extraction dtype; 'auto' = bf16 on CUDA, fp32 on CPU; float64 for exactness checks.", "auto"
     )
-    length_bucket_rows: int = doc(
-        "Rows sorted by length within each window of this many rows before batching (less padding).", 256
-    )
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.num_actors < 1 or self.length_bucket_rows < 1:
-            raise ConfigError("batch_size, num_actors and length_bucket_rows must be >= 1")
+        if min(self.tokens_per_batch, self.batch_size, self.loss_chunk_tokens, self.shard_rows, self.num_actors) < 1:
+            raise ConfigError("tokens_per_batch, batch_size, loss_chunk_tokens, shard_rows and num_actors must be >= 1")
+        if self.gpu_memory_fraction is not None and not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise ConfigError("gpu_memory_fraction must be in (0, 1] or null")
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ def test_stage_keys_change_exactly_for_the_stages_a_config_field_affects(tmp_pat
         # knobs that change how fast, not what: nothing is re-run
         "gradients.batch_size=4": set(),
         "gradients.num_actors=2": set(),
-        "gradients.length_bucket_rows=64": set(),
+        "gradients.shard_rows=64": set(),
         "gradients.torch_threads=2": set(),
         "ray.num_cpus=1": set(),
         "ray.progress_bars=true": set(),
