@@ -36,3 +36,78 @@ def scored_window(labels: Tensor) -> int:
         return 1
     first = int(torch.nonzero(scored)[0]) + 1  # position of the first labelled token in any row
     return labels.shape[1] - first + 1
+
+
+def per_example_losses_from_hidden(
+    hidden: Tensor, labels: Tensor, weight: Tensor, bias: Tensor | None = None, chunk_tokens: int = 2048
+) -> tuple[Tensor, Tensor]:
+    """`per_example_losses(hidden @ weight.T + bias, labels)` without the [B, T, V] logits.
+
+    hidden [B, T, H]: the LM's last hidden states (final norm applied); weight [V, H] / bias [V]: its output head,
+    treated as frozen (no gradient flows to it). Only each row's own labelled positions (t with labels[i, t+1] !=
+    -100) go through the head, `chunk_tokens` of them at a time, in forward and in backward; the cross-entropy is
+    computed in float32 or better whatever the model dtype. Same contract as `per_example_losses`: (losses [B],
+    n_response_tokens [B]), own-count normalisation, a row without a scored token gets loss 0.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    target = labels[:, 1:].to(hidden.device)
+    scored = target != IGNORE_INDEX
+    n_tokens = scored.sum(dim=1)
+    token_loss = _ChunkedHeadCrossEntropy.apply(
+        hidden[:, :-1][scored],
+        weight.detach(),
+        None if bias is None else bias.detach(),
+        target[scored],
+        chunk_tokens,
+        torch.is_grad_enabled() and hidden.requires_grad,  # forward-only callers skip the gradient matmul
+    )
+    # Back onto the [B, T-1] grid so that each row sums its own tokens in position order, as per_example_losses does:
+    # a row's value then does not depend on its batch-mates, down to the rounding.
+    per_position = token_loss.new_zeros(scored.shape).masked_scatter(scored, token_loss)
+    losses = per_position.sum(dim=1) / n_tokens.clamp(min=1).to(per_position.dtype)
+    return losses, n_tokens
+
+
+class _ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """Token cross-entropies of `hidden @ weight.T + bias` ([N, H] -> [N]), `chunk` rows of logits at a time.
+
+    Each token's loss depends on its own hidden state only, so the gradient w.r.t. hidden is that of a unit
+    upstream gradient scaled per row: it is computed in forward, chunk by chunk, while the chunk's logits exist, and
+    backward only scales it. That keeps the head at one logits matmul and one input-gradient matmul per position (no
+    recomputation) and the largest live tensor at [chunk, V]. The logits are computed in the model's dtype and
+    upcast (as HF's loss does); the head gets no gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int, want_grad: bool
+    ) -> Tensor:
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        n = hidden.shape[0]
+        losses = torch.empty(n, dtype=acc, device=hidden.device)
+        unit_grad = torch.empty_like(hidden) if want_grad else None
+        for begin in range(0, n, chunk):
+            end = min(begin + chunk, n)
+            logits = F.linear(hidden[begin:end], weight, bias).to(acc)
+            target = targets[begin:end, None]
+            picked = logits.gather(1, target).squeeze(1)
+            # log-sum-exp in place, so one [chunk, V] buffer is all this chunk holds
+            peak = logits.amax(dim=1, keepdim=True)
+            logits.sub_(peak).exp_()
+            total = logits.sum(dim=1, keepdim=True)
+            losses[begin:end] = (total.log() + peak - picked[:, None]).squeeze(1)
+            if want_grad:
+                logits.div_(total)  # softmax
+                logits.scatter_add_(1, target, torch.full_like(picked[:, None], -1.0))  # minus one-hot
+                unit_grad[begin:end] = logits.to(weight.dtype) @ weight
+            del logits
+        ctx.save_for_backward(unit_grad)
+        return losses
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        (unit_grad,) = ctx.saved_tensors
+        grad_hidden = (unit_grad.to(grad.dtype) * grad[:, None]).to(unit_grad.dtype)
+        return grad_hidden, None, None, None, None, None
