@@ -39,3 +39,36 @@ def stream_batches(
 def read_columns(where: Location, columns: list[str]) -> pa.Table:
     """A few columns of a Parquet file or folder, whole (for small tables: ids, counts, scores to plot)."""
     return pq.read_table(where.path, columns=columns, filesystem=where.filesystem)
+
+
+def read_rows(file: Location, first_row: int, stop_row: int, columns: list[str]) -> pa.Table:
+    """Rows [first_row, stop_row) of one Parquet file, reading only the row groups that hold them."""
+    with file.open_input() as handle:
+        parquet = pq.ParquetFile(handle)
+        groups, group_start, offset = [], 0, None
+        for g in range(parquet.metadata.num_row_groups):
+            group_stop = group_start + parquet.metadata.row_group(g).num_rows
+            if group_start < stop_row and group_stop > first_row:
+                groups.append(g)
+                offset = group_start if offset is None else offset
+            group_start = group_stop
+        if not groups:
+            return parquet.schema_arrow.empty_table().select(columns)
+        table = parquet.read_row_groups(groups, columns=columns, use_threads=False)
+    return table.slice(first_row - offset, stop_row - first_row)
+
+
+def row_counts(files: list[Location]) -> list[int]:
+    """Each Parquet file's row count, from its footer alone."""
+    counts = []
+    for file in files:
+        with file.open_input() as handle:
+            counts.append(pq.ParquetFile(handle).metadata.num_rows)
+    return counts
+
+
+def write_whole(where: Location, table: pa.Table) -> None:
+    """One Parquet file in one whole-object write (a rename on disk, one PUT on a store): readers never see half."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    where.write_bytes(buffer.getvalue().to_pybytes())

@@ -1,36 +1,36 @@
-"""Columnar finish of ingest: exact-duplicate detection and the kept / rejected split.
+"""Columnar finish of ingest: exact-duplicate detection and the kept / rejected split, in memory flat in corpus size.
 
-Runs over the normalized Parquet that the Ray Data pass wrote. Only (id, content_hash, reason) are held in memory
-(~40 bytes a row); the text columns stream through in record batches, so memory stays flat in corpus size.
+Runs (one Ray task) over the normalized Parquet that the Ray Data pass wrote, in two passes over the same files in the
+same order, each one bounded record batch at a time (`parquet_stream`, no read-ahead). The first hands every row's
+(id, content hash, reason) to `dedup.DuplicateFinder`, which finds the duplicates one hash bucket at a time through
+spill files on the task's local disk. The second writes the kept rows to `data/` and every rejected row to
+`rejects.parquet`, a duplicate with "duplicate of id N" naming its kept twin (the lowest id with its content).
+No Python object is made per row.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from gradfilter_ray.data.dedup import DuplicateFinder, TwinIndex
 from gradfilter_ray.data.formats import CANONICAL_COLUMNS, DUPLICATE, NORMALIZED_SCHEMA, REJECT_COLUMNS
+from gradfilter_ray.parquet_stream import row_counts, stream_batches
 from gradfilter_ray.storage import Location
 
 ROWS_PER_OUTPUT_FILE = 200_000
-
-
-def duplicate_twins(ids: np.ndarray, hashes: pa.Array, eligible: np.ndarray) -> dict[int, int]:
-    """{duplicate id: id of the kept twin} among eligible rows; the lowest id of each content hash is kept."""
-    table = pa.table({"id": ids[eligible], "h": hashes.filter(pa.array(eligible))})
-    firsts = table.group_by("h").aggregate([("id", "min"), ("id", "count")])
-    firsts = firsts.filter(pc.greater(firsts["id_count"], 1))
-    if firsts.num_rows == 0:
-        return {}
-    joined = table.join(firsts.select(["h", "id_min"]), keys="h", join_type="inner")
-    dup = pc.not_equal(joined["id"], joined["id_min"])
-    joined = joined.filter(dup)
-    return dict(zip(joined["id"].to_pylist(), joined["id_min"].to_pylist()))
+KEY_COLUMNS = ["id", "content_hash", "reason"]
+KEY_BATCH_ROWS = 65_536  # three narrow columns (~2 MB a batch); big batches keep the spill appends few
+ROW_BATCH_ROWS = 8_192
+KEPT_SCHEMA = pa.schema([NORMALIZED_SCHEMA.field(c) for c in CANONICAL_COLUMNS])
+REJECT_SCHEMA = pa.schema([NORMALIZED_SCHEMA.field(c) for c in REJECT_COLUMNS])
 
 
 class _RollingWriter:
@@ -59,63 +59,81 @@ class _RollingWriter:
             self.writer = None
 
 
+def normalized_files(normalized: Location) -> list[Location]:
+    """The Parquet files of the normalized folder, sorted: both passes must see the rows in one order."""
+    return [normalized / rel for rel in normalized.files() if rel.endswith(".parquet")]
+
+
+def stream(files: list[Location], columns: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    for file in files:
+        yield from stream_batches(file, columns, batch_rows)
+
+
+def find_twins(files: list[Location], spill: Path, dedup: bool) -> tuple[TwinIndex, int]:
+    """First pass: (the twins by stream position, rows seen); raises if two rows share an id."""
+    finder = DuplicateFinder(sum(row_counts(files)), spill, dedup)
+    for batch in stream(files, KEY_COLUMNS, KEY_BATCH_ROWS):
+        eligible = batch.column("reason").is_null().to_numpy(zero_copy_only=False)
+        finder.add(batch.column("id").to_numpy(), batch.column("content_hash"), eligible)
+    return finder.finish(), finder.rows
+
+
+def mark_duplicates(rejected: pa.Table, is_dup: np.ndarray, kept: np.ndarray) -> pa.Table:
+    """Set reason "duplicate" and detail "duplicate of id N" on the rows flagged in `is_dup` (N from `kept`)."""
+    flag = pa.array(is_dup)
+    detail = pc.binary_join_element_wise("duplicate of id ", pc.cast(pa.array(kept), pa.string()), "")
+    reason = pc.if_else(flag, pa.scalar(DUPLICATE), rejected["reason"])
+    detail = pc.if_else(flag, detail, rejected["detail"])
+    rejected = rejected.set_column(rejected.schema.get_field_index("reason"), "reason", reason)
+    return rejected.set_column(rejected.schema.get_field_index("detail"), "detail", detail)
+
+
 def split_kept_rejected(normalized: Location, data_out: Location, rejects_out: Location, dedup: bool) -> dict:
     """Write canonical rows to `data_out/` and every rejected row to `rejects_out`; return the counts."""
-    dataset = pads.dataset(
-        normalized.path, format="parquet", schema=NORMALIZED_SCHEMA, filesystem=normalized.filesystem
-    )
-    keys = dataset.to_table(columns=["id", "content_hash", "reason"])
-    ids = keys["id"].to_numpy()
-    if len(np.unique(ids)) != len(ids):
-        raise AssertionError("ingest produced duplicate row ids: this is a bug")
-    twins = {}
-    if dedup:
-        eligible = keys["reason"].is_null().to_numpy(zero_copy_only=False)
-        twins = duplicate_twins(ids, keys["content_hash"].combine_chunks(), eligible)
-    del keys
+    files = normalized_files(normalized)
+    with tempfile.TemporaryDirectory(prefix="gfr-dedup-") as spill:
+        twins, rows_seen = find_twins(files, Path(spill), dedup)
+        counts = write_split(stream(files, None, ROW_BATCH_ROWS), twins, data_out, rejects_out)
+    if counts["rows_in"] != rows_seen:
+        raise AssertionError(f"the two passes over the normalized rows saw {rows_seen} and {counts['rows_in']} rows")
+    return counts
 
-    kept_schema = pa.schema([NORMALIZED_SCHEMA.field(c) for c in CANONICAL_COLUMNS])
-    reject_schema = pa.schema([NORMALIZED_SCHEMA.field(c) for c in REJECT_COLUMNS])
-    kept_writer = _RollingWriter(data_out, kept_schema, ROWS_PER_OUTPUT_FILE)
+
+def write_split(batches: Iterator[pa.RecordBatch], twins: TwinIndex, data_out: Location, rejects_out: Location):
+    """Second pass: kept rows to `data_out/` (files of ROWS_PER_OUTPUT_FILE), rejected ones to `rejects_out`."""
+    kept_writer = _RollingWriter(data_out, KEPT_SCHEMA, ROWS_PER_OUTPUT_FILE)
     rejects_out.parent().make_dir()
-    reject_writer = pq.ParquetWriter(rejects_out.path, reject_schema, filesystem=rejects_out.filesystem)
+    reject_writer = pq.ParquetWriter(rejects_out.path, REJECT_SCHEMA, filesystem=rejects_out.filesystem)
     reasons: Counter[str] = Counter()
     rows_in = rows_kept = 0
-    twin_ids = pa.array(list(twins), pa.int64())
     try:
-        for batch in dataset.to_batches(batch_size=8192):
+        for batch in batches:
             table = pa.Table.from_batches([batch])
-            rows_in += table.num_rows
-            is_dup = pc.is_in(table["id"], value_set=twin_ids) if twins else pa.repeat(False, table.num_rows)
-            ok = pc.and_(table["reason"].is_null(), pc.invert(is_dup))
-            kept = table.filter(ok).select(CANONICAL_COLUMNS)
+            n = table.num_rows
+            offsets, kept_ids = twins.within(rows_in, rows_in + n)
+            rows_in += n
+            is_dup = np.zeros(n, bool)
+            is_dup[offsets] = True
+            ok = batch.column("reason").is_null().to_numpy(zero_copy_only=False) & ~is_dup
+            kept = table.filter(pa.array(ok)).select(CANONICAL_COLUMNS)
             kept_writer.write(kept)
             rows_kept += kept.num_rows
 
-            rejected = table.filter(pc.invert(ok))
+            rejected = table.filter(pa.array(~ok))
             if rejected.num_rows:
-                dup_mask = pc.is_in(rejected["id"], value_set=twin_ids) if twins else None
-                if dup_mask is not None and pc.any(dup_mask).as_py():
-                    reason = pc.if_else(dup_mask, pa.scalar(DUPLICATE), rejected["reason"])
-                    detail = pa.array(
-                        [
-                            f"duplicate of id {twins[i]}" if d else old
-                            for i, d, old in zip(
-                                rejected["id"].to_pylist(), dup_mask.to_pylist(), rejected["detail"].to_pylist()
-                            )
-                        ],
-                        pa.string(),
-                    )
-                    rejected = rejected.set_column(rejected.schema.get_field_index("reason"), "reason", reason)
-                    rejected = rejected.set_column(rejected.schema.get_field_index("detail"), "detail", detail)
-                reasons.update(rejected["reason"].to_pylist())
-                reject_writer.write_table(rejected.select(REJECT_COLUMNS).cast(reject_schema))
+                if len(offsets):
+                    kept_of = np.zeros(n, np.int64)
+                    kept_of[offsets] = kept_ids
+                    rejected = mark_duplicates(rejected, is_dup[~ok], kept_of[~ok])
+                for item in pc.value_counts(rejected["reason"]).to_pylist():  # one item per reason, not per row
+                    reasons[item["values"]] += item["counts"]
+                reject_writer.write_table(rejected.select(REJECT_COLUMNS).cast(REJECT_SCHEMA))
     finally:
         kept_writer.close()
         reject_writer.close()
     if kept_writer.files == 0:  # an empty but valid dataset folder, so later stages see zero rows, not an error
         empty = data_out / "part-00000.parquet"
-        pq.write_table(kept_schema.empty_table(), empty.path, filesystem=empty.filesystem)
+        pq.write_table(KEPT_SCHEMA.empty_table(), empty.path, filesystem=empty.filesystem)
     rows_rejected = sum(reasons.values())
     if rows_in != rows_kept + rows_rejected:
         raise AssertionError(f"row accounting broken: {rows_in} in != {rows_kept} kept + {rows_rejected} rejected")

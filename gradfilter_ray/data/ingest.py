@@ -4,6 +4,10 @@ Ray Data streams the files: one read task per file yields raw rows in batches, `
 into canonical-or-rejected rows, and the result lands in a scratch folder as Parquet. A columnar pass
 (`finalize.split_kept_rejected`, one Ray task) then removes exact duplicates and splits kept from rejected. Input
 checksums are Ray tasks too: no corpus byte passes through the driver.
+
+Every process's memory is bounded by a block or a file of normalized rows, never by an input file: Ray Data's blocks
+are kept small (it would otherwise grow one up to 128 MiB), and the Parquet write runs as its own tasks, since
+fused into the read task it would gather all of that task's blocks, i.e. a whole input file, before writing.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from gradfilter_ray.data.formats import normalize_batch
 from gradfilter_ray.data.sources import SourceFile, list_sources, read_raw, resolve_filesystem
 from gradfilter_ray.runtime import IO_REMOTE_ARGS, run_as_task
 from gradfilter_ray.storage import Location
+
+# Measured at 3M rows (benchmarks/ingest_memory.py): with 8 MiB / 50k the workers peaked at 1.35x the 100k run,
+# with these at 1.06x-1.15x.
+NORMALIZED_BLOCK_BYTES = 4 << 20  # ~7k normalized Alpaca rows a block
+NORMALIZED_ROWS_PER_FILE = 20_000  # a write task gathers this many rows (~12 MB): bounded memory, not too many files
 
 
 def read_source_files(batch: pa.Table, filesystem_uri: str, limit: int | None):
@@ -55,6 +64,7 @@ def write_normalized(cfg: DataConfig, normalized: Location) -> tuple[int, list[d
     checksum_task = ray.remote(checksum).options(**IO_REMOTE_ARGS)
     inputs = ray.get([checksum_task.remote(f, cfg.path) for f in files])
     ds = ray.data.from_items([dataclasses.asdict(f) for f in files], override_num_blocks=len(files))
+    ds.context.target_max_block_size = NORMALIZED_BLOCK_BYTES  # this dataset's own copy of the context
     ds = ds.map_batches(
         read_source_files,
         fn_kwargs={"filesystem_uri": cfg.path, "limit": cfg.limit},
@@ -62,5 +72,10 @@ def write_normalized(cfg: DataConfig, normalized: Location) -> tuple[int, list[d
         batch_format="pyarrow",
     )
     ds = ds.map_batches(normalize_batch, fn_kwargs={"max_chars": cfg.max_field_chars}, batch_format="pyarrow")
-    ds.write_parquet(normalized.path, filesystem=normalized.filesystem)
+    ds.write_parquet(
+        normalized.path,
+        filesystem=normalized.filesystem,
+        min_rows_per_file=NORMALIZED_ROWS_PER_FILE,
+        ray_remote_args=IO_REMOTE_ARGS,  # not the map's: different resources keep the write out of the read task
+    )
     return len(files), inputs
