@@ -10,26 +10,10 @@ from pathlib import Path
 
 import torch
 
+from gradfilter_ray.bundled import resolve
 from gradfilter_ray.config import ModelSpec, Precision
 
-ASSETS = Path(__file__).parent / "assets"
-BUNDLED_PREFIX = "bundled:"
-BUNDLED = {
-    "stories260K": ASSETS / "models" / "stories260K",
-    "gpt2": ASSETS / "tokenizers" / "gpt2",
-    "alpaca_sample_1k.json": ASSETS / "data" / "alpaca_sample_1k.json",
-}
-
-
-def resolve(path: str) -> str:
-    """Map 'bundled:NAME' to the packaged file or folder; anything else passes through."""
-    if not path.startswith(BUNDLED_PREFIX):
-        return path
-    name = path[len(BUNDLED_PREFIX) :]
-    if name not in BUNDLED:
-        raise ValueError(f"unknown bundled asset {name!r}; bundled: {sorted(BUNDLED)}")
-    return str(BUNDLED[name])
-
+__all__ = ["resolve"]  # re-exported: callers that load models resolve paths here too
 
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer, GPT2TokenizerFast

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from gradfilter_ray.bundled import resolve
 from gradfilter_ray.config import Config
 from gradfilter_ray.data.ingest import ingest
 from gradfilter_ray.rundir import RunDir
 
 
 def run(cfg: Config, run: RunDir, key: str) -> dict:
-    from gradfilter_ray.models import resolve  # torch: not at the CLI's start-up
-
     data_cfg = replace(cfg.data, path=resolve(cfg.data.path))
     with run.scratch("data") as scratch:
         counts = ingest(data_cfg, run.data, run.rejects, scratch)
