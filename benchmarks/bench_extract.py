@@ -3,7 +3,7 @@
   (a) the batched norm kernel vs a batch-size-1 autograd loop             -> norms_speedup_vs_bs1 (target >= 5)
   (b) the batched kernel vs a plain batched forward + backward (the floor) -> overhead_vs_floor   (target <= 1.15)
       also with all 2M adapters loaded, the kernel called per adapter as the stage does
-  (c) the Ray Data extraction stage (gradients.stage.run) vs the same NormExtractor in a bare in-process loop
+  (c) the Ray Data extraction stage (gradients.stage.run) vs the same ShardExtractor in a bare in-process loop
       -> ray_efficiency = (ray.init + stage) / bare; target: stage <= 1.3 x bare (ray.init being the start-up).
       The stage's actor class is swapped for a timing subclass during the run, which splits a run into "until the
       first batch reaches the actor" (worker processes, imports, model load) and the streaming that follows.
@@ -109,7 +109,7 @@ def main() -> None:
             "members": MEMBERS,
             "adapters": 2 * MEMBERS,
             "stage_batch_size": stage_batch,
-            "length_bucket_rows": 256,
+            "shard_rows": 256,
         },
     }
     work = Path(tempfile.mkdtemp(prefix="gfr-bench-"))
@@ -143,7 +143,7 @@ def main() -> None:
         cfg = make_config(root, sspec, batch_size=stage_batch, bucket_rows=256)
         log(f"(c) Ray Data stage vs bare loop on {n_ray} rows x {2 * MEMBERS} adapters ...")
         res["ray"] = ray_vs_bare(cfg, root, n_ray, repeats)
-        torch.set_num_threads(args.threads)  # NormExtractor set the driver's threads for the bare loop
+        torch.set_num_threads(args.threads)  # ShardExtractor set the driver's threads for the bare loop
         if not res["ray"]["correctness"]["ok"]:
             fail(res, out_file, "Ray stage output vs bare loop", res["ray"]["correctness"])
 

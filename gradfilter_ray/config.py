@@ -151,7 +151,7 @@ class GradientsConfig:
         "length fill batches up to it; an out-of-memory batch is split in halves and retried.",
         16_384,
     )
-    batch_size: int = doc("Most rows in one extraction batch (a cap on short rows; tokens_per_batch sets the size).", 64)
+    batch_size: int = doc("Most rows in one extraction batch (caps short rows; tokens_per_batch sets the size).", 64)
     loss_chunk_tokens: int = doc(
         "Labelled positions per LM-head chunk of the loss: no [tokens, vocab] tensor larger than this many rows "
         "exists at once (forward or backward).",
@@ -177,7 +177,7 @@ class GradientsConfig:
 
     def __post_init__(self) -> None:
         if min(self.tokens_per_batch, self.batch_size, self.loss_chunk_tokens, self.shard_rows, self.num_actors) < 1:
-            raise ConfigError("tokens_per_batch, batch_size, loss_chunk_tokens, shard_rows and num_actors must be >= 1")
+            raise ConfigError("tokens_per_batch, batch_size, loss_chunk_tokens, shard_rows, num_actors must be >= 1")
         if self.gpu_memory_fraction is not None and not 0.0 < self.gpu_memory_fraction <= 1.0:
             raise ConfigError("gpu_memory_fraction must be in (0, 1] or null")
 

@@ -72,7 +72,13 @@ STAGES: dict[str, Stage] = {
         Stage("tokens", tokens, ("data",), ("proxy",), ("tokens",), lambda c: "Ray Data tasks + 1 task"),
         Stage("ensemble", ensemble, ("tokens",), ("proxy", "ensemble"), ("ensemble",), _members),
         Stage(
-            "gradients", gradients, ("tokens", "ensemble"), ("proxy", "gradients.precision"), ("gradients",), _actors
+            "gradients",
+            gradients,
+            ("tokens", "ensemble"),
+            ("proxy", "gradients.precision"),
+            ("gradients",),
+            _actors,
+            resumes=True,
         ),
         Stage("scoring", scoring, ("gradients",), ("scoring",), ("scoring",), lambda c: "1 Ray task"),
         Stage("selection", selection, ("data", "scoring"), ("selection",), ("selection",), lambda c: "1 Ray task"),

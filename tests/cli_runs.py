@@ -7,8 +7,9 @@ Two runs of one config serve every test that needs a finished pipeline (conftest
 - the reference run: uninterrupted, with canary secrets in its environment (the security test scans everything it
   wrote, printed and logged);
 - the faulted run: rank 0 of the ensemble dies after its epoch-1 checkpoint (Ray Train restarts the group), then
-  the driver's whole process group is SIGKILLed while an extraction actor is held in its second block; the same
-  command resumes it, and in the resumed run the extraction actor is SIGKILLed in its second block.
+  the driver's whole process group is SIGKILLed while an extraction actor is held in its second shard (the first
+  committed); the same command resumes it, computing only the other shards, and in the resumed run the extraction
+  actor is SIGKILLed in its second shard.
 
 The reproducibility test compares the two (same config and seed, separate processes), and the fault tests compare
 the faulted run's adapters and gradients with the reference's (a fault-free computation of the same config).
@@ -42,12 +43,12 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "configs" / "tiny_gpt2.yaml"
 DEMO = "jobs/configs/demo.yaml"  # relative to REPO, as `make run` passes it
 ROWS = 16
-# shard_rows=6 cuts the 16 rows into 3 extraction shards, so "mid-stream" has a before and an after;
+# shard_rows=4 cuts the 16 rows into 4 extraction shards, so "mid-stream" has a before and an after;
 # finetune.scorers=[] stops `run` after the report (fine-tuning has nothing to train).
 TINY_RUN = (
     f"data.limit={ROWS}",
     "ensemble.members=2",
-    "gradients.shard_rows=6",
+    "gradients.shard_rows=4",
     "selection.ratios=[0.25, 0.5]",
     "ray.progress_bars=false",
     "finetune.scorers=[]",
@@ -229,7 +230,7 @@ def int_lines(path: Path) -> list[tuple[int, ...]]:
 
 
 def held_actor(folder: Path) -> int | None:
-    """pid of the extraction actor the fault handler holds in its second block (None until one is held)."""
+    """pid of the extraction actor the fault handler holds in its second shard (None until one is held)."""
     text = (folder / "held").read_text().strip() if (folder / "held").exists() else ""
     return int(text) if text else None
 
@@ -283,11 +284,11 @@ def run_faulted(p: Pipeline) -> dict:
     facts: dict = {"out": out, "first_dir": first_dir, "second_dir": second_dir, "tmpdir": tmp}
 
     # Run 1: rank 0 of the ensemble dies after epoch 1 (restarted by Ray Train); then, while the extraction actor is
-    # held in its second block, the whole CLI process group is SIGKILLed.
+    # held in its second shard, the whole CLI process group is SIGKILLed.
     env1 = cli_env(ray_tmp1, TMPDIR=str(tmp), **fault_handlers.fault_env(first_dir, crash_after_epoch=1))
     first = start_cli(out, env1, log1)
     try:
-        actor = wait_for(lambda: held_actor(first_dir), 600, "run 1's actor in block 2", first, log1, p.abort)
+        actor = wait_for(lambda: held_actor(first_dir), 600, "run 1's actor in shard 2", first, log1, p.abort)
         facts["manifest_at_kill"] = RunDir(str(out)).read_manifest()
         at_kill = processes_of(ray_tmp1)
         facts["ray_processes_at_kill"] = len(at_kill)
@@ -307,10 +308,10 @@ def run_faulted(p: Pipeline) -> dict:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(stale, out / rel)
 
-    # Run 2: the same command; its extraction actor is SIGKILLed by the test in the middle of its second block.
+    # Run 2: the same command; its extraction actor is SIGKILLed by the test in the middle of its second shard.
     second = start_cli(out, cli_env(ray_tmp2, TMPDIR=str(tmp), **fault_handlers.fault_env(second_dir)), log2)
     try:
-        victim = wait_for(lambda: held_actor(second_dir), 300, "run 2's actor in block 2", second, log2, p.abort)
+        victim = wait_for(lambda: held_actor(second_dir), 300, "run 2's actor in shard 2", second, log2, p.abort)
         [actor] = [proc for proc in processes_of(ray_tmp2) if proc.pid == victim] or [None]
         assert actor is not None, f"the held actor {victim} is not a process of our Ray"
         actor.kill()  # by its psutil handle: never another process that took the pid over

@@ -8,8 +8,8 @@ the folder where the handler leaves its traces (the test reads them) and finds i
 - "ensemble.epoch_end" (rank, epoch, pid, train_dir): with GFR_FAULT_CRASH_AFTER_EPOCH=e, rank 0 dies (os._exit(1))
   after epoch e, once Ray Train's controller has registered that epoch's checkpoint (it writes
   `checkpoint_manager_snapshot.json` in train_dir), and only once (marker file `crashed`);
-- "gradients.block" (pid): appends "pid call" to `calls.log` (call = that actor's block count); the first actor
-  that reaches its second block takes the marker `held` and waits there (at most HOLD_S) until a file `killed`
+- "gradients.shard" (pid, shard): appends "pid call shard" to `calls.log` (call = that actor's shard count); the first
+  actor that reaches its second shard takes the marker `held` and waits there (at most HOLD_S) until a file `killed`
   appears, so the test can kill the driver or the actor at a known point mid-stream.
 """
 
@@ -28,7 +28,7 @@ HOLD_BLOCK = 2
 HOLD_S = 120.0
 CRASH_WAIT_S = 120.0
 
-_blocks = 0  # blocks this process (one extraction actor) has started
+_blocks = 0  # shards this process (one extraction actor) has started
 
 
 def fault_env(folder: Path, crash_after_epoch: int | None = None) -> dict[str, str]:
@@ -52,10 +52,10 @@ def handle(name: str, **context) -> None:
         crash = os.environ.get(CRASH_ENV)
         if crash and context["rank"] == 0 and int(crash) == context["epoch"]:
             _crash_once(folder, context["epoch"], Path(context["train_dir"]) / SNAPSHOT_FILE, context["pid"])
-    elif name == "gradients.block":
+    elif name == "gradients.shard":
         global _blocks
         _blocks += 1
-        _append(folder / "calls.log", f"{context['pid']} {_blocks}")
+        _append(folder / "calls.log", f"{context['pid']} {_blocks} {context['shard']}")
         if _blocks == HOLD_BLOCK and _take(folder / "held", str(context["pid"])):
             deadline = time.monotonic() + HOLD_S
             while not (folder / "killed").exists() and time.monotonic() < deadline:

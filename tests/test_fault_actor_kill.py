@@ -1,5 +1,5 @@
-"""An extraction actor SIGKILLed mid-stream (in the faulted run's resumed driver, held in its second block by the
-fault handler) is restarted by Ray Data: its blocks run again on a new actor, every id appears exactly once and
+"""An extraction actor SIGKILLed mid-stream (in the faulted run's resumed driver, held in its second shard by the
+fault handler) is restarted by Ray Data: its shards run again on a new actor, every id appears exactly once and
 every value equals the fault-free reference run's (same config, uninterrupted)."""
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ def resumed(faulted_run):
     return faulted_run
 
 
-def test_the_killed_actor_is_replaced_and_its_blocks_run_again(resumed):
+def test_the_killed_actor_is_replaced_and_its_shards_run_again(resumed):
     victim = resumed["victim"]
     calls = int_lines(resumed["second_dir"] / "calls.log")
-    assert [call for pid, call in calls if pid == victim] == [1, 2]  # it died inside its second block
-    restarted = {pid for pid, _ in calls} - {victim}
-    assert len(restarted) == 1, calls  # a new actor process took over and processed the blocks again
-    assert len([1 for pid, _ in calls if pid in restarted]) >= 2
+    assert [call for pid, call, _ in calls if pid == victim] == [1, 2]  # it died inside its second shard
+    restarted = {pid for pid, _, _ in calls} - {victim}
+    assert len(restarted) == 1, calls  # a new actor process took over and processed the shards again
+    assert len([1 for pid, _, _ in calls if pid in restarted]) >= 2
+    [died_in] = [shard for pid, call, shard in calls if pid == victim and call == 2]
+    assert died_in in [shard for pid, _, shard in calls if pid in restarted]  # the shard in flight ran again
 
 
 def test_every_id_once_and_values_equal_the_fault_free_run(resumed, reference_run):

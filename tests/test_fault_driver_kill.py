@@ -1,6 +1,7 @@
-"""A driver SIGKILLed (its whole process group) while an extraction actor is mid-stream loses only the stage in
+"""A driver SIGKILLed (its whole process group) while an extraction actor is mid-stream loses only the shard in
 flight: extraction is recorded "running", never done; the same command takes over the dead driver's claim, skips
-the finished stages, re-runs extraction replacing whatever the dead run left in gradients/, removes left-over
+the finished stages, keeps the extraction shards the dead run committed and computes only the others (anything else
+the dead run left in gradients/ is removed), removes left-over
 scratch folders and finishes; the dead driver's Ray processes are found by their RAY_TMPDIR and are gone (or killed
 by pid). The run is the session's `faulted_run` (tests/cli_runs.py); that its results equal a fault-free run's is
 checked in test_reproducibility.py."""
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.slow
 def test_the_kill_landed_mid_extraction_and_left_extraction_not_done(faulted_run):
     cfg = tiny_cfg(faulted_run["out"])
     # Every stage before extraction recorded done, extraction "running" (begun, so not done), the actor (a process
-    # of this run's Ray) held in its second block: one block done, one in flight, one queued.
+    # of this run's Ray) held in its second shard: one shard committed, one in flight, two queued.
     at_kill = faulted_run["manifest_at_kill"]["stages"]
     before = list(pipeline.STAGES)[: list(pipeline.STAGES).index("gradients")]
     assert all(at_kill[stage]["status"] == "done" for stage in before), at_kill
@@ -66,11 +67,19 @@ def test_the_same_command_resumes_skipping_the_finished_stages(faulted_run):
     core = stages[: stages.index("report") + 1]
     for stage in core:
         assert rundir.stage_done(stage, pipeline.stage_key(stage, cfg)), stage
-    # The re-run of extraction replaced every file the killed run left in gradients/ (none survives by name, the
-    # planted stale part included); the dead run's scratch folder is gone and no new one is left.
-    after = faulted_run["gradients_after_second"]
-    assert STALE_GRADIENTS.split("/", 1)[1] not in after and after
-    assert not set(faulted_run["gradients_after_kill"]) & set(after), faulted_run["gradients_after_kill"]
+    # Extraction kept the shards the killed run committed (part and marker, by name) and computed only the others;
+    # everything else the killed run left in gradients/ (the planted stale part included) is gone; the dead run's
+    # scratch folder is gone and no new one is left.
+    at_kill, after = faulted_run["gradients_after_kill"], faulted_run["gradients_after_second"]
+    committed = [m for m in at_kill if m.startswith("_shards/")]
+    kept = {name for m in committed for name in (m, m.split("/", 1)[1].replace(".json", ".parquet"))}
+    assert committed and set(at_kill) & set(after) == kept, (at_kill, after)
+    assert STALE_GRADIENTS.split("/", 1)[1] not in after
+    record = manifest["stages"]["gradients"]
+    assert record["shards_resumed"] == len(committed) >= 1
+    assert record["shards_computed"] == record["shards"] - len(committed) >= 2
+    assert record["rows_computed"] < ROWS
+    assert f"[gradients] {len(committed)}/{record['shards']} shards already committed" in log
     assert files_under(out / SCRATCH) == []
     assert not (out / CLAIM_FILE).exists()  # a clean exit releases its claim
 

@@ -298,7 +298,7 @@ def make_config(root: Path, spec: ModelSpec, batch_size: int, bucket_rows: int) 
         proxy=ProxyConfig(model=spec, max_length=MAX_LENGTH),
         ensemble=ensemble_cfg(),
         gradients=GradientsConfig(
-            batch_size=batch_size, num_actors=1, cpus_per_actor=1.0, torch_threads=1, length_bucket_rows=bucket_rows
+            batch_size=batch_size, num_actors=1, cpus_per_actor=1.0, torch_threads=1, shard_rows=bucket_rows
         ),
         ray=RayConfig(num_cpus=2, progress_bars=False, log_level="WARNING"),
     )

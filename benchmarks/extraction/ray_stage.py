@@ -1,5 +1,5 @@
-"""(c) the Ray Data extraction stage (gradients.stage.run) vs the same NormExtractor in a bare in-process loop over
-the same blocks, with the stage's time split at the moment its first block reaches the actor."""
+"""(c) the Ray Data extraction stage (gradients.stage.run) vs the same ShardExtractor in a bare in-process loop over
+the same shards, with the stage's time split at the moment its first shard reaches the actor."""
 
 from __future__ import annotations
 
@@ -24,19 +24,19 @@ from gradfilter_ray.config import Config
 
 
 def bare_extract(cfg: Config, root: Path, out_file: Path, limit: int | None = None) -> None:
-    """What the stage computes, in-process: the same reads, the same NormExtractor, the same row windows."""
-    from gradfilter_ray.gradients.stage import TOKEN_COLUMNS, NormExtractor, adapter_locations
+    """What the stage computes, in-process: the same reads, the same ShardExtractor, the same row windows."""
+    from gradfilter_ray.gradients.stage import TOKEN_COLUMNS, ShardExtractor, adapter_locations
     from gradfilter_ray.rundir import RunDir
 
     rundir = RunDir(str(root))
     ens, grads = cfg.ensemble, cfg.gradients
     adapters = adapter_locations(rundir.ensemble, ens.members, ens.early_epoch, ens.late_epoch)
-    extractor = NormExtractor(dataclasses.asdict(cfg.proxy), dataclasses.asdict(grads), ens.members, adapters)
+    extractor = ShardExtractor(dataclasses.asdict(cfg.proxy), dataclasses.asdict(grads), ens.members, adapters)
     table = pq.read_table(rundir.tokens, columns=TOKEN_COLUMNS)
     if limit is not None:
         table = table.slice(0, limit)
-    step = grads.length_bucket_rows
-    parts = [extractor(table.slice(begin, step)) for begin in range(0, table.num_rows, step)]
+    step = grads.shard_rows
+    parts = [extractor.extract_rows(table.slice(begin, step)) for begin in range(0, table.num_rows, step)]
     pq.write_table(pa.concat_tables(parts), out_file)
 
 
@@ -82,12 +82,12 @@ def wait_for_actor_exit(timeout: float = 20.0) -> None:
 
 
 def timed_extractor_class(log_path: str) -> type:
-    """NormExtractor that appends a JSON line when constructed and per call (times only; outputs untouched).
+    """ShardExtractor that appends a JSON line when constructed and per shard (times only; outputs untouched).
 
     Defined in a function so Ray's cloudpickle ships it by value: the workers need not import this script."""
-    from gradfilter_ray.gradients.stage import NormExtractor
+    from gradfilter_ray.gradients.stage import ShardExtractor
 
-    class TimedNormExtractor(NormExtractor):
+    class TimedShardExtractor(ShardExtractor):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             start, cpu = time.time(), time.process_time()
             super().__init__(*args, **kwargs)
@@ -95,16 +95,16 @@ def timed_extractor_class(log_path: str) -> type:
             with open(log_path, "a") as f:
                 f.write(json.dumps(event) + "\n")
 
-        def __call__(self, table: pa.Table) -> pa.Table:
+        def extract(self, shard) -> dict:
             start, cpu = time.time(), time.process_time()
-            out = super().__call__(table)
-            event = {"event": "call", "rows": table.num_rows, "start": start, "end": time.time()}
+            out = super().extract(shard)
+            event = {"event": "call", "rows": out["rows"], "start": start, "end": time.time()}
             event["cpu_s"] = time.process_time() - cpu
             with open(log_path, "a") as f:
                 f.write(json.dumps(event) + "\n")
             return out
 
-    return TimedNormExtractor
+    return TimedShardExtractor
 
 
 def timed_ray_stage(cfg: Config, root: Path, log_path: Path) -> tuple[float, TreeCPU, pa.Table, dict, dict | None]:
@@ -117,28 +117,29 @@ def timed_ray_stage(cfg: Config, root: Path, log_path: Path) -> tuple[float, Tre
     rundir = RunDir(str(root))
     key = pipeline.stage_key("gradients", cfg)
     log_path.write_text("")
-    original = getattr(stage, "NormExtractor", None)
+    original = getattr(stage, "ShardExtractor", None)
     try:
         if original is not None:
-            stage.NormExtractor = timed_extractor_class(str(log_path))
+            stage.ShardExtractor = timed_extractor_class(str(log_path))
         # as the pipeline runs it: the previous run's gradients/ removed first, then written in place
+        # keep_outputs left False: every timed run computes every shard
         rundir.begin_stage("gradients", key, pipeline.STAGES["gradients"].writes)
         with TreeCPU() as tc:
             began = time.time()
             w0 = time.perf_counter()
-            counts = stage.run(cfg, rundir, key)
+            counts = stage.run(cfg, rundir, key, log=lambda line: None)
             wall = time.perf_counter() - w0
             ended = time.time()
         table = pq.read_table(rundir.gradients)
     finally:
         if original is not None:
-            stage.NormExtractor = original
+            stage.ShardExtractor = original
     wait_for_actor_exit()
     events = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     inits = [e for e in events if e["event"] == "init"]
     calls = [e for e in events if e["event"] == "call"]
     phases = None
-    if inits and calls:  # else the stage no longer builds its actor from stage.NormExtractor: no breakdown
+    if inits and calls:  # else the stage no longer builds its actor from stage.ShardExtractor: no breakdown
         first = min(c["start"] for c in calls)
         phases = {
             "until_first_batch_s": first - began,
@@ -173,7 +174,7 @@ def ray_vs_bare(cfg: Config, root: Path, n_rows: int, repeats: int) -> dict:
     outputs: dict[str, pa.Table] = {}
     try:
         # Warm-up of the in-process path on one window; Ray's actor always starts cold and that is part of its cost.
-        bare_extract(cfg, root, scratch / "warmup.parquet", limit=cfg.gradients.length_bucket_rows)
+        bare_extract(cfg, root, scratch / "warmup.parquet", limit=cfg.gradients.shard_rows)
         with TreeCPU() as tc:
             w0 = time.perf_counter()
             ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp, logging_level="WARNING")

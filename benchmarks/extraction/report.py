@@ -134,7 +134,7 @@ def print_report(res: dict) -> None:
             f"(stage after first batch) / bare: {r['after_first_batch_over_bare_wall']:.2f}"
         )
     s = res["scaling"]
-    log(f"(s) scaling: bare NormExtractor loop, {2 * MEMBERS} adapters, batch {s['batch_size']}, one process per size")
+    log(f"(s) scaling: bare ShardExtractor loop, {2 * MEMBERS} adapters, batch {s['batch_size']}, a process per size")
     log(
         f"  {'rows':>8}{'wall s':>9}{'CPU s':>9}{'ex/s wall':>11}{'ex/s CPU':>10}{'tok/row':>9}"
         f"{'RSS setup MiB':>15}{'peak RSS MiB':>14}"

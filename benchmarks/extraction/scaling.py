@@ -44,9 +44,9 @@ def vm_kib(field: str) -> int:
 
 
 def scaling_child(spec_file: str) -> None:
-    """Stream a `tokens/` Parquet file through one NormExtractor (all 2M adapters) into a ParquetWriter; print one
+    """Stream a `tokens/` Parquet file through one ShardExtractor (all 2M adapters) into a ParquetWriter; print one
     JSON line."""
-    from gradfilter_ray.gradients.stage import TOKEN_COLUMNS, NormExtractor, adapter_locations
+    from gradfilter_ray.gradients.stage import TOKEN_COLUMNS, ShardExtractor, adapter_locations
     from gradfilter_ray.rundir import RunDir
 
     job = json.loads(Path(spec_file).read_text())
@@ -54,17 +54,18 @@ def scaling_child(spec_file: str) -> None:
     cfg = make_config(Path(job["root"]), spec, job["batch_size"], job["bucket_rows"])
     ens, grads = cfg.ensemble, cfg.gradients
     adapters = adapter_locations(RunDir(job["root"]).ensemble, ens.members, ens.early_epoch, ens.late_epoch)
-    extractor = NormExtractor(dataclasses.asdict(cfg.proxy), dataclasses.asdict(grads), ens.members, adapters)
+    extractor = ShardExtractor(dataclasses.asdict(cfg.proxy), dataclasses.asdict(grads), ens.members, adapters)
     source = pq.ParquetFile(job["tokens"])
     columns = TOKEN_COLUMNS
-    extractor(pa.Table.from_batches([next(source.iter_batches(batch_size=64, columns=columns))]))  # warm-up
+    warmup = next(source.iter_batches(batch_size=64, columns=columns))
+    extractor.extract_rows(pa.Table.from_batches([warmup]))
     rss_setup = vm_kib("VmRSS")
     rows = tokens = 0
     writer = None
     c0, w0 = cpu_ticks(), time.perf_counter()
     trace = []  # (rows done, VmRSS MiB): a plateau is flat memory, a slope is a leak
-    for k, batch in enumerate(source.iter_batches(batch_size=grads.length_bucket_rows, columns=columns)):
-        out = extractor(pa.Table.from_batches([batch]))
+    for k, batch in enumerate(source.iter_batches(batch_size=grads.shard_rows, columns=columns)):
+        out = extractor.extract_rows(pa.Table.from_batches([batch]))
         writer = writer or pq.ParquetWriter(job["out"], out.schema)
         writer.write_table(out)
         rows += out.num_rows

@@ -14,6 +14,8 @@ from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import IO_REMOTE_ARGS, run_as_task
 
 TEXT_COLUMNS = ["id", "instruction", "input", "output"]  # what tokenisation reads of `data/`
+# Extraction reads `tokens/` one shard (a row range) at a time: small row groups let it read only the rows it needs.
+ROW_GROUP_ROWS = 1024
 
 
 def run(cfg: Config, run: RunDir, key: str) -> dict:
@@ -26,5 +28,7 @@ def run(cfg: Config, run: RunDir, key: str) -> dict:
     ds = ds.select_columns(TEXT_COLUMNS).map_batches(
         tokenize_rows, fn_kwargs={"proxy": cfg.proxy}, batch_size=1024, batch_format="pyarrow"
     )
-    ds.write_parquet(out.path, filesystem=out.filesystem, ray_remote_args=IO_REMOTE_ARGS)
+    ds.write_parquet(
+        out.path, filesystem=out.filesystem, ray_remote_args=IO_REMOTE_ARGS, row_group_size=ROW_GROUP_ROWS
+    )
     return run_as_task(audit_token_rows, data, out)

@@ -1,14 +1,19 @@
-"""Extraction stage (Ray shell): stream `tokens/` through per-example LoRA gradient norms on an actor pool.
+"""Extraction stage (Ray shell): `tokens/` through per-example LoRA gradient norms, committed shard by shard.
 
-Each `NormExtractor` actor loads the frozen proxy once and all 2M adapters (M members x early/late, read by the
-actor itself from ``output_dir/ensemble/``), then hands every block of tokenised rows to `extract.extract_block` (the
-Ray-free core). The actors' output goes straight to ``output_dir/gradients/``; a Ray task then reads only the id
-columns, to check every row of `tokens/` (which holds every `data/` id once) came out exactly once. Each block starts
-at the fault point "gradients.block", which does nothing unless a test configures a handler.
+The driver cuts `tokens/` into shards (`shards.plan_shards`: fixed row ranges of its files, `gradients.shard_rows`
+each), keeps the shards an interrupted run already committed for this stage key, removes everything else in
+`gradients/`, and streams the remaining shard descriptors through a Ray Data actor pool. Each `ShardExtractor` actor
+loads the frozen proxy once and all 2M adapters (M members x early/late, read by the actor itself from
+``output_dir/ensemble/``), reads its shard's rows itself, runs `extract.extract_block` (the Ray-free core), writes
+``gradients/part-{index}.parquet`` and then the shard's marker. The driver only sees one small row per shard, which
+it turns into progress (rows done of total, rate, time left). A Ray task finally checks that every row of `tokens/`
+came out exactly once. Each shard starts at the fault point "gradients.shard" (a no-op unless a test configures a
+handler).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -19,18 +24,21 @@ import pyarrow as pa
 
 from gradfilter_ray.config import Config, GradientsConfig, ProxyConfig, build
 from gradfilter_ray.faults import fault_point
+from gradfilter_ray.gradients.shards import MARKERS, Shard, keep_and_clear, plan_shards
+from gradfilter_ray.parquet_stream import parquet_files, read_rows, row_counts, write_whole
+from gradfilter_ray.progress import RowProgress
 from gradfilter_ray.row_audit import audit_token_rows
 from gradfilter_ray.rundir import RunDir
-from gradfilter_ray.runtime import IO_REMOTE_ARGS, run_as_task
+from gradfilter_ray.runtime import run_as_task
 from gradfilter_ray.storage import Location
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TOKEN_COLUMNS = ["id", "input_ids", "label_start", "response_input_ids", "response_label_start"]
+SHARD_STATS = ("rows", "seconds", "batches", "oom_splits", "real_tokens", "padded_tokens")
 
 # Fault tolerance of the actor pool is Ray Data's own (2.60 sets max_restarts=-1 and max_task_retries=-1 on actor
-# pools): a killed actor (preemption, OOM kill) is restarted and the blocks it held run again on a live actor. The
-# per-call bound this project used to pin went through `ray_remote_args`, which Ray deprecates (removed in 2.64) with
-# no named replacement. The output is checked to hold every id exactly once before the stage is recorded as done.
+# pools): a killed actor (preemption, OOM kill) is restarted and the shard it held runs again on a live actor; its
+# part and marker are whole-object writes, so a retry replaces them. The driver counts every planned shard back.
 
 
 def adapter_locations(ensemble: Location, members: int, early: int, late: int) -> dict[str, Location]:
@@ -44,10 +52,28 @@ def adapter_locations(ensemble: Location, members: int, early: int, late: int) -
     }
 
 
-class NormExtractor:
-    """Ray Data actor: tokenised rows -> per-example squared LoRA gradient norms and losses for all 2M adapters."""
+def memory_fraction(cfg: GradientsConfig) -> float | None:
+    """The share of its GPU an actor's allocator may take: the configured cap, else its share of the GPU when
+    actors share one (so one cannot starve the other), else no cap."""
+    if cfg.gpu_memory_fraction is not None:
+        return cfg.gpu_memory_fraction
+    return cfg.gpus_per_actor if 0 < cfg.gpus_per_actor < 1 else None
 
-    def __init__(self, proxy: dict, gradients: dict, members: int, adapters: dict[str, Location]) -> None:
+
+class ShardExtractor:
+    """Ray Data actor: shard descriptors -> each shard's GRADIENT_SCHEMA rows written and committed; one small row of
+    facts per shard back to the driver."""
+
+    def __init__(
+        self,
+        proxy: dict,
+        gradients: dict,
+        members: int,
+        adapters: dict[str, Location],
+        tokens: Location | None = None,
+        out: Location | None = None,
+        key: str = "",
+    ) -> None:
         import torch
 
         from gradfilter_ray.lora import load_adapters
@@ -55,8 +81,11 @@ class NormExtractor:
 
         self.proxy: ProxyConfig = build(ProxyConfig, proxy, "proxy")
         self.cfg: GradientsConfig = build(GradientsConfig, gradients, "gradients")
-        self.members = members
+        self.members, self.tokens, self.out, self.key = members, tokens, out, key
         self.device = pick_device(self.cfg.gpus_per_actor)
+        fraction = memory_fraction(self.cfg)
+        if self.device.type == "cuda" and fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(fraction, self.device)
         torch.set_num_threads(self.cfg.torch_threads or max(1, int(self.cfg.cpus_per_actor)))
         self.pad_id = load_tokenizer(self.proxy.model).pad_token_id  # padding is masked: any id would do
         base = load_causal_lm(self.proxy.model, resolve_dtype(self.cfg.precision, self.device), self.device)
@@ -70,56 +99,139 @@ class NormExtractor:
                     (where / filename).get(folders[name] / filename)
             self.model = load_adapters(base, folders)
 
-    def __call__(self, tokens: pa.Table) -> pa.Table:
+    def __call__(self, shards: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist([self.extract(Shard(**spec)) for spec in shards.to_pylist()])
+
+    def extract(self, shard: Shard) -> dict:
+        """Extract one shard, write its part, then commit it with its marker; the facts the driver counts."""
+        fault_point("gradients.shard", pid=os.getpid(), shard=shard.index)
+        started = time.perf_counter()
+        tokens = read_rows(self.tokens / shard.file, shard.first_row, shard.stop_row, TOKEN_COLUMNS)
+        stats: dict = {}
+        table = self.extract_rows(tokens, stats)
+        write_whole(self.out / shard.part, table)
+        facts = {
+            "index": shard.index,
+            "rows": table.num_rows,
+            "seconds": round(time.perf_counter() - started, 3),
+            **{k: int(stats.get(k, 0)) for k in SHARD_STATS[2:]},
+        }
+        (self.out / shard.marker).write_text(json.dumps(shard.marker_record(self.key, **facts)))
+        return facts
+
+    def extract_rows(self, tokens: pa.Table, stats: dict | None = None) -> pa.Table:
+        """`tokens/` rows -> their `gradients/` rows (no I/O: what the benchmarks time against the stage)."""
         from gradfilter_ray.gradients.extract import extract_block
 
-        fault_point("gradients.block", pid=os.getpid())
         return extract_block(
             self.model,
             tokens,
             members=self.members,
             batch_size=self.cfg.batch_size,
+            tokens_per_batch=self.cfg.tokens_per_batch,
+            loss_chunk_tokens=self.cfg.loss_chunk_tokens,
             device=self.device,
             pad_id=self.pad_id,
+            stats=stats,
         )
 
 
-def run(cfg: Config, run: RunDir, key: str) -> dict:
+def shard_plan(tokens: Location, shard_rows: int) -> list[Shard]:
+    files = parquet_files(tokens)
+    names = [file.path[len(tokens.path) + 1 :] for file in files]
+    return plan_shards(list(zip(names, row_counts(files))), shard_rows)
+
+
+def committed_markers(out: Location) -> dict[str, dict]:
+    """marker path (relative to `gradients/`) -> its record, for every readable marker."""
+    markers = {}
+    if not (out / MARKERS).exists():
+        return markers
+    for rel in (out / MARKERS).files():
+        try:
+            markers[f"{MARKERS}/{rel}"] = json.loads((out / MARKERS / rel).read_text())
+        except (OSError, ValueError):
+            continue  # unreadable: not committed, removed with the other leftovers
+    return markers
+
+
+def actor_pool_args(cfg: Config, actors: int) -> dict:
+    """How the extraction asks Ray for its actors: `actors` of (cpus_per_actor, gpus_per_actor) each."""
     import ray.data
 
+    grads = cfg.gradients
+    return {
+        "compute": ray.data.ActorPoolStrategy(size=actors),
+        "num_cpus": grads.cpus_per_actor,
+        **({"num_gpus": grads.gpus_per_actor} if grads.gpus_per_actor > 0 else {}),
+    }
+
+
+def extraction_dataset(cfg: Config, todo: list[Shard], extractor: type, **constructor_kwargs):
+    """The shard descriptors streamed through an actor pool of `extractor`s, one shard per call."""
+    import ray.data
+
+    ds = ray.data.from_items([asdict(s) for s in todo], override_num_blocks=len(todo))
+    return ds.map_batches(
+        extractor,
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=1,
+        batch_format="pyarrow",
+        **actor_pool_args(cfg, min(cfg.gradients.num_actors, len(todo))),
+    )
+
+
+def run(cfg: Config, run: RunDir, key: str, log=print) -> dict:
     ens, grads = cfg.ensemble, cfg.gradients
     adapters = adapter_locations(run.ensemble, ens.members, ens.early_epoch, ens.late_epoch)
-    tokens = run.tokens
-    ds = ray.data.read_parquet(tokens.path, filesystem=tokens.filesystem, **IO_REMOTE_ARGS)
-    ds = ds.select_columns(TOKEN_COLUMNS)
-    gpu_args = {"num_gpus": grads.gpus_per_actor} if grads.gpus_per_actor > 0 else {}
-    ds = ds.map_batches(
-        NormExtractor,
-        fn_constructor_kwargs={
-            "proxy": asdict(cfg.proxy),
-            "gradients": asdict(grads),
-            "members": ens.members,
-            "adapters": adapters,
-        },
-        batch_size=grads.length_bucket_rows,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=grads.num_actors),
-        num_cpus=grads.cpus_per_actor,
-        **gpu_args,
-    )
+    tokens, out = run.tokens, run.gradients
+    shards = shard_plan(tokens, grads.shard_rows)
+    out.make_dir()
+    done, todo, stale = keep_and_clear(shards, committed_markers(out), out.files(), key)
+    for rel in stale:
+        (out / rel).delete()
+    total_rows = sum(s.rows for s in shards)
+    progress = RowProgress("[gradients]", total_rows, already_done=sum(s.rows for s in done), emit=log)
+    if done:
+        log(f"[gradients] {len(done)}/{len(shards)} shards already committed, computing {len(todo)}")
+    computed: list[dict] = []
     started = time.perf_counter()
-    out = run.gradients
-    ds.write_parquet(out.path, filesystem=out.filesystem, ray_remote_args=IO_REMOTE_ARGS)
+    if todo:
+        ds = extraction_dataset(
+            cfg,
+            todo,
+            ShardExtractor,
+            proxy=asdict(cfg.proxy),
+            gradients=asdict(grads),
+            members=ens.members,
+            adapters=adapters,
+            tokens=tokens,
+            out=out,
+            key=key,
+        )
+        for facts in ds.iter_rows():
+            computed.append(facts)
+            progress.advance(int(facts["rows"]))
     seconds = time.perf_counter() - started
+    if sorted(f["index"] for f in computed) != [s.index for s in todo]:
+        raise RuntimeError(f"extraction returned shards {sorted(f['index'] for f in computed)}, not the planned ones")
 
     audit = run_as_task(audit_token_rows, tokens, out)
-    rows = audit["rows"]
+    rows_computed = sum(int(f["rows"]) for f in computed)
+    real, padded = (sum(int(f[k]) for f in computed) for k in ("real_tokens", "padded_tokens"))
     return {
-        "rows": rows,
+        "rows": audit["rows"],
         "rows_no_response_tokens": audit["rows_no_response_tokens"],
         "adapters": len(adapters),
+        "shards": len(shards),
+        "shards_resumed": len(done),
+        "shards_computed": len(computed),
+        "rows_computed": rows_computed,
+        "batches": sum(int(f["batches"]) for f in computed),
+        "oom_splits": sum(int(f["oom_splits"]) for f in computed),
+        "padding_efficiency": round(real / padded, 4) if padded else None,
         "seconds_streaming": round(seconds, 2),
-        "examples_per_s": round(rows / seconds, 2),
-        "tokens_per_s": round(audit["tokens"] / seconds, 1),
-        "norms_per_s": round(rows * len(adapters) / seconds, 2),
+        "examples_per_s": round(rows_computed / seconds, 2) if seconds > 0 else None,
+        "tokens_per_s": round(real / seconds, 1) if seconds > 0 else None,
+        "norms_per_s": round(rows_computed * len(adapters) / seconds, 2) if seconds > 0 else None,
     }
