@@ -148,16 +148,21 @@ def _drive(cfg: Config, run: RunDir, args: argparse.Namespace, stages: list[str]
 
     from gradfilter_ray.report import summarize_run, summary_lines
     from gradfilter_ray.runtime import ray_session
+    from gradfilter_ray.shared_dir import OutputDirNotShared, check_output_dir_shared
 
     run.clean_scratch()
     _record_run(cfg, run, argv)
     with ray_session(cfg.ray):
         try:
+            check_output_dir_shared(run.root)
             for name in stages:
                 pipeline.run_stage(name, cfg, run, force=args.force)
         except pipeline.StageOrderError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ORDER
+        except OutputDirNotShared as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     keys = {name: pipeline.stage_key(name, cfg) for name in pipeline.STAGES}
     print("\n".join(summary_lines(summarize_run(run.read_manifest(), str(run.root), keys))))
     return 0

@@ -1,0 +1,82 @@
+"""Fail fast when a local `output_dir` is not the same folder on every node of the cluster.
+
+Stages write from whichever node their workers land on, and read what other nodes wrote: a local path that is not a
+shared mount would fail hours later (an extraction actor that cannot find the adapters, a scoring task that sees half
+of `gradients/`). Before the first stage the driver writes a sentinel holding a random token into `output_dir`, and
+one zero-CPU task pinned to every live node reads it back; a node that does not see it stops the run with a clear
+error. Object-store URIs reach every node by construction and are not checked. Nodes that join later (autoscaling)
+are not covered: mount the folder in the node image.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+from gradfilter_ray.faults import fault_point
+from gradfilter_ray.storage import Location
+
+SENTINEL_DIR = ".node_check"
+CHECK_TIMEOUT_S = 120.0
+
+
+class OutputDirNotShared(RuntimeError):
+    pass
+
+
+def read_sentinel(sentinel: Location, token: str, driver_node: str) -> dict:
+    """On one node: does `sentinel` hold `token` there?"""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    host = socket.gethostname()
+    try:
+        fault_point("output_dir.node_check", node=node, driver_node=driver_node, pid=os.getpid())
+        seen = sentinel.exists() and sentinel.read_text() == token
+        error = None if seen else "the sentinel is not there"
+    except OSError as exc:
+        seen, error = False, f"{type(exc).__name__}: {exc}"
+    return {"node": node, "host": host, "seen": seen, "error": error}
+
+
+def unshared_nodes(results: list[dict]) -> list[dict]:
+    return [r for r in results if not r["seen"]]
+
+
+def check_output_dir_shared(root: Location) -> int:
+    """Raise `OutputDirNotShared` unless every live node sees `root` (a local folder) as the driver does; returns the
+    number of nodes checked (0 for an object store or a single-node Ray)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not root.is_local:
+        return 0
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return 0
+    token = uuid.uuid4().hex
+    folder = root / SENTINEL_DIR
+    sentinel = folder / f"{token}.txt"
+    sentinel.write_text(token)
+    driver_node = ray.get_runtime_context().get_node_id()
+    task = ray.remote(read_sentinel)
+    try:
+        refs = [
+            task.options(
+                num_cpus=0, max_retries=1, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+            ).remote(sentinel, token, driver_node)
+            for node in nodes
+        ]
+        results = ray.get(refs, timeout=CHECK_TIMEOUT_S)
+    finally:
+        folder.delete()  # one driver per output_dir (driver_claim): no other check is using it
+    missing = unshared_nodes(results)
+    if missing:
+        listed = "; ".join(f"{r['host']} (node {r['node'][:12]}): {r['error']}" for r in missing)
+        raise OutputDirNotShared(
+            f"output_dir {root} is a local path that {len(missing)} of {len(results)} nodes do not share ({listed}). "
+            "Every node must reach it: mount the same shared filesystem at this path on every node, or use an "
+            "object-store URI (s3://bucket/prefix)."
+        )
+    return len(results)

@@ -1,0 +1,40 @@
+"""A local output_dir must be one folder on every node: checked before the first stage on a real two-node Ray.
+
+The two raylets run on this machine, so they do share the disk; a fault handler makes the second node miss the
+sentinel as a node without the shared mount would (the check's reading, comparing and reporting run for real)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from gradfilter_ray.shared_dir import unshared_nodes
+
+pytestmark = pytest.mark.slow
+PROBE = Path(__file__).resolve().parent / "multinode_probe.py"
+
+
+def test_unshared_nodes_are_the_ones_that_did_not_see_the_token():
+    results = [{"node": "a", "seen": True}, {"node": "b", "seen": False}]
+    assert unshared_nodes(results) == [{"node": "b", "seen": False}]
+
+
+def test_two_nodes_sharing_the_folder_pass_and_a_node_without_it_stops_the_run(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="gfr-nodes-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    done = subprocess.run(
+        [sys.executable, str(PROBE), str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["shared"] == {"nodes_checked": 2, "error": None}
+    error = result["unshared"]["error"]
+    assert result["unshared"]["nodes_checked"] is None and error
+    assert "1 of 2 nodes do not share" in error and "FileNotFoundError" in error and "s3://" in error
+    assert result["left_in_output_dir"] == []  # the sentinel is removed either way
