@@ -1,8 +1,9 @@
 """One ensemble member's training loop (pure torch: no Ray, no files).
 
-Everything random is a function of (member seed, epoch): the data order and the dropout stream are re-seeded
-at the start of every epoch, so a member resumed from its epoch-e checkpoint continues exactly as an
-uninterrupted run would.
+Everything random is a function of (member seed, epoch): the batches (`batching.epoch_batches`) and the dropout
+stream are re-seeded at the start of every epoch, so a member resumed from its epoch-e checkpoint continues exactly
+as an uninterrupted run would. Progress and each epoch's padding efficiency leave through callbacks, so the caller
+decides where they are printed or written.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 
 from gradfilter_ray.config import EnsembleConfig
 from gradfilter_ray.data.prompt import collate_rows
+from gradfilter_ray.ensemble.batching import PaddingStats, epoch_batches, epoch_seed, padding_stats
+from gradfilter_ray.ensemble.batching import epoch_order as epoch_order  # re-exported: where callers found it
 from gradfilter_ray.losses import per_example_losses, scored_window
 
 
@@ -29,6 +32,10 @@ class TokenRows:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def lengths(self) -> np.ndarray:
+        """[N] tokens per row (what a batch is padded to the longest of)."""
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
     @classmethod
     def from_columns(cls, ids, input_ids, label_starts) -> TokenRows:
         order = np.argsort(np.asarray(ids), kind="stable")
@@ -39,16 +46,11 @@ class TokenRows:
         )
 
 
-def epoch_seed(member_seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([member_seed, epoch]).generate_state(1)[0])
-
-
-def epoch_order(n: int, member_seed: int, epoch: int) -> np.ndarray:
-    """This member's permutation of the rows for this epoch (the same on every resume)."""
-    return np.random.default_rng(epoch_seed(member_seed, epoch)).permutation(n)
-
-
 EpochCallback = Callable[[int, torch.nn.Module, torch.optim.Optimizer, list[float]], None]
+# Called before an epoch's first step with that epoch's padding (the batches are fixed by then).
+EpochPlannedCallback = Callable[[int, PaddingStats], None]
+# Called after every optimiser step with the number of rows it trained on.
+RowsDoneCallback = Callable[[int], None]
 
 
 def train_member(
@@ -62,10 +64,13 @@ def train_member(
     start_epoch: int = 1,
     optimizer_state: dict | None = None,
     stop_after_epoch: int | None = None,
+    on_epoch_planned: EpochPlannedCallback | None = None,
+    on_rows_done: RowsDoneCallback | None = None,
 ) -> None:
     """Train the model's trainable (LoRA) parameters for epochs start_epoch..cfg.epochs, calling back per epoch.
 
     `stop_after_epoch` ends training early as a preemption would (resume then continues from that epoch).
+    Batches follow `cfg.batching` (see `batching.epoch_batches`).
     Loss: mean over the batch of each example's mean response-token cross-entropy (the same per-example loss whose
     gradient norms are measured later). bf16 autocast on CUDA when precision is auto/bfloat16; fp32 on CPU.
     """
@@ -78,12 +83,14 @@ def train_member(
     use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bfloat16")
     model.train()
     last_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
+    lengths = rows.lengths()
     for epoch in range(start_epoch, last_epoch + 1):
         torch.manual_seed(epoch_seed(member_seed, epoch))  # dropout stream
-        order = epoch_order(len(rows), member_seed, epoch)
+        batches = epoch_batches(lengths, cfg, member_seed, epoch)
+        if on_epoch_planned is not None:
+            on_epoch_planned(epoch, padding_stats(lengths, batches))
         step_losses: list[float] = []
-        for start in range(0, len(order), cfg.batch_size):
-            picked = order[start : start + cfg.batch_size]
+        for picked in batches:
             batch = collate_rows([rows.input_ids[i] for i in picked], rows.label_starts[picked], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             window = scored_window(batch["labels"])
@@ -97,4 +104,6 @@ def train_member(
             loss.backward()
             optimizer.step()
             step_losses.append(float(loss.detach()))
+            if on_rows_done is not None:
+                on_rows_done(len(picked))
         on_epoch_end(epoch, model, optimizer, step_losses)

@@ -2,12 +2,16 @@
 
 Every worker receives the whole tokenised corpus (``output_dir/tokens/``, written once by the `tokens` stage, read as
 is: ``DataConfig(datasets_to_split=[])``), attaches a LoRA adapter seeded with ``seed + rank`` to the frozen proxy
-and runs `loop.train_member`. After each epoch each worker writes
-``member_{rank}/epoch_{e}/`` (adapter safetensors + loss curve) straight to ``output_dir/ensemble/`` and, with its
-optimiser state, into the checkpoint it reports. A re-run with the same config resumes from the latest checkpoint
-(Ray Train's storage under ``output_dir/.ray_train``) and first writes the epochs it restored; a failed worker group
-is restarted from it (``FailureConfig``). The workers call `faults.fault_point` at "ensemble.start" (after any restore)
-and "ensemble.epoch_end" (after reporting an epoch's checkpoint); it does nothing unless a test configures a handler.
+and runs `loop.train_member`. After each epoch each worker writes ``member_{rank}/epoch_{e}/`` (adapter
+safetensors, loss curve, the epoch's padding efficiency) straight to ``output_dir/ensemble/`` and, with its optimiser
+state, into the checkpoint it reports. A re-run with the same config resumes from the latest checkpoint (Ray Train's
+storage under ``output_dir/.ray_train``) and first writes the epochs it restored; a failed worker group is restarted
+from it (``FailureConfig``). The workers call `faults.fault_point` at "ensemble.start" (after any restore) and
+"ensemble.epoch_end" (after reporting an epoch's checkpoint); it does nothing unless a test configures a handler.
+
+Each member prints its progress (rows done of this run's total, rate, ETA) at most every `PROGRESS_EVERY_S` seconds.
+Members never communicate: their process group is gloo even on GPUs, so members sharing a GPU cannot meet in an NCCL
+collective.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 
 from gradfilter_ray.config import Config, EnsembleConfig, ProxyConfig, build
 from gradfilter_ray.driver_claim import pid_alive
+from gradfilter_ray.ensemble.batching import PaddingStats
 from gradfilter_ray.faults import fault_point
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import IO_REMOTE_ARGS, sigint_restored
@@ -32,6 +37,8 @@ from gradfilter_ray.storage import Location
 
 TRAIN_STATE = "train_state.pt"
 LOSS_CSV = "train_loss.csv"
+PADDING_JSON = "padding.json"
+PROGRESS_EVERY_S = 30.0  # one line per member at most this often keeps a 5-member log readable
 WORK_ROOT = "gfr-member-work"
 # Ray Train V2 writes this file into its run folder (the "ensemble.epoch_end" fault point's `train_dir`) when the
 # controller registers a checkpoint: a fault handler polls it to know the epoch is safely recorded.
@@ -58,6 +65,16 @@ def _write_loss_curve(path: Path, losses: list[float]) -> None:
         writer.writerows((i + 1, f"{loss:.8g}") for i, loss in enumerate(losses))
 
 
+def _write_padding(path: Path, batching: str, padding: PaddingStats) -> None:
+    facts = {
+        "batching": batching,
+        "real_tokens": padding.real_tokens,
+        "computed_tokens": padding.computed_tokens,
+        "padding_efficiency": round(padding.efficiency, 4),
+    }
+    path.write_text(json.dumps(facts, indent=2))
+
+
 def member_workdir(rank: int) -> Path:
     """A private folder for this worker under ``$TMPDIR/gfr-member-work/``, named after its pid. A worker that dies
     (crash, OOM kill, preemption) cannot remove its own: each new worker removes those whose process is gone."""
@@ -81,6 +98,7 @@ def train_member_worker(config: dict) -> None:
     from gradfilter_ray.ensemble.loop import train_member
     from gradfilter_ray.lora import attach_lora, save_adapter
     from gradfilter_ray.models import load_causal_lm, load_tokenizer
+    from gradfilter_ray.progress import RowProgress
 
     ens: EnsembleConfig = build(EnsembleConfig, config["ensemble"], "ensemble")
     proxy: ProxyConfig = build(ProxyConfig, config["proxy"], "proxy")
@@ -112,10 +130,13 @@ def train_member_worker(config: dict) -> None:
         member_dir.mkdir(parents=True)
     fault_point("ensemble.start", rank=rank, start_epoch=start_epoch, pid=os.getpid())
 
+    padding = {}  # epoch -> PaddingStats, from train_member before the epoch's first step
+
     def on_epoch_end(epoch, model, optimizer, losses):
         epoch_dir = member_dir / f"epoch_{epoch}"
         save_adapter(model, epoch_dir)
         _write_loss_curve(epoch_dir / LOSS_CSV, losses)
+        _write_padding(epoch_dir / PADDING_JSON, ens.batching, padding[epoch])
         (published / f"epoch_{epoch}").put(epoch_dir)
         torch.save({"epoch": epoch, "optimizer": optimizer.state_dict()}, member_dir / TRAIN_STATE)
         with tempfile.TemporaryDirectory(prefix="ckpt-", dir=workdir) as tmp:  # reaped with workdir after a crash
@@ -127,6 +148,13 @@ def train_member_worker(config: dict) -> None:
         fault_point("ensemble.epoch_end", rank=rank, epoch=epoch, pid=os.getpid(), train_dir=str(config["train_dir"]))
 
     if start_epoch <= ens.epochs:
+        progress = RowProgress(
+            f"ensemble member {rank}",
+            total=len(rows) * ens.epochs,
+            every_s=PROGRESS_EVERY_S,
+            emit=lambda line: print(line, flush=True),
+            already_done=len(rows) * (start_epoch - 1),
+        )
         train_member(
             model,
             rows,
@@ -138,6 +166,8 @@ def train_member_worker(config: dict) -> None:
             start_epoch,
             optimizer_state,
             stop_after_epoch=config.get("stop_after_epoch"),
+            on_epoch_planned=padding.__setitem__,
+            on_rows_done=progress.advance,
         )
     shutil.rmtree(workdir, ignore_errors=True)
 
@@ -155,19 +185,43 @@ def token_dataset(run: RunDir):
     return ds
 
 
+def _padding_efficiency(epoch_dir: Location) -> float | None:
+    """The epoch's padding efficiency; None for an epoch restored from a checkpoint of a version that did not record
+    it (the summary should not fail a finished stage over a statistic)."""
+    path = epoch_dir / PADDING_JSON
+    return json.loads(path.read_text())["padding_efficiency"] if path.exists() else None
+
+
+def mean_padding_efficiency(members: dict) -> float | None:
+    """Mean over every member's every recorded epoch (all train on the same rows: equal weights are right)."""
+    values = [v for member in members.values() for v in member["padding_efficiency"].values() if v is not None]
+    return round(float(np.mean(values)), 4) if values else None
+
+
 def _summary(ensemble_dir: Location, ens: EnsembleConfig, counts: dict, adapter: dict) -> dict:
     members = {}
     for m in range(ens.members):
-        curves = {}
+        curves, padding = {}, {}
         for e in range(1, ens.epochs + 1):
-            text = (ensemble_dir / f"member_{m}" / f"epoch_{e}" / LOSS_CSV).read_text()
+            epoch_dir = ensemble_dir / f"member_{m}" / f"epoch_{e}"
+            text = (epoch_dir / LOSS_CSV).read_text()
             curves[e] = [float(r["loss"]) for r in csv.DictReader(io.StringIO(text))]
+            padding[e] = _padding_efficiency(epoch_dir)
         members[m] = {
             "seed": ens.seed + m,
             "first_step_loss": curves[1][0] if curves[1] else None,
             "epoch_mean_loss": {e: float(np.mean(c)) if c else None for e, c in curves.items()},
+            "padding_efficiency": padding,
         }
-    return {**counts, **adapter, "early_epoch": ens.early_epoch, "late_epoch": ens.late_epoch, "members": members}
+    return {
+        **counts,
+        **adapter,
+        "early_epoch": ens.early_epoch,
+        "late_epoch": ens.late_epoch,
+        "batching": ens.batching,
+        "padding_efficiency": mean_padding_efficiency(members),
+        "members": members,
+    }
 
 
 def adapter_facts(cfg: Config) -> dict:
@@ -190,14 +244,30 @@ def trainer_name(key: str) -> str:
     return f"ensemble-{key}"
 
 
+def scaling_config(cfg: Config):
+    """One worker per member, each with the CPUs and (fractional) GPUs the config gives a member."""
+    import ray.train
+
+    ens = cfg.ensemble
+    use_gpu = ens.gpus_per_member > 0
+    resources = {"CPU": ens.cpus_per_member, **({"GPU": ens.gpus_per_member} if use_gpu else {})}
+    return ray.train.ScalingConfig(num_workers=ens.members, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def torch_config():
+    """gloo, never NCCL: members share no gradients, and with several members on one GPU an NCCL collective (Ray
+    Train's own set-up, a stray barrier) can deadlock; TorchTrainer would pick NCCL whenever GPUs are used."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="gloo")
+
+
 def build_trainer(cfg: Config, run: RunDir, key: str, ds, stop_after_epoch: int | None = None):
     """The TorchTrainer for this config; the same name and storage always, so fit() resumes where it stopped."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     ens = cfg.ensemble
-    use_gpu = ens.gpus_per_member > 0
-    resources = {"CPU": ens.cpus_per_member, **({"GPU": ens.gpus_per_member} if use_gpu else {})}
     storage = run.ensemble_train_state
     trainer = TorchTrainer(
         train_member_worker,
@@ -209,9 +279,8 @@ def build_trainer(cfg: Config, run: RunDir, key: str, ds, stop_after_epoch: int 
             "ensemble_out": run.ensemble,
             "train_dir": storage / trainer_name(key),  # this trainer's Ray Train run folder
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=ens.members, use_gpu=use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=scaling_config(cfg),
+        torch_config=torch_config(),
         run_config=ray.train.RunConfig(
             name=trainer_name(key),
             storage_path=storage.path,
@@ -250,4 +319,6 @@ def run(cfg: Config, run: RunDir, key: str) -> dict:
         "epochs": ens.epochs,
         "adapter_parameters": summary["adapter_parameters"],
         "adapted_modules": summary["adapted_modules"],
+        "batching": ens.batching,
+        "padding_efficiency": summary["padding_efficiency"],
     }
