@@ -10,7 +10,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast lint format bench clean-runs
+.PHONY: setup run test test-fast lint format bench gpu-check gpu-check-smoke clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,17 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# The one GPU check (benchmarks/gpu_check.py): the Ray-free ensemble and extraction cores on one CUDA device, then
+# the sizing table from what it measured. It needs no venv and no Ray (GPU machines bring their own torch).
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out benchmarks/results
+	$(GPU_PYTHON) benchmarks/sizing.py --check benchmarks/results/gpu_check.json
+
+# The same steps on CPU with a tiny model (also run by the test suite, so the check cannot rot between GPU runs).
+gpu-check-smoke: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --smoke --out benchmarks/results
 
 clean-runs:
 	rm -rf runs

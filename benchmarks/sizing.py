@@ -1,7 +1,7 @@
-"""The sizing table: accelerator-hours and devices for a corpus, from throughput measured by gpu_pipeline_check.py.
+"""The sizing table: accelerator-hours and devices for a corpus, from throughput measured by gpu_check.py.
 
-    python3 benchmarks/gpu_pipeline_check.py --out benchmarks/results          # on the GPU you will use
-    python3 benchmarks/sizing.py --check benchmarks/results/gpu_pipeline_check.json [--hours 4]
+    make gpu-check                                                    # on the GPU you will use
+    python3 benchmarks/sizing.py --check benchmarks/results/gpu_check.json [--hours 4]
 
 Writes benchmarks/results/sizing.{md,json}. Only measured numbers go in: the ensemble member loop's examples/s
 and the extraction actor's examples/s on the checked device. The one scaling assumption, printed with the
@@ -25,22 +25,33 @@ RESULTS = Path(__file__).resolve().parent / "results"
 class Measured:
     device: str
     member_examples_per_s: float  # one ensemble member training alone on the device (rows x epochs / seconds)
-    extract_examples_per_s: float  # extraction actor, every measured adapter per example
+    extract_examples_per_s: float  # extraction, every measured adapter per example
     extract_adapters: int
+    bytes_per_token: float | None = None  # the norm kernel's peak above the resident model, per batch token
+    device_memory_bytes: int | None = None
 
     @classmethod
     def from_check(cls, check: dict) -> Measured:
-        members = [v for k, v in check.items() if k.startswith("member") and k.endswith("_train")]
-        if not members or "extractor_throughput" not in check:
-            raise ValueError("the check holds no ensemble or extraction throughput: re-run gpu_pipeline_check.py")
-        seconds = sum(m["seconds"] for m in members) / len(members)
-        throughput = check["extractor_throughput"]
+        members = check.get("ensemble") or []
+        if not members or "extraction" not in check:
+            raise ValueError("the check holds no ensemble or extraction throughput: re-run gpu_check.py")
+        env = check.get("environment", {})
         return cls(
-            device=check.get("gpu") or check.get("device", "?"),
-            member_examples_per_s=check["ensemble_rows"] * check["ensemble_epochs"] / seconds,
-            extract_examples_per_s=throughput["examples_per_s"],
-            extract_adapters=throughput["adapters"],
+            device=env.get("gpu") or env.get("device", "?"),
+            member_examples_per_s=sum(m["rows"] * m["epochs"] for m in members) / sum(m["seconds"] for m in members),
+            extract_examples_per_s=check["extraction"]["examples_per_s"],
+            extract_adapters=check["extraction"]["adapters"],
+            bytes_per_token=(check.get("memory_per_token") or {}).get("bytes_per_token"),
+            device_memory_bytes=env.get("gpu_memory_bytes"),
         )
+
+    def tokens_per_batch(self, headroom: float = 0.7) -> int | None:
+        """The largest power-of-two token budget whose kernel peak fits in `headroom` of the device's memory (the
+        rest holds the model, the 2M adapters and the allocator's slack)."""
+        if not self.bytes_per_token or not self.device_memory_bytes:
+            return None
+        fits = headroom * self.device_memory_bytes / self.bytes_per_token
+        return 2 ** int(math.log2(fits)) if fits >= 1 else None
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,14 @@ def markdown(measured: Measured, sizes: list[Size], members: int, epochs: int, h
         f"extraction {measured.extract_examples_per_s:.1f} examples/s with {measured.extract_adapters} adapters.",
         f"M = {members} members, {epochs} epochs, extraction over 2M = {2 * members} adapters (cost linear in "
         "adapters); target fine-tuning not included.",
+        *(
+            [
+                f"Norm kernel memory {measured.bytes_per_token / 1024:.0f} KiB per batch token: set "
+                f"gradients.tokens_per_batch up to {measured.tokens_per_batch():,} on this device."
+            ]
+            if measured.tokens_per_batch()
+            else []
+        ),
         "",
         f"| examples | ensemble device-h | extraction device-h | total device-h | devices to finish in {hours:g} h |",
         "| --- | --- | --- | --- | --- |",
@@ -82,7 +101,7 @@ def markdown(measured: Measured, sizes: list[Size], members: int, epochs: int, h
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", default=str(RESULTS / "gpu_pipeline_check.json"))
+    ap.add_argument("--check", default=str(RESULTS / "gpu_check.json"))
     ap.add_argument("--examples", type=int, nargs="+", default=[52_002, 1_000_000])
     ap.add_argument("--members", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=2)

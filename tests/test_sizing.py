@@ -11,13 +11,11 @@ sizing = importlib.util.module_from_spec(SPEC)
 sys.modules["sizing"] = sizing  # dataclasses look their module up by name
 SPEC.loader.exec_module(sizing)
 
-CHECK = {
-    "gpu": "Test GPU",
-    "member0_train": {"seconds": 10.0},
-    "member1_train": {"seconds": 30.0},
-    "ensemble_rows": 100,
-    "ensemble_epochs": 2,
-    "extractor_throughput": {"examples_per_s": 50.0, "adapters": 4},
+CHECK = {  # the shape of benchmarks/gpu_check.py's JSON
+    "environment": {"gpu": "Test GPU", "gpu_memory_bytes": 80 * 2**30},
+    "ensemble": [{"rows": 100, "epochs": 2, "seconds": 10.0}, {"rows": 100, "epochs": 2, "seconds": 30.0}],
+    "extraction": {"examples_per_s": 50.0, "adapters": 4},
+    "memory_per_token": {"bytes_per_token": 300 * 1024},
 }
 
 
@@ -35,4 +33,12 @@ def test_device_hours_and_devices_follow_the_measured_throughput():
 
 def test_a_check_without_throughput_is_refused():
     with pytest.raises(ValueError, match="no ensemble or extraction throughput"):
-        sizing.Measured.from_check({k: v for k, v in CHECK.items() if k != "extractor_throughput"})
+        sizing.Measured.from_check({k: v for k, v in CHECK.items() if k != "extraction"})
+
+
+def test_the_token_budget_fits_the_measured_memory_per_token():
+    measured = sizing.Measured.from_check(CHECK)
+    # 0.7 x 80 GiB / 300 KiB = 195,734 tokens -> the power of two below: 131,072
+    assert measured.tokens_per_batch() == 131_072
+    assert "gradients.tokens_per_batch up to 131,072" in sizing.markdown(measured, [], 5, 2, 4).replace("\n", " ")
+    assert sizing.Measured.from_check({**CHECK, "memory_per_token": {}}).tokens_per_batch() is None
