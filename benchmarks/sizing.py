@@ -81,8 +81,10 @@ def markdown(measured: Measured, sizes: list[Size], members: int, epochs: int, h
         "adapters); target fine-tuning not included.",
         *(
             [
-                f"Norm kernel memory {measured.bytes_per_token / 1024:.0f} KiB per batch token: set "
-                f"gradients.tokens_per_batch up to {measured.tokens_per_batch():,} on this device."
+                f"Norm kernel memory {measured.bytes_per_token / 1024:.0f} KiB per batch token for the checked proxy "
+                "(GPT-2 124M, bf16): with that proxy and one extraction actor per GPU, set "
+                f"gradients.tokens_per_batch up to {measured.tokens_per_batch():,} on this device (scale it by "
+                "gradients.gpu_memory_fraction when actors share a GPU)."
             ]
             if measured.tokens_per_batch()
             else []

@@ -159,7 +159,7 @@ class GradientsConfig:
     )
     shard_rows: int = doc(
         "Rows per output shard: each shard is committed on its own, so an interrupted extraction recomputes only "
-        "unfinished shards; rows are sorted by length within a shard (less padding). Progress is counted in shards.",
+        "unfinished shards; rows are sorted by length within a shard (less padding).",
         4_096,
     )
     num_actors: int = doc("Extraction actors (each holds the proxy and all 2M adapters); one per GPU on GPU nodes.", 1)
@@ -167,8 +167,8 @@ class GradientsConfig:
     torch_threads: int | None = doc("Intra-op threads per actor; None = max(1, int(cpus_per_actor)).", None)
     gpus_per_actor: float = doc("GPUs per extraction actor; 0 on CPU-only clusters.", 0.0)
     gpu_memory_fraction: float | None = doc(
-        "Cap on the share of its GPU's memory an actor's torch allocator may take; None = gpus_per_actor when it is "
-        "below 1 (actors sharing a GPU cannot starve each other), no cap otherwise.",
+        "Cap on the share of its GPU's memory an actor's torch allocator may take; None = 95% of gpus_per_actor "
+        "when it is below 1 (actors sharing a GPU cannot starve each other), no cap otherwise.",
         None,
     )
     precision: Precision = doc(

@@ -44,15 +44,26 @@ def unshared_nodes(results: list[dict]) -> list[dict]:
     return [r for r in results if not r["seen"]]
 
 
-def check_output_dir_shared(root: Location) -> int:
-    """Raise `OutputDirNotShared` unless every live node sees `root` (a local folder) as the driver does; returns the
-    number of nodes checked (0 for an object store or a single-node Ray)."""
+def working_nodes(nodes: list[dict]) -> list[str]:
+    """Live nodes that can run a stage's work (some CPU or GPU): a KubeRay head started with num-cpus 0 runs none,
+    so whether it mounts the folder does not matter."""
+    return [
+        n["NodeID"]
+        for n in nodes
+        if n.get("Alive") and (n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)
+    ]
+
+
+def check_output_dir_shared(root: Location, log=print) -> int:
+    """Raise `OutputDirNotShared` unless every live working node sees `root` (a local folder) as the driver does;
+    returns the number of nodes that answered (0 for an object store or a single-node Ray). A node that does not
+    answer within CHECK_TIMEOUT_S (dying, or still starting its workers) is reported, not waited for."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not root.is_local:
         return 0
-    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    nodes = working_nodes(ray.nodes())
     if len(nodes) < 2:
         return 0
     token = uuid.uuid4().hex
@@ -62,15 +73,25 @@ def check_output_dir_shared(root: Location) -> int:
     driver_node = ray.get_runtime_context().get_node_id()
     task = ray.remote(read_sentinel)
     try:
-        refs = [
+        refs = {
             task.options(
-                num_cpus=0, max_retries=1, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
-            ).remote(sentinel, token, driver_node)
+                num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+            ).remote(sentinel, token, driver_node): node
             for node in nodes
-        ]
-        results = ray.get(refs, timeout=CHECK_TIMEOUT_S)
+        }
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=CHECK_TIMEOUT_S)
+        results, silent = [], [refs[ref] for ref in pending]
+        for ref in ready:
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.RayError as exc:  # the node died, or the task could not be placed on it
+                silent.append(f"{refs[ref]} ({type(exc).__name__})")
+        for ref in pending:
+            ray.cancel(ref, force=True)
     finally:
         folder.delete()  # one driver per output_dir (driver_claim): no other check is using it
+    if silent:
+        log(f"warning: output_dir check: no answer from node(s) {', '.join(s[:40] for s in silent)}; not checked")
     missing = unshared_nodes(results)
     if missing:
         listed = "; ".join(f"{r['host']} (node {r['node'][:12]}): {r['error']}" for r in missing)

@@ -142,7 +142,9 @@ class Location:
                 stream.write(payload)
             return
         self.parent().make_dir()
-        tmp = f"{self.path}.{uuid.uuid4().hex[:8]}.tmp"
+        # A leading dot: Parquet folder readers (pyarrow, Ray Data) skip it, so a writer killed mid-write leaves no
+        # half file that a later read of the folder would trip over.
+        tmp = f"{self.parent().path}/.{self.name}.{uuid.uuid4().hex[:8]}.tmp"
         with open(tmp, "wb") as fh:
             fh.write(payload)
         os.replace(tmp, self.path)

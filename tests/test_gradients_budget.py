@@ -286,3 +286,29 @@ def test_a_token_budget_does_not_change_the_block(setup):
     assert stats["real_tokens"] == sum(lengths)
     assert stats["padded_tokens"] == sum(padded_tokens(np.array(lengths)[rows]) for rows in plan)
     assert max(padded_tokens(np.array(lengths)[rows]) for rows in plan if len(rows) > 1) <= budget
+
+
+def test_on_a_bf16_model_lora_inputs_are_held_in_bf16_and_the_norms_are_bitwise_unchanged(monkeypatch):
+    """peft runs adapters in fp32 on a bf16 base; holding lora_A's input at the base's width until backward halves
+    the kernel's largest saved tensor and must change nothing (the fp32 copy was an exact upcast of bf16)."""
+    from gradfilter_ray.config import EnsembleConfig, ModelSpec
+    from gradfilter_ray.data.prompt import collate_rows
+    from gradfilter_ray.gradients import norms
+    from gradfilter_ray.lora import attach_lora, lora_layers
+    from gradfilter_ray.models import load_causal_lm
+
+    config = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "vocab_size": 300}
+    spec = ModelSpec(build_from_config=config, tokenizer="bundled:gpt2")
+    model = attach_lora(load_causal_lm(spec, torch.bfloat16), EnsembleConfig(lora_rank=4), seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    narrow = norms.input_dtypes(lora_layers(model, "default"), "default")
+    assert len(narrow) == 6 and set(narrow.values()) == {torch.bfloat16}  # 3 adapted modules x 2 layers, lora_A
+    rng = np.random.default_rng(0)
+    batch = collate_rows([rng.integers(0, 300, n) for n in (20, 30, 25)], [5, 10, 8], 0)
+    held = norms.per_example_sq_norms(model, **batch)
+    monkeypatch.setattr(norms, "input_dtypes", lambda layers, name: {})
+    wide = norms.per_example_sq_norms(model, **batch)
+    assert all(torch.equal(a, b) for a, b in zip(held, wide)) and bool((held[0] > 0).all())

@@ -1,5 +1,5 @@
 """Running out of device memory mid-block is survivable: the batch is split in halves and retried, the rest of the
-block runs under the budget that last succeeded, and the block's values are those of a run without the fault. A row
+block runs under half the token count that failed, and the block's values are those of a run without the fault. A row
 that does not fit alone fails with an error that names it. OOM is injected through the fault seam
 (`faults.fault_point("gradients.batch", rows=..., tokens=...)`)."""
 
@@ -71,7 +71,7 @@ def test_a_row_that_does_not_fit_alone_names_itself(setup, inject):
         run_block(setup, batch_size=4)
 
 
-def test_after_an_oom_the_rest_of_the_block_runs_under_the_size_that_last_succeeded(inject):
+def test_after_an_oom_the_rest_of_the_block_runs_under_half_the_failed_size(inject):
     handler = inject(InjectedOOM(max_tokens=100))
     lengths = np.array([10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 45, 90, 100])
     done: list[int] = []
@@ -80,13 +80,13 @@ def test_after_an_oom_the_rest_of_the_block_runs_under_the_size_that_last_succee
     runner.run(lengths[::-1].copy(), lambda rows: done.extend(rows.tolist()))
 
     assert sorted(done) == list(range(len(lengths)))  # every row once, although batches failed
-    # The first batch (8 rows, 8 x 24 tokens) fails; its first half (4 x 16 tokens) fits, and 64 becomes the budget,
-    # so its second half (4 x 24) is split before it is tried.
-    assert handler.calls[:4] == [(8, 8 * 24, True), (4, 4 * 16, False), (2, 2 * 20, False), (2, 2 * 24, False)]
-    assert runner.budget == 64
+    # The first batch (8 rows, 8 x 24 tokens) fails; its first half (4 x 16 tokens) fits and the budget becomes half
+    # of what failed, 96 (not the 64 of the short half that happened to run first), so the second half (4 x 24) runs.
+    assert handler.calls[:3] == [(8, 8 * 24, True), (4, 4 * 16, False), (4, 4 * 24, False)]
+    assert runner.budget == 96 and stats["tokens_per_batch"] == 96
     # The rest of the block is planned under that budget: no batch over it but single rows, no further OOM.
-    assert all(tokens <= 64 or rows == 1 for rows, tokens, _ in handler.calls[1:])
-    assert (2, 2 * 28, False) in handler.calls and (1, 100, False) in handler.calls
+    assert all(tokens <= 96 or rows == 1 for rows, tokens, _ in handler.calls[1:])
+    assert (3, 3 * 30, False) in handler.calls and (1, 100, False) in handler.calls
     assert stats["oom_splits"] == 1 and stats["batches"] == len(handler.calls) - 1
 
 
@@ -97,7 +97,7 @@ def test_a_single_row_over_budget_that_fails_raises_and_the_cuda_cache_is_emptie
     runner = BatchRunner(np.array([7, 8, 9]), 4, 1000, torch.device("cpu"))
     with pytest.raises(RowDoesNotFitError, match=r"row id 9 \(60 tokens\)"):
         runner.run(np.array([10, 20, 60]), lambda rows: None)
-    assert runner.stats["oom_splits"] == 1 and runner.budget == 40 and not emptied
+    assert runner.stats["oom_splits"] == 1 and runner.budget == 90 and not emptied  # half of the failed 3 x 60
     on_cuda = BatchRunner(np.array([7, 8]), 4, None, torch.device("cuda"))  # the work is fake: no GPU needed
     on_cuda.run(np.array([10, 20]), lambda rows: None)
     assert on_cuda.stats["oom_splits"] == 0 and not emptied

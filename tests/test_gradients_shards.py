@@ -47,6 +47,9 @@ def test_resume_keeps_committed_shards_and_clears_everything_else():
     assert done == [shards[0]] and todo == shards[1:]
     # a part without a marker (killed between the two writes), another key's shard and a stray file all go
     assert delete == sorted([shards[1].part, shards[1].marker, shards[2].part, "stray.parquet"])
+    # a marker whose part is gone commits nothing (and goes too)
+    done, todo, delete = keep_and_clear(shards, good, [shards[0].marker], "k")
+    assert done == [] and todo == shards and delete == [shards[0].marker]
 
 
 def test_read_rows_returns_exactly_the_range_across_row_groups(tmp_path):
@@ -68,7 +71,7 @@ def test_write_whole_is_one_readable_file(tmp_path):
 
 
 def test_actors_sharing_a_gpu_cap_their_memory():
-    assert memory_fraction(GradientsConfig(gpus_per_actor=0.5)) == 0.5
+    assert memory_fraction(GradientsConfig(gpus_per_actor=0.5)) == 0.475  # the share less room for the CUDA context
     assert memory_fraction(GradientsConfig(gpus_per_actor=1)) is None
     assert memory_fraction(GradientsConfig(gpus_per_actor=0)) is None
     assert memory_fraction(GradientsConfig(gpus_per_actor=1, gpu_memory_fraction=0.9)) == 0.9

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gradfilter_ray.shared_dir import unshared_nodes
+from gradfilter_ray.shared_dir import unshared_nodes, working_nodes
 
 pytestmark = pytest.mark.slow
 PROBE = Path(__file__).resolve().parent / "multinode_probe.py"
@@ -23,6 +23,16 @@ PROBE = Path(__file__).resolve().parent / "multinode_probe.py"
 def test_unshared_nodes_are_the_ones_that_did_not_see_the_token():
     results = [{"node": "a", "seen": True}, {"node": "b", "seen": False}]
     assert unshared_nodes(results) == [{"node": "b", "seen": False}]
+
+
+def test_a_node_with_no_cpu_or_gpu_runs_no_stage_and_is_not_checked():
+    nodes = [
+        {"NodeID": "head", "Alive": True, "Resources": {"memory": 1.0}},  # a KubeRay head with num-cpus 0
+        {"NodeID": "cpu", "Alive": True, "Resources": {"CPU": 16.0}},
+        {"NodeID": "gpu", "Alive": True, "Resources": {"CPU": 0.0, "GPU": 8.0}},
+        {"NodeID": "dead", "Alive": False, "Resources": {"CPU": 16.0}},
+    ]
+    assert working_nodes(nodes) == ["cpu", "gpu"]
 
 
 def test_two_nodes_sharing_the_folder_pass_and_a_node_without_it_stops_the_run(tmp_path):

@@ -119,6 +119,8 @@ class TwinIndex:
         offsets, kept = [], []
         for r in range(start // self.rows_per_range, (stop - 1) // self.rows_per_range + 1):
             if r != self.range:
+                if r < self.range:  # its spill is gone: going back would silently find no twins
+                    raise AssertionError(f"twin ranges must be read in order: range {r} after {self.range}")
                 self._load(r)
             lo, hi = np.searchsorted(self.positions, [start, stop])
             offsets.append(self.positions[lo:hi] - start)

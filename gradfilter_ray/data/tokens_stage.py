@@ -14,8 +14,10 @@ from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import IO_REMOTE_ARGS, run_as_task
 
 TEXT_COLUMNS = ["id", "instruction", "input", "output"]  # what tokenisation reads of `data/`
-# Extraction reads `tokens/` one shard (a row range) at a time: small row groups let it read only the rows it needs.
+# Extraction reads `tokens/` one shard (a row range of one file) at a time: small row groups let it read only the rows
+# it needs, and files of many rows keep shards (which never span files) at their configured size.
 ROW_GROUP_ROWS = 1024
+MIN_ROWS_PER_FILE = 65_536
 
 
 def run(cfg: Config, run: RunDir, key: str) -> dict:
@@ -29,6 +31,10 @@ def run(cfg: Config, run: RunDir, key: str) -> dict:
         tokenize_rows, fn_kwargs={"proxy": cfg.proxy}, batch_size=1024, batch_format="pyarrow"
     )
     ds.write_parquet(
-        out.path, filesystem=out.filesystem, ray_remote_args=IO_REMOTE_ARGS, row_group_size=ROW_GROUP_ROWS
+        out.path,
+        filesystem=out.filesystem,
+        ray_remote_args=IO_REMOTE_ARGS,
+        row_group_size=ROW_GROUP_ROWS,
+        min_rows_per_file=MIN_ROWS_PER_FILE,
     )
     return run_as_task(audit_token_rows, data, out)

@@ -44,7 +44,7 @@ class BatchRunner:
         self.stats = stats if stats is not None else {}
         for key in STAT_KEYS:
             self.stats.setdefault(key, 0)
-        self._lower_on_success = False
+        self._lower_to: int | None = None  # after an OOM: half the failed batch's tokens, applied once one fits
 
     def run(self, lengths: np.ndarray, work: Callable[[np.ndarray], None], counted: bool = True) -> None:
         """Call `work(rows)` (row indices into the block, ascending length) until every row has been done once.
@@ -84,12 +84,18 @@ class BatchRunner:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 self.stats["oom_splits"] += 1
-                self._lower_on_success = True
+                half = max(1, tokens // 2)
+                self._lower_to = half if self._lower_to is None else min(self._lower_to, half)
                 pending += _halves(part)
                 continue
-            if self._lower_on_success:
-                self.budget = tokens if self.budget is None else min(self.budget, tokens)
-                self._lower_on_success = False
+            if self._lower_to is not None:
+                # Half of what failed, not the size of the first part that fitted: that part is the short-rows half
+                # and would leave the budget several times smaller than what the device holds.
+                lowered = max(self._lower_to, tokens)
+                self.budget = lowered if self.budget is None else min(self.budget, lowered)
+                self._lower_to = None
+            if self.budget is not None:
+                self.stats["tokens_per_batch"] = self.budget  # the budget in force: the actor carries it on
             if counted:
                 self.stats["batches"] += 1
                 self.stats["padded_tokens"] += tokens

@@ -56,6 +56,18 @@ def _scoring_state(model: nn.Module, adapter_name: str, params: list[nn.Paramete
             m.training = tr
 
 
+def input_dtypes(layers: list, name: str) -> dict[nn.Linear, torch.dtype]:
+    """lora_A -> the dtype to hold its input in: the base layer's. peft runs adapters in fp32 on a bf16 model and
+    casts the layer's (bf16) input up before lora_A; holding that fp32 copy until backward doubled the biggest
+    saved tensor of the kernel. Casting it back is exact (it was a bf16 value), and the reduction upcasts anyway."""
+    narrow = {}
+    for _, layer in layers:
+        base = layer.get_base_layer().weight.dtype
+        if base.is_floating_point and torch.finfo(base).bits < torch.finfo(layer.lora_A[name].weight.dtype).bits:
+            narrow[layer.lora_A[name]] = base
+    return narrow
+
+
 def _input_embeddings(model: nn.Module) -> nn.Module | None:
     lm = model.get_base_model() if isinstance(model, PeftModel) else model
     try:
@@ -73,9 +85,12 @@ class _PerExampleReducer:
     by the time backward runs the forward is over, so the call count is final.
     """
 
-    def __init__(self, lins: list[nn.Linear], keep: Tensor, acc: torch.dtype) -> None:
+    def __init__(
+        self, lins: list[nn.Linear], keep: Tensor, acc: torch.dtype, narrow: dict[nn.Linear, torch.dtype] | None = None
+    ) -> None:
         self.keep = keep  # [B, T, 1] bool: real (not padding) positions
         self.acc = acc
+        self.narrow = narrow or {}  # module -> the dtype its input is held in until backward (see input_dtypes)
         self.calls = {lin: 0 for lin in lins}
         self.inputs: dict[tuple[nn.Linear, int], Tensor] = {}
         self.sq = torch.zeros(keep.shape[0], dtype=acc, device=keep.device)
@@ -88,7 +103,11 @@ class _PerExampleReducer:
         if not out.requires_grad:
             self.ungraphed += 1
             return
-        self.inputs[key] = inputs[0]
+        x = inputs[0]
+        held = self.narrow.get(mod)
+        if held is not None and x.dtype != held:
+            x = x.to(held)
+        self.inputs[key] = x
         out.register_hook(lambda g, key=key: self._reduce(key, g))
 
     def _reduce(self, key: tuple[nn.Linear, int], g: Tensor) -> None:
@@ -150,7 +169,9 @@ def per_example_sq_norms(
         return zeros, zeros.clone(), torch.zeros(B, dtype=torch.int64)
     acc = torch.promote_types(params[0].dtype, torch.float32)
     embeddings = _input_embeddings(model)
-    reducer = _PerExampleReducer(lins, attention_mask.to(params[0].device).bool()[:, :, None], acc)
+    reducer = _PerExampleReducer(
+        lins, attention_mask.to(params[0].device).bool()[:, :, None], acc, input_dtypes(layers, name)
+    )
     roots: list[Tensor] = []
 
     def root_hook(mod: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:

@@ -60,8 +60,10 @@ def plan_shards(file_rows: list[tuple[str, int]], shard_rows: int) -> list[Shard
 def keep_and_clear(shards: list[Shard], markers: dict[str, dict], files: list[str], key: str):
     """(shards already committed for `key`, shards to compute, files of `gradients/` to delete).
 
-    `markers`: marker path -> its record; `files`: every file under `gradients/` (relative paths)."""
-    done = [s for s in shards if s.committed_by(markers.get(s.marker), key)]
+    `markers`: marker path -> its record; `files`: every file under `gradients/` (relative paths). A marker whose
+    part is gone (a lifecycle rule, a partial copy of the run) commits nothing."""
+    present = set(files)
+    done = [s for s in shards if s.part in present and s.committed_by(markers.get(s.marker), key)]
     keep = {name for s in done for name in (s.part, s.marker)}
     done_ids = {s.index for s in done}
     return done, [s for s in shards if s.index not in done_ids], sorted(f for f in files if f not in keep)

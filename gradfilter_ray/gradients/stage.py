@@ -13,6 +13,7 @@ handler).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -57,7 +58,8 @@ def memory_fraction(cfg: GradientsConfig) -> float | None:
     actors share one (so one cannot starve the other), else no cap."""
     if cfg.gpu_memory_fraction is not None:
         return cfg.gpu_memory_fraction
-    return cfg.gpus_per_actor if 0 < cfg.gpus_per_actor < 1 else None
+    # A little under the exact share: each process's CUDA context lives outside the allocator's cap.
+    return round(0.95 * cfg.gpus_per_actor, 4) if 0 < cfg.gpus_per_actor < 1 else None
 
 
 class ShardExtractor:
@@ -82,6 +84,7 @@ class ShardExtractor:
         self.proxy: ProxyConfig = build(ProxyConfig, proxy, "proxy")
         self.cfg: GradientsConfig = build(GradientsConfig, gradients, "gradients")
         self.members, self.tokens, self.out, self.key = members, tokens, out, key
+        self.tokens_per_batch = self.cfg.tokens_per_batch  # lowered for good after an out-of-memory split
         self.device = pick_device(self.cfg.gpus_per_actor)
         fraction = memory_fraction(self.cfg)
         if self.device.type == "cuda" and fraction is not None:
@@ -109,12 +112,15 @@ class ShardExtractor:
         tokens = read_rows(self.tokens / shard.file, shard.first_row, shard.stop_row, TOKEN_COLUMNS)
         stats: dict = {}
         table = self.extract_rows(tokens, stats)
+        if 0 < stats.get("tokens_per_batch", 0) < self.tokens_per_batch:
+            self.tokens_per_batch = stats["tokens_per_batch"]  # later shards start where this one had to go
         write_whole(self.out / shard.part, table)
         facts = {
             "index": shard.index,
             "rows": table.num_rows,
             "seconds": round(time.perf_counter() - started, 3),
             **{k: int(stats.get(k, 0)) for k in SHARD_STATS[2:]},
+            "tokens_per_batch": self.tokens_per_batch,
         }
         (self.out / shard.marker).write_text(json.dumps(shard.marker_record(self.key, **facts)))
         return facts
@@ -128,7 +134,7 @@ class ShardExtractor:
             tokens,
             members=self.members,
             batch_size=self.cfg.batch_size,
-            tokens_per_batch=self.cfg.tokens_per_batch,
+            tokens_per_batch=self.tokens_per_batch,
             loss_chunk_tokens=self.cfg.loss_chunk_tokens,
             device=self.device,
             pad_id=self.pad_id,
@@ -153,6 +159,14 @@ def committed_markers(out: Location) -> dict[str, dict]:
         except (OSError, ValueError):
             continue  # unreadable: not committed, removed with the other leftovers
     return markers
+
+
+def commit_key(run: RunDir, stage_key: str) -> str:
+    """What a shard's marker must name to be kept: the stage key and the exact upstream outputs it was computed from
+    (the records of the `tokens` and `ensemble` runs that wrote them), so shards of adapters retrained with the same
+    config (`ensemble --force`) are recomputed, never mixed with new ones."""
+    upstream = json.dumps([run.stage_record(stage) for stage in ("tokens", "ensemble")], sort_keys=True, default=str)
+    return f"{stage_key}-{hashlib.sha256(upstream.encode()).hexdigest()[:12]}"
 
 
 def actor_pool_args(cfg: Config, actors: int) -> dict:
@@ -186,6 +200,7 @@ def run(cfg: Config, run: RunDir, key: str, log=print) -> dict:
     adapters = adapter_locations(run.ensemble, ens.members, ens.early_epoch, ens.late_epoch)
     tokens, out = run.tokens, run.gradients
     shards = shard_plan(tokens, grads.shard_rows)
+    key = commit_key(run, key)
     out.make_dir()
     done, todo, stale = keep_and_clear(shards, committed_markers(out), out.files(), key)
     for rel in stale:
@@ -229,6 +244,7 @@ def run(cfg: Config, run: RunDir, key: str, log=print) -> dict:
         "rows_computed": rows_computed,
         "batches": sum(int(f["batches"]) for f in computed),
         "oom_splits": sum(int(f["oom_splits"]) for f in computed),
+        "tokens_per_batch_min": min((int(f["tokens_per_batch"]) for f in computed), default=grads.tokens_per_batch),
         "padding_efficiency": round(real / padded, 4) if padded else None,
         "seconds_streaming": round(seconds, 2),
         "examples_per_s": round(rows_computed / seconds, 2) if seconds > 0 else None,
