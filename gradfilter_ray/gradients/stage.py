@@ -206,7 +206,7 @@ def run(cfg: Config, run: RunDir, key: str, log=print) -> dict:
     for rel in stale:
         (out / rel).delete()
     total_rows = sum(s.rows for s in shards)
-    progress = RowProgress("[gradients]", total_rows, already_done=sum(s.rows for s in done), emit=log)
+    progress = RowProgress("[gradients] extracted", total_rows, already_done=sum(s.rows for s in done), emit=log)
     if done:
         log(f"[gradients] {len(done)}/{len(shards)} shards already committed, computing {len(todo)}")
     computed: list[dict] = []
