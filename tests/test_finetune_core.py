@@ -60,7 +60,28 @@ def test_deepspeed_config_comes_from_the_shipped_templates():
     ds = deepspeed_config(cfg, plan, bf16=True)
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 4
     assert ds["bf16"] == {"enabled": True}
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     cpu = deepspeed_config(_target(zero_stage=2), plan_training(10, _target(zero_stage=2), 1), bf16=False)
     assert cpu["bf16"] == {"enabled": False} and "offload_optimizer" not in cpu["zero_optimization"]
+    assert "data_types" not in cpu and "communication_data_type" not in cpu  # fp32 training: already fp32
     assert all(not isinstance(v, str) for v in cpu.values())  # every template placeholder was filled
+
+
+def test_deepspeed_takes_the_bf16_config_with_fp32_accumulation_and_reduction():
+    """A real DeepSpeed engine (ZeRO 2 and 3, bf16, on CPU) built from `deepspeed_config` accumulates and reduces
+    gradients in fp32, and steps."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    probe = Path(__file__).with_name("ds_bf16_probe.py")
+    done = subprocess.run([sys.executable, str(probe), str(port)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = {"model": "torch.bfloat16", "accumulate": "torch.float32", "reduce": "torch.float32"}
+    assert seen == {"2": expected, "3": expected}

@@ -93,6 +93,11 @@ def deepspeed_config(cfg: FinetuneConfig, plan: TrainPlan, bf16: bool) -> dict:
     config["gradient_accumulation_steps"] = plan.accumulation_steps
     config["train_batch_size"] = plan.global_batch
     config["bf16"] = {"enabled": bool(bf16)}
+    if bf16:
+        # bf16 keeps 8 bits of mantissa: summed over many micro-batches and reduced across ranks in bf16, small
+        # gradients vanish. Accumulate and all-reduce in fp32 (DeepSpeed accepts this with ZeRO 2 and 3).
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
     zero = config["zero_optimization"]
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bf16}
