@@ -239,7 +239,7 @@ class FinetuneConfig:
     gpus_per_worker: float = doc("GPUs per worker; 0 trains on CPU (DeepSpeed over gloo, fp32).", 1.0)
     checkpoint_every_steps: int = doc(
         "Save a resumable DeepSpeed checkpoint through ray.train.report every N optimiser steps; 0 = at each "
-        "epoch's end only.",
+        "epoch's end only. Never after the last step (the final save follows).",
         0,
     )
     gradient_checkpointing: bool = doc("Recompute activations in backward (needed for 7B/13B at length 2048).", True)

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from gradfilter_ray.config import FinetuneConfig
-from gradfilter_ray.finetune.ds_config import TEMPLATES, deepspeed_config, epoch_positions, lr_factor, plan_training
+from gradfilter_ray.finetune.ds_config import (
+    TEMPLATES,
+    checkpoint_due,
+    deepspeed_config,
+    epoch_positions,
+    lr_factor,
+    plan_training,
+)
 
 
 def _target(**kw) -> FinetuneConfig:
@@ -85,3 +92,11 @@ def test_deepspeed_takes_the_bf16_config_with_fp32_accumulation_and_reduction():
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     expected = {"model": "torch.bfloat16", "accumulate": "torch.float32", "reduce": "torch.float32"}
     assert seen == {"2": expected, "3": expected}
+
+
+def test_checkpoints_at_epoch_ends_and_every_n_steps_but_never_after_the_last_step():
+    plan = plan_training(24, _target(epochs=2, effective_batch_size=8, micro_batch_size=4), world_size=2)
+    assert (plan.steps_per_epoch, plan.total_steps) == (3, 6)
+    assert [s for s in range(1, 7) if checkpoint_due(s, plan, 0)] == [3]  # epoch 1's end; epoch 2's is the last
+    assert [s for s in range(1, 7) if checkpoint_due(s, plan, 2)] == [2, 3, 4]
+    assert not any(checkpoint_due(s, plan, 1) for s in (6, 7))

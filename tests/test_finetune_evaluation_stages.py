@@ -124,6 +124,8 @@ def test_finetune_loss_falls_and_the_model_loads_back(finetuned):
         # global batch 8 (2 workers x 4, no accumulation), 2 epochs of ceil(rows / 8) steps.
         assert summary["rows_trained"] + summary["rows_no_response_tokens"] == 24 and summary["rows_trained"] > 16
         assert summary["global_batch"] == 8 and len(losses) == summary["total_steps"] == 6
+        # the checkpoint policy: epoch 1's end only (none after the last step, where the final save follows)
+        assert summary["checkpoints"] == 1 and summary["checkpoint_bytes_rank0"] > 0
         assert np.mean(losses[-2:]) < losses[0] - 0.3, losses
         assert (folder / "model" / "model.safetensors").exists()
         model = AutoModelForCausalLM.from_pretrained(str(folder / "model"))
@@ -172,7 +174,9 @@ def test_preempted_zero3_finetune_resumes_to_the_zero2_curve_and_weights(finetun
     resumed = read_losses(rundir.finetune / "gsnr_0.5" / "train_loss.csv")
     uninterrupted = read_losses(reference.finetune / "gsnr_0.5" / "train_loss.csv")
     np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5)
-
+    # every 2 steps and at epoch ends, never after the last: steps 2, 3, 4 (written before the stop, and counted on)
+    summary = json.loads((rundir.finetune / "gsnr_0.5" / "train_summary.json").read_text())
+    assert summary["checkpoints"] == 3
     z3 = load_file(str(rundir.finetune / "gsnr_0.5" / "model" / "model.safetensors"))
     z2 = load_file(str(reference.finetune / "gsnr_0.5" / "model" / "model.safetensors"))
     pretrained = load_file(REPO / "gradfilter_ray" / "assets" / "models" / "stories260K" / "model.safetensors")

@@ -74,6 +74,15 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def checkpoint_due(steps_done: int, plan: TrainPlan, every_steps: int) -> bool:
+    """Whether to write a resumable checkpoint after `steps_done` optimiser steps: at each epoch's end and every
+    `every_steps` (0 = epoch ends only), never after the last step, where the final save follows at once (a full
+    ZeRO state is ~12 bytes a parameter: 84 GB for 7B, written for nothing)."""
+    if steps_done >= plan.total_steps:
+        return False
+    return steps_done % plan.steps_per_epoch == 0 or bool(every_steps and steps_done % every_steps == 0)
+
+
 def epoch_positions(plan: TrainPlan, seed: int, epoch: int) -> np.ndarray:
     """Example positions for one epoch, [steps_per_epoch, world_size, accumulation, micro]: a seeded permutation,
     wrapped around to fill the last step. Worker r takes [:, r]; every worker sees a disjoint share."""

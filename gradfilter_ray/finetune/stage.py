@@ -3,7 +3,8 @@
 For each selection (scorer x ratio, plus the whole dataset `full` when asked) the workers read the rows from
 ``selection/{name}.parquet`` (output_dir must be reachable from every node), tokenise them with the target's
 tokenizer and train with `loop.train_steps`. A resumable DeepSpeed checkpoint goes through ``ray.train.report``
-every ``checkpoint_every_steps`` steps and at each epoch's end; a re-run of fit() with the same name resumes from
+every ``checkpoint_every_steps`` steps and at each epoch's end, never after the last step (`ds_config.checkpoint_due`;
+their count and rank 0's bytes land in the subset's summary); a re-run of fit() with the same name resumes from
 the latest one, and a failed worker group is restarted from it (FailureConfig). Rank 0 writes the consolidated
 model (``model/``, safetensors), ``train_loss.csv`` and ``train_summary.json`` straight to
 ``output_dir/finetune/{subset}/`` (no copy through the driver) and, last, a ``_done`` marker holding the stage key:
@@ -62,7 +63,7 @@ def finetune_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from gradfilter_ray.finetune.ds_config import deepspeed_config, lr_factor, plan_training
+    from gradfilter_ray.finetune.ds_config import checkpoint_due, deepspeed_config, lr_factor, plan_training
     from gradfilter_ray.finetune.loop import tokenize_subset, train_steps
     from gradfilter_ray.finetune.model import build_trainable, save_merged
     from gradfilter_ray.models import load_tokenizer
@@ -102,25 +103,29 @@ def finetune_worker(config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
     start_step, losses = 0, []
+    written = {"checkpoints": 0, "checkpoint_bytes_rank0": 0}  # carried across resumes in the state file
     if checkpoint is not None:
         with checkpoint.as_directory() as saved:
             engine.load_checkpoint(saved, tag=DS_TAG)
             state = json.loads((Path(saved) / STATE_FILE).read_text())
         start_step, losses = state["next_step"], state["losses"]
+        written = state.get("written", written)
 
     def report_checkpoint(step: int) -> None:
         with tempfile.TemporaryDirectory(prefix=f"gfr-ds{rank}-") as tmp:
             engine.save_checkpoint(tmp, tag=DS_TAG)
             if rank == 0:
-                (Path(tmp) / STATE_FILE).write_text(json.dumps({"next_step": step + 1, "losses": losses}))
+                written["checkpoints"] += 1
+                written["checkpoint_bytes_rank0"] += sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+                state = {"next_step": step + 1, "losses": losses, "written": written}
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
             ray.train.report(
                 {"step": step + 1, "loss": losses[-1][1]}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
             )
 
     def on_step(step: int, loss: float) -> bool:
         losses.append([step + 1, loss])
-        every = finetune.checkpoint_every_steps
-        if (step + 1) % plan.steps_per_epoch == 0 or (every and (step + 1) % every == 0):
+        if checkpoint_due(step + 1, plan, finetune.checkpoint_every_steps):
             report_checkpoint(step)
         # Stopping early, as a preemption would (tests): the next fit() resumes from the last checkpoint.
         return bool(config.get("stop_after_steps")) and step + 1 >= config["stop_after_steps"]
@@ -154,6 +159,7 @@ def finetune_worker(config: dict) -> None:
             "precision": str(dtype).removeprefix("torch."),
             "zero_stage": finetune.zero_stage,
             "method": finetune.method,
+            **written,  # checkpoint writes of this subset (rank 0's share of the bytes), resumed runs included
         }
         (Path(tmp) / SUMMARY).write_text(json.dumps(summary, indent=2))
         out.put(Path(tmp))
