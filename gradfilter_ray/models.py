@@ -62,6 +62,29 @@ def instantiate(spec: ModelSpec, dtype: torch.dtype = torch.float32):
     )
 
 
+def model_config(spec: ModelSpec):
+    """The transformers config of the model a spec names (no weights read)."""
+    from transformers import AutoConfig
+
+    if spec.build_from_config is not None:
+        params = dict(spec.build_from_config)
+        return AutoConfig.for_model(params.pop("model_type"), **params)
+    return AutoConfig.from_pretrained(
+        resolve(spec.name_or_path or ""), trust_remote_code=spec.trust_remote_code, revision=spec.revision
+    )
+
+
+def skeleton(spec: ModelSpec, dtype: torch.dtype):
+    """The model's modules with no storage behind their weights (the meta device): for a caller that is about to
+    assign every weight itself, so 7B/13B pretrained weights are not read (nor 28-52 GB allocated) a second time."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            model_config(spec), dtype=dtype, trust_remote_code=spec.trust_remote_code
+        )
+
+
 def load_causal_lm(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A causal LM in eval mode with its weights frozen (callers add adapters or unfreeze as they need)."""
     # Built in float32 and cast after: the same initial weights whatever precision a stage computes in.

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from gradfilter_ray.config import FinetuneConfig
+from gradfilter_ray.config import FinetuneConfig, ModelSpec
 from gradfilter_ray.finetune.ds_config import (
     TEMPLATES,
     checkpoint_due,
@@ -100,3 +100,41 @@ def test_checkpoints_at_epoch_ends_and_every_n_steps_but_never_after_the_last_st
     assert [s for s in range(1, 7) if checkpoint_due(s, plan, 0)] == [3]  # epoch 1's end; epoch 2's is the last
     assert [s for s in range(1, 7) if checkpoint_due(s, plan, 2)] == [2, 3, 4]
     assert not any(checkpoint_due(s, plan, 1) for s in (6, 7))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ModelSpec(name_or_path="bundled:stories260K"),  # LLaMA: rotary tables are non-persistent buffers
+        ModelSpec(  # GPT-2: the LM head is tied to the embeddings
+            build_from_config={"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64},
+            tokenizer="bundled:gpt2",
+        ),
+    ],
+    ids=["llama", "gpt2"],
+)
+def test_the_full_model_is_saved_from_a_meta_skeleton_without_reading_the_pretrained_weights(
+    spec, tmp_path, monkeypatch
+):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gradfilter_ray.finetune import model as finetune_model
+    from gradfilter_ray.models import instantiate
+
+    trained = instantiate(spec, torch.float32).eval()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01)
+    state = trained.state_dict()
+
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("the pretrained weights were loaded again")
+
+    monkeypatch.setattr(finetune_model, "instantiate", no_second_load)
+    finetune_model.save_merged(FinetuneConfig(model=spec), state, torch.float32, tmp_path / "model")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    assert back.state_dict().keys() == state.keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in state.items())
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(back(ids).logits, trained(ids).logits)

@@ -8,7 +8,7 @@ import torch
 
 from gradfilter_ray.config import FinetuneConfig
 from gradfilter_ray.lora import DEFAULT_TARGETS
-from gradfilter_ray.models import instantiate, model_family
+from gradfilter_ray.models import instantiate, model_family, skeleton
 
 
 def _lora_config(finetune: FinetuneConfig, model_type: str):
@@ -54,13 +54,24 @@ def build_trainable(finetune: FinetuneConfig, dtype: torch.dtype, ds_config: dic
 def save_merged(finetune: FinetuneConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, out: Path) -> None:
     """Write a `save_pretrained` folder (safetensors) that AutoModelForCausalLM.from_pretrained loads, from the
     consolidated trained state dict: a fresh CPU copy of the model takes the weights (LoRA merged in), so this
-    works the same whether ZeRO partitioned the training copy or not."""
-    model = instantiate(finetune.model, dtype)
+    works the same whether ZeRO partitioned the training copy or not. Full fine-tuning trains every weight, so
+    the copy is a skeleton on the meta device that takes the trained tensors as they are (no pretrained weights
+    read again); LoRA keeps the frozen base, so its copy is loaded."""
     if finetune.method == "lora":
         from peft import get_peft_model
 
+        model = instantiate(finetune.model, dtype)
         model = get_peft_model(model, _lora_config(finetune, model_family(model)))
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    else:
+        model = skeleton(finetune.model, dtype)
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+        model.tie_weights()
+        # Non-persistent buffers (rotary tables) stay on meta: they are not saved, and from_pretrained rebuilds them.
+        left = [name for name, t in model.state_dict().items() if t.is_meta]
+        if left:
+            raise RuntimeError(f"trained state leaves weights unset: {left[:5]}")
     if getattr(model.config, "tie_word_embeddings", False):
         missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied: it is the embedding matrix
     if missing or unexpected:
