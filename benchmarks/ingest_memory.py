@@ -19,7 +19,8 @@ below, kept verbatim as the reference, with memory marks between the finish's ph
 The two variants' outputs must be identical (counts, every column of `data/` and `rejects.parquet` by id), and the
 counts must match what the generator planted; otherwise the benchmark exits 2.
 
-Not a `bench_*` file: `run_all.py` does not run it (~6 min on 2 cores). Results: benchmarks/results/ingest_memory.json.
+Not a `bench_*` file: `run_all.py` does not run it (~6 min on 2 cores). Results:
+benchmarks/results/ingest_memory.json (ingest_memory.quick.json with --quick).
 Usage: python benchmarks/ingest_memory.py [--sizes 100000 1000000 3000000] [--variants before after] [--quick]
 """
 
@@ -43,6 +44,7 @@ sys.path.insert(0, str(REPO))  # runnable from a checkout without `pip install -
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 RESULTS = REPO / "benchmarks" / "results" / "ingest_memory.json"
+QUICK_RESULTS = RESULTS.with_name("ingest_memory.quick.json")  # a quick look never replaces the full measurement
 FILES = 10
 POOL = 4096  # distinct sentences the rows are built from
 DUPLICATE_EVERY = 20  # global row g with g % 20 == 7 copies the content of a good row
@@ -156,34 +158,6 @@ def duplicate_twins_before(ids, hashes, eligible) -> dict[int, int]:
     return dict(zip(joined["id"].to_pylist(), joined["id_min"].to_pylist()))
 
 
-class RollingWriterBefore:
-    def __init__(self, folder, schema, rows_per_file: int) -> None:
-        self.folder, self.schema, self.rows_per_file = folder, schema, rows_per_file
-        self.folder.make_dir()
-        self.writer = None
-        self.rows_in_file = 0
-        self.files = 0
-
-    def write(self, table) -> None:
-        import pyarrow.parquet as pq
-
-        if table.num_rows == 0:
-            return
-        if self.writer is None or self.rows_in_file >= self.rows_per_file:
-            self.close()
-            part = self.folder / f"part-{self.files:05d}.parquet"
-            self.writer = pq.ParquetWriter(part.path, self.schema, filesystem=part.filesystem)
-            self.files += 1
-            self.rows_in_file = 0
-        self.writer.write_table(table.cast(self.schema))
-        self.rows_in_file += table.num_rows
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
 def split_kept_rejected_before(normalized, data_out, rejects_out, dedup: bool) -> dict:
     import numpy as np
     import pyarrow as pa
@@ -191,7 +165,7 @@ def split_kept_rejected_before(normalized, data_out, rejects_out, dedup: bool) -
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    from gradfilter_ray.data.finalize import ROWS_PER_OUTPUT_FILE
+    from gradfilter_ray.data.finalize import ROWS_PER_OUTPUT_FILE, _RollingWriter  # the writer is unchanged
     from gradfilter_ray.data.formats import CANONICAL_COLUMNS, DUPLICATE, NORMALIZED_SCHEMA, REJECT_COLUMNS
 
     _mark("start")
@@ -212,7 +186,7 @@ def split_kept_rejected_before(normalized, data_out, rejects_out, dedup: bool) -
 
     kept_schema = pa.schema([NORMALIZED_SCHEMA.field(c) for c in CANONICAL_COLUMNS])
     reject_schema = pa.schema([NORMALIZED_SCHEMA.field(c) for c in REJECT_COLUMNS])
-    kept_writer = RollingWriterBefore(data_out, kept_schema, ROWS_PER_OUTPUT_FILE)
+    kept_writer = _RollingWriter(data_out, kept_schema, ROWS_PER_OUTPUT_FILE)
     rejects_out.parent().make_dir()
     reject_writer = pq.ParquetWriter(rejects_out.path, reject_schema, filesystem=rejects_out.filesystem)
     reasons: Counter[str] = Counter()
@@ -592,15 +566,16 @@ def main() -> int:
         "total_s": round(time.perf_counter() - began),
         "runs": runs,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    out_file = QUICK_RESULTS if args.quick else RESULTS
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(result, indent=2) + "\n")
     for variant, r in ratios.items():
         print(
             f"{variant}: peak RSS {large:,} / {small:,} rows: driver {r['driver_peak']:.2f}x, finalize task "
             f"{r['task_peak']:.2f}x, finalize alone {r['alone_peak']:.2f}x, busiest Ray worker "
             f"{r['ray_worker_peak']:.2f}x"
         )
-    print(f"total {result['total_s']} s; results in {RESULTS.relative_to(REPO)}")
+    print(f"total {result['total_s']} s; results in {out_file.relative_to(REPO)}")
     return 0
 
 
