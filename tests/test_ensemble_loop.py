@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gradfilter_ray.config import EnsembleConfig, ModelSpec
-from gradfilter_ray.ensemble.loop import TokenRows, epoch_order, train_member
+from gradfilter_ray.ensemble.batching import epoch_order
+from gradfilter_ray.ensemble.loop import TokenRows, train_member
 from gradfilter_ray.lora import attach_lora, target_modules
 from gradfilter_ray.models import load_causal_lm
 

@@ -17,7 +17,6 @@ import torch
 from gradfilter_ray.config import EnsembleConfig
 from gradfilter_ray.data.prompt import collate_rows
 from gradfilter_ray.ensemble.batching import PaddingStats, epoch_batches, epoch_seed, padding_stats
-from gradfilter_ray.ensemble.batching import epoch_order as epoch_order  # re-exported: where callers found it
 from gradfilter_ray.losses import per_example_losses, scored_window
 
 
