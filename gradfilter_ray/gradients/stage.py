@@ -148,11 +148,17 @@ def shard_plan(tokens: Location, shard_rows: int) -> list[Shard]:
     return plan_shards(list(zip(names, row_counts(files))), shard_rows)
 
 
-def committed_markers(out: Location) -> dict[str, dict]:
-    """marker path (relative to `gradients/`) -> its record, for every readable marker."""
+def committed_markers(out: Location, files: list[str]) -> dict[str, dict]:
+    """marker path -> its record, for every readable marker among `files` (`out`'s files, relative to it)."""
     markers = {}
-    if not (out / MARKERS).exists():
-        return markers
+    for rel in files:
+        if not rel.startswith(f"{MARKERS}/"):
+            continue
+        try:
+            markers[rel] = json.loads((out / rel).read_text())
+        except (OSError, ValueError):
+            continue  # unreadable: not committed, removed with the other leftovers
+    return markers
     for rel in (out / MARKERS).files():
         try:
             markers[f"{MARKERS}/{rel}"] = json.loads((out / MARKERS / rel).read_text())
@@ -202,7 +208,8 @@ def run(cfg: Config, run: RunDir, key: str, log=print) -> dict:
     shards = shard_plan(tokens, grads.shard_rows)
     key = commit_key(run, key)
     out.make_dir()
-    done, todo, stale = keep_and_clear(shards, committed_markers(out), out.files(), key)
+    files = out.files()  # one listing serves the markers and the clean-up
+    done, todo, stale = keep_and_clear(shards, committed_markers(out, files), files, key)
     for rel in stale:
         (out / rel).delete()
     total_rows = sum(s.rows for s in shards)
