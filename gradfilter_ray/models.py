@@ -13,8 +13,6 @@ import torch
 from gradfilter_ray.bundled import resolve
 from gradfilter_ray.config import ModelSpec, Precision
 
-__all__ = ["resolve"]  # re-exported: callers that load models resolve paths here too
-
 
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer, GPT2TokenizerFast

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from gradfilter_ray.bundled import resolve
 from gradfilter_ray.config import ModelSpec
-from gradfilter_ray.models import instantiate, load_causal_lm, load_tokenizer, model_family, resolve, resolve_dtype
+from gradfilter_ray.models import instantiate, load_causal_lm, load_tokenizer, model_family, resolve_dtype
 
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256}
 

@@ -14,8 +14,8 @@ import pytest
 from cli_runs import tiny_cfg
 
 from gradfilter_ray import pipeline
+from gradfilter_ray.bundled import resolve
 from gradfilter_ray.config import config_hash, to_dict
-from gradfilter_ray.models import resolve
 from gradfilter_ray.rundir import RunDir
 
 pytestmark = pytest.mark.slow
