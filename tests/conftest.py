@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -119,26 +120,27 @@ def synthetic_run(root: Path, cfg, ids, rng, bad: dict[int, dict] | None = None,
 
 class ByteCounter:
     """WSGI middleware: bytes each client process sent (request bodies) and received (response bodies), by pid.
-    The pid owning a connection is looked up once per client port (the SDKs keep connections alive)."""
+    The pid owning a connection is looked up once per connection (the SDKs keep connections alive), keyed by the
+    connection's socket, not its client port: a closed connection's port is soon reused by another process."""
 
     def __init__(self, app) -> None:
         self.app = app
         self.server_port = 0
         self.by_pid: dict[int | None, list[int]] = {}
         self.by_pid_and_path: dict[tuple[int | None, str], int] = {}
-        self._pids: dict[int, int | None] = {}
+        self._pids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection socket -> pid
         self._lock = threading.Lock()
 
-    def _pid(self, client_port: int) -> int | None:
+    def _pid(self, connection, client_port: int) -> int | None:
         import psutil
 
-        if client_port not in self._pids:
+        if connection not in self._pids:
             for conn in psutil.net_connections(kind="tcp"):
                 ours = conn.raddr and conn.raddr.port == self.server_port
                 if ours and conn.laddr and conn.laddr.port == client_port:
-                    self._pids[client_port] = conn.pid
+                    self._pids[connection] = conn.pid
                     break
-        return self._pids.get(client_port)
+        return self._pids.get(connection)
 
     def _add(self, pid: int | None, sent: int, received: int) -> None:
         with self._lock:
@@ -147,7 +149,7 @@ class ByteCounter:
             counts[1] += received
 
     def __call__(self, environ, start_response):
-        pid = self._pid(int(environ.get("REMOTE_PORT") or 0))
+        pid = self._pid(environ["werkzeug.socket"], int(environ.get("REMOTE_PORT") or 0))
         path = "/".join(environ.get("PATH_INFO", "").split("/")[3:4])  # /bucket/prefix/<this>/...
         moved = int(environ.get("CONTENT_LENGTH") or 0)
         self._add(pid, moved, 0)
