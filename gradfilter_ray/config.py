@@ -225,6 +225,12 @@ class FinetuneConfig:
     lora_alpha: float = doc("LoRA alpha when method is lora.", 32.0)
     zero_stage: Literal[2, 3] = doc("DeepSpeed ZeRO stage (templates: gradfilter_ray/finetune/zero{2,3}.json).", 3)
     offload_optimizer: bool = doc("ZeRO CPU offload of optimizer state.", False)
+    cpu_adam: Literal["auto", "on", "off"] = doc(
+        "With offload_optimizer: DeepSpeed's multithreaded CPU Adam for the offloaded step (threads = "
+        "cpus_per_worker) instead of torch's AdamW. auto = when the op was prebuilt (DS_BUILD_CPU_ADAM=1, as "
+        "cluster/Dockerfile installs it); on = always (JIT-compiles it on each fresh node otherwise); off = never.",
+        "auto",
+    )
     learning_rate: float = doc("Peak learning rate (Superfiltering recipe: 2e-5 for 7B, 1e-5 for 13B).", 2e-5)
     weight_decay: float = doc("AdamW weight decay.", 0.0)
     epochs: int = doc("Training epochs.", 3)
@@ -234,7 +240,22 @@ class FinetuneConfig:
     micro_batch_size: int = doc("Examples per worker per forward.", 4)
     warmup_ratio: float = doc("Fraction of steps of linear warm-up before cosine decay.", 0.03)
     seed: int = doc("Seed of the data order and of LoRA initialisation.", 42)
-    num_workers: int = doc("Ray Train workers (one per GPU).", 8)
+    num_workers: int = doc("Ray Train workers per subset (one per GPU).", 8)
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD"] = doc(
+        "How a subset's workers are placed: STRICT_PACK keeps them on one node (NVLink, no collective over TCP); "
+        "PACK lets a subset larger than a node span nodes.",
+        "STRICT_PACK",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = doc(
+        "Collectives between a subset's workers: auto = NCCL on GPUs, gloo on CPU (gloo on GPUs only for clusters of "
+        "fake GPUs, as the placement tests use).",
+        "auto",
+    )
+    parallel_subsets: int | None = doc(
+        "Subsets trained side by side, each by its own trainer on its own GPUs; None = as many as the cluster's "
+        "GPUs (CPUs when training on CPU) hold at once.",
+        None,
+    )
     cpus_per_worker: float = doc("CPUs reserved per worker.", 1.0)
     gpus_per_worker: float = doc("GPUs per worker; 0 trains on CPU (DeepSpeed over gloo, fp32).", 1.0)
     checkpoint_every_steps: int = doc(
@@ -256,6 +277,8 @@ class FinetuneConfig:
             raise ConfigError("epochs, effective_batch_size, micro_batch_size and num_workers must be >= 1")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError("warmup_ratio must be in [0, 1)")
+        if self.parallel_subsets is not None and self.parallel_subsets < 1:
+            raise ConfigError("parallel_subsets must be >= 1 (or null: as many as the cluster holds)")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or self.checkpoint_every_steps < 0:
             raise ConfigError("cpus_per_worker must be > 0; gpus_per_worker and checkpoint_every_steps >= 0")
         unknown = [s for s in self.scorers if s not in SCORERS]

@@ -67,6 +67,22 @@ def row_counts(files: list[Location]) -> list[int]:
     return counts
 
 
+def read_row_range(where: Location, first_row: int, stop_row: int, columns: list[str]) -> pa.Table:
+    """Rows [first_row, stop_row) of a Parquet file or folder (files in `parquet_files` order), reading only the
+    files and row groups that hold them."""
+    files = parquet_files(where)
+    parts, start = [], 0
+    for file, n in zip(files, row_counts(files)):
+        lo, hi = max(first_row, start), min(stop_row, start + n)
+        if lo < hi:
+            parts.append(read_rows(file, lo - start, hi - start, columns))
+        start += n
+    if not parts:
+        with files[0].open_input() as handle:
+            return pq.ParquetFile(handle).schema_arrow.empty_table().select(columns)
+    return pa.concat_tables(parts)
+
+
 def write_whole(where: Location, table: pa.Table) -> None:
     """One Parquet file in one whole-object write (a rename on disk, one PUT on a store): readers never see half."""
     buffer = pa.BufferOutputStream()

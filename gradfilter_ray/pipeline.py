@@ -58,7 +58,9 @@ def _actors(c: Config) -> str:
 def _trainers(c: Config) -> str:
     t = c.finetune
     each = f"({t.cpus_per_worker} CPU, {t.gpus_per_worker} GPU)"
-    return f"per selection {t.num_workers} Ray Train workers x {each}, ZeRO-{t.zero_stage}"
+    side = t.parallel_subsets or "as many as the cluster holds"
+    workers = f"{t.num_workers} Ray Train workers x {each}, {t.placement_strategy}"
+    return f"per subset {workers}, ZeRO-{t.zero_stage}; subsets side by side: {side}"
 
 
 def _evaluators(c: Config) -> str:

@@ -87,6 +87,27 @@ def run_as_task(fn, *args, num_cpus: float = 1, max_retries: int = 2):
     return ray.get(ray.remote(fn).options(num_cpus=num_cpus, max_retries=max_retries).remote(*args))
 
 
+def at_most_in_flight(width: int, items: list, launch, on_done=lambda item, result: None) -> None:
+    """`launch(item)` -> an ObjectRef, for each item in order, with at most `width` unfinished at once; `on_done(item,
+    result)` as each finishes. The first failure cancels the others and raises."""
+    import ray
+
+    pending, in_flight = list(items), {}
+    while pending or in_flight:
+        while pending and len(in_flight) < width:
+            item = pending.pop(0)
+            in_flight[launch(item)] = item
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        item = in_flight.pop(done[0])
+        try:
+            result = ray.get(done[0])
+        except BaseException:
+            for ref in in_flight:
+                ray.cancel(ref, force=True)
+            raise
+        on_done(item, result)
+
+
 @contextmanager
 def sigint_restored() -> Iterator[None]:
     """Ray Train's fit() leaves a SIGINT handler that holds the TrainController's handle: the controller (~0.4 GB)

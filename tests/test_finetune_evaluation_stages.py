@@ -15,11 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import ChatServer, reply
+from safetensors.torch import load_file
 
 from gradfilter_ray import pipeline
 from gradfilter_ray.config import load
 from gradfilter_ray.evaluation import pws
 from gradfilter_ray.finetune import stage as finetune_stage
+from gradfilter_ray.finetune import worker as finetune_worker
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.scoring.scorers import Selection
 from gradfilter_ray.storage import Location
@@ -27,6 +29,9 @@ from gradfilter_ray.storage import Location
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # Ray Train (DeepSpeed) runs
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "jobs" / "configs" / "demo.yaml"
+# ZeRO-2 in fp32 checkpoints 16 bytes a parameter: the weights, and the optimiser's fp32 master copy and two moments
+PRETRAINED = REPO / "gradfilter_ray" / "assets" / "models" / "stories260K" / "model.safetensors"
+N_PARAMS = sum(t.numel() for t in load_file(PRETRAINED).values())
 ROWS = json.loads((REPO / "gradfilter_ray" / "assets" / "data" / "alpaca_sample_1k.json").read_text())
 SMALL = [
     "finetune.scorers=[gsnr, random]",
@@ -124,8 +129,10 @@ def test_finetune_loss_falls_and_the_model_loads_back(finetuned):
         # global batch 8 (2 workers x 4, no accumulation), 2 epochs of ceil(rows / 8) steps.
         assert summary["rows_trained"] + summary["rows_no_response_tokens"] == 24 and summary["rows_trained"] > 16
         assert summary["global_batch"] == 8 and len(losses) == summary["total_steps"] == 6
-        # the checkpoint policy: epoch 1's end only (none after the last step, where the final save follows)
-        assert summary["checkpoints"] == 1 and summary["checkpoint_bytes_rank0"] > 0
+        # the checkpoint policy: epoch 1's end only (none after the last step, where the final save follows),
+        # written by the ranks straight into the run directory (nothing staged on local disk and copied)
+        assert summary["checkpoint_steps"] == [3] and summary["checkpoints"] == 1
+        assert summary["checkpoint_bytes"] > 12 * N_PARAMS and summary["checkpoint_staged_bytes"] == 0
         assert np.mean(losses[-2:]) < losses[0] - 0.3, losses
         assert (folder / "model" / "model.safetensors").exists()
         model = AutoModelForCausalLM.from_pretrained(str(folder / "model"))
@@ -145,7 +152,7 @@ def test_a_rerun_after_a_crash_keeps_the_finished_subsets(finetuned):
 
     def written(run: str) -> dict[str, int]:  # a retrained subset's files are written anew
         folder = Path(rundir.finetune / run)
-        return {f: (folder / f).stat().st_mtime_ns for f in ("model/model.safetensors", finetune_stage.DONE_MARKER)}
+        return {f: (folder / f).stat().st_mtime_ns for f in ("model/model.safetensors", finetune_worker.DONE_MARKER)}
 
     before = {run: written(run) for run in counts["steps"]}
     rundir.begin_stage("finetune", counts["key"], pipeline.STAGES["finetune"].writes, keep_outputs=True)
@@ -160,7 +167,6 @@ def test_a_rerun_after_a_crash_keeps_the_finished_subsets(finetuned):
 def test_preempted_zero3_finetune_resumes_to_the_zero2_curve_and_weights(finetuned, tmp_path):
     """One run checks two things: resuming from a mid-run checkpoint, and ZeRO-3 (partitioned parameters) training
     the same model as ZeRO-2; the uninterrupted ZeRO-2 run of the fixture is the reference for both."""
-    from safetensors.torch import load_file
 
     _, reference, _ = finetuned
     root = tmp_path / "run"
@@ -176,10 +182,10 @@ def test_preempted_zero3_finetune_resumes_to_the_zero2_curve_and_weights(finetun
     np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5)
     # every 2 steps and at epoch ends, never after the last: steps 2, 3, 4 (written before the stop, and counted on)
     summary = json.loads((rundir.finetune / "gsnr_0.5" / "train_summary.json").read_text())
-    assert summary["checkpoints"] == 3
+    assert summary["checkpoint_steps"] == [2, 3, 4] and summary["checkpoints"] == 3
     z3 = load_file(str(rundir.finetune / "gsnr_0.5" / "model" / "model.safetensors"))
     z2 = load_file(str(reference.finetune / "gsnr_0.5" / "model" / "model.safetensors"))
-    pretrained = load_file(REPO / "gradfilter_ray" / "assets" / "models" / "stories260K" / "model.safetensors")
+    pretrained = load_file(PRETRAINED)
     assert z3.keys() == z2.keys()
     moved = 0.0
     for name in z2:  # partitioned vs replicated reductions differ in summation order only

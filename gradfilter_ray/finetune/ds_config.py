@@ -95,8 +95,18 @@ def epoch_positions(plan: TrainPlan, seed: int, epoch: int) -> np.ndarray:
     ).swapaxes(1, 2)
 
 
-def deepspeed_config(cfg: FinetuneConfig, plan: TrainPlan, bf16: bool) -> dict:
-    """The ZeRO template for cfg.zero_stage with the run-dependent fields filled in."""
+def use_cpu_adam(cfg: FinetuneConfig, prebuilt: bool) -> bool:
+    """Whether the offloaded optimiser step runs DeepSpeed's CPU Adam (vectorised, one thread per CPU of the
+    worker: several times torch's AdamW on CPU) rather than torch's AdamW: `on` always (it JIT-compiles where it
+    was not prebuilt), `auto` when the op was prebuilt, `off` never; only with offload_optimizer."""
+    if not cfg.offload_optimizer:
+        return False
+    return cfg.cpu_adam == "on" or (cfg.cpu_adam == "auto" and prebuilt)
+
+
+def deepspeed_config(cfg: FinetuneConfig, plan: TrainPlan, bf16: bool, cpu_adam: bool = False) -> dict:
+    """The ZeRO template for cfg.zero_stage with the run-dependent fields filled in; `cpu_adam` as `use_cpu_adam`
+    decided (the worker builds the matching optimiser)."""
     config = json.loads(TEMPLATES[cfg.zero_stage].read_text())
     config["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
     config["gradient_accumulation_steps"] = plan.accumulation_steps
@@ -110,8 +120,8 @@ def deepspeed_config(cfg: FinetuneConfig, plan: TrainPlan, bf16: bool) -> dict:
     zero = config["zero_optimization"]
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bf16}
-        # The optimiser is torch's AdamW (DeepSpeed's CPUAdam JIT-compiles an op first, minutes per fresh node).
-        config["zero_force_ds_cpu_optimizer"] = False
+        # DeepSpeed insists on its own CPU optimiser under offload unless told that torch's AdamW is intended.
+        config["zero_force_ds_cpu_optimizer"] = bool(cpu_adam)
     else:
         zero.pop("offload_optimizer", None)
     if cfg.zero_stage == 3 and not cfg.offload_optimizer:

@@ -8,7 +8,7 @@ any optimiser step with exactly the batches an uninterrupted run would have seen
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +21,7 @@ from gradfilter_ray.finetune.ds_config import TrainPlan, epoch_positions
 
 @dataclass
 class SubsetRows:
-    input_ids: list[list[int]]
+    input_ids: Sequence  # row i's token ids: lists, or PackedRows (the shared copy read back)
     label_starts: np.ndarray  # [N] int64
     rows_in: int
     rows_no_response_tokens: int  # dropped: the prompt fills max_length
@@ -49,12 +49,18 @@ def tokenize_subset(tokenizer, table: pa.Table, max_length: int) -> SubsetRows:
     )
 
 
-def mean_across_workers(value: float, device: torch.device) -> float:
+def sum_across_workers(value: float, device: torch.device) -> float:
+    """The sum of `value` over all workers (a collective: every worker must call it), or `value` alone."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
-    return float(t.item()) / torch.distributed.get_world_size()
+    return float(t.item())
+
+
+def mean_across_workers(value: float, device: torch.device) -> float:
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return sum_across_workers(value, device) / world
 
 
 def train_steps(

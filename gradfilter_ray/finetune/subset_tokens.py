@@ -1,0 +1,69 @@
+"""A subset's tokens shared by every rank of its trainer (pure: Arrow in, Arrow out; no Ray, no I/O).
+
+Each rank tokenises one contiguous share of the subset (`share_bounds`), writes it as one Arrow table
+(`rows_to_table`), and every rank reads all shares back in rank order (`rows_from_tables`): the subset is
+tokenised once in total, not once per rank, and a resumed or restarted trainer reads the tokens instead of
+tokenising again. Token rows are held packed (one int32 array and offsets), not as Python lists: at 150k rows of
+512 tokens that is 0.3 GB instead of several GB per rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+ROWS_IN, NO_RESPONSE = b"rows_in", b"rows_no_response_tokens"
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Token rows as one flat array: row i is tokens[offsets[i]:offsets[i + 1]]."""
+
+    tokens: np.ndarray  # [total tokens] int32
+    offsets: np.ndarray  # [rows + 1] int64
+
+    @classmethod
+    def from_lists(cls, rows: Sequence[Sequence[int]]) -> PackedRows:
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        flat = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(offsets[-1]))
+        return cls(flat, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+
+def share_bounds(n_rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rank `rank`'s contiguous share [start, stop) of n rows; shares differ in size by at most one row."""
+    return n_rows * rank // world_size, n_rows * (rank + 1) // world_size
+
+
+def rows_to_table(input_ids: Sequence, label_starts: np.ndarray, rows_in: int, dropped: int) -> pa.Table:
+    """One share as a table (input_ids list<int32>, label_start int64); the share's row counts in its metadata."""
+    packed = input_ids if isinstance(input_ids, PackedRows) else PackedRows.from_lists(input_ids)
+    ids = pa.ListArray.from_arrays(pa.array(packed.offsets.astype(np.int32)), pa.array(packed.tokens))
+    table = pa.table({"input_ids": ids, "label_start": pa.array(np.asarray(label_starts, dtype=np.int64))})
+    return table.replace_schema_metadata({ROWS_IN: str(rows_in), NO_RESPONSE: str(dropped)})
+
+
+def rows_from_tables(tables: Sequence[pa.Table]) -> tuple[PackedRows, np.ndarray, int, int]:
+    """All shares, in order, back into (packed rows, label starts, rows in, rows dropped for no response token)."""
+    counts = [(int(t.schema.metadata[ROWS_IN]), int(t.schema.metadata[NO_RESPONSE])) for t in tables]
+    tokens, lengths, starts = [], [], []
+    for t in tables:
+        ids = t.column("input_ids").combine_chunks()
+        offsets = ids.offsets.to_numpy()
+        tokens.append(ids.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False))
+        lengths.append(np.diff(offsets))
+        starts.append(t.column("label_start").to_numpy())
+    flat = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
+    lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    offsets_all = np.concatenate([[0], np.cumsum(lengths_all)]).astype(np.int64)
+    label_starts = np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64)
+    return PackedRows(flat, offsets_all), label_starts, sum(c[0] for c in counts), sum(c[1] for c in counts)

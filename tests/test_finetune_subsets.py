@@ -1,0 +1,136 @@
+"""Fine-tuning at scale, the pure parts: each rank's share of a subset tokenised once and read back by all in
+order, the row ranges those shares read, how many subsets fit side by side on a cluster, the offloaded optimiser
+choice, and the checkpoint accounting carried across resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gradfilter_ray.config import FinetuneConfig, ModelSpec, load
+from gradfilter_ray.finetune.checkpoints import CheckpointWrites
+from gradfilter_ray.finetune.ds_config import deepspeed_config, plan_training, use_cpu_adam
+from gradfilter_ray.finetune.loop import tokenize_subset
+from gradfilter_ray.finetune.placement import subsets_side_by_side
+from gradfilter_ray.finetune.subset_tokens import PackedRows, rows_from_tables, rows_to_table, share_bounds
+from gradfilter_ray.models import load_tokenizer
+from gradfilter_ray.parquet_stream import read_row_range
+from gradfilter_ray.storage import open_location
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "jobs" / "configs"
+
+
+@pytest.mark.parametrize("n,world", [(0, 3), (1, 4), (10, 3), (1000, 8), (7, 7)])
+def test_shares_cover_every_row_once_and_differ_by_at_most_one(n, world):
+    bounds = [share_bounds(n, world, r) for r in range(world)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous, in rank order
+    sizes = [stop - start for start, stop in bounds]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_packed_rows_hold_exactly_the_lists():
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 50_000, size=int(n)).tolist() for n in rng.integers(0, 40, size=200)]
+    packed = PackedRows.from_lists(rows)
+    assert len(packed) == 200 and packed.tokens.dtype == np.int32
+    assert all(packed[i].tolist() == rows[i] for i in range(200))
+
+
+def test_shares_tokenised_apart_equal_the_subset_tokenised_whole():
+    """The shared copy is exact: tokenising 3 shares and reading them back in order gives the same rows, label
+    starts and counts as tokenising the subset in one piece (including rows dropped for no response token)."""
+    import json
+
+    data = json.loads((REPO / "gradfilter_ray" / "assets" / "data" / "alpaca_sample_1k.json").read_text())[:40]
+    table = pa.table({k: [r[k] for r in data] for k in ("instruction", "input", "output")})
+    tokenizer = load_tokenizer(ModelSpec(name_or_path="bundled:stories260K"))
+    max_length = 48  # short: some prompts fill it, so some rows have no response token
+    whole = tokenize_subset(tokenizer, table, max_length)
+    assert whole.rows_no_response_tokens > 0
+    parts = []
+    for rank in range(3):
+        start, stop = share_bounds(table.num_rows, 3, rank)
+        share = tokenize_subset(tokenizer, table.slice(start, stop - start), max_length)
+        parts.append(rows_to_table(share.input_ids, share.label_starts, share.rows_in, share.rows_no_response_tokens))
+    # through Parquet, as the ranks exchange them
+    parts = [pq.read_table(pa.BufferReader(_parquet_bytes(t))) for t in parts]
+    packed, label_starts, rows_in, dropped = rows_from_tables(parts)
+    assert (rows_in, dropped) == (whole.rows_in, whole.rows_no_response_tokens)
+    assert len(packed) == len(whole) and [packed[i].tolist() for i in range(len(packed))] == whole.input_ids
+    np.testing.assert_array_equal(label_starts, whole.label_starts)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def test_a_row_range_reads_across_files_and_row_groups(tmp_path):
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    ids = np.arange(1000)
+    for k, (lo, hi) in enumerate([(0, 300), (300, 310), (310, 1000)]):
+        pq.write_table(
+            pa.table({"id": ids[lo:hi], "x": ids[lo:hi] * 2}), folder / f"part-{k}.parquet", row_group_size=64
+        )
+    where = open_location(str(folder))
+    for lo, hi in [(0, 0), (0, 1000), (250, 320), (299, 301), (305, 309), (999, 1000), (990, 2000)]:
+        got = read_row_range(where, lo, hi, ["id"])["id"].to_numpy()
+        np.testing.assert_array_equal(got, ids[lo : min(hi, 1000)])
+
+
+def _nodes(*gpus: int, cpus: int = 64) -> list[dict]:
+    return [{"CPU": cpus, "GPU": g} for g in gpus]
+
+
+def test_subsets_side_by_side_on_the_shipped_7b_config():
+    """8 workers of 1 GPU per subset, one node each (STRICT_PACK): two 8-GPU nodes train two subsets at once; a
+    node of 4 GPUs holds none of them (and a 12-GPU cluster of 3 such nodes still none: no subset spans nodes)."""
+    finetune = load(CONFIGS / "alpaca_llama2_7b.yaml").finetune
+    assert (finetune.num_workers, finetune.gpus_per_worker, finetune.placement_strategy) == (8, 1, "STRICT_PACK")
+    assert subsets_side_by_side(finetune, _nodes(8)) == 1
+    assert subsets_side_by_side(finetune, _nodes(8, 8)) == 2
+    assert subsets_side_by_side(finetune, _nodes(8, 8, 4)) == 2
+    assert subsets_side_by_side(finetune, _nodes(4, 4, 4)) == 0
+    assert subsets_side_by_side(finetune, _nodes(16)) == 2
+    assert subsets_side_by_side(finetune, _nodes(0)) == 0  # a CPU-only head node adds nothing
+
+
+def test_side_by_side_spans_nodes_only_when_asked_and_counts_cpus_on_cpu():
+    packed = FinetuneConfig(num_workers=8, gpus_per_worker=1, placement_strategy="PACK")
+    assert subsets_side_by_side(packed, _nodes(4, 4, 4)) == 1
+    on_cpu = FinetuneConfig(num_workers=2, gpus_per_worker=0, cpus_per_worker=1)
+    assert subsets_side_by_side(on_cpu, [{"CPU": 2}]) == 1 and subsets_side_by_side(on_cpu, [{"CPU": 5}]) == 2
+    assert subsets_side_by_side(FinetuneConfig(parallel_subsets=3), _nodes(8)) == 3  # the user's word
+
+
+@pytest.mark.parametrize(
+    "offload,setting,prebuilt,expected",
+    [
+        (False, "on", True, False),  # nothing offloaded: the GPU optimiser
+        (True, "auto", True, True),
+        (True, "auto", False, False),  # not prebuilt: no JIT build on every fresh node unless asked
+        (True, "on", False, True),
+        (True, "off", True, False),
+    ],
+)
+def test_the_offloaded_step_uses_deepspeeds_cpu_adam_where_it_can(offload, setting, prebuilt, expected):
+    finetune = FinetuneConfig(offload_optimizer=offload, cpu_adam=setting)
+    assert use_cpu_adam(finetune, prebuilt) is expected
+    config = deepspeed_config(finetune, plan_training(100, finetune, 8), bf16=True, cpu_adam=expected)
+    if offload:
+        assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        assert config["zero_force_ds_cpu_optimizer"] is expected  # torch's AdamW must be declared intended
+
+
+def test_checkpoint_writes_survive_the_state_file():
+    writes = CheckpointWrites(steps=[41, 82], bytes=2 * 84_000_000_000, staged_bytes=0, seconds=123.4567)
+    again = CheckpointWrites.from_dict(writes.as_dict())
+    assert again == CheckpointWrites([41, 82], 168_000_000_000, 0, 123.457) and again.count == 2
