@@ -10,7 +10,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast lint format bench gpu-check gpu-check-smoke clean-runs
+.PHONY: setup run test test-fast lint format bench gpu-check gpu-check-smoke gpu-carry clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,12 +42,20 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
-# The one GPU check (benchmarks/gpu_check.py): the Ray-free ensemble and extraction cores on one CUDA device, then
-# the sizing table from what it measured. It needs no venv and no Ray (GPU machines bring their own torch).
+# The one GPU check (benchmarks/gpu_check.py): the Ray-free ensemble, extraction and target fine-tuning cores on one
+# CUDA device, then the sizing table from what it measured. It needs no venv and no Ray (GPU machines bring their own
+# torch); DeepSpeed comes from .gpu_carry/ when it is there (built here by `make gpu-carry`, carried to the machine).
 GPU_PYTHON ?= python3
+GPU_PY_VERSION ?= 3.12
+GPU_CARRY := .gpu_carry
 gpu-check:
-	$(GPU_PYTHON) benchmarks/gpu_check.py --out benchmarks/results
+	$(if $(wildcard $(GPU_CARRY)),PYTHONPATH=$(CURDIR)/$(GPU_CARRY)$${PYTHONPATH:+:$$PYTHONPATH}) \
+		$(GPU_PYTHON) benchmarks/gpu_check.py --out benchmarks/results
 	$(GPU_PYTHON) benchmarks/sizing.py --check benchmarks/results/gpu_check.json
+
+# DeepSpeed (from this venv) and the wheels it needs that the GPU machine lacks, for that machine's Python.
+gpu-carry: $(STAMP)
+	$(BIN)/python benchmarks/gpu_carry.py --python-version $(GPU_PY_VERSION) --out $(GPU_CARRY)
 
 # The same steps on CPU with a tiny model (also run by the test suite, so the check cannot rot between GPU runs).
 gpu-check-smoke: $(STAMP)

@@ -1,4 +1,4 @@
-"""`make gpu-check`: the ensemble and extraction cores on one GPU at the shapes that matter, in one script.
+"""`make gpu-check`: the ensemble, extraction and target fine-tuning cores on one GPU at the shapes that matter.
 
 The GPU machine has torch (CUDA), transformers, peft and pyarrow but no Ray, DeepSpeed or network, so this drives
 the Ray-free cores directly (the Ray shells are proven on CPU by the test suite): `ensemble.loop.train_member` with
@@ -13,12 +13,25 @@ It measures, and writes to OUT/gpu_check.json (which `benchmarks/sizing.py` read
   `gradients.tokens_per_batch` to for a given GPU);
 - accuracy: bf16 and fp32 batched norms against an independent fp64 batch-size-1 autograd loop (the plain
   per-example gradient, no hooks), including rows of 1,024 tokens;
-- speed: the batched kernel against a batch-size-1 loop of the same kernel.
-It exits 1 when a correctness threshold fails. `--smoke` runs the same steps on CPU with a tiny model in well under
-a minute (CI runs it, so the script cannot rot between GPU runs).
+- speed: the batched kernel against a batch-size-1 loop of the same kernel;
+- target (benchmarks/gpu_check_target.py): a TinyLlama-1.1B-shaped random-init LLaMA fine-tuned with DeepSpeed
+  ZeRO-3 in bf16 through the finetune stage's cores (one process, world size 1): tokens/s and samples/s per GPU,
+  step time, peak memory, first/last loss; one resumable checkpoint (bytes, bytes/parameter, seconds); the final
+  save as the stage writes it (seconds, bytes); then the saved folder loaded as evaluation loads it and
+  `generate_answers` at batches 8, 16 and 32 (new tokens/s). `benchmarks/sizing.py` scales these to 7B and 13B.
+It exits 1 when a correctness threshold fails (a failing step is recorded in the JSON with its error, and the other
+steps still run). `--smoke` runs the same steps on CPU with tiny models in well under a minute (CI runs it, so the
+script cannot rot between GPU runs).
+
+DeepSpeed reaches the GPU machine as a carried folder: `make gpu-carry` here builds `.gpu_carry/` (DeepSpeed copied
+from the venv, plus the pure-Python packages it needs that the machine lacks, and pydantic-core built for its
+Python, GPU_PY_VERSION=3.12), and `make gpu-check` puts that folder on PYTHONPATH. The device-tool call:
+
+    run(command="make gpu-check", carry=[".gpu_carry"], timeout_s=600)
 
     python3 benchmarks/gpu_check.py --out benchmarks/results          # on the GPU (make gpu-check)
     python3 benchmarks/gpu_check.py --smoke --out /tmp/gpu-check      # CPU smoke
+    python3 benchmarks/gpu_check.py --steps target --out /tmp/t       # one step alone (a re-run after a failure)
 """
 
 from __future__ import annotations
@@ -29,7 +42,8 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +53,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from gpu_check_target import GPU_TARGET, SMOKE_TARGET, target  # noqa: E402 (beside this file)
 
 from gradfilter_ray.config import EnsembleConfig, ModelSpec  # noqa: E402
 from gradfilter_ray.data.prompt import collate_rows  # noqa: E402
@@ -336,45 +351,87 @@ def environment(device: torch.device) -> dict:
     return facts
 
 
+STEPS = ("ensemble", "extraction", "memory_per_token", "accuracy", "batched_vs_loop", "target")
+
+
+def guarded(step):
+    """The target step's failure (DeepSpeed missing, a collective failing) is recorded, not raised, so one GPU run
+    still brings back every other step's numbers."""
+    try:
+        return step()
+    except Exception as e:  # noqa: BLE001 (any failure is the finding)
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+
+
+def checks_of(report: dict) -> dict:
+    checks = {}
+    if "ensemble" in report:
+        checks["ensemble_finite"] = all(m["finite"] for m in report["ensemble"])
+    if "extraction" in report:
+        checks["extraction_finite"] = report["extraction"]["all_finite"]
+    if "accuracy" in report:
+        checks.update({f"accuracy_{k}": v["pass"] for k, v in report["accuracy"].items() if isinstance(v, dict)})
+    if "target" in report:
+        checks["target_ran"] = "error" not in report["target"]
+        checks.update({f"target_{k}": v for k, v in report["target"].get("checks", {}).items()})
+    return checks
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model: checks the script itself")
+    ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     args = ap.parse_args()
+    wanted = args.steps.split(",")
+    unknown = sorted(set(wanted) - set(STEPS))
+    if unknown:
+        ap.error(f"unknown steps {unknown}")
+    if {"extraction", "memory_per_token", "accuracy", "batched_vs_loop"} & set(wanted) and "ensemble" not in wanted:
+        ap.error("the extraction steps read the ensemble's adapters: include 'ensemble'")
     shape = SMOKE if args.smoke else GPU
+    target_shape = SMOKE_TARGET if args.smoke else GPU_TARGET
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA device: run with --smoke for the CPU check", file=sys.stderr)
         return 2
     device = torch.device("cpu") if args.smoke else torch.device("cuda", 0)
     dtype = torch.float32 if args.smoke else torch.bfloat16
+    if args.smoke:
+        # Tiny matrices gain nothing from a second thread, and on a shared, loaded CPU OpenMP's spinning threads made
+        # one smoke run 10x slower (seen: 16 ms per 64x128 matmul). Timings here only check the plumbing.
+        torch.set_num_threads(1)
     torch.manual_seed(0)
     started = time.perf_counter()
-    report: dict = {"mode": "smoke" if args.smoke else "gpu", "environment": environment(device), "shape": vars(shape)}
+    report: dict = {
+        "mode": "smoke" if args.smoke else "gpu",
+        "environment": environment(device),
+        "shape": vars(shape),
+        "target_shape": asdict(target_shape),
+    }
     rows = synthetic_rows(shape, vocab=shape.model.get("vocab_size", 50257))
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        folders_root = Path(tmp)
-        steps = [
-            ("ensemble", lambda: train_ensemble(shape, rows, device, folders_root)),
-            ("extraction", lambda: extraction(shape, rows, folders, device, dtype)),
-            ("memory_per_token", lambda: memory_per_token(shape, rows, folders, device, dtype)),
-            ("accuracy", lambda: accuracy(shape, rows, folders, device)),
-            ("batched_vs_loop", lambda: batched_vs_loop(shape, rows, folders, device, dtype)),
-        ]
+        folders_root = Path(tmp) / "adapters"
+        folders_root.mkdir()
+        steps = {
+            "ensemble": lambda: train_ensemble(shape, rows, device, folders_root),
+            "extraction": lambda: extraction(shape, rows, folders, device, dtype),
+            "memory_per_token": lambda: memory_per_token(shape, rows, folders, device, dtype),
+            "accuracy": lambda: accuracy(shape, rows, folders, device),
+            "batched_vs_loop": lambda: batched_vs_loop(shape, rows, folders, device, dtype),
+            "target": lambda: guarded(lambda: target(target_shape, device, Path(tmp) / "target")),
+        }
         folders: dict[str, Path] = {}
-        for name, step in steps:
+        for name in (s for s in STEPS if s in wanted):
             t0 = time.perf_counter()
-            report[name] = step()
+            report[name] = steps[name]()
             if name == "ensemble":
                 folders = {p.name: p for p in sorted(folders_root.iterdir())}
             print(f"[gpu-check] {name} done in {time.perf_counter() - t0:.1f}s: {json.dumps(report[name])[:400]}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     report["seconds"] = round(time.perf_counter() - started, 1)
-    checks = {
-        "ensemble_finite": all(m["finite"] for m in report["ensemble"]),
-        "extraction_finite": report["extraction"]["all_finite"],
-        **{f"accuracy_{k}": v["pass"] for k, v in report["accuracy"].items() if isinstance(v, dict)},
-    }
+    checks = checks_of(report)
     report["checks"] = checks
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,11 @@
 Writes benchmarks/results/sizing.{md,json}. Only measured numbers go in: the ensemble member loop's examples/s
 and the extraction actor's examples/s on the checked device. The one scaling assumption, printed with the
 table: extraction cost is linear in the number of adapters (2M: every adapter needs its own forward and
-backward, since LoRA changes the activations), so a measurement with A adapters scales by 2M / A. Target
-fine-tuning (LLaMA-2 7B/13B) is not in the check, so the table leaves it out rather than guess it.
+backward, since LoRA changes the activations), so a measurement with A adapters scales by 2M / A.
+
+Below it, target fine-tuning and evaluation for the shipped configs (jobs/configs: Alpaca with LLaMA-2 7B and 13B,
+the 1M-row template): the check's ~1B LLaMA measurement scaled by parameter count (benchmarks/sizing_target.py
+states and prints its assumptions). A check without the target step gives the first table alone.
 """
 
 from __future__ import annotations
@@ -15,8 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sizing_target import MEAN_TOKENS, SHIPPED, TargetMeasured, estimate, totals  # noqa: E402
+from sizing_target import markdown as target_markdown  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,7 +86,7 @@ def markdown(measured: Measured, sizes: list[Size], members: int, epochs: int, h
         f"Measured on {measured.device}: ensemble member {measured.member_examples_per_s:.1f} examples/s, "
         f"extraction {measured.extract_examples_per_s:.1f} examples/s with {measured.extract_adapters} adapters.",
         f"M = {members} members, {epochs} epochs, extraction over 2M = {2 * members} adapters (cost linear in "
-        "adapters); target fine-tuning not included.",
+        "adapters); target fine-tuning and evaluation are sized below, when the check measured them.",
         *(
             [
                 f"Norm kernel memory {measured.bytes_per_token / 1024:.0f} KiB per batch token for the checked proxy "
@@ -108,19 +116,34 @@ def main() -> int:
     ap.add_argument("--members", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--hours", type=float, default=4.0, help="wall-clock target for ensemble + extraction")
+    ap.add_argument("--mean-tokens", type=float, default=MEAN_TOKENS, help="tokens per training row (target)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
 
-    measured = Measured.from_check(json.loads(Path(args.check).read_text()))
+    check = json.loads(Path(args.check).read_text())
+    measured = Measured.from_check(check)
     sizes = [size_for(measured, n, args.members, args.epochs, args.hours) for n in args.examples]
+    target = TargetMeasured.from_check(check)
+    estimates = (
+        [e for name, rows in SHIPPED.items() for e in estimate(target, name, rows, args.mean_tokens)] if target else []
+    )
     table = markdown(measured, sizes, args.members, args.epochs, args.hours)
+    table += "\n" + target_markdown(target, estimates, args.mean_tokens)
     print(table, end="")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sizing.md").write_text(table)
-    (out / "sizing.json").write_text(
-        json.dumps({"measured": asdict(measured), "sizes": [asdict(s) for s in sizes], "args": vars(args)}, indent=2)
-    )
+    result = {
+        "measured": asdict(measured),
+        "sizes": [asdict(s) for s in sizes],
+        "target": {
+            "measured": asdict(target) if target else None,
+            "estimates": [asdict(e) for e in estimates],
+            "totals": totals(estimates),
+        },
+        "args": vars(args),
+    }
+    (out / "sizing.json").write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -1,11 +1,13 @@
 """`make gpu-check`'s script in its CPU smoke mode: every step runs (member training, extraction with a token
-budget, memory per token, accuracy against the fp64 batch-size-1 reference, batched vs loop), its JSON has what
+budget, memory per token, accuracy against the fp64 batch-size-1 reference, batched vs loop, and the target step:
+DeepSpeed ZeRO-3 fine-tuning, one checkpoint, the final save, loading it back and generating), its JSON has what
 `benchmarks/sizing.py` reads, and the sizing table builds from it. The GPU numbers themselves need a GPU."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +41,26 @@ def test_the_gpu_check_runs_on_cpu_and_feeds_the_sizing_table(tmp_path):
     spec.loader.exec_module(sizing)
     measured = sizing.Measured.from_check(report)
     assert measured.member_examples_per_s > 0 and measured.extract_adapters == extraction["adapters"]
+
+    target = report["target"]
+    assert "error" not in target, target.get("traceback")
+    assert {"model", "train", "checkpoint", "final_save", "generation", "checks"} <= set(target)
+    train, shape = target["train"], report["target_shape"]
+    losses = train["losses"]
+    assert train["finished"] and len(losses) == train["plan"]["epochs"] * train["plan"]["steps_per_epoch"]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[0] == pytest.approx(train["ln_vocab"], abs=0.3)  # a random-init model starts near uniform
+    assert max(losses[-2:]) < 0.95 * losses[0]  # the same rows every epoch: the loss must come down
+    assert train["tokens_per_s"] > 0 and train["samples_per_s"] > 0 and train["peak_bytes"] > 0
+    # The sizing table's parameter formula, checked against the model that was built.
+    assert target["model"]["params"] == sizing.sys.modules["sizing_target"].llama_params(shape["llama"])
+    # fp32 ZeRO-3 keeps the fp32 weights (4 bytes) and Adam's two moments (8) per parameter, plus a little framing;
+    # fewer bytes would mean optimizer state is missing, 16 or more the weights written twice.
+    assert target["checkpoint"]["bytes"] > 0 and 12 <= target["checkpoint"]["bytes_per_param"] < 14
+    assert 4 <= target["final_save"]["bytes_per_param"] < 5  # fp32 safetensors (+ config and tokenizer files)
+    batches = target["generation"]["batches"]
+    assert sorted(int(b) for b in batches) == sorted(shape["gen_batches"])
+    for b, g in batches.items():  # the saved folder loaded and answered every prompt with every requested token
+        assert g["answers"] == int(b) and g["new_tokens"] == int(b) * shape["max_new_tokens"]
+        assert g["new_tokens_per_s"] > 0
+    assert sizing.TargetMeasured.from_check(report).params == target["model"]["params"]
