@@ -41,7 +41,7 @@ def build_engine(cpu_adam: bool, width: int, layers: int, threads: int):
         model=ModelSpec(name_or_path="unused"),
         zero_stage=2,
         offload_optimizer=True,
-        cpu_adam="on" if cpu_adam else "off",
+        cpu_adam="always" if cpu_adam else "never",
         effective_batch_size=2,
         micro_batch_size=2,
         num_workers=1,

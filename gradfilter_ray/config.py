@@ -225,10 +225,11 @@ class FinetuneConfig:
     lora_alpha: float = doc("LoRA alpha when method is lora.", 32.0)
     zero_stage: Literal[2, 3] = doc("DeepSpeed ZeRO stage (templates: gradfilter_ray/finetune/zero{2,3}.json).", 3)
     offload_optimizer: bool = doc("ZeRO CPU offload of optimizer state.", False)
-    cpu_adam: Literal["auto", "on", "off"] = doc(
+    cpu_adam: Literal["auto", "always", "never"] = doc(
         "With offload_optimizer: DeepSpeed's multithreaded CPU Adam for the offloaded step (threads = "
         "cpus_per_worker) instead of torch's AdamW. auto = when the op was prebuilt (DS_BUILD_CPU_ADAM=1, as "
-        "cluster/Dockerfile installs it); on = always (JIT-compiles it on each fresh node otherwise); off = never.",
+        "cluster/Dockerfile installs it); always (JIT-compiles it on each fresh node otherwise); never. (Not on/off: "
+        "YAML reads those as booleans.)",
         "auto",
     )
     learning_rate: float = doc("Peak learning rate (Superfiltering recipe: 2e-5 for 7B, 1e-5 for 13B).", 2e-5)
@@ -315,16 +316,44 @@ class EvaluationConfig:
     do_sample: bool = doc("Sample instead of greedy decoding.", False)
     temperature: float = doc("Sampling temperature (do_sample only).", 0.7)
     top_p: float = doc("Nucleus sampling mass (do_sample only).", 0.9)
-    batch_size: int = doc("Prompts per generate() call.", 8)
+    batch_size: int = doc("Prompts per batch: one generate() call (hf), one vLLM processor batch (vllm).", 8)
     heldout: bool = doc("Score each model's loss on the AlpacaEval 805 reference answers (text-davinci-003).", True)
     heldout_limit: int | None = doc("Use only the first N reference answers; None = all 805.", None)
     cpus_per_actor: float = doc("CPUs per evaluation actor.", 1.0)
-    gpus_per_actor: float = doc("GPUs per evaluation actor; 0 evaluates on CPU.", 1.0)
+    gpus_per_actor: float = doc(
+        "GPUs per evaluation actor; 0 evaluates on CPU. With vllm: at most 1 (a share of one GPU) or a whole number "
+        "(tensor parallelism over that many GPUs).",
+        1.0,
+    )
+    num_actors: int | None = doc(
+        "Evaluation actors across all runs together, spread over the runs (each run gets at least one; runs beyond "
+        "that many wait for the next wave). None = as many as the cluster holds: GPUs / gpus_per_actor on GPU, "
+        "CPUs / cpus_per_actor (at most 8) on CPU.",
+        None,
+    )
+    engine: Literal["auto", "vllm", "hf"] = doc(
+        "Answer generation: vllm (Ray Data LLM processors, needs the [vllm] extra and a GPU), hf (transformers "
+        "generate, CPU or GPU), or auto (vllm when gpus_per_actor > 0 and vllm is installed, else hf). Held-out "
+        "losses are scored with hf in every case.",
+        "auto",
+    )
+    vllm_engine_kwargs: dict[str, Any] = doc(
+        "Extra vLLM engine arguments (e.g. max_num_seqs, gpu_memory_utilization); they override ours.",
+        default_factory=dict,
+    )
     judge: JudgeConfig = doc("Pairwise LLM judge.", default_factory=JudgeConfig)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError("max_new_tokens and batch_size must be >= 1")
+        if self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
+            raise ConfigError("cpus_per_actor must be > 0 and gpus_per_actor >= 0")
+        if self.num_actors is not None and self.num_actors < 1:
+            raise ConfigError("num_actors must be >= 1 (or null: as many as the cluster holds)")
+        if self.engine == "vllm" and self.gpus_per_actor <= 0:
+            raise ConfigError("engine vllm needs gpus_per_actor > 0 (use engine hf or auto on CPU)")
+        if self.engine == "vllm" and self.gpus_per_actor > 1 and not float(self.gpus_per_actor).is_integer():
+            raise ConfigError("gpus_per_actor above 1 must be a whole number for vllm (its tensor-parallel size)")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ StageFn = Callable[[Config, RunDir, str], dict[str, Any]]
 
 # How often Ray Train may restart a worker group changes no result: raising it to resume a crashed run must not
 # re-key the stage (which would rename its Ray Train run and start over).
-NOT_KEYED = {"max_failures"}
+# How wide or where a stage runs never changes what it writes: a new width must not redo finished work.
+NOT_KEYED = {"max_failures", "parallel_subsets", "placement_strategy", "num_actors"}
 
 
 class StageOrderError(RuntimeError):
@@ -64,7 +65,10 @@ def _trainers(c: Config) -> str:
 
 
 def _evaluators(c: Config) -> str:
-    return f"per run 1 Ray Data actor x ({c.evaluation.cpus_per_actor} CPU, {c.evaluation.gpus_per_actor} GPU)"
+    e = c.evaluation
+    width = e.num_actors or "as many as the cluster holds"
+    each = f"({e.cpus_per_actor} CPU, {e.gpus_per_actor} GPU)"
+    return f"{width} Ray Data actors x {each} shared over the runs, engine {e.engine}"
 
 
 STAGES: dict[str, Stage] = {

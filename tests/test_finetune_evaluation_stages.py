@@ -176,6 +176,10 @@ def test_preempted_zero3_finetune_resumes_to_the_zero2_curve_and_weights(finetun
     partial = finetune_stage.build_trainer(cfg, rundir, key, Selection.parse("gsnr_0.5"), stop_after_steps=4).fit()
     assert partial.error is None and partial.metrics["step"] == 4  # the checkpoint at step 4 is the latest
     assert not finetune_stage.run_finished(rundir.finetune / "gsnr_0.5", key)  # stopped: no model, no marker
+    # the ranks wrote into the trainer's folder; Ray Train kept only the latest checkpoint, beside the shared tokens
+    trainer = rundir.finetune_train_state / finetune_stage.trainer_name(key, "gsnr_0.5")
+    assert [c for c in trainer.children() if c.startswith("checkpoint_step_")] == ["checkpoint_step_0000004"]
+    assert sorted(t for t in (trainer / "tokens").children()) == ["part-00000.parquet", "part-00001.parquet"]
     pipeline.run_stage("finetune", cfg, rundir, **QUIET)
     resumed = read_losses(rundir.finetune / "gsnr_0.5" / "train_loss.csv")
     uninterrupted = read_losses(reference.finetune / "gsnr_0.5" / "train_loss.csv")

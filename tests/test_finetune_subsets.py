@@ -114,11 +114,11 @@ def test_side_by_side_spans_nodes_only_when_asked_and_counts_cpus_on_cpu():
 @pytest.mark.parametrize(
     "offload,setting,prebuilt,expected",
     [
-        (False, "on", True, False),  # nothing offloaded: the GPU optimiser
+        (False, "always", True, False),  # nothing offloaded: the GPU optimiser
         (True, "auto", True, True),
         (True, "auto", False, False),  # not prebuilt: no JIT build on every fresh node unless asked
-        (True, "on", False, True),
-        (True, "off", True, False),
+        (True, "always", False, True),
+        (True, "never", True, False),
     ],
 )
 def test_the_offloaded_step_uses_deepspeeds_cpu_adam_where_it_can(offload, setting, prebuilt, expected):

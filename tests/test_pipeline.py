@@ -168,6 +168,20 @@ def test_raising_max_failures_does_not_invalidate_the_ensemble(tmp_path):
     )
 
 
+def test_how_wide_or_where_a_stage_runs_does_not_invalidate_its_outputs(tmp_path):
+    base = tiny_cfg(tmp_path)
+    for stage, override in [
+        ("finetune", "finetune.parallel_subsets=3"),
+        ("finetune", "finetune.placement_strategy=PACK"),
+        ("evaluation", "evaluation.num_actors=4"),
+    ]:
+        assert pipeline.stage_key(stage, tiny_cfg(tmp_path, override)) == pipeline.stage_key(stage, base), override
+    # what changes the trained weights still does
+    assert pipeline.stage_key("finetune", tiny_cfg(tmp_path, "finetune.cpu_adam=never")) != pipeline.stage_key(
+        "finetune", base
+    )
+
+
 @pytest.mark.ray
 def test_changing_scoring_eps_reruns_score_select_report_only(ray_cluster, tmp_path):
     root = tmp_path / "run"

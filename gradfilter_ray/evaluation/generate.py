@@ -20,14 +20,25 @@ class Sampling:
     max_prompt_tokens: int = 1024
 
 
+def prompt_token_ids(tokenizer, instructions: list[str], inputs: list[str], max_prompt_tokens: int) -> list[list[int]]:
+    """The token ids every engine is given for these prompts: [BOS] + the Alpaca prompt, cut from the left to
+    `max_prompt_tokens` (the end holds "### Response:", which the answer continues)."""
+    prompts = [alpaca_prompt(i, x) for i, x in zip(instructions, inputs)]
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if default_add_bos(tokenizer) else []
+    return [(bos + ids)[-max_prompt_tokens:] for ids in encoded]
+
+
+def decode_answers(tokenizer, generated: list) -> list[str]:
+    """Generated token ids -> answer strings, special tokens (EOS, padding) dropped: one decoding for every engine."""
+    return tokenizer.batch_decode(generated, skip_special_tokens=True)
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, instructions: list[str], inputs: list[str], sampling: Sampling) -> list[str]:
     """Answers for a batch of prompts, [B] strings: prompts left-padded so every row continues from its last
     token; only the new tokens are decoded (special tokens dropped)."""
-    prompts = [alpaca_prompt(i, x) for i, x in zip(instructions, inputs)]
-    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if default_add_bos(tokenizer) else []
-    rows = [(bos + ids)[-sampling.max_prompt_tokens :] for ids in encoded]  # keep the end: it holds "### Response:"
+    rows = prompt_token_ids(tokenizer, instructions, inputs, sampling.max_prompt_tokens)
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
@@ -42,7 +53,7 @@ def generate_answers(model, tokenizer, instructions: list[str], inputs: list[str
     else:
         options.update(temperature=None, top_p=None, top_k=None)
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **options)
-    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return decode_answers(tokenizer, out[:, width:])
 
 
 @torch.no_grad()

@@ -1,6 +1,18 @@
-"""Evaluation stage (Ray shell): per fine-tuned run, one Ray Data pass of batch inference over the test prompts
-and the held-out reference answers; then, when a judge endpoint is configured, pairwise judging of every run
-against the reference scorer's run at the same ratio; finally the comparison table and plots (compare.py).
+"""Evaluation stage (Ray shell): every fine-tuned run's answers to the test prompts and its loss on the held-out
+reference answers, all runs at once on actor pools as wide as the cluster allows; then, when a judge endpoint is
+configured, pairwise judging of every run against the reference scorer's run at the same ratio; finally the
+comparison table and plots (compare.py).
+
+Concurrency: one Ray Data dataset (and actor pool) per run, the runs of a wave consumed side by side from driver
+threads (plan.py shares the actors out and cuts the waves). Not one dataset keyed by run: an actor holds one model
+(a 7B model fills most of a GPU, loading another per batch would cost minutes) and Ray Data cannot route a row to
+the actor that holds its run's model. The datasets are built in the driver's main thread, only their streaming runs
+in the threads.
+
+Engines (plan.choose_engine): `hf` runs generation and held-out scoring in one pass of `hf_engine.ModelEvaluator`
+actors, as before; `vllm` generates through Ray Data's vLLM processor (vllm_engine.py) and then scores the held-out
+answers with `hf` actors (a forward pass; vLLM is not used for it), one phase after the other so the two never hold
+a GPU at once.
 
 Outputs under ``output_dir/evaluation/``: ``runs/{run}/generations.jsonl`` (test_set, id, instruction, input, answer),
 ``runs/{run}/heldout.json``, ``runs/{run}/judge_vs_{reference}.jsonl`` (per prompt outcome) and the comparison
@@ -15,84 +27,26 @@ import json
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from gradfilter_ray.config import Config, EvaluationConfig, build
+from gradfilter_ray.config import Config, EvaluationConfig
+from gradfilter_ray.evaluation.hf_engine import (
+    GENERATE,
+    HELDOUT,
+    POSITION,
+    ModelEvaluator,
+    hf_dataset,
+    with_results,
+)
+from gradfilter_ray.evaluation.plan import choose_engine, cluster_width, plan_waves
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.scoring.scorers import FULL, Selection
 from gradfilter_ray.storage import Location
 
-GENERATE, HELDOUT = "generate", "heldout"
 JUDGE_CACHE = ".judge_cache.jsonl"
-
-
-class ModelEvaluator:
-    """Ray Data callable class: loads one fine-tuned model once, then answers prompts and scores references."""
-
-    def __init__(self, model: Location, evaluation: dict, max_length: int) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from gradfilter_ray.evaluation.generate import Sampling
-        from gradfilter_ray.models import pick_device
-
-        ev: EvaluationConfig = build(EvaluationConfig, evaluation, "evaluation")
-        torch.set_num_threads(max(1, int(ev.cpus_per_actor)))
-        self.device = pick_device(ev.gpus_per_actor)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        model_dir = model.path
-        if not model.is_local:  # an object-store run directory: fetch the folder to this node first
-            self._download = tempfile.TemporaryDirectory(prefix="gfr-eval-model-")
-            model_dir = str(model.get(Path(self._download.name) / "model"))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
-        self.sampling = Sampling(ev.max_new_tokens, ev.do_sample, ev.temperature, ev.top_p, max_length)
-        self.max_length = max_length
-        self.seed = 0
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        import torch
-
-        from gradfilter_ray.evaluation.generate import generate_answers, reference_losses
-
-        kinds = table["kind"].to_pylist()
-        instructions = table["instruction"].to_pylist()
-        inputs = table["input"].to_pylist()
-        answers: list[str | None] = [None] * len(kinds)
-        loss_sums = [float("nan")] * len(kinds)
-        counts = [0] * len(kinds)
-        gen = [i for i, k in enumerate(kinds) if k == GENERATE]
-        if gen:
-            torch.manual_seed(self.seed)  # sampled answers are reproducible per batch
-            out = generate_answers(
-                self.model, self.tokenizer, [instructions[i] for i in gen], [inputs[i] for i in gen], self.sampling
-            )
-            for i, a in zip(gen, out):
-                answers[i] = a
-        ref = [i for i, k in enumerate(kinds) if k == HELDOUT]
-        if ref:
-            outputs = table["output"].to_pylist()
-            sums, n = reference_losses(
-                self.model,
-                self.tokenizer,
-                [instructions[i] for i in ref],
-                [inputs[i] for i in ref],
-                [outputs[i] for i in ref],
-                self.max_length,
-            )
-            for i, s, c in zip(ref, sums, n):
-                loss_sums[i], counts[i] = s, c
-        return (
-            table.append_column("answer", pa.array(answers, pa.string()))
-            .append_column("loss_sum", pa.array(loss_sums, pa.float64()))
-            .append_column("n_tokens", pa.array(counts, pa.int64()))
-        )
 
 
 def evaluation_rows(ev: EvaluationConfig) -> list[dict]:
@@ -109,30 +63,119 @@ def evaluation_rows(ev: EvaluationConfig) -> list[dict]:
     return rows
 
 
-def evaluate_model(cfg: Config, model: Location, rows: list[dict]) -> pa.Table:
-    import ray.data
+def sorted_table(rows: list[dict]) -> pa.Table:
+    """Generation rows first, held-out rows after, each block sorted by prompt length (batches stay homogeneous),
+    every row numbered with its position in that order."""
+    rows = sorted(rows, key=lambda r: (r["kind"] != GENERATE, len(r["instruction"]) + len(r["input"])))
+    table = pa.Table.from_pylist(rows)
+    return table.append_column(POSITION, pa.array(range(len(rows)), pa.int64()))
+
+
+def n_batches(rows: int, batch_size: int) -> int:
+    return -(-rows // batch_size)
+
+
+def collect(ds) -> pa.Table:
+    """Stream a dataset to the end (in a driver thread); its rows in position order."""
+    table = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
+    return table.sort_by(POSITION)
+
+
+def run_waves(waves: list[dict[str, int]], build) -> dict[str, pa.Table]:
+    """Each wave's runs evaluated side by side: `build(run, actors)` makes a run's dataset (main thread), a thread
+    per run streams it. A wave ends when all its runs have; a failed run fails the stage once its wave is over."""
+    results: dict[str, pa.Table] = {}
+    for wave in waves:
+        datasets = {run: build(run, actors) for run, actors in wave.items()}
+        with ThreadPoolExecutor(max_workers=len(datasets), thread_name_prefix="gfr-eval") as pool:
+            futures = {run: pool.submit(collect, ds) for run, ds in datasets.items()}
+        results.update({run: future.result() for run, future in futures.items()})
+    return results
+
+
+def evaluate_runs(
+    cfg: Config, models: dict[str, Location], rows: list[dict], log=print, evaluator: type = ModelEvaluator
+) -> dict[str, pa.Table]:
+    """Every run's rows with their answers and held-out losses (one table per run, rows in sorted order)."""
+    import ray
+
+    from gradfilter_ray.evaluation.vllm_engine import vllm_installed
 
     ev = cfg.evaluation
-    # Generation rows first, held-out rows after, each block sorted by prompt length: batches stay homogeneous.
-    rows = sorted(rows, key=lambda r: (r["kind"] != GENERATE, len(r["instruction"]) + len(r["input"])))
-    ds = ray.data.from_arrow(pa.Table.from_pylist(rows))
-    ds = ds.map_batches(
-        ModelEvaluator,
-        fn_constructor_kwargs={
-            "model": model,
-            "evaluation": asdict(ev),
-            "max_length": cfg.finetune.max_length,
-        },
-        batch_size=ev.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=ev.cpus_per_actor,
-        num_gpus=ev.gpus_per_actor,
-    )
-    table = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
-    if table.num_rows != len(rows):
-        raise RuntimeError(f"evaluation returned {table.num_rows} rows for {len(rows)} inputs")
-    return table
+    table = sorted_table(rows)
+    local = all(m.is_local for m in models.values())
+    engine, why = choose_engine(ev.engine, ev.gpus_per_actor, vllm_installed(), local)
+    actors = ev.num_actors or cluster_width(ray.cluster_resources(), ev.cpus_per_actor, ev.gpus_per_actor)
+    log(f"[evaluation] engine {engine} ({why}); {len(models)} runs on up to {actors} actors")
+
+    def hf_build(part: pa.Table):
+        return lambda run, width: hf_dataset(part, models[run], ev, cfg.finetune.max_length, width, evaluator)
+
+    def waves(part: pa.Table, phase: str) -> list[dict[str, int]]:
+        planned = plan_waves({run: n_batches(part.num_rows, ev.batch_size) for run in models}, actors)
+        log(f"[evaluation] {phase}: actors per run, by wave: " + " then ".join(json.dumps(w) for w in planned))
+        return planned
+
+    if engine == "hf":
+        results = run_waves(waves(table, "answers and held-out losses (hf)"), hf_build(table))
+    else:
+        kinds = np.asarray(table["kind"].to_pylist())
+        gen, ref = table.filter(pa.array(kinds == GENERATE)), table.filter(pa.array(kinds == HELDOUT))
+        answered = vllm_answers(cfg, models, gen, waves(gen, "answers (vllm)")) if gen.num_rows else {}
+        scored = run_waves(waves(ref, "held-out losses (hf)"), hf_build(ref)) if ref.num_rows else {}
+        results = {run: merge(gen, answered.get(run), scored.get(run)) for run in models}
+    for run, result in results.items():
+        if result.num_rows != table.num_rows or result[POSITION].to_pylist() != list(range(table.num_rows)):
+            raise RuntimeError(f"evaluation of {run} returned {result.num_rows} rows for {table.num_rows} inputs")
+    return results
+
+
+def vllm_answers(
+    cfg: Config, models: dict[str, Location], gen: pa.Table, waves: list[dict[str, int]]
+) -> dict[str, list[str]]:
+    """Every run's answers to the generation rows (in their order), through vLLM; the driver tokenizes and decodes
+    with the run's own tokenizer (the same functions the HF path uses)."""
+    from transformers import AutoTokenizer
+
+    from gradfilter_ray.evaluation import vllm_engine
+    from gradfilter_ray.evaluation.generate import Sampling, decode_answers, prompt_token_ids
+
+    ev = cfg.evaluation
+    sampling = Sampling(ev.max_new_tokens, ev.do_sample, ev.temperature, ev.top_p, cfg.finetune.max_length)
+    instructions, inputs = gen["instruction"].to_pylist(), gen["input"].to_pylist()
+    tokenizers = {run: AutoTokenizer.from_pretrained(model.path) for run, model in models.items()}
+
+    def build(run: str, width: int):
+        model_config = json.loads((models[run] / "config.json").read_text())
+        config = vllm_engine.processor_config(
+            models[run].path,
+            actors=width,
+            batch_size=ev.batch_size,
+            cpus_per_actor=ev.cpus_per_actor,
+            gpus_per_actor=ev.gpus_per_actor,
+            sampling=sampling,
+            model_max_len=model_config.get("max_position_embeddings"),
+            extra_engine_kwargs=ev.vllm_engine_kwargs,
+        )
+        ids = prompt_token_ids(tokenizers[run], instructions, inputs, sampling.max_prompt_tokens)
+        return vllm_engine.generation_dataset(config, ids, sampling)
+
+    generated = run_waves(waves, build)
+    return {
+        run: decode_answers(tokenizers[run], vllm_engine.in_order(table.to_pylist(), gen.num_rows))
+        for run, table in generated.items()
+    }
+
+
+def merge(gen: pa.Table, answers: list[str] | None, scored: pa.Table | None) -> pa.Table:
+    """A vLLM run's rows as the HF pass returns them: generation rows with their answers, then the held-out rows
+    the HF actors scored."""
+    parts = []
+    if gen.num_rows:
+        parts.append(with_results(gen, answers, [float("nan")] * gen.num_rows, [0] * gen.num_rows))
+    if scored is not None:
+        parts.append(scored.select(parts[0].column_names).cast(parts[0].schema) if parts else scored)
+    return pa.concat_tables(parts).sort_by(POSITION)
 
 
 def _write_run(out: Path, table: pa.Table) -> dict:
@@ -206,7 +249,7 @@ def judge_runs(cfg: Config, cache: Path, eval_dir: Path, runs: dict[str, dict], 
     return {"status": "ran", "model": j.model, "runs": results}
 
 
-def run(cfg: Config, run: RunDir, key: str) -> dict:
+def run(cfg: Config, run: RunDir, key: str, log=print) -> dict:
     from gradfilter_ray.evaluation.compare import write_comparison
 
     summary = json.loads((run.finetune / "summary.json").read_text())
@@ -214,17 +257,18 @@ def run(cfg: Config, run: RunDir, key: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="gfr-eval-") as tmp:
         eval_dir = Path(tmp) / "evaluation"
         eval_dir.mkdir()
+        models = {name: run.finetune / name / "model" for name in summary["runs"]}
+        tables = evaluate_runs(cfg, models, rows, log=log)
         runs = {}
         for run_name, train in summary["runs"].items():
-            table = evaluate_model(cfg, run.finetune / run_name / "model", rows)
             selection = Selection.parse(run_name)
             info = {"scorer": selection.scorer, "ratio": selection.ratio, "n_train": train["rows_trained"]}
-            runs[run_name] = {**info, **_write_run(eval_dir / "runs" / run_name, table)}
+            runs[run_name] = {**info, **_write_run(eval_dir / "runs" / run_name, tables[run_name])}
         cache = Path(tmp) / JUDGE_CACHE
         if cfg.evaluation.judge.base_url and run.judge_cache.exists():
             run.judge_cache.get(cache)
         try:
-            judge = judge_runs(cfg, cache, eval_dir, runs)
+            judge = judge_runs(cfg, cache, eval_dir, runs, log=log)
         finally:  # judgements are paid for: keep those made before a crash too (one whole-object write)
             if cache.exists():
                 run.judge_cache.write_bytes(cache.read_bytes())

@@ -97,11 +97,11 @@ def epoch_positions(plan: TrainPlan, seed: int, epoch: int) -> np.ndarray:
 
 def use_cpu_adam(cfg: FinetuneConfig, prebuilt: bool) -> bool:
     """Whether the offloaded optimiser step runs DeepSpeed's CPU Adam (vectorised, one thread per CPU of the
-    worker: several times torch's AdamW on CPU) rather than torch's AdamW: `on` always (it JIT-compiles where it
-    was not prebuilt), `auto` when the op was prebuilt, `off` never; only with offload_optimizer."""
+    worker: several times torch's AdamW on CPU) rather than torch's AdamW: `always` (it JIT-compiles where
+    it was not prebuilt), `auto` when the op was prebuilt, `never`; only with offload_optimizer."""
     if not cfg.offload_optimizer:
         return False
-    return cfg.cpu_adam == "on" or (cfg.cpu_adam == "auto" and prebuilt)
+    return cfg.cpu_adam == "always" or (cfg.cpu_adam == "auto" and prebuilt)
 
 
 def deepspeed_config(cfg: FinetuneConfig, plan: TrainPlan, bf16: bool, cpu_adam: bool = False) -> dict:
