@@ -66,9 +66,8 @@ def _trainers(c: Config) -> str:
 
 def _evaluators(c: Config) -> str:
     e = c.evaluation
-    width = e.num_actors or "as many as the cluster holds"
-    each = f"({e.cpus_per_actor} CPU, {e.gpus_per_actor} GPU)"
-    return f"{width} Ray Data actors x {each} shared over the runs, engine {e.engine}"
+    count = f"{e.num_actors} Ray Data actors" if e.num_actors else "Ray Data actors (as many as the cluster holds)"
+    return f"{count} x ({e.cpus_per_actor} CPU, {e.gpus_per_actor} GPU) shared over the runs, engine {e.engine}"
 
 
 STAGES: dict[str, Stage] = {
