@@ -1,0 +1,164 @@
+"""Chat-template tokenisation (data/chat_tokens.py), token by token on known strings: a ChatML template, and one
+whose generation prompt is not how it renders a finished answer (so an answer is not a plain suffix of the rendered
+prompt); tool-call turns trained or not; truncation by whole trailing turns; a template that rewrites history is
+refused; and the 300 real glaive conversations keep exactly their answers' text under the loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_data_conversations import GLAIVE
+
+from gradfilter_ray.config import ModelSpec
+from gradfilter_ray.data.chat_tokens import (
+    TemplateNotIncremental,
+    cut_pieces,
+    hf_render,
+    tokenize_pieces,
+    whole_text_encoder,
+)
+from gradfilter_ray.data.conversations import canonical_turns
+from gradfilter_ray.losses import IGNORE_INDEX
+from gradfilter_ray.models import load_tokenizer
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# The prompt for a new answer ends "<|assistant|>\n", but a finished answer is rendered "<|assistant|>" + text.
+NOT_SUFFIX = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}</s>\n"
+    "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+REWRITES_HISTORY = (
+    "{% for m in messages %}{% if loop.last %}[last]{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+)
+TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "Call the map tool."},
+    {"role": "tool_call", "content": '{"name": "map", "arguments": {"city": "Paris"}}'},
+    {"role": "tool", "content": '{"ok": true}'},
+    {"role": "assistant", "content": "Done."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(ModelSpec(name_or_path="bundled:stories260K"))
+
+
+def merge_kinds(pieces):
+    from gradfilter_ray.data.chat_tokens import Piece
+
+    return [Piece(text, answer, 0) for text, answer in merged(pieces)]
+
+
+def merged(pieces):
+    """Adjacent pieces of the same kind joined: the text the loss sees and the text it does not."""
+    out = []
+    for p in pieces:
+        if out and out[-1][1] == p.answer:
+            out[-1] = (out[-1][0] + p.text, p.answer)
+        else:
+            out.append((p.text, p.answer))
+    return out
+
+
+def check_tokens(tokenizer, got, parts):
+    """Independent of the offsets the encoder uses: the ids are the known text tokenised whole, and each maximal
+    run of labelled tokens decodes to exactly one known answer string, in order (a border one character off would
+    move a character into or out of a run)."""
+    text = "".join(t for t, _ in parts)
+    assert got.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    runs, run = [], []
+    for tid, label in zip(got.input_ids, got.labels):
+        if label != IGNORE_INDEX:
+            assert label == tid
+            run.append(tid)
+        elif run:
+            runs.append(run)
+            run = []
+    runs += [run] if run else []
+    assert [tokenizer.decode(r) for r in runs] == [t for t, answer in parts if answer]
+
+
+def test_chatml_pieces_and_tokens_are_exactly_the_answers(tokenizer):
+    pieces = cut_pieces(TURNS, hf_render(tokenizer, CHATML))
+    parts = [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"
+         "<|im_start|>assistant\n", False),
+        ("Paris.<|im_end|>\n", True),
+        ("<|im_start|>user\nCall the map tool.<|im_end|>\n<|im_start|>assistant\n", False),
+        ('{"name": "map", "arguments": {"city": "Paris"}}<|im_end|>\n', True),
+        ('<|im_start|>tool\n{"ok": true}<|im_end|>\n<|im_start|>assistant\n', False),
+        ("Done.<|im_end|>\n", True),
+    ]  # fmt: skip
+    assert merged(pieces) == parts
+    got = tokenize_pieces(pieces, whole_text_encoder(tokenizer)(pieces), max_length=10_000)
+    check_tokens(tokenizer, got, parts)  # token by token
+    assert got.turns_kept == len(TURNS) and not got.truncated
+    assert got.n_response_tokens == sum(1 for x in got.labels if x != IGNORE_INDEX) > 0
+
+
+def test_an_answer_that_is_not_a_plain_suffix_of_the_prompt_is_cut_at_its_first_character(tokenizer):
+    pieces = cut_pieces(TURNS[:3], hf_render(tokenizer, NOT_SUFFIX))
+    parts = [
+        ("<s><|system|>\nBe brief.</s>\n<|user|>\nCapital of France?</s>\n<|assistant|>", False),
+        ("Paris.</s>\n", True),
+    ]
+    assert merged(pieces) == parts
+    got = tokenize_pieces(pieces, whole_text_encoder(tokenizer)(pieces), max_length=10_000)
+    check_tokens(tokenizer, got, parts)
+    assert got.input_ids[0] == tokenizer.bos_token_id  # the template's BOS text is the BOS token
+
+
+def test_tool_calls_are_trained_only_when_asked(tokenizer):
+    pieces = cut_pieces(TURNS, hf_render(tokenizer, CHATML), train_tool_calls=False)
+    answers = [text for text, answer in merged(pieces) if answer]
+    assert answers == ["Paris.<|im_end|>\n", "Done.<|im_end|>\n"]
+
+
+def test_truncation_drops_whole_trailing_turns_then_cuts_the_first_answer(tokenizer):
+    pieces = cut_pieces(TURNS, hf_render(tokenizer, CHATML))
+    tokens = whole_text_encoder(tokenizer)(pieces)
+    full = tokenize_pieces(pieces, tokens, max_length=10_000)
+    first_exchange = sum(1 for _, k in tokens if pieces[k].turn <= 2)  # system, user, answer
+    answer = sum(1 for _, k in tokens if pieces[k].turn == 2 and pieces[k].answer)
+    cut = tokenize_pieces(pieces, tokens, max_length=first_exchange + 3)  # turn 3 does not fit
+    assert cut.turns_kept == 3 and cut.truncated
+    assert (cut.input_ids, cut.labels) == (full.input_ids[:first_exchange], full.labels[:first_exchange])
+    head = tokenize_pieces(pieces, tokens, max_length=first_exchange - answer + 2)  # 2 tokens of the answer fit
+    assert head.turns_kept == 2 and head.n_response_tokens == 2
+    assert head.input_ids == full.input_ids[: len(head.input_ids)]
+    none = tokenize_pieces(pieces, tokens, max_length=5)  # not even the prompt fits: reported, never guessed
+    assert none.n_response_tokens == 0 and len(none.input_ids) == 5
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tokenizer):
+    with pytest.raises(TemplateNotIncremental):
+        cut_pieces(TURNS[:3], hf_render(tokenizer, REWRITES_HISTORY))
+
+
+def test_the_real_glaive_conversations_train_on_their_answers_text_only(tokenizer):
+    render, encode = hf_render(tokenizer, CHATML), whole_text_encoder(tokenizer)
+    seen = 0
+    for record in json.loads(GLAIVE.read_text()):
+        turns, _ = canonical_turns(record)
+        pieces = cut_pieces(turns, render)
+        assert "".join(p.text for p in pieces) == render(turns_as_messages(turns), False)
+        want = "".join(t["content"] + "<|im_end|>\n" for t in turns if t["role"] in ("assistant", "tool_call"))
+        assert "".join(p.text for p in pieces if p.answer) == want
+        got = tokenize_pieces(pieces, encode(pieces), max_length=100_000)
+        check_tokens(tokenizer, got, [(p.text, p.answer) for p in merge_kinds(pieces)])
+        seen += 1
+    assert seen == 300
+
+
+def turns_as_messages(turns):
+    from gradfilter_ray.data.chat_tokens import template_messages
+
+    return template_messages(turns)
