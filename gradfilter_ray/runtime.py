@@ -89,23 +89,25 @@ def run_as_task(fn, *args, num_cpus: float = 1, max_retries: int = 2):
 
 def at_most_in_flight(width: int, items: list, launch, on_done=lambda item, result: None) -> None:
     """`launch(item)` -> an ObjectRef, for each item in order, with at most `width` unfinished at once; `on_done(item,
-    result)` as each finishes. The first failure cancels the others and raises."""
+    result)` as each finishes. After a failure nothing new is launched, the items in flight finish (hours of GPU
+    work each: cancelling them would throw it away), and then the first failure is raised."""
     import ray
 
-    pending, in_flight = list(items), {}
-    while pending or in_flight:
-        while pending and len(in_flight) < width:
+    pending, in_flight, failure = list(items), {}, None
+    while (pending and failure is None) or in_flight:
+        while pending and failure is None and len(in_flight) < width:
             item = pending.pop(0)
             in_flight[launch(item)] = item
         done, _ = ray.wait(list(in_flight), num_returns=1)
         item = in_flight.pop(done[0])
         try:
             result = ray.get(done[0])
-        except BaseException:
-            for ref in in_flight:
-                ray.cancel(ref, force=True)
-            raise
+        except Exception as exc:
+            failure = failure or exc
+            continue
         on_done(item, result)
+    if failure is not None:
+        raise failure
 
 
 @contextmanager

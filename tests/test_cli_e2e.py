@@ -7,6 +7,7 @@ Local run directories are covered end to end by the tiny runs (test_reproducibil
 
 import csv
 import io
+import json
 
 import pyarrow.parquet as pq
 import pytest
@@ -92,6 +93,12 @@ def test_workers_read_and_write_the_store_themselves(demo):
     assert fetched("/demo/finetune/gsnr_0.15/model/model.safetensors"), "the evaluation actor did not fetch the model"
     assert [r for r in requests if "PUT /" in r and "/demo/gradients/" in r]
     assert [r for r in requests if "PUT /" in r and "/demo/.ray_train_finetune/" in r]
+    # the checkpoint at epoch 1's end: each rank staged its own shard and uploaded it itself, into the trainer's folder
+    checkpoint_puts = [r for r in requests if "PUT /" in r and "/checkpoint_step_0000001/" in r]
+    assert checkpoint_puts and any("zero_pp_rank_1" in r for r in checkpoint_puts)
+    summary = json.loads((RunDir(demo["uri"]).finetune / "gsnr_0.15" / "train_summary.json").read_text())
+    assert summary["checkpoint_steps"] == [1] and summary["checkpoint_staged_bytes"] > 0
+    assert summary["checkpoint_bytes"] >= summary["checkpoint_staged_bytes"]
 
 
 def test_a_second_driver_finds_every_stage_done_and_compare_leaves_the_weights_in_the_store(demo):

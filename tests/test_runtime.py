@@ -1,5 +1,6 @@
 """`runtime.at_most_in_flight` (the finetune stage's subsets side by side) on a real local Ray with plain tasks:
-never more than the width at once, every item in launch order, and a failure cancels the rest and raises."""
+never more than the width at once, and after a failure no new item starts, the running ones finish, then it
+raises."""
 
 from __future__ import annotations
 
@@ -42,13 +43,16 @@ def test_no_more_than_the_width_run_at_once_and_all_finish(span_task):
     assert starts[2] >= min(r[2] for r in finished if r[0] < 2) - 0.05  # the third waited for a free slot
 
 
-def test_a_failure_cancels_the_others_and_raises(span_task):
+def test_after_a_failure_nothing_new_starts_the_running_finish_and_the_failure_is_raised(span_task):
+    """Item 0 fails while item 1 runs: item 1 still finishes (its work is kept), items 2 and 3 never start."""
     import ray
 
-    task = span_task
-    finished = []
+    launched, finished = [], []
+
+    def launch(i):
+        launched.append(i)
+        return span_task.remote(i, 0.1 if i == 0 else 1.0, fail=i == 0)
+
     with pytest.raises(ray.exceptions.RayTaskError, match="item 0 failed"):
-        at_most_in_flight(
-            2, [0, 1, 2], lambda i: task.remote(i, 0.1 if i == 0 else 5, fail=i == 0), lambda i, r: finished.append(i)
-        )
-    assert finished == []  # nothing after the failure was waited for
+        at_most_in_flight(2, [0, 1, 2, 3], launch, lambda i, r: finished.append(i))
+    assert launched == [0, 1] and finished == [1]

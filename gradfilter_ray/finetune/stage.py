@@ -22,6 +22,7 @@ from dataclasses import asdict
 from gradfilter_ray.config import Config
 from gradfilter_ray.finetune.placement import subset_demand, subsets_side_by_side
 from gradfilter_ray.finetune.worker import SUMMARY, finetune_worker, run_finished
+from gradfilter_ray.parquet_stream import parquet_files, row_counts
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import at_most_in_flight, sigint_restored
 from gradfilter_ray.scoring.scorers import FULL, Selection
@@ -134,11 +135,16 @@ def side_by_side_width(cfg: Config, log=print) -> int:
 
 def fit_side_by_side(cfg: Config, run: RunDir, key: str, todo: list[Selection], log=print, train_fn=finetune_worker):
     """Up to `side_by_side_width` subsets in flight at once, each trainer launched from its own zero-CPU task (a
-    task holds no resources its trainer needs); the first failure stops the stage."""
+    task holds no resources its trainer needs); after a failure the subsets in flight finish, no new one starts, and
+    the failure stops the stage."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     width = side_by_side_width(cfg, log)
-    launch = ray.remote(fit_subset).options(num_cpus=0, max_retries=0)
+    # On the driver's node: a trainer's controller lives where its fit() runs, and a preempted GPU node must not
+    # take a subset's controller down with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    launch = ray.remote(fit_subset).options(num_cpus=0, max_retries=0, scheduling_strategy=here)
     log(f"[finetune] {len(todo)} subset(s) to train, {min(width, len(todo))} side by side")
     at_most_in_flight(
         width,
@@ -148,19 +154,13 @@ def fit_side_by_side(cfg: Config, run: RunDir, key: str, todo: list[Selection], 
     )
 
 
-def _row_count(where: Location) -> int:
-    import pyarrow.dataset as pads
-
-    return pads.dataset(where.path, format="parquet", filesystem=where.filesystem).count_rows()
-
-
 def run(cfg: Config, run: RunDir, key: str, log=print) -> dict:
     skipped, todo, names = {}, [], []
     for selection in selections(cfg):
         rows = training_rows(run, selection)
         if not rows.exists():
             raise FileNotFoundError(f"{rows} does not exist: is '{selection.scorer}' among scoring.scorers?")
-        if _row_count(rows) == 0:
+        if sum(row_counts(parquet_files(rows))) == 0:
             skipped[selection.name] = "empty selection"
             continue
         names.append(selection.name)

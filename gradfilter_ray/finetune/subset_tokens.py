@@ -45,9 +45,9 @@ def share_bounds(n_rows: int, world_size: int, rank: int) -> tuple[int, int]:
 
 
 def rows_to_table(input_ids: Sequence, label_starts: np.ndarray, rows_in: int, dropped: int) -> pa.Table:
-    """One share as a table (input_ids list<int32>, label_start int64); the share's row counts in its metadata."""
+    """One share as a table (input_ids large_list<int32>, label_start int64), its row counts in the metadata."""
     packed = input_ids if isinstance(input_ids, PackedRows) else PackedRows.from_lists(input_ids)
-    ids = pa.ListArray.from_arrays(pa.array(packed.offsets.astype(np.int32)), pa.array(packed.tokens))
+    ids = pa.LargeListArray.from_arrays(pa.array(packed.offsets), pa.array(packed.tokens))  # int64 offsets: no wrap
     table = pa.table({"input_ids": ids, "label_start": pa.array(np.asarray(label_starts, dtype=np.int64))})
     return table.replace_schema_metadata({ROWS_IN: str(rows_in), NO_RESPONSE: str(dropped)})
 

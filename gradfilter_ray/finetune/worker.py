@@ -12,7 +12,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +40,24 @@ def _write_loss_csv(path: Path, losses: list[list[float]]) -> None:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["step", "loss"])
         writer.writerows((int(step), f"{loss:.8g}") for step, loss in losses)
+
+
+@contextmanager
+def final_folder(out: Location) -> Iterator[Path]:
+    """A folder to write a subset's final files into, which becomes `out` when the block ends. On a local or shared
+    mount it is a sibling of `out`, renamed into place (a 7B model is written once, never staged and copied); on an
+    object store it is a local temporary folder, uploaded."""
+    if out.is_local:
+        staging = Path(f"{out.parent().path}/.{out.name}.writing")
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while writing
+        staging.mkdir(parents=True)
+        yield staging
+        out.delete()
+        os.replace(staging, out.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="gfr-final-") as tmp:
+        yield Path(tmp)
+        out.put(Path(tmp))
 
 
 def shared_subset_rows(tokenizer, rows_at: Location, tokens_at: Location, max_length: int, rank: int, world: int):
@@ -89,7 +110,7 @@ def cpu_adam_prebuilt() -> bool:
 def finetune_worker(config: dict) -> None:
     """Ray Train worker: DeepSpeed on this worker's share of one subset."""
     threads = str(config["torch_threads"])
-    os.environ["OMP_NUM_THREADS"] = threads  # before DeepSpeed's ops load: CPU Adam sizes its pool from it
+    os.environ["OMP_NUM_THREADS"] = threads  # for processes this worker starts; torch.set_num_threads below sizes ours
     import torch
 
     if not torch.cuda.is_available():  # DeepSpeed otherwise warns, in every worker, that it fell back to CPU
@@ -186,7 +207,7 @@ def finetune_worker(config: dict) -> None:
     if rank != 0:
         ray.train.report({"step": plan.total_steps, "finished": 1})
         return
-    with tempfile.TemporaryDirectory(prefix="gfr-final-") as tmp:
+    with final_folder(out) as tmp:
         save_merged(finetune, {k: v.to("cpu") for k, v in state_dict.items()}, dtype, Path(tmp) / MODEL_DIR)
         tokenizer.save_pretrained(Path(tmp) / MODEL_DIR)  # so evaluation and users load the folder alone
         _write_loss_csv(Path(tmp) / LOSS_CSV, losses)
@@ -206,6 +227,5 @@ def finetune_worker(config: dict) -> None:
             **writes.as_dict(),  # every checkpoint of this subset, resumed runs included
         }
         (Path(tmp) / SUMMARY).write_text(json.dumps(summary, indent=2))
-        out.put(Path(tmp))
     (out / DONE_MARKER).write_text(config["key"])
     ray.train.report({"step": plan.total_steps, "finished": 1})
