@@ -106,7 +106,7 @@ def corpora(quick: bool) -> dict[str, tuple[ProxyConfig, EnsembleConfig, TokenRo
 def lm_head_positions(rows: TokenRows, cfg: EnsembleConfig) -> int:
     """Positions the LM head computes in epoch 1: per batch, rows x `losses.scored_window` (from the batch's earliest
     response token to its padded end), where a 50k-vocabulary model spends most of its time."""
-    lengths, starts = rows.lengths(), rows.label_starts
+    lengths, starts = rows.lengths(), rows.labels_at
     batches = epoch_batches(lengths, cfg, MEMBER_SEED, 1)
     return sum(len(b) * int(lengths[b].max() - starts[b].min() + 1) for b in batches)
 

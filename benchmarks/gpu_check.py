@@ -134,12 +134,12 @@ def synthetic_rows(shape: Shape, vocab: int, seed: int = 0) -> TokenRows:
 
 def token_table(rows: TokenRows) -> pa.Table:
     """`tokens/`-shaped rows for extract_block (the unconditioned IFD pass gets the response alone)."""
-    response = [ids[s:] for ids, s in zip(rows.input_ids, rows.label_starts)]
+    response = [ids[s:] for ids, s in zip(rows.input_ids, rows.labels_at)]
     return pa.table(
         {
             "id": pa.array(rows.ids, pa.int64()),
             "input_ids": pa.array([x.tolist() for x in rows.input_ids], pa.list_(pa.int32())),
-            "label_start": pa.array(rows.label_starts, pa.int32()),
+            "label_start": pa.array(rows.labels_at, pa.int32()),
             "response_input_ids": pa.array([x.tolist() for x in response], pa.list_(pa.int32())),
             "response_label_start": pa.array(np.zeros(len(response)), pa.int32()),
         }
@@ -243,7 +243,7 @@ def extraction(shape: Shape, rows: TokenRows, folders: dict[str, Path], device: 
 
 
 def device_batch(rows: TokenRows, picked, device) -> dict:
-    batch = collate_rows([rows.input_ids[i] for i in picked], rows.label_starts[picked], 0)
+    batch = collate_rows([rows.input_ids[i] for i in picked], rows.labels_at[picked], 0)
     return {k: v.to(device) for k, v in batch.items()}
 
 

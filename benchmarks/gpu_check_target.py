@@ -126,7 +126,7 @@ def synthetic_rows(shape: TargetShape, seed: int = 0) -> SubsetRows:
     p = 1.0 / np.arange(1, len(support) + 1)
     ids = [rng.choice(support, shape.seq_len, p=p / p.sum()).tolist() for _ in range(shape.rows)]
     starts = np.full(shape.rows, shape.seq_len // 4, dtype=np.int64)
-    return SubsetRows(input_ids=ids, label_starts=starts, rows_in=shape.rows, rows_no_response_tokens=0)
+    return SubsetRows(input_ids=ids, labels_at=starts, rows_in=shape.rows, rows_no_response_tokens=0)
 
 
 def _sync(device: torch.device) -> None:

@@ -69,7 +69,11 @@ class ModelSpec:
 class DataConfig:
     path: str = doc("Input: a file, a glob, a directory or a pyarrow filesystem URI (s3://, gs://, file://).", "")
     format: DataFormat = doc("Input format; 'auto' picks by extension (.json list, .jsonl, .parquet).", "auto")
-    dedup: bool = doc("Reject exact duplicates (same instruction, input and output), keeping the lowest id.", True)
+    dedup: bool = doc(
+        "Reject exact duplicates (same instruction, input and output; for a multi-turn conversation the same turns), "
+        "keeping the lowest id.",
+        True,
+    )
     max_field_chars: int = doc("Reject rows with any text field longer than this many characters.", 200_000)
     limit: int | None = doc("Read only the first N rows of every file (quick looks); None reads everything.", None)
 
@@ -87,7 +91,16 @@ class ProxyConfig:
         default_factory=lambda: ModelSpec(name_or_path="gpt2"),
     )
     max_length: int = doc("Max tokens per example (prompt + response); the response is cut first.", 512)
-    template: Literal["alpaca"] = doc("Prompt template.", "alpaca")
+    template: Literal["alpaca", "chat"] = doc(
+        "Prompt format: alpaca (the Stanford Alpaca prompt; a multi-turn conversation has no Alpaca form and is "
+        "counted, untrained) or chat (the tokenizer's chat template, or chat_template; the loss on every answer "
+        "turn).",
+        "alpaca",
+    )
+    chat_template: str | None = doc(
+        "Jinja chat template for template: chat when the tokenizer has none (GPT-2); None = the tokenizer's own.", None
+    )
+    train_tool_calls: bool = doc("With template: chat, also train on tool-call turns (as on assistant answers).", True)
     add_bos: bool | None = doc("Prepend BOS; None = the tokenizer family's convention (Llama yes, GPT-2 no).", None)
     add_eos: bool = doc("Append EOS after the response so the model learns to stop.", True)
 
@@ -219,7 +232,14 @@ class FinetuneConfig:
         "The target LM fine-tuned on each subset.",
         default_factory=lambda: ModelSpec(name_or_path="meta-llama/Llama-2-7b-hf"),
     )
-    max_length: int = doc("Max tokens per training example (Alpaca template, response-only loss).", 1024)
+    max_length: int = doc("Max tokens per training example (response-only loss).", 1024)
+    template: Literal["alpaca", "chat"] = doc(
+        "Prompt format the target trains and answers in: alpaca, or chat (its tokenizer's chat template, or "
+        "chat_template; the loss on every answer turn). As proxy.template.",
+        "alpaca",
+    )
+    chat_template: str | None = doc("Jinja chat template for template: chat when the tokenizer has none.", None)
+    train_tool_calls: bool = doc("With template: chat, also train on tool-call turns.", True)
     method: Literal["full", "lora"] = doc("Full fine-tuning (paper) or LoRA (saved merged into the model).", "full")
     lora_rank: int = doc("LoRA rank when method is lora.", 16)
     lora_alpha: float = doc("LoRA alpha when method is lora.", 32.0)

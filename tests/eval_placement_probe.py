@@ -42,7 +42,7 @@ SHRUNK = [
 class PlacedEvaluator(ModelEvaluator):
     """The stage's evaluator, recording its placement and, per batch, the rows' positions and when it ran."""
 
-    def __init__(self, model, evaluation: dict, max_length: int) -> None:
+    def __init__(self, model, evaluation: dict, max_length: int, **prompt) -> None:
         # Placement is recorded first: an actor the pool no longer needs may be stopped while it loads its model.
         self.facts = {
             "run": Path(model.path).parent.name,
@@ -54,7 +54,7 @@ class PlacedEvaluator(ModelEvaluator):
         }
         self.record = Path(os.environ[SEEN_ENV], f"actor-{uuid.uuid4().hex}.json")
         self.record.write_text(json.dumps(self.facts))
-        super().__init__(model, evaluation, max_length)
+        super().__init__(model, evaluation, max_length, **prompt)
         self.facts["device"] = str(self.device)
         self.record.write_text(json.dumps(self.facts))
 

@@ -162,3 +162,62 @@ def turns_as_messages(turns):
     from gradfilter_ray.data.chat_tokens import template_messages
 
     return template_messages(turns)
+
+
+def test_the_tokens_table_of_real_conversations_under_both_prompt_formats():
+    """tokens/ rows of the glaive conversations as ingest writes them: under chat every row trains on its answers
+    (the loss spans hold exactly the answer tokens, IFD's second sequence is BOS + those answers); under alpaca the
+    multi-turn rows are counted as needing chat and trained on nowhere, and single exchanges are Alpaca rows."""
+    import pyarrow as pa
+
+    from gradfilter_ray.config import ProxyConfig
+    from gradfilter_ray.data.formats import normalize_record
+    from gradfilter_ray.data.tokenized import MULTI_TURN_NEEDS_CHAT, tokenize_table
+
+    spec = ModelSpec(name_or_path="bundled:stories260K")
+    tokenizer = load_tokenizer(spec)
+    records = json.loads(GLAIVE.read_text())[:40]
+    records.append({"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]})
+    rows = [normalize_record(r, 100_000) for r in records]
+    table = pa.table(
+        {
+            "id": pa.array(range(len(rows)), pa.int64()),
+            **{c: [r[c] for r in rows] for c in ("instruction", "input", "output", "conversation")},
+        }
+    )
+    chat = tokenize_table(
+        table, tokenizer, ProxyConfig(model=spec, max_length=4096, template="chat", chat_template=CHATML)
+    )
+    for row, canonical in zip(chat.to_pylist(), rows):
+        turns = json.loads(canonical["conversation"])
+        answers = "".join(t["content"] + "<|im_end|>\n" for t in turns if t["role"] in ("assistant", "tool_call"))
+        spans = row["loss_spans"]
+        labelled = [tid for lo, hi in zip(spans[0::2], spans[1::2]) for tid in row["input_ids"][lo:hi]]
+        assert row["skip_reason"] is None and tokenizer.decode(labelled) == answers
+        assert row["n_response_tokens"] == len(labelled)
+        assert row["response_input_ids"] == [tokenizer.bos_token_id] + labelled and row["response_label_start"] == 1
+    alpaca = tokenize_table(table, tokenizer, ProxyConfig(model=spec, max_length=4096)).to_pylist()
+    multi = [r for r, c in zip(alpaca, rows) if len(json.loads(c["conversation"])) > 2]
+    assert multi and all(r["skip_reason"] == MULTI_TURN_NEEDS_CHAT and r["n_response_tokens"] == 0 for r in multi)
+    single = alpaca[-1]
+    assert single["skip_reason"] is None and single["n_response_tokens"] > 0
+    assert single["loss_spans"] == [single["label_start"], single["n_tokens"]]
+
+
+def test_a_chat_target_is_asked_exactly_as_it_was_trained(tokenizer):
+    """Evaluation's prompt for a chat target (one user turn with the generation prompt, tokenised whole) is the
+    training row's context token for token, and the training labels start right where the prompt ends."""
+    from gradfilter_ray.data.tokenized import as_turns, chat_tokenize
+    from gradfilter_ray.evaluation.generate import prompt_token_ids
+
+    tokenizer.chat_template = CHATML
+    try:
+        prompt = prompt_token_ids(tokenizer, ["Name a colour."], ["Sky"], 1000, "chat")[0]
+        trained = chat_tokenize(tokenizer, as_turns("Name a colour.", "Sky", "Blue.", None), 1000)
+    finally:
+        tokenizer.chat_template = None
+    assert trained.input_ids[: len(prompt)] == prompt
+    assert (
+        trained.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt) and trained.labels[len(prompt)] != IGNORE_INDEX
+    )
+    assert tokenizer.decode(trained.input_ids[len(prompt) :]) == "Blue.<|im_end|>\n"

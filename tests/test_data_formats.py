@@ -90,12 +90,12 @@ def test_sharegpt_single_turn():
 @pytest.mark.parametrize(
     "conversations, reason",
     [
-        ([{"from": "human", "value": "q"}], F.UNSUPPORTED_CONVERSATION),
-        ([{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}] * 2, F.UNSUPPORTED_CONVERSATION),
-        ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}], F.UNSUPPORTED_CONVERSATION),
-        ([{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}], F.EMPTY_OUTPUT),
-        ([{"from": "human", "value": 5}, {"from": "gpt", "value": "a"}], F.WRONG_TYPE),
-        ("not a list", F.WRONG_TYPE),
+        ([{"from": "human", "value": "q"}], "no_assistant_turn"),
+        ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}], "roles_out_of_order"),
+        ([{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}], "empty_turn"),
+        ([{"from": "human", "value": 5}, {"from": "gpt", "value": "a"}], "not_text"),
+        ([{"from": "human", "value": "q"}, {"from": "gpt", "value": "a" * 101}], F.FIELD_TOO_LONG),
+        ("not a list", "not_text"),
     ],
 )
 def test_sharegpt_rejections(conversations, reason):

@@ -108,8 +108,11 @@ def test_alpaca_json_list_parquet_sharegpt_and_a_uri(ray_cluster, tmp_path):
     share.append({"id": "multi", "conversations": share[0]["conversations"] * 2})
     (tmp_path / "share.json").write_text(json.dumps(share))
     counts, data, rejects = run_ingest(tmp_path / "s", tmp_path / "share.json")
-    assert data["output"].to_pylist() == ["Answer 0", "Answer 1", "Answer 2"]
-    assert rejects["reason"].to_pylist() == ["unsupported_conversation"]
+    # a multi-turn conversation is one example, kept whole (its one-line view: first question, last answer)
+    assert data["output"].to_pylist() == ["Answer 0", "Answer 1", "Answer 2", "Answer 0"] and rejects.num_rows == 0
+    multi = json.loads(data["conversation"][3].as_py())
+    assert [t["role"] for t in multi] == ["user", "assistant"] * 2
+    assert json.loads(data["extra"][3].as_py())["id"] == "multi"
 
     uri = f"file://{write_jsonl(tmp_path / 'uri.jsonl', GOOD[:6])}"
     counts, data, _ = run_ingest(tmp_path / "u", uri)

@@ -57,7 +57,7 @@ def test_epoch_order_depends_on_member_and_epoch_only():
 def test_rows_are_sorted_by_id_so_input_order_does_not_matter():
     rows = make_rows()
     assert np.all(np.diff(rows.ids) > 0)
-    shuffled = TokenRows.from_columns(rows.ids[::-1], rows.input_ids[::-1], rows.label_starts[::-1])
+    shuffled = TokenRows.from_columns(rows.ids[::-1], rows.input_ids[::-1], rows.labels_at[::-1])
     assert np.array_equal(shuffled.ids, rows.ids)
     assert all(np.array_equal(a, b) for a, b in zip(shuffled.input_ids, rows.input_ids))
 

@@ -42,28 +42,47 @@ def test_packed_rows_hold_exactly_the_lists():
     assert all(packed[i].tolist() == rows[i] for i in range(200))
 
 
-def test_shares_tokenised_apart_equal_the_subset_tokenised_whole():
-    """The shared copy is exact: tokenising 3 shares and reading them back in order gives the same rows, label
-    starts and counts as tokenising the subset in one piece (including rows dropped for no response token)."""
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_shares_tokenised_apart_equal_the_subset_tokenised_whole(template):
+    """The shared copy is exact: tokenising 3 shares and reading them back in order gives the same rows, labelled
+    positions and counts as tokenising the subset in one piece (including rows dropped for no response token), for
+    Alpaca rows and for multi-turn conversations (several label spans a row)."""
     import json
 
-    data = json.loads((REPO / "gradfilter_ray" / "assets" / "data" / "alpaca_sample_1k.json").read_text())[:40]
-    table = pa.table({k: [r[k] for r in data] for k in ("instruction", "input", "output")})
-    tokenizer = load_tokenizer(ModelSpec(name_or_path="bundled:stories260K"))
-    max_length = 48  # short: some prompts fill it, so some rows have no response token
-    whole = tokenize_subset(tokenizer, table, max_length)
+    from test_data_chat_tokens import CHATML
+    from test_data_conversations import GLAIVE
+
+    from gradfilter_ray.data.formats import normalize_record
+
+    if template == "alpaca":
+        data = json.loads((REPO / "gradfilter_ray" / "assets" / "data" / "alpaca_sample_1k.json").read_text())[:40]
+        table = pa.table({k: [r[k] for r in data] for k in ("instruction", "input", "output")})
+        max_length = 48  # short: some prompts fill it, so some rows have no response token
+    else:
+        records = json.loads(GLAIVE.read_text())[:30]
+        long_question = {"from": "human", "value": "why? " * 400}
+        records.insert(7, {"conversations": [long_question, {"from": "gpt", "value": "Because."}]})
+        rows = [normalize_record(r, 100_000) for r in records]
+        table = pa.table({k: [r[k] for r in rows] for k in ("instruction", "input", "output", "conversation")})
+        max_length = 400  # whole trailing turns dropped; the long question leaves no room for its answer
+    spec = ModelSpec(name_or_path="bundled:stories260K")
+    finetune = FinetuneConfig(model=spec, max_length=max_length, template=template, chat_template=CHATML)
+    tokenizer = load_tokenizer(spec)
+    whole = tokenize_subset(tokenizer, table, finetune)
     assert whole.rows_no_response_tokens > 0
     parts = []
     for rank in range(3):
         start, stop = share_bounds(table.num_rows, 3, rank)
-        share = tokenize_subset(tokenizer, table.slice(start, stop - start), max_length)
-        parts.append(rows_to_table(share.input_ids, share.label_starts, share.rows_in, share.rows_no_response_tokens))
+        share = tokenize_subset(tokenizer, table.slice(start, stop - start), finetune)
+        parts.append(rows_to_table(share.input_ids, share.labels_at, share.rows_in, share.rows_no_response_tokens))
     # through Parquet, as the ranks exchange them
     parts = [pq.read_table(pa.BufferReader(_parquet_bytes(t))) for t in parts]
-    packed, label_starts, rows_in, dropped = rows_from_tables(parts)
+    packed, labels_at, rows_in, dropped = rows_from_tables(parts)
     assert (rows_in, dropped) == (whole.rows_in, whole.rows_no_response_tokens)
-    assert len(packed) == len(whole) and [packed[i].tolist() for i in range(len(packed))] == whole.input_ids
-    np.testing.assert_array_equal(label_starts, whole.label_starts)
+    assert [packed[i].tolist() for i in range(len(packed))] == [x.tolist() for x in whole.input_ids]
+    assert [list(a) for a in labels_at] == [list(a) for a in whole.labels_at]
+    if template == "chat":
+        assert any(len(a) > 2 for a in labels_at)  # several answers under the loss in one row
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -69,16 +69,19 @@ def run_core(setup, tokens=None, batch_size=3) -> pa.Table:
     )
 
 
-def bs1_reference(model, ids: list[int], start: int, adapter: str) -> tuple[float, float]:
-    """Batch size 1, unpadded, plain autograd over one adapter's lora_A/lora_B params, eval mode."""
+def bs1_reference(model, ids: list[int], start, adapter: str) -> tuple[float, float]:
+    """Batch size 1, unpadded, plain autograd over one adapter's lora_A/lora_B params, eval mode. `start`: the first
+    labelled position, or a conversation's flat [start, stop) answer spans."""
     model.set_adapter(adapter)
     params = [p for n, p in model.named_parameters() if f".{adapter}." in n and "lora_" in n]
     for p in params:
         p.requires_grad_(True)
     try:
         input_ids = torch.tensor([ids])
-        labels = input_ids.clone()
-        labels[0, :start] = -100
+        labels = torch.full_like(input_ids, -100)
+        spans = [(start, len(ids))] if isinstance(start, int) else list(zip(start[0::2], start[1::2]))
+        for lo, hi in spans:
+            labels[0, lo:hi] = input_ids[0, lo:hi]
         if (labels[0, 1:] == -100).all():
             return 0.0, 0.0
         logits = model(input_ids=input_ids).logits[0]
@@ -142,3 +145,44 @@ def test_the_result_does_not_depend_on_batch_size_or_row_order(setup):
             equal_nan=True,
             err_msg=column,
         )
+
+
+def test_multi_turn_conversations_equal_the_batch_size_1_reference(setup):
+    """Conversations through a chat template (short ones: the test model holds 128 positions): the loss covers
+    every answer turn, tool calls included (several spans a row), and batched norms, losses and IFD losses still
+    equal the batch-size-1 autograd loop."""
+    from test_data_chat_tokens import CHATML, TURNS
+
+    model, _, pad_id = setup
+    conversations = [
+        json.dumps(TURNS),
+        json.dumps(TURNS[1:3] + [{"role": "user", "content": "Spain?"}, {"role": "assistant", "content": "Madrid."}]),
+        json.dumps(TURNS[1:3]),
+        json.dumps(TURNS[:5]),
+        json.dumps([{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "1 2 3"}] * 3),
+    ]
+    table = pa.table(
+        {
+            "id": pa.array(range(len(conversations)), pa.int64()),
+            "instruction": ["q"] * len(conversations),
+            "input": [""] * len(conversations),
+            "output": ["a"] * len(conversations),
+            "conversation": conversations,
+        }
+    )
+    chat = ProxyConfig(model=SPEC, max_length=128, template="chat", chat_template=CHATML)
+    tokens = tokenize_table(table, load_tokenizer(SPEC), chat)
+    rows = tokens.to_pylist()
+    assert sum(len(r["loss_spans"]) > 2 for r in rows) >= 2  # rows with more than one answer under the loss
+    assert all(r["skip_reason"] is None and r["n_response_tokens"] > 0 for r in rows)
+    out = extract_block(model, tokens, members=MEMBERS, batch_size=3, device=torch.device("cpu"), pad_id=pad_id)
+    for i, row in enumerate(rows):
+        got = out.slice(i, 1).to_pylist()[0]
+        assert got["n_response_tokens"] == row["n_response_tokens"]
+        for m in range(MEMBERS):
+            for checkpoint in ("early", "late"):
+                sq, loss = bs1_reference(model, row["input_ids"], row["loss_spans"], adapter_name(m, checkpoint))
+                assert got[f"sq_norm_{checkpoint}"][m] == pytest.approx(sq, rel=1e-9), (i, m)
+                assert got[f"loss_{checkpoint}"][m] == pytest.approx(loss, rel=1e-9), (i, m)
+        uncond = base_loss(model, row["response_input_ids"], row["response_label_start"])
+        np.testing.assert_allclose(out["ifd_loss_uncond"][i].as_py(), uncond, rtol=1e-9)

@@ -14,6 +14,15 @@ from typing import Any
 
 import pyarrow as pa
 
+from gradfilter_ray.data.conversations import (
+    CONVERSATION_REASONS,
+    SYSTEM,
+    ConversationRejected,
+    canonical_turns,
+    first_exchange,
+    is_conversation,
+)
+
 ROW_ID_FILE_STRIDE = 1 << 40  # id = file_index * stride + row position in that file: stable across re-runs
 
 # Rejection reasons (the `reason` column); one name per way a row can be unusable.
@@ -26,7 +35,6 @@ MISSING_OUTPUT = "missing_output"
 EMPTY_OUTPUT = "empty_output"
 WRONG_TYPE = "wrong_type"
 FIELD_TOO_LONG = "field_too_long"
-UNSUPPORTED_CONVERSATION = "unsupported_conversation"
 DUPLICATE = "duplicate"
 
 REASONS = (
@@ -39,7 +47,7 @@ REASONS = (
     EMPTY_OUTPUT,
     WRONG_TYPE,
     FIELD_TOO_LONG,
-    UNSUPPORTED_CONVERSATION,
+    *CONVERSATION_REASONS,
     DUPLICATE,
 )
 
@@ -57,6 +65,7 @@ NORMALIZED_SCHEMA = pa.schema(
         ("instruction", pa.string()),
         ("input", pa.string()),
         ("output", pa.string()),
+        ("conversation", pa.string()),
         ("extra", pa.string()),
         ("source_format", pa.string()),
         ("content_hash", pa.binary(16)),
@@ -66,12 +75,12 @@ NORMALIZED_SCHEMA = pa.schema(
     ]
 )
 
-CANONICAL_COLUMNS = ["id", "instruction", "input", "output", "extra", "source_format", "source_file", "source_row"]
+# `conversation`: a chat record's canonical turns as JSON (data/conversations.py), null for Alpaca rows; its
+# instruction and output then show the first question and the last answer.
+CANONICAL_COLUMNS = [
+    "id", "instruction", "input", "output", "conversation", "extra", "source_format", "source_file", "source_row"
+]  # fmt: skip
 REJECT_COLUMNS = ["id", "source_file", "source_row", "reason", "detail", "raw_preview"]
-
-HUMAN_ROLES = {"human", "user"}
-ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "model"}
-SYSTEM_ROLES = {"system"}
 
 
 class Rejected(Exception):
@@ -132,37 +141,33 @@ def _text_field(record: dict, key: str, *, required: bool, max_chars: int) -> st
     return value
 
 
-def _sharegpt_turns(record: dict, max_chars: int) -> tuple[str, str]:
-    turns = record["conversations"]
-    if not isinstance(turns, list):
-        raise Rejected(WRONG_TYPE, "conversations: expected a list")
-    kept = []
+def _conversation(record: dict, max_chars: int) -> tuple[list[dict[str, str]], str]:
+    try:
+        turns, source_format = canonical_turns(record)
+    except ConversationRejected as rej:
+        raise Rejected(rej.reason, rej.detail) from None
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise Rejected(WRONG_TYPE, f"conversations[{i}]: expected an object")
-        role = turn.get("from", turn.get("role"))
-        text = turn.get("value", turn.get("content"))
-        if not isinstance(role, str) or not isinstance(text, str):
-            raise Rejected(WRONG_TYPE, f"conversations[{i}]: from/value must be strings")
-        if role.lower() not in SYSTEM_ROLES:
-            kept.append((role.lower(), text))
-    if len(kept) != 2 or kept[0][0] not in HUMAN_ROLES or kept[1][0] not in ASSISTANT_ROLES:
-        roles = [r for r, _ in kept]
-        raise Rejected(UNSUPPORTED_CONVERSATION, f"need one human turn then one assistant turn, got {roles}")
-    instruction = _text_field({"instruction": kept[0][1]}, "instruction", required=True, max_chars=max_chars)
-    output = _text_field({"output": kept[1][1]}, "output", required=True, max_chars=max_chars)
-    return instruction, output
+        _text_field({f"turn {i}": turn["content"]}, f"turn {i}", required=False, max_chars=max_chars)  # length, UTF-8
+    return turns, source_format
+
+
+def is_single_exchange(turns: list[dict[str, str]]) -> bool:
+    """One question and one answer (a system turn aside): the rows an Alpaca prompt can express, kept exactly as
+    before conversations were read (same fields, same hash, same tokens)."""
+    return [t["role"] for t in turns if t["role"] != SYSTEM] == ["user", "assistant"]
 
 
 def normalize_record(record: Any, max_chars: int) -> dict[str, Any]:
     """One decoded JSON value -> canonical fields, or raise `Rejected`."""
     if not isinstance(record, dict):
         raise Rejected(NOT_AN_OBJECT, f"got {type(record).__name__}")
-    if "conversations" in record:
-        instruction, output = _sharegpt_turns(record, max_chars)
+    conversation = None
+    if is_conversation(record):
+        turns, source_format = _conversation(record, max_chars)
+        instruction, output = first_exchange(turns)
         input_ = ""
-        extra = dict(record)  # the whole record: a ShareGPT selection is written back in its own keys
-        source_format = "sharegpt"
+        conversation = json.dumps(turns, ensure_ascii=False)
+        extra = dict(record)  # the whole record: a selection is written back in its own keys
     else:
         instruction = _text_field(record, "instruction", required=True, max_chars=max_chars)
         input_ = _text_field(record, "input", required=False, max_chars=max_chars)
@@ -179,13 +184,16 @@ def normalize_record(record: Any, max_chars: int) -> dict[str, Any]:
         raise Rejected(INVALID_UTF8, "extra fields")
     if len(extra_json) > max_chars * 4:
         raise Rejected(FIELD_TOO_LONG, f"extra fields: {len(extra_json)} chars")
+    single = conversation is None or is_single_exchange(json.loads(conversation))
     return {
         "instruction": instruction,
         "input": input_,
         "output": output,
+        "conversation": conversation,
         "extra": extra_json,
         "source_format": source_format,
-        "content_hash": content_hash(instruction, input_, output),
+        # a multi-turn conversation is the same example only if every turn is the same
+        "content_hash": content_hash(instruction, input_, output) if single else content_hash(conversation, "", ""),
     }
 
 
@@ -204,7 +212,7 @@ def normalize_batch(batch: pa.Table, max_chars: int) -> pa.Table:
         try:
             fields = normalize_record(decode_json(raw), max_chars)
         except Rejected as rej:
-            for key in ("instruction", "input", "output", "extra", "source_format", "content_hash"):
+            for key in ("instruction", "input", "output", "conversation", "extra", "source_format", "content_hash"):
                 out[key].append(None)
             out["reason"].append(rej.reason)
             out["detail"].append(rej.detail)
@@ -221,6 +229,6 @@ def normalize_batch(batch: pa.Table, max_chars: int) -> pa.Table:
 def original_record(row: dict[str, Any]) -> dict[str, Any]:
     """Rebuild a record in the input's own keys from a canonical row (for selection outputs)."""
     extra = json.loads(row["extra"]) if row.get("extra") else {}
-    if row.get("source_format") == "sharegpt":
+    if row.get("conversation"):
         return extra
     return {"instruction": row["instruction"], "input": row["input"], "output": row["output"], **extra}

@@ -112,19 +112,42 @@ def label_start(ex: Tokenized) -> int:
     return len(ex.labels)
 
 
-def collate_rows(input_ids: list, label_starts, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad token rows; labels = ids from each row's label_start on. Returns [B, T] int64 tensors."""
+def spans_from_labels(labels: list[int]) -> list[int]:
+    """The labelled positions of a row as flat [start, stop) pairs: [s0, e0, s1, e1, ...]."""
+    spans: list[int] = []
+    for i, label in enumerate(labels):
+        if label == IGNORE_INDEX:
+            continue
+        if spans and spans[-1] == i:
+            spans[-1] = i + 1
+        else:
+            spans += [i, i + 1]
+    return spans
+
+
+def _spans(labels_at, n: int) -> list[tuple[int, int]]:
+    if np.ndim(labels_at) == 0:  # a first labelled position: labelled from there to the end
+        return [(int(labels_at), n)]
+    flat = np.asarray(labels_at, dtype=np.int64)
+    return list(zip(flat[0::2].tolist(), flat[1::2].tolist()))
+
+
+def collate_rows(input_ids: list, labels_at, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token rows; labels = the ids at each row's labelled positions, given per row as its first labelled
+    position (labelled to the end: an Alpaca row) or as flat [start, stop) spans (a conversation's answers).
+    Returns [B, T] int64 tensors."""
     width = max(1, max(len(ids) for ids in input_ids))
     batch = len(input_ids)
     ids_t = torch.full((batch, width), pad_id, dtype=torch.long)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    for row, (ids, start) in enumerate(zip(input_ids, label_starts)):
-        n, start = len(ids), int(start)
+    for row, (ids, at) in enumerate(zip(input_ids, labels_at)):
+        n = len(ids)
         row_ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
         ids_t[row, :n] = row_ids
         attention_mask[row, :n] = 1
-        labels[row, start:n] = row_ids[start:]
+        for start, stop in _spans(at, n):
+            labels[row, start:stop] = row_ids[start:stop]
     return {"input_ids": ids_t, "attention_mask": attention_mask, "labels": labels}
 
 

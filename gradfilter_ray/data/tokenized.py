@@ -1,10 +1,16 @@
 """Canonical rows -> token columns: what the `tokens` stage writes once and the ensemble and extraction both read.
 
-A tokenised row is stored compactly: labels are the input ids from ``label_start`` on and -100 before it, which is
-exactly what `prompt.assemble` produces, so no label column needs to travel. Two token sequences per row:
-``input_ids`` / ``label_start`` (prompt + response, the training and gradient-norm input, also IFD's conditioned
-pass) and ``response_input_ids`` / ``response_label_start`` (the response alone after a BOS, IFD's unconditioned
-pass). Rows without a response token stay, with ``n_response_tokens`` = 0.
+Two token sequences per row: ``input_ids`` with its labelled positions ``loss_spans`` (flat [start, stop) pairs: one
+span from ``label_start`` to the end for an Alpaca row, one per answer turn for a conversation; the training and
+gradient-norm input, also IFD's conditioned pass), and ``response_input_ids`` / ``response_label_start`` (the
+response alone after a BOS, IFD's unconditioned pass; for a conversation its answers alone, one after another).
+Rows without a trainable token stay, with ``n_response_tokens`` = 0, and ``skip_reason`` says why when it is not
+plain truncation.
+
+Prompt formats (`proxy.template`): `alpaca` tokenises Alpaca rows and single-exchange conversations with the Alpaca
+prompt (exactly as before conversations were read); a multi-turn conversation has no Alpaca form
+(`skip_reason` multi_turn_needs_chat). `chat` renders every row through the chat template (an Alpaca row as one
+user turn, instruction then input, and one answer) and trains on every answer turn (data/chat_tokens.py).
 """
 
 from __future__ import annotations
@@ -15,40 +21,123 @@ from dataclasses import asdict
 import pyarrow as pa
 
 from gradfilter_ray.config import ProxyConfig
-from gradfilter_ray.data.prompt import label_start, tokenize_batch, tokenize_response_only
+from gradfilter_ray.data.chat_tokens import (
+    TemplateNotIncremental,
+    TokenStraddlesPieces,
+    cut_pieces,
+    hf_render,
+    tokenize_pieces,
+    whole_text_encoder,
+)
+from gradfilter_ray.data.prompt import (
+    Tokenized,
+    assemble,
+    label_start,
+    spans_from_labels,
+    tokenize_batch,
+    tokenize_response_only,
+)
+from gradfilter_ray.losses import IGNORE_INDEX
+
+MULTI_TURN_NEEDS_CHAT = "multi_turn_needs_chat"
+CHAT_TEMPLATE_ERROR = "chat_template_error"
 
 TOKEN_SCHEMA = pa.schema(
     [
         ("id", pa.int64()),
         ("input_ids", pa.list_(pa.int32())),
         ("label_start", pa.int32()),
+        ("loss_spans", pa.list_(pa.int32())),
         ("n_response_tokens", pa.int32()),
         ("n_tokens", pa.int32()),
         ("response_input_ids", pa.list_(pa.int32())),
         ("response_label_start", pa.int32()),
+        ("skip_reason", pa.string()),
     ]
 )
+TEXT_COLUMNS = ["id", "instruction", "input", "output", "conversation"]  # what tokenisation reads of `data/`
 
 
-def tokenize_table(table: pa.Table, tokenizer, proxy: ProxyConfig) -> pa.Table:
-    """[N] canonical rows (id, instruction, input, output) -> [N] TOKEN_SCHEMA rows, in the same order."""
-    cols = table.select(["instruction", "input", "output"]).to_pydict()
+def _row(rid, ex, alone, skip: str | None = None) -> dict:
+    return {
+        "id": rid,
+        "input_ids": ex.input_ids,
+        "label_start": label_start(ex),
+        "loss_spans": spans_from_labels(ex.labels),
+        "n_response_tokens": ex.n_response_tokens,
+        "n_tokens": len(ex.input_ids),
+        "response_input_ids": alone.input_ids,
+        "response_label_start": label_start(alone),
+        "skip_reason": skip,
+    }
+
+
+def untrained(input_ids: list[int]) -> Tokenized:
+    """A row kept for the record with no labelled token (what a row whose prompt fills max_length looks like)."""
+    ids = list(input_ids)
+    return Tokenized(input_ids=ids, labels=[IGNORE_INDEX] * len(ids), n_response_tokens=0, truncated=False)
+
+
+def _multi_turn(conversation: str | None) -> bool:
+    from gradfilter_ray.data.formats import is_single_exchange
+
+    return conversation is not None and not is_single_exchange(json.loads(conversation))
+
+
+def alpaca_rows(table: pa.Table, tokenizer, proxy: ProxyConfig) -> list[dict]:
+    cols = table.select(["id", "instruction", "input", "output", "conversation"]).to_pydict()
     examples = tokenize_batch(
         tokenizer, cols["instruction"], cols["input"], cols["output"], proxy.max_length, proxy.add_bos, proxy.add_eos
     )
     alone = tokenize_response_only(tokenizer, cols["output"], proxy.max_length)
-    return pa.Table.from_pydict(
-        {
-            "id": table["id"],
-            "input_ids": [ex.input_ids for ex in examples],
-            "label_start": [label_start(ex) for ex in examples],
-            "n_response_tokens": [ex.n_response_tokens for ex in examples],
-            "n_tokens": [len(ex.input_ids) for ex in examples],
-            "response_input_ids": [ex.input_ids for ex in alone],
-            "response_label_start": [label_start(ex) for ex in alone],
-        },
-        schema=TOKEN_SCHEMA,
-    )
+    rows = []
+    for rid, ex, solo, conversation in zip(cols["id"], examples, alone, cols["conversation"]):
+        if _multi_turn(conversation):  # no Alpaca form: counted, never trained on a part of it
+            rows.append(_row(rid, untrained(ex.input_ids), untrained(solo.input_ids), MULTI_TURN_NEEDS_CHAT))
+        else:
+            rows.append(_row(rid, ex, solo))
+    return rows
+
+
+def as_turns(instruction: str, input_: str, output: str, conversation: str | None) -> list[dict[str, str]]:
+    """A row's conversation; an Alpaca row as one user turn (instruction, then its input) and one answer."""
+    if conversation is not None:
+        return json.loads(conversation)
+    question = instruction + (f"\n\n{input_}" if input_ and input_.strip() else "")
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": output}]
+
+
+def chat_tokenize(tokenizer, turns, max_length: int, chat_template: str | None = None, train_tool_calls: bool = True):
+    """One conversation through the chat template (`chat_template`, or the tokenizer's own): a ChatTokenized."""
+    pieces = cut_pieces(turns, hf_render(tokenizer, chat_template), train_tool_calls)
+    return tokenize_pieces(pieces, whole_text_encoder(tokenizer)(pieces), max_length)
+
+
+def chat_rows(table: pa.Table, tokenizer, proxy: ProxyConfig) -> list[dict]:
+    cols = table.select(["id", "instruction", "input", "output", "conversation"]).to_pydict()
+    rows = []
+    for rid, *fields in zip(cols["id"], cols["instruction"], cols["input"], cols["output"], cols["conversation"]):
+        try:
+            turns = as_turns(*fields)
+            ex = chat_tokenize(tokenizer, turns, proxy.max_length, proxy.chat_template, proxy.train_tool_calls)
+        except (TemplateNotIncremental, TokenStraddlesPieces):
+            question = tokenizer(fields[0], add_special_tokens=False)["input_ids"][: proxy.max_length]
+            rows.append(_row(rid, untrained(question), untrained(question), CHAT_TEMPLATE_ERROR))
+            continue
+        answers = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE_INDEX]
+        # the answers alone, after a BOS as an Alpaca response alone is (their end markers are in them already)
+        alone = assemble([], answers, proxy.max_length, tokenizer.bos_token_id, None)
+        rows.append(_row(rid, ex, alone))
+    return rows
+
+
+def tokenize_table(table: pa.Table, tokenizer, proxy: ProxyConfig) -> pa.Table:
+    """[N] canonical rows (TEXT_COLUMNS; `conversation` may be absent: Alpaca rows) -> [N] TOKEN_SCHEMA rows, in
+    the same order."""
+    if "conversation" not in table.column_names:
+        table = table.append_column("conversation", pa.nulls(table.num_rows, pa.string()))
+    rows = chat_rows(table, tokenizer, proxy) if proxy.template == "chat" else alpaca_rows(table, tokenizer, proxy)
+    return pa.Table.from_pylist(rows, schema=TOKEN_SCHEMA)
 
 
 _tokenizers: dict[str, object] = {}  # per worker process: Ray reuses workers, so each loads a tokenizer once

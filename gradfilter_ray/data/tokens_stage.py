@@ -13,7 +13,6 @@ from gradfilter_ray.row_audit import audit_token_rows
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import IO_REMOTE_ARGS, run_as_task
 
-TEXT_COLUMNS = ["id", "instruction", "input", "output"]  # what tokenisation reads of `data/`
 # Extraction reads `tokens/` one shard (a row range of one file) at a time: small row groups let it read only the rows
 # it needs, and files of many rows keep shards (which never span files) at their configured size.
 ROW_GROUP_ROWS = 1024
@@ -23,7 +22,7 @@ MIN_ROWS_PER_FILE = 65_536
 def run(cfg: Config, run: RunDir, key: str) -> dict:
     import ray.data
 
-    from gradfilter_ray.data.tokenized import tokenize_rows
+    from gradfilter_ray.data.tokenized import TEXT_COLUMNS, tokenize_rows
 
     data, out = run.data, run.tokens
     ds = ray.data.read_parquet(data.path, filesystem=data.filesystem, **IO_REMOTE_ARGS)
@@ -37,4 +36,13 @@ def run(cfg: Config, run: RunDir, key: str) -> dict:
         row_group_size=ROW_GROUP_ROWS,
         min_rows_per_file=MIN_ROWS_PER_FILE,
     )
-    return run_as_task(audit_token_rows, data, out)
+    return run_as_task(audit_tokens, data, out)
+
+
+def audit_tokens(data, out) -> dict:
+    """Every data/ id once in tokens/, with row and token counts, and the rows left untrained for a reason other
+    than truncation (a multi-turn conversation under the Alpaca prompt, a chat template that cannot be cut)."""
+    from gradfilter_ray.parquet_stream import read_columns
+
+    skipped = [r for r in read_columns(out, ["skip_reason"])["skip_reason"].to_pylist() if r is not None]
+    return {**audit_token_rows(data, out), "skipped_by_reason": {r: skipped.count(r) for r in sorted(set(skipped))}}

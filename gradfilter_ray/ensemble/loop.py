@@ -26,7 +26,7 @@ class TokenRows:
 
     ids: np.ndarray  # [N] int64
     input_ids: list[np.ndarray]  # N arrays of int32 token ids
-    label_starts: np.ndarray  # [N] first labelled position per row
+    labels_at: np.ndarray  # [N] per row: its first labelled position, or its flat [start, stop) label spans
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -36,12 +36,14 @@ class TokenRows:
         return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
 
     @classmethod
-    def from_columns(cls, ids, input_ids, label_starts) -> TokenRows:
+    def from_columns(cls, ids, input_ids, labels_at) -> TokenRows:
         order = np.argsort(np.asarray(ids), kind="stable")
+        at = np.empty(len(order), dtype=object)
+        at[:] = [labels_at[i] for i in order]
         return cls(
             ids=np.asarray(ids, dtype=np.int64)[order],
             input_ids=[np.asarray(input_ids[i], dtype=np.int32) for i in order],
-            label_starts=np.asarray(label_starts, dtype=np.int64)[order],
+            labels_at=at,
         )
 
 
@@ -90,7 +92,7 @@ def train_member(
             on_epoch_planned(epoch, padding_stats(lengths, batches))
         step_losses: list[float] = []
         for picked in batches:
-            batch = collate_rows([rows.input_ids[i] for i in picked], rows.label_starts[picked], pad_id)
+            batch = collate_rows([rows.input_ids[i] for i in picked], rows.labels_at[picked], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             window = scored_window(batch["labels"])
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):

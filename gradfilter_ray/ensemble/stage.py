@@ -43,19 +43,19 @@ WORK_ROOT = "gfr-member-work"
 # Ray Train V2 writes this file into its run folder (the "ensemble.epoch_end" fault point's `train_dir`) when the
 # controller registers a checkpoint: a fault handler polls it to know the epoch is safely recorded.
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
-TOKEN_COLUMNS = ["id", "input_ids", "label_start", "n_response_tokens"]
+TOKEN_COLUMNS = ["id", "input_ids", "loss_spans", "n_response_tokens"]
 
 
 def _collect_rows(shard):
     from gradfilter_ray.ensemble.loop import TokenRows
 
-    ids, input_ids, starts = [], [], []
+    ids, input_ids, spans = [], [], []
     for batch in shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
         trainable = batch.filter(np.asarray(batch["n_response_tokens"]) > 0)
         ids.extend(trainable["id"].to_pylist())
         input_ids.extend(trainable["input_ids"].to_numpy(zero_copy_only=False))
-        starts.extend(trainable["label_start"].to_pylist())
-    return TokenRows.from_columns(ids, input_ids, starts)
+        spans.extend(trainable["loss_spans"].to_numpy(zero_copy_only=False))
+    return TokenRows.from_columns(ids, input_ids, spans)
 
 
 def _write_loss_curve(path: Path, losses: list[float]) -> None:

@@ -1,5 +1,6 @@
 """Evaluating one fine-tuned model (no Ray): greedy or sampled answers to test prompts, and the response-token
-loss on reference answers. The prompt is the Alpaca template the model was trained with."""
+loss on reference answers. The prompt is in the format the model was trained in: the Alpaca template, or its chat
+template (one user turn: the instruction, then its input)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gradfilter_ray.data.prompt import alpaca_prompt, collate_rows, default_add_bos, label_start, tokenize_batch
+from gradfilter_ray.data.prompt import alpaca_prompt, collate_rows, default_add_bos, spans_from_labels, tokenize_batch
+from gradfilter_ray.data.tokenized import as_turns, chat_tokenize
 from gradfilter_ray.losses import per_example_losses
 
 
@@ -18,11 +20,22 @@ class Sampling:
     temperature: float = 0.7
     top_p: float = 0.9
     max_prompt_tokens: int = 1024
+    prompt_format: str = "alpaca"  # or "chat" (finetune.template)
 
 
-def prompt_token_ids(tokenizer, instructions: list[str], inputs: list[str], max_prompt_tokens: int) -> list[list[int]]:
-    """The token ids every engine is given for these prompts: [BOS] + the Alpaca prompt, cut from the left to
-    `max_prompt_tokens` (the end holds "### Response:", which the answer continues)."""
+def prompt_token_ids(
+    tokenizer, instructions: list[str], inputs: list[str], max_prompt_tokens: int, prompt_format: str = "alpaca"
+) -> list[list[int]]:
+    """The token ids every engine is given for these prompts, cut from the left to `max_prompt_tokens` (the end is
+    where the answer starts): [BOS] + the Alpaca prompt, or one user turn rendered by the tokenizer's chat template
+    with its generation prompt (tokenised whole, as in training)."""
+    if prompt_format == "chat":
+        prompts = [
+            tokenizer.apply_chat_template(as_turns(i, x, "", None)[:1], tokenize=False, add_generation_prompt=True)
+            for i, x in zip(instructions, inputs)
+        ]
+        encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        return [ids[-max_prompt_tokens:] for ids in encoded]
     prompts = [alpaca_prompt(i, x) for i, x in zip(instructions, inputs)]
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if default_add_bos(tokenizer) else []
@@ -38,7 +51,7 @@ def decode_answers(tokenizer, generated: list) -> list[str]:
 def generate_answers(model, tokenizer, instructions: list[str], inputs: list[str], sampling: Sampling) -> list[str]:
     """Answers for a batch of prompts, [B] strings: prompts left-padded so every row continues from its last
     token; only the new tokens are decoded (special tokens dropped)."""
-    rows = prompt_token_ids(tokenizer, instructions, inputs, sampling.max_prompt_tokens)
+    rows = prompt_token_ids(tokenizer, instructions, inputs, sampling.max_prompt_tokens, sampling.prompt_format)
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
@@ -58,13 +71,26 @@ def generate_answers(model, tokenizer, instructions: list[str], inputs: list[str
 
 @torch.no_grad()
 def reference_losses(
-    model, tokenizer, instructions: list[str], inputs: list[str], outputs: list[str], max_length: int
+    model,
+    tokenizer,
+    instructions: list[str],
+    inputs: list[str],
+    outputs: list[str],
+    max_length: int,
+    prompt_format: str = "alpaca",
 ) -> tuple[list[float], list[int]]:
     """Per example: (sum of response-token cross-entropies, number of response tokens), so a corpus-level loss is
-    sum / count. An empty reference answer still scores its EOS token."""
-    examples = tokenize_batch(tokenizer, instructions, inputs, outputs, max_length)
+    sum / count. An empty reference answer still scores its EOS token (its end-of-turn marker under chat)."""
+    if prompt_format == "chat":
+        examples = [
+            chat_tokenize(tokenizer, as_turns(i, x, o, None), max_length)
+            for i, x, o in zip(instructions, inputs, outputs)
+        ]
+    else:
+        examples = tokenize_batch(tokenizer, instructions, inputs, outputs, max_length)
     device = next(model.parameters()).device
-    batch = collate_rows([e.input_ids for e in examples], [label_start(e) for e in examples], tokenizer.pad_token_id)
+    spans = [spans_from_labels(e.labels) for e in examples]
+    batch = collate_rows([e.input_ids for e in examples], spans, tokenizer.pad_token_id)
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     means, counts = per_example_losses(logits, batch["labels"])
     counts_list = [int(c) for c in counts.tolist()]

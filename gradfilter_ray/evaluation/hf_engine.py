@@ -24,7 +24,7 @@ POSITION = "position"  # a row's place in its run's sorted rows: results are put
 class ModelEvaluator:
     """Ray Data callable class: loads one fine-tuned model once, then answers prompts and scores references."""
 
-    def __init__(self, model: Location, evaluation: dict, max_length: int) -> None:
+    def __init__(self, model: Location, evaluation: dict, max_length: int, prompt_format: str = "alpaca") -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -43,7 +43,7 @@ class ModelEvaluator:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
-        self.sampling = Sampling(ev.max_new_tokens, ev.do_sample, ev.temperature, ev.top_p, max_length)
+        self.sampling = Sampling(ev.max_new_tokens, ev.do_sample, ev.temperature, ev.top_p, max_length, prompt_format)
         self.max_length = max_length
         self.seed = 0
 
@@ -76,6 +76,7 @@ class ModelEvaluator:
                 [inputs[i] for i in ref],
                 [outputs[i] for i in ref],
                 self.max_length,
+                self.sampling.prompt_format,
             )
             for i, s, c in zip(ref, sums, n):
                 loss_sums[i], counts[i] = s, c
@@ -96,15 +97,29 @@ def batch_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
     return [table.slice(start, batch_size) for start in range(0, table.num_rows, batch_size)]
 
 
-def hf_dataset(table: pa.Table, model: Location, ev: EvaluationConfig, max_length: int, actors: int, evaluator: type):
-    """`table`'s rows (sorted, with their positions) through a pool of `actors` `evaluator`s of `model`."""
+def hf_dataset(
+    table: pa.Table,
+    model: Location,
+    ev: EvaluationConfig,
+    max_length: int,
+    actors: int,
+    evaluator: type,
+    prompt_format: str = "alpaca",
+):
+    """`table`'s rows (sorted, with their positions) through a pool of `actors` `evaluator`s of `model`, prompted in
+    `prompt_format` (the format the model was fine-tuned in)."""
     from dataclasses import asdict
 
     import ray.data
 
     return ray.data.from_arrow(batch_blocks(table, ev.batch_size)).map_batches(
         evaluator,
-        fn_constructor_kwargs={"model": model, "evaluation": asdict(ev), "max_length": max_length},
+        fn_constructor_kwargs={
+            "model": model,
+            "evaluation": asdict(ev),
+            "max_length": max_length,
+            "prompt_format": prompt_format,
+        },
         batch_size=ev.batch_size,
         batch_format="pyarrow",
         # One batch at a time per actor: a generate call holds its device until done, and batches queued on the

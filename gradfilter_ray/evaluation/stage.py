@@ -109,7 +109,9 @@ def evaluate_runs(
     log(f"[evaluation] engine {engine} ({why}); {len(models)} runs on up to {actors} actors")
 
     def hf_build(part: pa.Table):
-        return lambda run, width: hf_dataset(part, models[run], ev, cfg.finetune.max_length, width, evaluator)
+        return lambda run, width: hf_dataset(
+            part, models[run], ev, cfg.finetune.max_length, width, evaluator, cfg.finetune.template
+        )
 
     def waves(part: pa.Table, phase: str) -> list[dict[str, int]]:
         planned = plan_waves({run: n_batches(part.num_rows, ev.batch_size) for run in models}, actors)
@@ -141,7 +143,9 @@ def vllm_answers(
     from gradfilter_ray.evaluation.generate import Sampling, decode_answers, prompt_token_ids
 
     ev = cfg.evaluation
-    sampling = Sampling(ev.max_new_tokens, ev.do_sample, ev.temperature, ev.top_p, cfg.finetune.max_length)
+    sampling = Sampling(
+        ev.max_new_tokens, ev.do_sample, ev.temperature, ev.top_p, cfg.finetune.max_length, cfg.finetune.template
+    )
     instructions, inputs = gen["instruction"].to_pylist(), gen["input"].to_pylist()
     tokenizers = {run: AutoTokenizer.from_pretrained(model.path) for run, model in models.items()}
 
@@ -157,7 +161,9 @@ def vllm_answers(
             model_max_len=model_config.get("max_position_embeddings"),
             extra_engine_kwargs=ev.vllm_engine_kwargs,
         )
-        ids = prompt_token_ids(tokenizers[run], instructions, inputs, sampling.max_prompt_tokens)
+        ids = prompt_token_ids(
+            tokenizers[run], instructions, inputs, sampling.max_prompt_tokens, sampling.prompt_format
+        )
         return vllm_engine.generation_dataset(config, ids, sampling)
 
     generated = run_waves(waves, build)

@@ -15,37 +15,50 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from gradfilter_ray.data.prompt import collate_rows, label_start, tokenize_batch
+from gradfilter_ray.config import FinetuneConfig, ProxyConfig
+from gradfilter_ray.data.prompt import collate_rows
+from gradfilter_ray.data.tokenized import tokenize_table
 from gradfilter_ray.finetune.ds_config import TrainPlan, epoch_positions
 
 
 @dataclass
 class SubsetRows:
     input_ids: Sequence  # row i's token ids: lists, or PackedRows (the shared copy read back)
-    label_starts: np.ndarray  # [N] int64
+    labels_at: np.ndarray  # [N] per row: its first labelled position, or its flat [start, stop) label spans
     rows_in: int
-    rows_no_response_tokens: int  # dropped: the prompt fills max_length
+    rows_no_response_tokens: int  # dropped: nothing left to train on (the prompt fills max_length, or no form)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
-def tokenize_subset(tokenizer, table: pa.Table, max_length: int) -> SubsetRows:
-    """Alpaca rows (instruction, input, output) -> trainable token rows; rows with no response token are counted
-    and dropped (their loss would be 0/0)."""
-    examples = tokenize_batch(
-        tokenizer,
-        [str(x) for x in table["instruction"].to_pylist()],
-        [str(x or "") for x in table["input"].to_pylist()],
-        [str(x) for x in table["output"].to_pylist()],
-        max_length,
+def prompt_format(finetune: FinetuneConfig) -> ProxyConfig:
+    """The target's tokenisation settings in the shape the tokens stage reads them (one tokenisation for both)."""
+    return ProxyConfig(
+        model=finetune.model,
+        max_length=finetune.max_length,
+        template=finetune.template,
+        chat_template=finetune.chat_template,
+        train_tool_calls=finetune.train_tool_calls,
     )
-    kept = [ex for ex in examples if ex.n_response_tokens > 0]
+
+
+def tokenize_subset(tokenizer, table: pa.Table, finetune: FinetuneConfig) -> SubsetRows:
+    """Canonical rows (instruction, input, output, and conversation when present) -> trainable token rows, in the
+    target's prompt format (`data.tokenized`, as the proxy's tokens); rows with no labelled token are counted and
+    dropped (their loss would be 0/0)."""
+    if "id" not in table.column_names:
+        table = table.append_column("id", pa.array(np.arange(table.num_rows), pa.int64()))
+    tokens = tokenize_table(table, tokenizer, prompt_format(finetune))
+    keep = np.asarray(tokens["n_response_tokens"]) > 0
+    kept = tokens.filter(pa.array(keep))
+    at = np.empty(kept.num_rows, dtype=object)
+    at[:] = list(kept["loss_spans"].to_numpy(zero_copy_only=False))
     return SubsetRows(
-        input_ids=[ex.input_ids for ex in kept],
-        label_starts=np.asarray([label_start(ex) for ex in kept], dtype=np.int64),
-        rows_in=len(examples),
-        rows_no_response_tokens=len(examples) - len(kept),
+        input_ids=[np.asarray(x, dtype=np.int32) for x in kept["input_ids"].to_numpy(zero_copy_only=False)],
+        labels_at=at,
+        rows_in=tokens.num_rows,
+        rows_no_response_tokens=int((~keep).sum()),
     )
 
 
@@ -85,7 +98,7 @@ def train_steps(
             positions = epoch_positions(plan, seed, epoch)
         micro_losses = []
         for micro in positions[within, rank]:  # [accumulation, micro_batch]
-            batch = collate_rows([rows.input_ids[i] for i in micro], rows.label_starts[micro], pad_id)
+            batch = collate_rows([rows.input_ids[i] for i in micro], rows.labels_at[micro], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = engine(**batch).loss
             engine.backward(loss)

@@ -44,26 +44,34 @@ def share_bounds(n_rows: int, world_size: int, rank: int) -> tuple[int, int]:
     return n_rows * rank // world_size, n_rows * (rank + 1) // world_size
 
 
-def rows_to_table(input_ids: Sequence, label_starts: np.ndarray, rows_in: int, dropped: int) -> pa.Table:
-    """One share as a table (input_ids large_list<int32>, label_start int64), its row counts in the metadata."""
-    packed = input_ids if isinstance(input_ids, PackedRows) else PackedRows.from_lists(input_ids)
-    ids = pa.LargeListArray.from_arrays(pa.array(packed.offsets), pa.array(packed.tokens))  # int64 offsets: no wrap
-    table = pa.table({"input_ids": ids, "label_start": pa.array(np.asarray(label_starts, dtype=np.int64))})
+def _large_lists(rows: Sequence, dtype) -> pa.Array:
+    packed = rows if isinstance(rows, PackedRows) else PackedRows.from_lists(rows)
+    return pa.LargeListArray.from_arrays(pa.array(packed.offsets), pa.array(packed.tokens.astype(dtype)))
+
+
+def rows_to_table(input_ids: Sequence, labels_at: Sequence, rows_in: int, dropped: int) -> pa.Table:
+    """One share as a table (input_ids and loss_spans, large lists of int32), its row counts in the metadata."""
+    spans = [[int(a), -1] if np.ndim(a) == 0 else list(a) for a in labels_at]  # -1: labelled to the row's end
+    table = pa.table({"input_ids": _large_lists(input_ids, np.int32), "loss_spans": _large_lists(spans, np.int32)})
     return table.replace_schema_metadata({ROWS_IN: str(rows_in), NO_RESPONSE: str(dropped)})
 
 
 def rows_from_tables(tables: Sequence[pa.Table]) -> tuple[PackedRows, np.ndarray, int, int]:
-    """All shares, in order, back into (packed rows, label starts, rows in, rows dropped for no response token)."""
+    """All shares, in order, back into (packed rows, each row's labelled positions, rows in, rows dropped)."""
     counts = [(int(t.schema.metadata[ROWS_IN]), int(t.schema.metadata[NO_RESPONSE])) for t in tables]
-    tokens, lengths, starts = [], [], []
+    tokens, lengths, labels_at = [], [], []
     for t in tables:
         ids = t.column("input_ids").combine_chunks()
-        offsets = ids.offsets.to_numpy()
         tokens.append(ids.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False))
-        lengths.append(np.diff(offsets))
-        starts.append(t.column("label_start").to_numpy())
+        lengths.append(np.diff(ids.offsets.to_numpy()))
+        labels_at += [_labels(s) for s in t.column("loss_spans").to_pylist()]
     flat = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
     lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     offsets_all = np.concatenate([[0], np.cumsum(lengths_all)]).astype(np.int64)
-    label_starts = np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64)
-    return PackedRows(flat, offsets_all), label_starts, sum(c[0] for c in counts), sum(c[1] for c in counts)
+    at = np.empty(len(labels_at), dtype=object)
+    at[:] = labels_at
+    return PackedRows(flat, offsets_all), at, sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
+def _labels(spans: list[int]):
+    return spans[0] if len(spans) == 2 and spans[1] == -1 else np.asarray(spans, dtype=np.int64)

@@ -27,7 +27,7 @@ MODEL_DIR = "model"
 SUMMARY = "train_summary.json"
 DONE_MARKER = "_done"  # written after a subset's last file; holds the stage key it was trained under
 TOKENS_DIR = "tokens"  # under the trainer's storage folder: removed with it once the subset is done
-TEXT_COLUMNS = ["instruction", "input", "output"]
+TEXT_COLUMNS = ["instruction", "input", "output", "conversation"]  # conversation: absent in runs made before it
 
 
 def run_finished(out: Location, key: str) -> bool:
@@ -60,8 +60,11 @@ def final_folder(out: Location) -> Iterator[Path]:
         out.put(Path(tmp))
 
 
-def shared_subset_rows(tokenizer, rows_at: Location, tokens_at: Location, max_length: int, rank: int, world: int):
+def shared_subset_rows(
+    tokenizer, rows_at: Location, tokens_at: Location, finetune: FinetuneConfig, rank: int, world: int
+):
     """This rank tokenises its share (unless a restarted trainer already wrote it), then reads every share."""
+    import pyarrow.parquet as pq
     import torch
 
     from gradfilter_ray.finetune.loop import SubsetRows, tokenize_subset
@@ -70,21 +73,23 @@ def shared_subset_rows(tokenizer, rows_at: Location, tokens_at: Location, max_le
 
     part = tokens_at / f"part-{rank:05d}.parquet"
     if not part.exists():
-        n_rows = sum(row_counts(parquet_files(rows_at)))
+        files = parquet_files(rows_at)
+        with files[0].open_input() as handle:
+            present = set(pq.ParquetFile(handle).schema_arrow.names)
+        n_rows = sum(row_counts(files))
         start, stop = share_bounds(n_rows, world, rank)
-        share = tokenize_subset(tokenizer, read_row_range(rows_at, start, stop, TEXT_COLUMNS), max_length)
-        table = rows_to_table(share.input_ids, share.label_starts, share.rows_in, share.rows_no_response_tokens)
+        columns = [c for c in TEXT_COLUMNS if c in present]
+        share = tokenize_subset(tokenizer, read_row_range(rows_at, start, stop, columns), finetune)
+        table = rows_to_table(share.input_ids, share.labels_at, share.rows_in, share.rows_no_response_tokens)
         write_whole(part, table)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    import pyarrow.parquet as pq
-
     tables = []
     for r in range(world):
         where = tokens_at / f"part-{r:05d}.parquet"
         tables.append(pq.read_table(where.path, filesystem=where.filesystem))
-    packed, label_starts, rows_in, dropped = rows_from_tables(tables)
-    return SubsetRows(packed, label_starts, rows_in, dropped)
+    packed, labels_at, rows_in, dropped = rows_from_tables(tables)
+    return SubsetRows(packed, labels_at, rows_in, dropped)
 
 
 def _optimizer(finetune: FinetuneConfig, params, cpu_adam: bool):
@@ -160,7 +165,9 @@ def finetune_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
 
     tokenizer = load_tokenizer(finetune.model)
-    rows = shared_subset_rows(tokenizer, config["rows"], train_state / TOKENS_DIR, finetune.max_length, rank, world)
+    if finetune.template == "chat" and finetune.chat_template:
+        tokenizer.chat_template = finetune.chat_template  # saved with the model: evaluation and users answer in it
+    rows = shared_subset_rows(tokenizer, config["rows"], train_state / TOKENS_DIR, finetune, rank, world)
     plan = plan_training(len(rows), finetune, world)
     cpu_adam = use_cpu_adam(finetune, cpu_adam_prebuilt())
     ds_config = deepspeed_config(finetune, plan, bf16=dtype == torch.bfloat16, cpu_adam=cpu_adam)

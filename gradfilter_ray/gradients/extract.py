@@ -62,7 +62,7 @@ def extract_block(
     oom_splits over all passes (the two forward-only IFD passes and the norms).
     """
     input_ids = tokens["input_ids"].to_numpy(zero_copy_only=False)
-    starts = tokens["label_start"].to_numpy()
+    starts = _labels_at(tokens)
     lengths = np.array([len(x) for x in input_ids], dtype=np.int32)
     n = len(lengths)
     runner = BatchRunner(tokens["id"].to_numpy(), batch_size, tokens_per_batch, device, stats)
@@ -119,6 +119,16 @@ def base_losses(
 
     runner.run(np.array([len(x) for x in input_ids]), forward, counted=False)
     return losses
+
+
+def _labels_at(tokens: pa.Table) -> np.ndarray:
+    """Each row's labelled positions: its flat loss spans (TOKEN_SCHEMA), or its first labelled position (older
+    token tables, and callers that build rows by hand)."""
+    if "loss_spans" not in tokens.column_names:
+        return tokens["label_start"].to_numpy()
+    at = np.empty(tokens.num_rows, dtype=object)
+    at[:] = list(tokens["loss_spans"].to_numpy(zero_copy_only=False))
+    return at
 
 
 def _device_batch(input_ids, starts: np.ndarray, rows: np.ndarray, pad_id: int, device: torch.device) -> dict:

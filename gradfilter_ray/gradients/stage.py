@@ -34,7 +34,7 @@ from gradfilter_ray.runtime import run_as_task
 from gradfilter_ray.storage import Location
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-TOKEN_COLUMNS = ["id", "input_ids", "label_start", "response_input_ids", "response_label_start"]
+TOKEN_COLUMNS = ["id", "input_ids", "loss_spans", "response_input_ids", "response_label_start"]
 SHARD_STATS = ("rows", "seconds", "batches", "oom_splits", "real_tokens", "padded_tokens")
 
 # Fault tolerance of the actor pool is Ray Data's own (2.60 sets max_restarts=-1 and max_task_retries=-1 on actor
