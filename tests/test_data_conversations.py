@@ -9,16 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from gradfilter_ray.bundled import resolve
 from gradfilter_ray.data import conversations as C
 
-GLAIVE = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "instruction"
-    / "multiturn"
-    / "glaive_toolcall_en_demo.json"
-)
+# The shared material's glaive demo file, bundled with the package (gradfilter_ray/assets/README.md)
+GLAIVE = Path(resolve("bundled:glaive_toolcall_en_demo.json"))
 
 
 def test_every_real_glaive_conversation_is_kept_turn_for_turn():

@@ -132,3 +132,46 @@ def test_limit_and_unreadable_inputs(ray_cluster, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(SourceError, match="cannot tell the format"):
         run_ingest(tmp_path / "t", tmp_path / "notes.txt")
+
+
+def test_conversations_read_alike_from_json_jsonl_gz_and_parquet(ray_cluster, tmp_path):
+    """The 300 real glaive conversations and hand-written OpenAI `messages` as a JSON list, gzipped JSON Lines and
+    Parquet (nested lists of structs): the same canonical rows from each, every row accounted for, and each kept row
+    written back exactly as it came."""
+    import gzip
+
+    from test_data_conversations import GLAIVE
+
+    from gradfilter_ray.data.formats import original_record
+
+    records = json.loads(GLAIVE.read_text())[:60]
+    messages = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "2+2?"}]},
+                {"role": "assistant", "content": "4"},
+            ]
+        },
+        {"messages": [{"role": "assistant", "content": "I speak first"}]},  # no user turn before it
+    ]
+    (tmp_path / "conv.json").write_text(json.dumps(records + messages))
+    with gzip.open(tmp_path / "conv.jsonl.gz", "wt") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records + messages)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "glaive.parquet")
+    results = {}
+    for name in ("conv.json", "conv.jsonl.gz", "glaive.parquet"):
+        counts, data, rejects = run_ingest(tmp_path / name.replace(".", "_"), tmp_path / name)
+        assert counts["rows_in"] == counts["rows_kept"] + counts["rows_rejected"]
+        results[name] = (data, rejects, counts)
+    data, rejects, counts = results["conv.json"]
+    assert counts["rows_in"] == 63 and rejects["reason"].to_pylist().count("roles_out_of_order") == 1
+    assert results["conv.jsonl.gz"][0]["conversation"].to_pylist() == data["conversation"].to_pylist()
+    assert results["conv.jsonl.gz"][1]["reason"].to_pylist() == rejects["reason"].to_pylist()
+    parquet = results["glaive.parquet"][0]
+    assert sorted(parquet["conversation"].to_pylist()) == sorted(
+        c for c, fmt in zip(data["conversation"].to_pylist(), data["source_format"].to_pylist()) if fmt == "sharegpt"
+    )
+    for row in data.to_pylist():
+        assert original_record(row) in records + messages  # written back in its own keys, unchanged
+    assert any(len(json.loads(c)) > 2 for c in data["conversation"].to_pylist())  # multi-turn rows kept whole
