@@ -41,7 +41,7 @@ from gradfilter_ray.rundir import SCRATCH, RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "configs" / "tiny_gpt2.yaml"
-DEMO = "jobs/configs/demo.yaml"  # relative to REPO, as `make run` passes it
+CHAT_DEMO = "jobs/configs/chat_demo.yaml"  # the multi-turn demo: `make run CONFIG=jobs/configs/chat_demo.yaml`
 ROWS = 16
 # shard_rows=4 cuts the 16 rows into 4 extraction shards, so "mid-stream" has a before and an after;
 # finetune.scorers=[] stops `run` after the report (fine-tuning has nothing to train).
@@ -62,12 +62,15 @@ CANARY_SECRETS = {
     "WANDB_API_KEY": "gfrcanarywandb0123456789abcdef",
 }
 RUN_TIMEOUT_S = 900
-# The demo config end to end on an object store (test_cli_e2e.py): one small fine-tuning run and a tiny evaluation,
-# so every stage runs for real in a couple of minutes.
+# The multi-turn chat demo end to end on an object store (test_cli_e2e.py): one small fine-tuning run and a tiny
+# evaluation, so every stage runs for real, through the chat template, in a couple of minutes. (The Alpaca path
+# goes through the CLI in the tiny runs, and through fine-tuning and evaluation in test_finetune_evaluation_stages.)
 S3_DEMO = (
     "data.limit=40",
     "ensemble.members=3",
-    "proxy.max_length=160",
+    "proxy.max_length=256",
+    "finetune.max_length=256",
+    "selection.ratios=[0.05, 0.1, 0.15]",
     "ray.progress_bars=false",
     "finetune.scorers=[gsnr]",
     "finetune.ratios=[0.15]",
@@ -329,10 +332,11 @@ def run_faulted(p: Pipeline) -> dict:
 
 
 def run_s3_demo(p: Pipeline, s3_server) -> dict:
-    """The demo config through the CLI (as `make run` does it) on s3:// on the session's local S3 server, which
+    """The chat demo config through the CLI (as `make run` does it) on s3:// on the session's local S3 server, which
     counts the bytes each process moves; then a second driver on the same output_dir, then `compare`."""
     uri = s3_server.uri("demo")
-    args = [sys.executable, "-m", "gradfilter_ray", "run", "--config", DEMO, *set_args(f"output_dir={uri}", *S3_DEMO)]
+    run = [sys.executable, "-m", "gradfilter_ray", "run", "--config", CHAT_DEMO]
+    args = [*run, *set_args(f"output_dir={uri}", *S3_DEMO)]
     facts: dict = {"uri": uri, "args": args}
 
     def drive(name: str, args: list[str], ray_tmp: str) -> dict:
@@ -358,7 +362,8 @@ def run_s3_demo(p: Pipeline, s3_server) -> dict:
     facts["again"] = drive("again", args, p.ray_tmp("s3b"))
     # `compare` rebuilds the comparison from the store (no Ray).
     s3_server.bytes.reset()
-    compare = [sys.executable, "-m", "gradfilter_ray", "compare", "--config", DEMO, *set_args(f"output_dir={uri}")]
+    compare = [sys.executable, "-m", "gradfilter_ray", "compare", "--config", CHAT_DEMO]
+    compare += set_args(f"output_dir={uri}")
     facts["compare"] = drive("compare", compare, p.ray_tmp("s3c"))
     facts["compare"]["bytes"] = sum(s3_server.bytes.by_pid.get(facts["compare"]["pid"], [0, 0]))
     return facts

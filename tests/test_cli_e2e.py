@@ -1,6 +1,7 @@
-"""End to end through the CLI, as `make run` does it, on the demo config with small overrides, writing to an
-object store (s3:// on a local S3 server): the session's `s3_demo_run` (tests/cli_runs.py). Every stage's Ray workers
-read and write through the store, the server counts the bytes each process moves (the driver's are a small
+"""End to end through the CLI, as `make run` does it, on the multi-turn chat demo config (real ShareGPT
+tool-calling conversations through a chat template) with small overrides, writing to an object store (s3:// on a
+local S3 server): the session's `s3_demo_run` (tests/cli_runs.py). Every stage's Ray workers read and write through
+the store, the server counts the bytes each process moves (the driver's are a small
 fraction), a second driver finds everything done, and `compare` rebuilds the comparison without fetching the model.
 Local run directories are covered end to end by the tiny runs (test_reproducibility.py, test_fault_*.py) and
 `ray job submit` by test_ray_job_submit.py."""
@@ -50,6 +51,11 @@ def test_demo_pipeline_through_the_cli_on_an_object_store(demo):
     data = read(run.data)
     assert data.num_rows == ingest["rows_kept"]
     assert manifest["versions"]["ray"].startswith("2.60") and manifest["config"]["data"]["limit"] == 40
+    # conversations kept whole and trained through the chat template: several answers under the loss in a row
+    assert any(len(json.loads(c)) > 2 for c in data["conversation"].to_pylist())
+    assert manifest["stages"]["tokens"]["skipped_by_reason"] == {}
+    spans = read(run.tokens)["loss_spans"].to_pylist()
+    assert any(len(s) > 2 for s in spans)
     assert len(manifest["inputs"][0]["sha256"]) == 64
 
     assert manifest["stages"]["ensemble"]["members"] == 3
@@ -65,10 +71,11 @@ def test_demo_pipeline_through_the_cli_on_an_object_store(demo):
     for name, counts in select.items():
         lines = (run.selection / f"{name}.jsonl").read_text().splitlines()
         assert len(lines) == counts["selected"]
+        assert all("conversations" in json.loads(line) for line in lines)  # written back as ShareGPT records
     assert (run.at("report") / "index.html").exists()
 
     model = run.finetune / "gsnr_0.15" / "model" / "model.safetensors"
-    assert model.exists()
+    assert model.exists() and (run.finetune / "gsnr_0.15" / "model" / "chat_template.jinja").exists()
     assert (run.finetune / "gsnr_0.15" / "train_loss.csv").read_text().startswith("step,loss\n1,")
     rows = {r["run"]: r for r in csv.DictReader(io.StringIO((run.evaluation / "compare.csv").read_text()))}
     assert set(rows) == {"gsnr_0.15"} and all(float(r["heldout_loss"]) > 0 for r in rows.values())
