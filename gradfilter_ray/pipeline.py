@@ -109,10 +109,15 @@ def keyed_value(cfg: Config, dotted: str) -> Any:
     return {k: v for k, v in value.items() if k not in NOT_KEYED} if isinstance(value, dict) else value
 
 
+# Bumped when a stage's output gains a column its readers need: older outputs are then rebuilt, never misread.
+OUTPUT_VERSIONS = {"data": 2}  # 2: the `conversation` column (multi-turn conversations read, issue 15)
+
+
 def stage_key(name: str, cfg: Config) -> str:
     stage = STAGES[name]
     values = [keyed_value(cfg, field) for field in stage.keyed_by]
-    return section_hash(name, *values, [stage_key(up, cfg) for up in stage.reads])
+    version = [OUTPUT_VERSIONS[name]] if name in OUTPUT_VERSIONS else []
+    return section_hash(name, *values, *version, [stage_key(up, cfg) for up in stage.reads])
 
 
 def run_stage(name: str, cfg: Config, run: RunDir, force: bool = False, log: Callable[[str], None] = print) -> dict:

@@ -221,3 +221,53 @@ def test_a_chat_target_is_asked_exactly_as_it_was_trained(tokenizer):
         trained.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt) and trained.labels[len(prompt)] != IGNORE_INDEX
     )
     assert tokenizer.decode(trained.input_ids[len(prompt) :]) == "Blue.<|im_end|>\n"
+
+
+def test_a_template_with_no_generation_prompt_still_never_trains_the_role_header(tokenizer):
+    no_prompt = CHATML.split("{% if add_generation_prompt %}")[0]
+    answers = [text for text, answer in merged(cut_pieces(TURNS[:3], hf_render(tokenizer, no_prompt))) if answer]
+    assert answers == ["Paris.<|im_end|>\n"]
+
+
+def test_a_conversation_the_template_refuses_is_counted_and_the_others_go_on(tokenizer):
+    """Jinja's raise_exception (templates that refuse tool turns, or roles that do not alternate) marks that row
+    chat_template_error; the rest of the batch is tokenised. No template at all stops the stage."""
+    import pyarrow as pa
+
+    from gradfilter_ray.config import ProxyConfig
+    from gradfilter_ray.data.tokenized import CHAT_TEMPLATE_ERROR, tokenize_table
+
+    no_tools = (
+        "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}{% endif %}"
+        "{% endfor %}"
+    )
+    spec = ModelSpec(name_or_path="bundled:stories260K")
+    table = pa.table(
+        {
+            "id": pa.array([1, 2], pa.int64()),
+            "instruction": ["q", "q"],
+            "input": ["", ""],
+            "output": ["a", "a"],
+            "conversation": [json.dumps(TURNS), json.dumps(TURNS[:3])],
+        }
+    )
+    fmt = ProxyConfig(model=spec, max_length=512, template="chat", chat_template=no_tools + CHATML)
+    rows = tokenize_table(table, tokenizer, fmt).to_pylist()
+    assert rows[0]["skip_reason"] == CHAT_TEMPLATE_ERROR and rows[0]["n_response_tokens"] == 0
+    assert rows[1]["skip_reason"] is None and rows[1]["n_response_tokens"] > 0
+    with pytest.raises(ValueError, match="chat_template"):
+        tokenize_table(table, tokenizer, ProxyConfig(model=spec, max_length=512, template="chat"))
+
+
+def test_a_chat_answer_is_cut_at_its_end_of_turn_text(tokenizer):
+    """A config template on a base model writes its end of turn as plain text: decoding cuts the answer there."""
+    from gradfilter_ray.evaluation.generate import decode_answers, end_of_turn_text
+
+    tokenizer.chat_template = CHATML
+    try:
+        assert end_of_turn_text(tokenizer) == "<|im_end|>"
+        ids = tokenizer(["Blue.<|im_end|>\n<|im_start|>user\nmore"], add_special_tokens=False)["input_ids"]
+        assert decode_answers(tokenizer, ids, "chat") == ["Blue."]
+        assert decode_answers(tokenizer, ids)[0].startswith("Blue.<|im_end|>")  # Alpaca targets: untouched
+    finally:
+        tokenizer.chat_template = None

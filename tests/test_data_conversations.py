@@ -121,3 +121,18 @@ def test_a_conversation_may_end_on_a_user_turn_and_keep_it():
     turns, _ = C.canonical_turns(j(("human", "q"), ("gpt", "a"), ("human", "and then?")))
     assert [t["role"] for t in turns] == ["user", "assistant", "user"]
     assert C.first_exchange(turns) == ("q", "a")
+
+
+def test_parquet_turns_with_both_key_pairs_take_the_one_that_is_set():
+    """A Parquet file's turns carry every field of the file (from/value and role/content), the absent ones null."""
+    turns = [
+        {"from": None, "value": None, "role": "developer", "content": "Be brief."},
+        {"from": "human", "value": "q", "role": None, "content": None},
+        {"from": None, "value": None, "role": "assistant", "content": "a"},
+    ]
+    got, _ = C.canonical_turns({"conversations": turns})
+    assert got == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]

@@ -93,14 +93,17 @@ def bs1_reference(model, ids: list[int], start, adapter: str) -> tuple[float, fl
             p.requires_grad_(False)
 
 
-def base_loss(model, ids: list[int], start: int) -> float:
-    """The frozen base's mean loss over tokens start.. of one unpadded row (NaN when none is predicted)."""
-    if start >= len(ids) or len(ids) < 2:
+def base_loss(model, ids: list[int], start) -> float:
+    """The frozen base's mean loss over tokens start.. of one unpadded row, or over its flat [start, stop) spans
+    (NaN when none is predicted)."""
+    spans = [(start, len(ids))] if isinstance(start, int) else list(zip(start[0::2], start[1::2]))
+    positions = [p for lo, hi in spans for p in range(max(lo, 1), hi)]
+    if not positions or len(ids) < 2:
         return float("nan")
     with torch.no_grad(), model.disable_adapter():
         logits = model(input_ids=torch.tensor([ids])).logits[0]
-    first = max(start, 1)
-    return F.cross_entropy(logits[first - 1 : -1], torch.tensor(ids[first:])).item()
+    at = torch.tensor(positions)
+    return F.cross_entropy(logits[at - 1], torch.tensor(ids)[at]).item()
 
 
 def test_every_norm_and_loss_equals_the_batch_size_1_reference(setup):
@@ -186,3 +189,5 @@ def test_multi_turn_conversations_equal_the_batch_size_1_reference(setup):
                 assert got[f"loss_{checkpoint}"][m] == pytest.approx(loss, rel=1e-9), (i, m)
         uncond = base_loss(model, row["response_input_ids"], row["response_label_start"])
         np.testing.assert_allclose(out["ifd_loss_uncond"][i].as_py(), uncond, rtol=1e-9)
+        cond = base_loss(model, row["input_ids"], row["loss_spans"])  # every answer, given the dialogue
+        np.testing.assert_allclose(out["ifd_loss_cond"][i].as_py(), cond, rtol=1e-9)

@@ -32,6 +32,15 @@ class TemplateNotIncremental(ValueError):
     """The template renders a conversation's prefix differently inside the whole conversation."""
 
 
+def template_errors() -> tuple[type[Exception], ...]:
+    """What a row can raise that only that row's conversation is to blame for: a template that cannot be cut, a
+    token across a border, or the template refusing the conversation (Jinja's raise_exception: roles that do not
+    alternate, a system turn it does not take, an unknown role)."""
+    from jinja2 import TemplateError
+
+    return (TemplateNotIncremental, TokenStraddlesPieces, TemplateError)
+
+
 @dataclass(frozen=True)
 class Piece:
     text: str
@@ -78,8 +87,15 @@ def cut_pieces(turns: list[dict[str, str]], render: Render, train_tool_calls: bo
             raise TemplateNotIncremental(f"turn {k}: rendering {k + 1} turns does not extend the first {k}")
         start = len(done)
         if turn["role"] in answers:
-            prompt = render(messages[:k], True) if k else ""
-            start = max(start, _common_prefix(prompt, after))
+            # The answer starts at its own text where the template writes it verbatim (so a role header is never
+            # trained, whatever the generation prompt); else where the prompt with its generation prompt stops
+            # agreeing with the finished turn (a template that trims or reformats the text).
+            at = after.rfind(turn["content"], start)  # the rightmost: a header may contain the same word
+            if at >= 0:
+                start = at
+            else:
+                prompt = render(messages[:k], True) if k else ""
+                start = max(start, _common_prefix(prompt, after))
         if start > len(done):
             pieces.append(Piece(after[len(done) : start], False, k))
         if len(after) > start:
@@ -128,12 +144,13 @@ def whole_text_encoder(tokenizer) -> Callable[[list[Piece]], list[tuple[int, int
         text = "".join(p.text for p in pieces)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         out = []
+        last = len(pieces) - 1
         for tid, (first, stop) in zip(enc["input_ids"], enc["offset_mapping"]):
-            k = bisect.bisect_right(starts, max(first, stop - 1)) - 1
-            j = bisect.bisect_right(starts, first) - 1
-            if pieces[j].answer != pieces[k].answer:
-                raise TokenStraddlesPieces(f"token {text[first:stop]!r} spans pieces {j} and {k}")
-            out.append((tid, min(k, len(pieces) - 1)))
+            j = min(bisect.bisect_right(starts, first) - 1, last)
+            k = min(bisect.bisect_right(starts, max(first, stop - 1)) - 1, last)
+            if len({pieces[i].answer for i in range(j, k + 1)}) > 1:
+                raise TokenStraddlesPieces(f"token {text[first:stop]!r} spans pieces {j} to {k}")
+            out.append((tid, k))
         return out
 
     return encode

@@ -32,6 +32,7 @@ ANSWERS = (ASSISTANT, TOOL_CALL)  # the turns a model is trained to produce
 # ShareGPT's `from` and OpenAI's `role`, lower-cased, to a canonical role.
 ROLE_NAMES = {
     "system": SYSTEM,
+    "developer": SYSTEM,  # OpenAI's newer name for the system message
     "human": USER,
     "user": USER,
     "gpt": ASSISTANT,
@@ -99,9 +100,14 @@ def sharegpt_turns(turns: Any) -> list[dict[str, str]]:
         where = f"conversations[{i}]"
         if not isinstance(turn, dict):
             raise ConversationRejected(NOT_TEXT, f"{where}: expected an object")
-        role = _role(turn.get("from", turn.get("role")), where)
-        out.append({"role": role, "content": _text(turn.get("value", turn.get("content")), where)})
+        # Parquet gives every turn every field its file has, the absent ones null: take the one that is set
+        role = _role(_first_set(turn, "from", "role"), where)
+        out.append({"role": role, "content": _text(_first_set(turn, "value", "content"), where)})
     return out
+
+
+def _first_set(turn: dict, *keys: str):
+    return next((turn[k] for k in keys if turn.get(k) is not None), None)
 
 
 def openai_turns(messages: Any) -> list[dict[str, str]]:

@@ -229,6 +229,6 @@ def normalize_batch(batch: pa.Table, max_chars: int) -> pa.Table:
 def original_record(row: dict[str, Any]) -> dict[str, Any]:
     """Rebuild a record in the input's own keys from a canonical row (for selection outputs)."""
     extra = json.loads(row["extra"]) if row.get("extra") else {}
-    if row.get("conversation"):
+    if row.get("conversation") or row.get("source_format") == "sharegpt":
         return extra
     return {"instruction": row["instruction"], "input": row["input"], "output": row["output"], **extra}

@@ -22,10 +22,9 @@ import pyarrow as pa
 
 from gradfilter_ray.config import ProxyConfig
 from gradfilter_ray.data.chat_tokens import (
-    TemplateNotIncremental,
-    TokenStraddlesPieces,
     cut_pieces,
     hf_render,
+    template_errors,
     tokenize_pieces,
     whole_text_encoder,
 )
@@ -93,7 +92,8 @@ def alpaca_rows(table: pa.Table, tokenizer, proxy: ProxyConfig) -> list[dict]:
     rows = []
     for rid, ex, solo, conversation in zip(cols["id"], examples, alone, cols["conversation"]):
         if _multi_turn(conversation):  # no Alpaca form: counted, never trained on a part of it
-            rows.append(_row(rid, untrained(ex.input_ids), untrained(solo.input_ids), MULTI_TURN_NEEDS_CHAT))
+            # one token: kept for the record, and nothing for the extraction to spend compute on
+            rows.append(_row(rid, untrained(ex.input_ids[:1]), untrained(solo.input_ids[:1]), MULTI_TURN_NEEDS_CHAT))
         else:
             rows.append(_row(rid, ex, solo))
     return rows
@@ -113,15 +113,26 @@ def chat_tokenize(tokenizer, turns, max_length: int, chat_template: str | None =
     return tokenize_pieces(pieces, whole_text_encoder(tokenizer)(pieces), max_length)
 
 
+def check_chat_tokenizer(tokenizer, chat_template: str | None) -> None:
+    """What every row needs, checked once: a template to render with and a fast tokenizer (its offsets place each
+    token in its piece). A config error, not a row's fault: it stops the stage."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template: chat needs a chat template: this tokenizer has none, set chat_template (Jinja)")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("template: chat needs a fast tokenizer (its offsets map tokens to turns)")
+
+
 def chat_rows(table: pa.Table, tokenizer, proxy: ProxyConfig) -> list[dict]:
+    check_chat_tokenizer(tokenizer, proxy.chat_template)
     cols = table.select(["id", "instruction", "input", "output", "conversation"]).to_pydict()
+    refused = template_errors()
     rows = []
     for rid, *fields in zip(cols["id"], cols["instruction"], cols["input"], cols["output"], cols["conversation"]):
         try:
             turns = as_turns(*fields)
             ex = chat_tokenize(tokenizer, turns, proxy.max_length, proxy.chat_template, proxy.train_tool_calls)
-        except (TemplateNotIncremental, TokenStraddlesPieces):
-            question = tokenizer(fields[0], add_special_tokens=False)["input_ids"][: proxy.max_length]
+        except refused:
+            question = tokenizer(fields[0], add_special_tokens=False)["input_ids"][:1]
             rows.append(_row(rid, untrained(question), untrained(question), CHAT_TEMPLATE_ERROR))
             continue
         answers = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE_INDEX]

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gradfilter_ray.data.chat_tokens import template_errors
 from gradfilter_ray.data.prompt import alpaca_prompt, collate_rows, default_add_bos, spans_from_labels, tokenize_batch
-from gradfilter_ray.data.tokenized import as_turns, chat_tokenize
+from gradfilter_ray.data.tokenized import as_turns, chat_tokenize, untrained
 from gradfilter_ray.losses import per_example_losses
 
 
@@ -42,9 +43,24 @@ def prompt_token_ids(
     return [(bos + ids)[-max_prompt_tokens:] for ids in encoded]
 
 
-def decode_answers(tokenizer, generated: list) -> list[str]:
-    """Generated token ids -> answer strings, special tokens (EOS, padding) dropped: one decoding for every engine."""
-    return tokenizer.batch_decode(generated, skip_special_tokens=True)
+SENTINEL = "\x00gfr-answer\x00"
+
+
+def end_of_turn_text(tokenizer) -> str:
+    """What the chat template writes after an answer (e.g. "<|im_end|>"), stripped: a config template on a base
+    model writes it as plain text, which decoding does not drop and generation does not stop at."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": SENTINEL}], tokenize=False
+    )
+    return rendered.split(SENTINEL, 1)[-1].strip() if SENTINEL in rendered else ""
+
+
+def decode_answers(tokenizer, generated: list, prompt_format: str = "alpaca") -> list[str]:
+    """Generated token ids -> answer strings, special tokens (EOS, padding) dropped, a chat answer cut at its
+    end-of-turn text: one decoding for every engine."""
+    answers = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    marker = end_of_turn_text(tokenizer) if prompt_format == "chat" else ""
+    return [a.split(marker, 1)[0] for a in answers] if marker else answers
 
 
 @torch.no_grad()
@@ -66,7 +82,7 @@ def generate_answers(model, tokenizer, instructions: list[str], inputs: list[str
     else:
         options.update(temperature=None, top_p=None, top_k=None)
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **options)
-    return decode_answers(tokenizer, out[:, width:])
+    return decode_answers(tokenizer, out[:, width:], sampling.prompt_format)
 
 
 @torch.no_grad()
@@ -82,10 +98,7 @@ def reference_losses(
     """Per example: (sum of response-token cross-entropies, number of response tokens), so a corpus-level loss is
     sum / count. An empty reference answer still scores its EOS token (its end-of-turn marker under chat)."""
     if prompt_format == "chat":
-        examples = [
-            chat_tokenize(tokenizer, as_turns(i, x, o, None), max_length)
-            for i, x, o in zip(instructions, inputs, outputs)
-        ]
+        examples = [_chat_reference(tokenizer, i, x, o, max_length) for i, x, o in zip(instructions, inputs, outputs)]
     else:
         examples = tokenize_batch(tokenizer, instructions, inputs, outputs, max_length)
     device = next(model.parameters()).device
@@ -94,4 +107,13 @@ def reference_losses(
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     means, counts = per_example_losses(logits, batch["labels"])
     counts_list = [int(c) for c in counts.tolist()]
-    return [float(m) * c for m, c in zip(means.tolist(), counts_list)], counts_list
+    return [float(m) * c if c else 0.0 for m, c in zip(means.tolist(), counts_list)], counts_list
+
+
+def _chat_reference(tokenizer, instruction: str, input_: str, output: str, max_length: int):
+    """A reference answer through the chat template; one the template refuses scores no token (0 of the held-out
+    tokens, so it weighs nothing in the loss) instead of failing the run."""
+    try:
+        return chat_tokenize(tokenizer, as_turns(instruction, input_, output, None), max_length)
+    except template_errors():
+        return untrained(tokenizer(instruction, add_special_tokens=False)["input_ids"][:1])

@@ -168,7 +168,9 @@ def vllm_answers(
 
     generated = run_waves(waves, build)
     return {
-        run: decode_answers(tokenizers[run], vllm_engine.in_order(table.to_pylist(), gen.num_rows))
+        run: decode_answers(
+            tokenizers[run], vllm_engine.in_order(table.to_pylist(), gen.num_rows), sampling.prompt_format
+        )
         for run, table in generated.items()
     }
 
