@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,9 +27,12 @@ def evaluated():
     ray_tmp = tempfile.mkdtemp(prefix="gfr-evgpu-", dir="/tmp")  # short: Ray's socket paths must fit
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}  # leak_guard registers it and checks no process outlives the suite
     config = REPO / "jobs" / "configs" / "alpaca_llama2_7b.yaml"
-    done = subprocess.run(
-        [sys.executable, str(PROBE), str(config), "8"], env=env, capture_output=True, text=True, timeout=300
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, str(PROBE), str(config), "8"], env=env, capture_output=True, text=True, timeout=300
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)  # the probe's Ray is gone with it (leak_guard matches by env)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,9 +28,12 @@ def placed():
     path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": path}
     config = REPO / "jobs" / "configs" / "alpaca_llama2_7b.yaml"
-    done = subprocess.run(
-        [sys.executable, str(PROBE), str(config)], env=env, capture_output=True, text=True, timeout=400
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, str(PROBE), str(config)], env=env, capture_output=True, text=True, timeout=400
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)  # the probe's Ray is gone with it (leak_guard matches by env)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,9 +39,12 @@ def test_a_node_with_no_cpu_or_gpu_runs_no_stage_and_is_not_checked():
 def test_two_nodes_sharing_the_folder_pass_and_a_node_without_it_stops_the_run(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="gfr-nodes-", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    done = subprocess.run(
-        [sys.executable, str(PROBE), str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, str(PROBE), str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)  # the probe's Ray is gone with it (leak_guard matches by env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["shared"] == {"nodes_checked": 2, "error": None}
