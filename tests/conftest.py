@@ -199,6 +199,27 @@ class S3Server:
         self._thread.join()
 
 
+def run_probe(script: Path, *args: str, tag: str, timeout: int, env: dict | None = None) -> dict:
+    """Run a probe script (a local Ray of its own) in a subprocess with a fresh Ray temp dir, removed once it exits
+    (leak_guard finds leaked processes by their environment, not by the folder); the JSON of its last line."""
+    import subprocess
+    import sys
+
+    ray_tmp = tempfile.mkdtemp(prefix=f"gfr-{tag}-", dir="/tmp")  # short: Ray's socket paths must fit
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), *args],
+            env={**os.environ, **(env or {}), "RAY_TMPDIR": ray_tmp},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def reply(content: str) -> tuple:
     """A ChatServer action: answer 200 with this assistant message."""
     return ("ok", content)

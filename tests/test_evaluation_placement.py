@@ -7,14 +7,10 @@ actors and on 2 (tests/eval_placement_probe.py, tiny models on CPU)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import run_probe
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -24,17 +20,8 @@ BATCH = 16  # the shipped config's evaluation.batch_size
 
 @pytest.fixture(scope="module")
 def evaluated():
-    ray_tmp = tempfile.mkdtemp(prefix="gfr-evgpu-", dir="/tmp")  # short: Ray's socket paths must fit
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}  # leak_guard registers it and checks no process outlives the suite
     config = REPO / "jobs" / "configs" / "alpaca_llama2_7b.yaml"
-    try:
-        done = subprocess.run(
-            [sys.executable, str(PROBE), str(config), "8"], env=env, capture_output=True, text=True, timeout=300
-        )
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)  # the probe's Ray is gone with it (leak_guard matches by env)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_probe(PROBE, str(config), "8", tag="evgpu", timeout=300)
 
 
 def actors_of(evaluated, run: str) -> list[dict]:

@@ -6,15 +6,11 @@ once is tested on plain tasks (test_runtime.py)."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import run_probe
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -23,19 +19,10 @@ PROBE = REPO / "tests" / "finetune_placement_probe.py"
 
 @pytest.fixture(scope="module")
 def placed():
-    ray_tmp = tempfile.mkdtemp(prefix="gfr-ftgpus-", dir="/tmp")
     # the nodes' workers import the probe's helpers from tests/ (they inherit this environment)
     path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": path}
     config = REPO / "jobs" / "configs" / "alpaca_llama2_7b.yaml"
-    try:
-        done = subprocess.run(
-            [sys.executable, str(PROBE), str(config)], env=env, capture_output=True, text=True, timeout=400
-        )
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)  # the probe's Ray is gone with it (leak_guard matches by env)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_probe(PROBE, str(config), tag="ftgpus", timeout=400, env={"PYTHONPATH": path})
 
 
 def by_subset(placed) -> dict[str, list[dict]]:

@@ -6,15 +6,10 @@ gradients.stage.extraction_dataset)."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import run_probe
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -23,17 +18,8 @@ PROBE = REPO / "tests" / "placement_probe.py"
 
 @pytest.fixture(scope="module")
 def placed():
-    ray_tmp = tempfile.mkdtemp(prefix="gfr-gpus-", dir="/tmp")
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     config = REPO / "jobs" / "configs" / "alpaca_llama2_7b.yaml"
-    try:
-        done = subprocess.run(
-            [sys.executable, str(PROBE), str(config), "64"], env=env, capture_output=True, text=True, timeout=400
-        )
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)  # the probe's Ray is gone with it (leak_guard matches by env)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_probe(PROBE, str(config), "64", tag="gpus", timeout=400)
 
 
 def test_ensemble_members_get_one_gpu_each_and_talk_gloo(placed):

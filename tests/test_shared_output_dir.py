@@ -5,15 +5,10 @@ sentinel as a node without the shared mount would (the check's reading, comparin
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import run_probe
 
 from gradfilter_ray.shared_dir import unshared_nodes, working_nodes
 
@@ -37,16 +32,7 @@ def test_a_node_with_no_cpu_or_gpu_runs_no_stage_and_is_not_checked():
 
 
 def test_two_nodes_sharing_the_folder_pass_and_a_node_without_it_stops_the_run(tmp_path):
-    ray_tmp = tempfile.mkdtemp(prefix="gfr-nodes-", dir="/tmp")
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    try:
-        done = subprocess.run(
-            [sys.executable, str(PROBE), str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300
-        )
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)  # the probe's Ray is gone with it (leak_guard matches by env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_probe(PROBE, str(tmp_path / "out"), tag="nodes", timeout=300)
     assert result["shared"] == {"nodes_checked": 2, "error": None}
     error = result["unshared"]["error"]
     assert result["unshared"]["nodes_checked"] is None and error
