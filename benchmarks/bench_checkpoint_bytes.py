@@ -212,7 +212,11 @@ def subsets_markdown(configs: list[dict]) -> str:
 
 
 def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+    """The bytes of a folder as the finetune stage counts a checkpoint's (`checkpoints.folder_bytes`)."""
+    from gradfilter_ray.finetune import checkpoints
+    from gradfilter_ray.storage import open_location
+
+    return checkpoints.folder_bytes(open_location(str(folder)))
 
 
 IO_KEYS = ("wchar", "write_bytes", "cancelled_write_bytes")
@@ -337,6 +341,25 @@ def one_checkpoint(engine, n_params: int, folder: Path) -> dict:
     }
 
 
+def route_result(staged: int, storage: Path, io0: dict, cpu0: float, started: float, **phases: float) -> dict:
+    """A route's measurement once its last write returned: wall and CPU seconds since `started`, then the sync
+    after it, the I/O counters since `io0`, the bytes staged and stored, and the route's own phases."""
+    seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu0
+    sync_s = timed_sync()
+    io = io_since(io0)
+    stored = folder_bytes(storage)
+    return {
+        "staged_bytes": staged,
+        "storage_bytes": stored,
+        "bytes_written": staged + stored,
+        **io,
+        "seconds": seconds,
+        "cpu_s": cpu_s,
+        "sync_after_s": sync_s,
+        **phases,
+    }
+
+
 def old_route(engine, staging: Path, storage: Path) -> dict:
     """Before: the rank saves into a node-local temp dir, Ray Train copies the folder to storage, the temp dir goes."""
     import pyarrow.fs as pafs
@@ -353,22 +376,8 @@ def old_route(engine, staging: Path, storage: Path) -> dict:
     pafs.copy_files(str(staging), str(storage), destination_filesystem=local, chunk_size=64 * 1024 * 1024)
     t2 = time.perf_counter()
     shutil.rmtree(staging)
-    t3, c3 = time.perf_counter(), time.process_time()
-    sync_s = timed_sync()
-    io = io_since(io0)
-    stored = folder_bytes(storage)
-    return {
-        "staged_bytes": staged,
-        "storage_bytes": stored,
-        "bytes_written": staged + stored,
-        **io,
-        "seconds": t3 - t0,
-        "cpu_s": c3 - c0,
-        "sync_after_s": sync_s,
-        "save_s": t1 - t0,
-        "copy_s": t2 - t1,
-        "remove_staged_s": t3 - t2,
-    }
+    t3 = time.perf_counter()
+    return route_result(staged, storage, io0, c0, t0, save_s=t1 - t0, copy_s=t2 - t1, remove_staged_s=t3 - t2)
 
 
 def new_route(engine, storage: Path) -> dict:
@@ -379,20 +388,7 @@ def new_route(engine, storage: Path) -> dict:
     os.sync()
     io0, c0, t0 = io_counters(), time.process_time(), time.perf_counter()
     staged = save_shards(engine, open_location(str(storage)))
-    t1, c1 = time.perf_counter(), time.process_time()
-    sync_s = timed_sync()
-    io = io_since(io0)
-    stored = folder_bytes(storage)
-    return {
-        "staged_bytes": staged,
-        "storage_bytes": stored,
-        "bytes_written": staged + stored,
-        **io,
-        "seconds": t1 - t0,
-        "cpu_s": c1 - c0,
-        "sync_after_s": sync_s,
-        "save_s": t1 - t0,
-    }
+    return route_result(staged, storage, io0, c0, t0, save_s=time.perf_counter() - t0)
 
 
 def compare_routes(engine, root: Path, repeats: int) -> dict:

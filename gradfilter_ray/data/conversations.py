@@ -16,6 +16,7 @@ assistant or tool turn. At least one assistant or tool_call turn (`no_assistant_
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 # Reasons a conversation is unusable (also in formats.REASONS).
@@ -91,15 +92,20 @@ def _role(name: Any, where: str) -> str:
     return role
 
 
+def _objects(value: Any, key: str) -> Iterator[tuple[str, dict]]:
+    """(where, turn object) for each element of a record's list of turns, or the reason it is not one."""
+    if not isinstance(value, list):
+        raise ConversationRejected(NOT_TEXT, f"{key}: expected a list")
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ConversationRejected(NOT_TEXT, f"{key}[{i}]: expected an object")
+        yield f"{key}[{i}]", item
+
+
 def sharegpt_turns(turns: Any) -> list[dict[str, str]]:
     """ShareGPT `conversations` ([{from, value}], also {role, content}) -> canonical turns (unchecked order)."""
-    if not isinstance(turns, list):
-        raise ConversationRejected(NOT_TEXT, "conversations: expected a list")
     out = []
-    for i, turn in enumerate(turns):
-        where = f"conversations[{i}]"
-        if not isinstance(turn, dict):
-            raise ConversationRejected(NOT_TEXT, f"{where}: expected an object")
+    for where, turn in _objects(turns, "conversations"):
         # Parquet gives every turn every field its file has, the absent ones null: take the one that is set
         role = _role(_first_set(turn, "from", "role"), where)
         out.append({"role": role, "content": _text(_first_set(turn, "value", "content"), where)})
@@ -113,13 +119,8 @@ def _first_set(turn: dict, *keys: str):
 def openai_turns(messages: Any) -> list[dict[str, str]]:
     """OpenAI `messages` -> canonical turns (unchecked order). An assistant message's `tool_calls` become one
     tool_call turn holding them as JSON ({name, arguments} each), after its text if it has any."""
-    if not isinstance(messages, list):
-        raise ConversationRejected(NOT_TEXT, "messages: expected a list")
     out = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise ConversationRejected(NOT_TEXT, f"{where}: expected an object")
+    for where, message in _objects(messages, "messages"):
         role = _role(message.get("role"), where)
         calls = message.get("tool_calls") if role == ASSISTANT else None
         content = message.get("content")

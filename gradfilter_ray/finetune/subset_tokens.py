@@ -49,10 +49,12 @@ def _large_lists(rows: Sequence, dtype) -> pa.Array:
     return pa.LargeListArray.from_arrays(pa.array(packed.offsets), pa.array(packed.tokens.astype(dtype)))
 
 
-def rows_to_table(input_ids: Sequence, labels_at: Sequence, rows_in: int, dropped: int) -> pa.Table:
-    """One share as a table (input_ids and loss_spans, large lists of int32), its row counts in the metadata."""
-    spans = [[int(a), -1] if np.ndim(a) == 0 else list(a) for a in labels_at]  # -1: labelled to the row's end
-    table = pa.table({"input_ids": _large_lists(input_ids, np.int32), "loss_spans": _large_lists(spans, np.int32)})
+def rows_to_table(input_ids: Sequence, loss_spans: Sequence, rows_in: int, dropped: int) -> pa.Table:
+    """One share as a table (input_ids and each row's flat [start, stop) loss spans, large lists of int32), its row
+    counts in the metadata."""
+    table = pa.table(
+        {"input_ids": _large_lists(input_ids, np.int32), "loss_spans": _large_lists(loss_spans, np.int32)}
+    )
     return table.replace_schema_metadata({ROWS_IN: str(rows_in), NO_RESPONSE: str(dropped)})
 
 
@@ -64,14 +66,10 @@ def rows_from_tables(tables: Sequence[pa.Table]) -> tuple[PackedRows, np.ndarray
         ids = t.column("input_ids").combine_chunks()
         tokens.append(ids.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False))
         lengths.append(np.diff(ids.offsets.to_numpy()))
-        labels_at += [_labels(s) for s in t.column("loss_spans").to_pylist()]
+        labels_at += [np.asarray(s, dtype=np.int64) for s in t.column("loss_spans").to_pylist()]
     flat = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
     lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     offsets_all = np.concatenate([[0], np.cumsum(lengths_all)]).astype(np.int64)
     at = np.empty(len(labels_at), dtype=object)
     at[:] = labels_at
     return PackedRows(flat, offsets_all), at, sum(c[0] for c in counts), sum(c[1] for c in counts)
-
-
-def _labels(spans: list[int]):
-    return spans[0] if len(spans) == 2 and spans[1] == -1 else np.asarray(spans, dtype=np.int64)
