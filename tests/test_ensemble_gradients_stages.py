@@ -2,6 +2,7 @@
 attempt is not done, and its re-run replaces every old output), exactly-once, tokens/ equal to tokenising in-process,
 equality with a bare in-process computation and with the batch-size-1 reference, determinism."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,13 @@ def test_ensemble_writes_every_member_epoch_as_safetensors_with_loss_curves(fini
     cfg, rundir, record, _, _ = finished_run
     assert record["rows_in"] == 24 == record["rows_trained"] + record["rows_no_response_tokens"]
     assert record["adapted_modules"] == 6  # c_attn, attn.c_proj and mlp.c_proj in each of 2 layers
+    per_member = rundir.stage_record("ensemble")["padding_efficiency_per_member"]  # as the manifest holds it
+    assert sorted(str(m) for m in per_member) == [str(m) for m in range(cfg.ensemble.members)]
+    assert all(0 < v <= 1 for epochs in per_member.values() for v in epochs.values())
+    assert len({json.dumps(epochs, sort_keys=True) for epochs in per_member.values()}) > 1  # each its own order
+    assert record["padding_efficiency"] == pytest.approx(
+        np.mean([v for epochs in per_member.values() for v in epochs.values()]), abs=1e-4
+    )
     for m in range(2):
         for e in (1, 2):
             folder = rundir.member_epoch(m, e)

@@ -321,4 +321,5 @@ def run(cfg: Config, run: RunDir, key: str) -> dict:
         "adapted_modules": summary["adapted_modules"],
         "batching": ens.batching,
         "padding_efficiency": summary["padding_efficiency"],
+        "padding_efficiency_per_member": {m: facts["padding_efficiency"] for m, facts in summary["members"].items()},
     }
