@@ -48,6 +48,8 @@ def finished_run(ray_cluster, tmp_path_factory):
     # A file the preempted attempt left in ensemble/ that the finished stage does not write: the re-run replaces
     # every old output, so it must be gone afterwards.
     (rundir.ensemble / "stale-from-the-preempted-attempt.txt").write_text("stale")
+    # An earlier config's trainer folder: removed; this config's (the preempted attempt's) is resumed from.
+    (rundir.ensemble_train_state / "ensemble-0123abcd" / "checkpoint_x" / "state").write_bytes(b"x")
     record = pipeline.run_stage("ensemble", cfg, rundir, **QUIET)
     extract = pipeline.run_stage("gradients", cfg, rundir, **QUIET)
     return cfg, rundir, record, extract, early_before
@@ -77,6 +79,7 @@ def test_ensemble_writes_every_member_epoch_as_safetensors_with_loss_curves(fini
     cfg, rundir, record, _, _ = finished_run
     assert record["rows_in"] == 24 == record["rows_trained"] + record["rows_no_response_tokens"]
     assert record["adapted_modules"] == 6  # c_attn, attn.c_proj and mlp.c_proj in each of 2 layers
+    assert record["trainers_of_other_configs_removed"] == 1 and not rundir.ensemble_train_state.children()
     per_member = rundir.stage_record("ensemble")["padding_efficiency_per_member"]  # as the manifest holds it
     assert sorted(str(m) for m in per_member) == [str(m) for m in range(cfg.ensemble.members)]
     assert all(0 < v <= 1 for epochs in per_member.values() for v in epochs.values())

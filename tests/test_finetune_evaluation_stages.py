@@ -113,6 +113,8 @@ def finetuned(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("ft") / "run"
     cfg = small_cfg(root)
     rundir = selected_run(root, cfg)
+    # An earlier config's interrupted subset: its checkpoint can never be resumed under this config's key.
+    (rundir.finetune_train_state / "finetune-0123abcd-gsnr_0.5" / "checkpoint_step_0000002" / "x").write_bytes(b"x")
     counts = pipeline.run_stage("finetune", cfg, rundir, **QUIET)
     return cfg, rundir, counts
 
@@ -122,6 +124,8 @@ def test_finetune_loss_falls_and_the_model_loads_back(finetuned):
 
     cfg, rundir, counts = finetuned
     assert counts["runs"] == 2 and not counts["skipped"]
+    # the earlier config's trainer folder is gone, and this config's own were dropped as each subset finished
+    assert counts["trainers_of_other_configs_removed"] == 1 and rundir.finetune_train_state.children() == []
     for run in ("gsnr_0.5", "random_0.5"):
         folder = rundir.finetune / run
         losses = read_losses(folder / "train_loss.csv")

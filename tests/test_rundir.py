@@ -92,6 +92,20 @@ def test_scratch_is_removed_after_the_stage_and_left_overs_by_the_next_driver(ou
     assert run.clean_scratch() == 1 and not run.at(".scratch").exists()
 
 
+def test_trainer_folders_of_other_configs_are_dropped_and_this_configs_kept(output_dir):
+    run = RunDir(output_dir)
+    run.ensure_exists()
+    state = run.finetune_train_state
+    for name in ("finetune-newkey-gsnr_0.1", "finetune-newkey-random_0.1", "finetune-oldkey-gsnr_0.1"):
+        (state / name / "checkpoint_step_0000004" / "ds" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(
+            b"x"
+        )
+    assert run.drop_other_trainers(state, "finetune-newkey-") == ["finetune-oldkey-gsnr_0.1"]
+    assert state.children() == ["finetune-newkey-gsnr_0.1", "finetune-newkey-random_0.1"]
+    assert (state / "finetune-newkey-gsnr_0.1" / "checkpoint_step_0000004" / "ds").children()  # kept whole
+    assert run.drop_other_trainers(run.ensemble_train_state, "ensemble-newkey") == []  # none yet: nothing to do
+
+
 def test_a_missing_bucket_is_a_clear_error_before_any_work(s3_server):
     run = RunDir(s3_server.uri().replace("&allow_bucket_creation=true", ""))
     with pytest.raises(StorageError, match="cannot create or reach it"):

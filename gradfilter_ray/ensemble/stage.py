@@ -306,6 +306,7 @@ def run(cfg: Config, run: RunDir, key: str) -> dict:
     if counts["rows_trained"] == 0:
         raise RuntimeError("no row has a response token left after tokenisation: raise proxy.max_length")
 
+    dropped = run.drop_other_trainers(run.ensemble_train_state, trainer_name(key))
     with sigint_restored():
         result = build_trainer(cfg, run, key, ds).fit()
     if result.error is not None:
@@ -321,5 +322,6 @@ def run(cfg: Config, run: RunDir, key: str) -> dict:
         "adapted_modules": summary["adapted_modules"],
         "batching": ens.batching,
         "padding_efficiency": summary["padding_efficiency"],
+        "trainers_of_other_configs_removed": len(dropped),
         "padding_efficiency_per_member": {m: facts["padding_efficiency"] for m, facts in summary["members"].items()},
     }

@@ -166,6 +166,9 @@ def run(cfg: Config, run: RunDir, key: str, log=print) -> dict:
         names.append(selection.name)
         if not run_finished(run.finetune / selection.name, key):
             todo.append(selection)
+    dropped = run.drop_other_trainers(run.finetune_train_state, trainer_name(key, ""))
+    if dropped:
+        log(f"[finetune] removed {len(dropped)} trainer folder(s) of an earlier config: {', '.join(dropped)}")
     if todo:
         fit_side_by_side(cfg, run, key, todo, log)
     runs = {name: json.loads((run.finetune / name / SUMMARY).read_text()) for name in names}
@@ -175,6 +178,7 @@ def run(cfg: Config, run: RunDir, key: str, log=print) -> dict:
     return {
         "runs": len(runs),
         "skipped": skipped,
+        "trainers_of_other_configs_removed": len(dropped),
         "steps": {s: r["total_steps"] for s, r in runs.items()},
         "last_loss": {s: r["last_loss"] for s, r in runs.items()},
     }
