@@ -78,9 +78,26 @@ def skeleton(spec: ModelSpec, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(
+        model = AutoModelForCausalLM.from_config(
             model_config(spec), dtype=dtype, trust_remote_code=spec.trust_remote_code
         )
+    shipped = shipped_generation_config(spec)
+    if shipped is not None:  # from_config derives one from the model config: the model's own stop tokens are lost
+        model.generation_config = shipped
+    return model
+
+
+def shipped_generation_config(spec: ModelSpec):
+    """The generation defaults a pretrained model ships with (`generation_config.json`: stop tokens, sampling
+    settings), or None for a model built from a config or shipped without one."""
+    from transformers import GenerationConfig
+
+    if spec.build_from_config is not None:
+        return None
+    try:
+        return GenerationConfig.from_pretrained(resolve(spec.name_or_path or ""), revision=spec.revision)
+    except OSError:
+        return None
 
 
 def load_causal_lm(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

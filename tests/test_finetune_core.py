@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from gradfilter_ray.bundled import resolve
 from gradfilter_ray.config import FinetuneConfig, ModelSpec
 from gradfilter_ray.finetune.ds_config import (
     TEMPLATES,
@@ -100,6 +101,26 @@ def test_checkpoints_at_epoch_ends_and_every_n_steps_but_never_after_the_last_st
     assert [s for s in range(1, 7) if checkpoint_due(s, plan, 0)] == [3]  # epoch 1's end; epoch 2's is the last
     assert [s for s in range(1, 7) if checkpoint_due(s, plan, 2)] == [2, 3, 4]
     assert not any(checkpoint_due(s, plan, 1) for s in (6, 7))
+
+
+def test_the_saved_model_keeps_the_generation_defaults_its_base_model_ships_with(tmp_path):
+    import shutil
+
+    import torch
+    from transformers import GenerationConfig
+
+    from gradfilter_ray.finetune import model as finetune_model
+    from gradfilter_ray.models import instantiate
+
+    base = tmp_path / "base"
+    shutil.copytree(resolve("bundled:stories260K"), base)
+    shipped = {"eos_token_id": [2, 7], "do_sample": True, "temperature": 0.6, "top_p": 0.9, "max_length": 256}
+    GenerationConfig(bos_token_id=1, **shipped).save_pretrained(base)
+    spec = ModelSpec(name_or_path=str(base))
+    state = instantiate(spec, torch.float32).state_dict()
+    finetune_model.save_merged(FinetuneConfig(model=spec), state, torch.float32, tmp_path / "model")
+    saved = GenerationConfig.from_pretrained(tmp_path / "model").to_dict()
+    assert {k: saved[k] for k in shipped} == shipped  # not the defaults from_config derives from config.json
 
 
 @pytest.mark.parametrize(
