@@ -67,6 +67,27 @@ def row_counts(files: list[Location]) -> list[int]:
     return counts
 
 
+def non_null_count(files: list[Location], column: str) -> int:
+    """How many rows of the files hold a value in `column` (0 where the files lack it): from the footers' null counts,
+    reading the column itself only for a row group written without statistics."""
+    total = 0
+    for file in files:
+        with file.open_input() as handle:
+            parquet = pq.ParquetFile(handle)
+            if column not in parquet.schema_arrow.names:
+                continue
+            index = parquet.schema_arrow.names.index(column)
+            for g in range(parquet.metadata.num_row_groups):
+                group = parquet.metadata.row_group(g)
+                stats = group.column(index).statistics
+                if stats is not None and stats.has_null_count:
+                    total += group.num_rows - stats.null_count
+                else:
+                    values = parquet.read_row_group(g, columns=[column]).column(0)
+                    total += len(values) - values.null_count
+    return total
+
+
 def read_row_range(where: Location, first_row: int, stop_row: int, columns: list[str]) -> pa.Table:
     """Rows [first_row, stop_row) of a Parquet file or folder (files in `parquet_files` order), reading only the
     files and row groups that hold them."""

@@ -110,7 +110,9 @@ def keyed_value(cfg: Config, dotted: str) -> Any:
 
 
 # Bumped when a stage's output gains a column its readers need: older outputs are then rebuilt, never misread.
-OUTPUT_VERSIONS = {"data": 2}  # 2: the `conversation` column (multi-turn conversations read, issue 15)
+# data 2: the `conversation` column (multi-turn conversations read, issue 15); 3: the `tools` column, and a system
+# prompt or tools make a question-and-answer conversation its own example for dedup
+OUTPUT_VERSIONS = {"data": 3}
 
 
 def stage_key(name: str, cfg: Config) -> str:

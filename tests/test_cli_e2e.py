@@ -54,6 +54,10 @@ def test_demo_pipeline_through_the_cli_on_an_object_store(demo):
     # conversations kept whole and trained through the chat template: several answers under the loss in a row
     assert any(len(json.loads(c)) > 2 for c in data["conversation"].to_pylist())
     assert manifest["stages"]["tokens"]["skipped_by_reason"] == {}
+    # the functions a conversation may call, kept and written by the demo's template as context
+    tools = [t for t in data["tools"].to_pylist() if t is not None]
+    assert manifest["stages"]["tokens"]["rows_with_tools"] == len(tools) > 0
+    assert manifest["stages"]["tokens"]["template_renders_tools"] is True
     spans = read(run.tokens)["loss_spans"].to_pylist()
     assert any(len(s) > 2 for s in spans)
     assert len(manifest["inputs"][0]["sha256"]) == 64

@@ -26,6 +26,8 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# ChatML with the conversation's tools in a system turn of their own, first (as tool-calling templates do)
+CHATML_TOOLS = "{% if tools %}<|im_start|>system\nFunctions:\n{{ tools | tojson }}<|im_end|>\n{% endif %}" + CHATML
 # The prompt for a new answer ends "<|assistant|>\n", but a finished answer is rendered "<|assistant|>" + text.
 NOT_SUFFIX = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}</s>\n"
@@ -271,3 +273,37 @@ def test_a_chat_answer_is_cut_at_its_end_of_turn_text(tokenizer):
         assert decode_answers(tokenizer, ids)[0].startswith("Blue.<|im_end|>")  # Alpaca targets: untouched
     finally:
         tokenizer.chat_template = None
+
+
+def test_tools_are_written_as_context_and_never_trained(tokenizer):
+    """The glaive conversations as ingest writes them, tokenised under a template that writes tools: the rendering
+    holds every listed function's definition before the first turn, and the loss still covers exactly the answers
+    (the same labelled tokens as without the tools); a template that ignores tools is detected."""
+    import pyarrow as pa
+
+    from gradfilter_ray.config import ProxyConfig
+    from gradfilter_ray.data.chat_tokens import renders_tools
+    from gradfilter_ray.data.formats import normalize_record
+    from gradfilter_ray.data.tokenized import tokenize_table
+
+    assert renders_tools(tokenizer, CHATML_TOOLS) and not renders_tools(tokenizer, CHATML)
+    rows = [normalize_record(r, 100_000) for r in json.loads(GLAIVE.read_text())[:40]]
+    assert sum(r["tools"] is not None for r in rows) > 10
+    columns = ("instruction", "input", "output", "conversation", "tools")
+    table = pa.table({"id": pa.array(range(len(rows)), pa.int64()), **{c: [r[c] for r in rows] for c in columns}})
+    spec = ModelSpec(name_or_path="bundled:stories260K")
+    proxy = ProxyConfig(model=spec, max_length=100_000, template="chat", chat_template=CHATML_TOOLS)
+    with_tools = tokenize_table(table, tokenizer, proxy).to_pylist()
+    without = tokenize_table(table.drop_columns(["tools"]), tokenizer, proxy).to_pylist()
+    for row, bare, canonical in zip(with_tools, without, rows):
+        text = tokenizer.decode(row["input_ids"])
+        spans = row["loss_spans"]
+        labelled = [tid for lo, hi in zip(spans[0::2], spans[1::2]) for tid in row["input_ids"][lo:hi]]
+        bare_spans = bare["loss_spans"]
+        assert labelled == [t for lo, hi in zip(bare_spans[0::2], bare_spans[1::2]) for t in bare["input_ids"][lo:hi]]
+        if canonical["tools"] is None:
+            assert row["input_ids"] == bare["input_ids"]
+            continue
+        header = "<|im_start|>system\nFunctions:\n" + json.dumps(json.loads(canonical["tools"])) + "<|im_end|>"
+        assert text.startswith(header) and spans[0] > len(tokenizer(header, add_special_tokens=False)["input_ids"])
+        assert len(row["input_ids"]) > len(bare["input_ids"])

@@ -136,3 +136,46 @@ def test_parquet_turns_with_both_key_pairs_take_the_one_that_is_set():
         {"role": "user", "content": "q"},
         {"role": "assistant", "content": "a"},
     ]
+
+
+def test_every_real_glaive_conversation_keeps_its_tools_in_the_form_templates_take():
+    with_tools = 0
+    for record in json.loads(GLAIVE.read_text()):
+        tools, listed = C.canonical_tools(record), json.loads(record["tools"])  # ShareGPT: the functions as JSON text
+        assert (tools is None) == (listed == [])  # "[]": none
+        if tools:
+            assert [t["function"] for t in tools] == listed
+            assert all(t["type"] == "function" and t["function"]["name"] for t in tools)
+            with_tools += 1
+    assert with_tools == 191
+
+
+@pytest.mark.parametrize(
+    "tools, functions",
+    [
+        ([{"type": "function", "function": {"name": "add", "parameters": {}}}], [{"name": "add", "parameters": {}}]),
+        (
+            [{"name": "add"}, {"name": "mul", "description": "x"}],
+            [{"name": "add"}, {"name": "mul", "description": "x"}],
+        ),
+        ('[{"name": "add"}]', [{"name": "add"}]),
+        (None, None),
+        ("", None),
+        ("[]", None),
+        ([], None),
+    ],
+)
+def test_tools_from_openai_sharegpt_or_none(tools, functions):
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": tools}
+    got = C.canonical_tools(record)
+    assert (None if got is None else [t["function"] for t in got]) == functions
+
+
+@pytest.mark.parametrize(
+    "tools",
+    ["[{not json", {"name": "add"}, [{"description": "no name"}], [3], [{"type": "function", "function": "add"}]],
+)
+def test_unusable_tools_are_refused_with_their_reason(tools):
+    with pytest.raises(C.ConversationRejected) as err:
+        C.canonical_tools({"conversations": [], "tools": tools})
+    assert err.value.reason == C.BAD_TOOLS and err.value.detail

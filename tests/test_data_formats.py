@@ -107,3 +107,26 @@ def test_duplicates_share_a_content_hash_and_near_duplicates_do_not():
     a = F.content_hash("i", "x", "o")
     assert a == F.content_hash("i", "x", "o")
     assert a != F.content_hash("i", "", "xo") and a != F.content_hash("i", "x", "o ")
+
+
+def test_tools_are_kept_as_json_and_make_a_conversation_its_own_example():
+    turns = [{"from": "human", "value": "Add 2 and 3"}, {"from": "function_call", "value": '{"name": "add"}'}]
+    tools = [{"name": "add", "parameters": {"a": "int"}}]
+    bare = {"conversations": turns}
+    out = F.normalize_batch(raw_table([j({**bare, "tools": json.dumps(tools)}), j(bare)]), 1000).to_pylist()
+    assert out[0]["reason"] is None and json.loads(out[0]["tools"]) == [{"type": "function", "function": tools[0]}]
+    assert out[1]["tools"] is None and out[0]["content_hash"] != out[1]["content_hash"]
+    bad = F.normalize_batch(raw_table([j({**bare, "tools": "[{oops"})]), 1000).to_pylist()[0]
+    assert bad["reason"] == "bad_tools" and bad["tools"] is None
+
+
+def test_a_question_and_answer_is_the_alpaca_example_unless_a_system_prompt_or_tools_come_with_it():
+    qa = [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4"}]
+    records = [
+        {"instruction": "What is 2+2?", "input": "", "output": "4"},
+        {"conversations": qa},
+        {"conversations": [{"from": "system", "value": "Answer in French."}, *qa]},
+        {"conversations": qa, "tools": [{"name": "calculator"}]},
+    ]
+    hashes = [r["content_hash"] for r in F.normalize_batch(raw_table([j(r) for r in records]), 1000).to_pylist()]
+    assert hashes[0] == hashes[1] and len({hashes[1], hashes[2], hashes[3]}) == 3

@@ -153,3 +153,31 @@ def test_checkpoint_writes_survive_the_state_file():
     writes = CheckpointWrites(steps=[41, 82], bytes=2 * 84_000_000_000, staged_bytes=0, seconds=123.4567)
     again = CheckpointWrites.from_dict(writes.as_dict())
     assert again == CheckpointWrites([41, 82], 168_000_000_000, 0, 123.457) and again.count == 2
+
+
+def test_a_subset_of_conversations_with_tools_is_trained_with_them_in_context(tmp_path):
+    """A selection file as the selection stage writes it (all of data/'s columns), read by the fine-tuning worker's
+    own share reader: rows listing tools carry their definitions (a template that writes them), the others not."""
+    import json
+
+    from test_data_chat_tokens import CHATML_TOOLS
+    from test_data_conversations import GLAIVE
+
+    from gradfilter_ray.data.formats import CANONICAL_COLUMNS, normalize_record
+    from gradfilter_ray.finetune.worker import shared_subset_rows
+
+    rows = [normalize_record(r, 100_000) for r in json.loads(GLAIVE.read_text())[:12]]
+    for i, row in enumerate(rows):
+        row.update(id=i, source_file="glaive.json", source_row=i)
+    pq.write_table(
+        pa.Table.from_pylist([{c: r[c] for c in CANONICAL_COLUMNS} for r in rows]), tmp_path / "sel.parquet"
+    )
+    spec = ModelSpec(name_or_path="bundled:stories260K")
+    finetune = FinetuneConfig(model=spec, max_length=4096, template="chat", chat_template=CHATML_TOOLS)
+    tokenizer = load_tokenizer(spec)
+    got = shared_subset_rows(
+        tokenizer, open_location(str(tmp_path / "sel.parquet")), open_location(str(tmp_path / "tok")), finetune, 0, 1
+    )
+    header = tokenizer("<|im_start|>system\nFunctions:", add_special_tokens=False)["input_ids"]
+    starts = [got.input_ids[i][: len(header)].tolist() == header for i in range(len(rows))]
+    assert starts == [r["tools"] is not None for r in rows] and any(starts) and not all(starts)

@@ -156,12 +156,26 @@ def whole_text_encoder(tokenizer) -> Callable[[list[Piece]], list[tuple[int, int
     return encode
 
 
-def hf_render(tokenizer, chat_template: str | None = None) -> Render:
-    """Rendering through the tokenizer's chat template, or `chat_template` (Jinja) for tokenizers without one."""
+def hf_render(tokenizer, chat_template: str | None = None, tools: list[dict] | None = None) -> Render:
+    """Rendering through the tokenizer's chat template, or `chat_template` (Jinja) for tokenizers without one, with
+    the functions the conversation may call (`tools`) where the template writes them (context: never trained)."""
 
     def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages,
+            tools=tools,
+            chat_template=chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
 
     return render
+
+
+PROBE_TOOL = {"type": "function", "function": {"name": "probe_tool_7f3a", "description": "", "parameters": {}}}
+
+
+def renders_tools(tokenizer, chat_template: str | None = None) -> bool:
+    """Whether the template writes a conversation's tools at all (many do not: their rows train without them)."""
+    messages = [{"role": "user", "content": "hello"}]
+    return "probe_tool_7f3a" in hf_render(tokenizer, chat_template, [PROBE_TOOL])(messages, False)

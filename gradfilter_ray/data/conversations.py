@@ -25,7 +25,8 @@ UNKNOWN_ROLE = "unknown_role"
 ROLES_OUT_OF_ORDER = "roles_out_of_order"
 EMPTY_TURN = "empty_turn"
 NOT_TEXT = "not_text"
-CONVERSATION_REASONS = (NO_ASSISTANT_TURN, UNKNOWN_ROLE, ROLES_OUT_OF_ORDER, EMPTY_TURN, NOT_TEXT)
+BAD_TOOLS = "bad_tools"
+CONVERSATION_REASONS = (NO_ASSISTANT_TURN, UNKNOWN_ROLE, ROLES_OUT_OF_ORDER, EMPTY_TURN, NOT_TEXT, BAD_TOOLS)
 
 SYSTEM, USER, ASSISTANT, TOOL_CALL, TOOL = "system", "user", "assistant", "tool_call", "tool"
 ANSWERS = (ASSISTANT, TOOL_CALL)  # the turns a model is trained to produce
@@ -174,6 +175,33 @@ def canonical_turns(record: dict) -> tuple[list[dict[str, str]], str]:
     if "conversations" in record:
         return check_turns(sharegpt_turns(record["conversations"])), "sharegpt"
     return check_turns(openai_turns(record["messages"])), "openai_messages"
+
+
+def canonical_tools(record: dict) -> list[dict] | None:
+    """The functions a conversation may call (`tools`: a list, or ShareGPT's JSON text of one), each in the form chat
+    templates take (``{"type": "function", "function": {"name", "description", "parameters"}}``); None when it lists
+    none. Without them a tool call is trained with no definition of the function it calls in its context."""
+    value = record.get("tools")
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConversationRejected(BAD_TOOLS, f"tools: not JSON ({exc.msg})") from None
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ConversationRejected(BAD_TOOLS, f"tools: expected a list, got {type(value).__name__}")
+    tools = []
+    for k, tool in enumerate(value):
+        # OpenAI wraps each function ({"type": "function", "function": {...}}); ShareGPT lists the functions bare
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else tool
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise ConversationRejected(BAD_TOOLS, f"tools[{k}]: expected a function with a name")
+        tools.append({"type": "function", "function": function})
+    return tools or None
 
 
 def is_conversation(record: dict) -> bool:

@@ -18,6 +18,7 @@ from gradfilter_ray.data.conversations import (
     CONVERSATION_REASONS,
     SYSTEM,
     ConversationRejected,
+    canonical_tools,
     canonical_turns,
     first_exchange,
     is_conversation,
@@ -66,6 +67,7 @@ NORMALIZED_SCHEMA = pa.schema(
         ("input", pa.string()),
         ("output", pa.string()),
         ("conversation", pa.string()),
+        ("tools", pa.string()),
         ("extra", pa.string()),
         ("source_format", pa.string()),
         ("content_hash", pa.binary(16)),
@@ -76,9 +78,11 @@ NORMALIZED_SCHEMA = pa.schema(
 )
 
 # `conversation`: a chat record's canonical turns as JSON (data/conversations.py), null for Alpaca rows; its
-# instruction and output then show the first question and the last answer.
+# instruction and output then show the first question and the last answer. `tools`: the functions the conversation
+# may call, as JSON in the form chat templates take, null when it lists none.
 CANONICAL_COLUMNS = [
-    "id", "instruction", "input", "output", "conversation", "extra", "source_format", "source_file", "source_row"
+    "id", "instruction", "input", "output", "conversation", "tools", "extra", "source_format", "source_file",
+    "source_row",
 ]  # fmt: skip
 REJECT_COLUMNS = ["id", "source_file", "source_row", "reason", "detail", "raw_preview"]
 
@@ -141,14 +145,15 @@ def _text_field(record: dict, key: str, *, required: bool, max_chars: int) -> st
     return value
 
 
-def _conversation(record: dict, max_chars: int) -> tuple[list[dict[str, str]], str]:
+def _conversation(record: dict, max_chars: int) -> tuple[list[dict[str, str]], list[dict] | None, str]:
     try:
         turns, source_format = canonical_turns(record)
+        tools = canonical_tools(record)
     except ConversationRejected as rej:
         raise Rejected(rej.reason, rej.detail) from None
     for i, turn in enumerate(turns):
         _text_field({f"turn {i}": turn["content"]}, f"turn {i}", required=False, max_chars=max_chars)  # length, UTF-8
-    return turns, source_format
+    return turns, tools, source_format
 
 
 def is_single_exchange(turns: list[dict[str, str]]) -> bool:
@@ -161,12 +166,13 @@ def normalize_record(record: Any, max_chars: int) -> dict[str, Any]:
     """One decoded JSON value -> canonical fields, or raise `Rejected`."""
     if not isinstance(record, dict):
         raise Rejected(NOT_AN_OBJECT, f"got {type(record).__name__}")
-    conversation = None
+    conversation, tools, turns = None, None, None
     if is_conversation(record):
-        turns, source_format = _conversation(record, max_chars)
+        turns, tool_list, source_format = _conversation(record, max_chars)
         instruction, output = first_exchange(turns)
         input_ = ""
         conversation = json.dumps(turns, ensure_ascii=False)
+        tools = json.dumps(tool_list, ensure_ascii=False) if tool_list else None  # their own key order: as shown
         extra = dict(record)  # the whole record: a selection is written back in its own keys
     else:
         instruction = _text_field(record, "instruction", required=True, max_chars=max_chars)
@@ -184,16 +190,20 @@ def normalize_record(record: Any, max_chars: int) -> dict[str, Any]:
         raise Rejected(INVALID_UTF8, "extra fields")
     if len(extra_json) > max_chars * 4:
         raise Rejected(FIELD_TOO_LONG, f"extra fields: {len(extra_json)} chars")
-    single = conversation is None or is_single_exchange(json.loads(conversation))
+    # An Alpaca row and a bare question-and-answer conversation are the same example when their three fields are;
+    # anything else (more turns, a system prompt, tools) is the same example only if all of it is the same.
+    plain = turns is None or (is_single_exchange(turns) and turns[0]["role"] != SYSTEM and tools is None)
     return {
         "instruction": instruction,
         "input": input_,
         "output": output,
         "conversation": conversation,
+        "tools": tools,
         "extra": extra_json,
         "source_format": source_format,
-        # a multi-turn conversation is the same example only if every turn is the same
-        "content_hash": content_hash(instruction, input_, output) if single else content_hash(conversation, "", ""),
+        "content_hash": content_hash(instruction, input_, output)
+        if plain
+        else content_hash(conversation, tools or "", ""),
     }
 
 
@@ -212,7 +222,16 @@ def normalize_batch(batch: pa.Table, max_chars: int) -> pa.Table:
         try:
             fields = normalize_record(decode_json(raw), max_chars)
         except Rejected as rej:
-            for key in ("instruction", "input", "output", "conversation", "extra", "source_format", "content_hash"):
+            for key in (
+                "instruction",
+                "input",
+                "output",
+                "conversation",
+                "tools",
+                "extra",
+                "source_format",
+                "content_hash",
+            ):
                 out[key].append(None)
             out["reason"].append(rej.reason)
             out["detail"].append(rej.detail)

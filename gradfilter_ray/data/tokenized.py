@@ -54,7 +54,7 @@ TOKEN_SCHEMA = pa.schema(
         ("skip_reason", pa.string()),
     ]
 )
-TEXT_COLUMNS = ["id", "instruction", "input", "output", "conversation"]  # what tokenisation reads of `data/`
+TEXT_COLUMNS = ["id", "instruction", "input", "output", "conversation", "tools"]  # what tokenisation reads of `data/`
 
 
 def _row(rid, ex, alone, skip: str | None = None) -> dict:
@@ -107,9 +107,17 @@ def as_turns(instruction: str, input_: str, output: str, conversation: str | Non
     return [{"role": "user", "content": question}, {"role": "assistant", "content": output}]
 
 
-def chat_tokenize(tokenizer, turns, max_length: int, chat_template: str | None = None, train_tool_calls: bool = True):
-    """One conversation through the chat template (`chat_template`, or the tokenizer's own): a ChatTokenized."""
-    pieces = cut_pieces(turns, hf_render(tokenizer, chat_template), train_tool_calls)
+def chat_tokenize(
+    tokenizer,
+    turns,
+    max_length: int,
+    chat_template: str | None = None,
+    train_tool_calls: bool = True,
+    tools: list[dict] | None = None,
+):
+    """One conversation (and the tools it may call) through the chat template (`chat_template`, or the
+    tokenizer's own): a ChatTokenized."""
+    pieces = cut_pieces(turns, hf_render(tokenizer, chat_template, tools), train_tool_calls)
     return tokenize_pieces(pieces, whole_text_encoder(tokenizer)(pieces), max_length)
 
 
@@ -124,13 +132,21 @@ def check_chat_tokenizer(tokenizer, chat_template: str | None) -> None:
 
 def chat_rows(table: pa.Table, tokenizer, proxy: ProxyConfig) -> list[dict]:
     check_chat_tokenizer(tokenizer, proxy.chat_template)
-    cols = table.select(["id", "instruction", "input", "output", "conversation"]).to_pydict()
+    cols = table.select(["id", "instruction", "input", "output", "conversation", "tools"]).to_pydict()
     refused = template_errors()
     rows = []
-    for rid, *fields in zip(cols["id"], cols["instruction"], cols["input"], cols["output"], cols["conversation"]):
+    texts = zip(cols["instruction"], cols["input"], cols["output"], cols["conversation"])
+    for rid, fields, tools in zip(cols["id"], texts, cols["tools"]):
         try:
             turns = as_turns(*fields)
-            ex = chat_tokenize(tokenizer, turns, proxy.max_length, proxy.chat_template, proxy.train_tool_calls)
+            ex = chat_tokenize(
+                tokenizer,
+                turns,
+                proxy.max_length,
+                proxy.chat_template,
+                proxy.train_tool_calls,
+                json.loads(tools) if tools else None,
+            )
         except refused:
             question = tokenizer(fields[0], add_special_tokens=False)["input_ids"][:1]
             rows.append(_row(rid, untrained(question), untrained(question), CHAT_TEMPLATE_ERROR))
@@ -145,8 +161,9 @@ def chat_rows(table: pa.Table, tokenizer, proxy: ProxyConfig) -> list[dict]:
 def tokenize_table(table: pa.Table, tokenizer, proxy: ProxyConfig) -> pa.Table:
     """[N] canonical rows (TEXT_COLUMNS; `conversation` may be absent: Alpaca rows) -> [N] TOKEN_SCHEMA rows, in
     the same order."""
-    if "conversation" not in table.column_names:
-        table = table.append_column("conversation", pa.nulls(table.num_rows, pa.string()))
+    for column in ("conversation", "tools"):  # absent: Alpaca rows, or data/ written before they were read
+        if column not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, pa.string()))
     rows = chat_rows(table, tokenizer, proxy) if proxy.template == "chat" else alpaca_rows(table, tokenizer, proxy)
     return pa.Table.from_pylist(rows, schema=TOKEN_SCHEMA)
 

@@ -8,7 +8,7 @@ tokenises again.
 
 from __future__ import annotations
 
-from gradfilter_ray.config import Config
+from gradfilter_ray.config import Config, ProxyConfig
 from gradfilter_ray.row_audit import audit_token_rows
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import IO_REMOTE_ARGS, run_as_task
@@ -36,13 +36,27 @@ def run(cfg: Config, run: RunDir, key: str) -> dict:
         row_group_size=ROW_GROUP_ROWS,
         min_rows_per_file=MIN_ROWS_PER_FILE,
     )
-    return run_as_task(audit_tokens, data, out)
+    return run_as_task(audit_tokens, data, out, cfg.proxy)
 
 
-def audit_tokens(data, out) -> dict:
-    """Every data/ id once in tokens/, with row and token counts, and the rows left untrained for a reason other
-    than truncation (a multi-turn conversation under the Alpaca prompt, a chat template that cannot be cut)."""
-    from gradfilter_ray.parquet_stream import read_columns
+def audit_tokens(data, out, proxy: ProxyConfig) -> dict:
+    """Every data/ id once in tokens/, with row and token counts, the rows left untrained for a reason other than
+    truncation (a multi-turn conversation under the Alpaca prompt, a chat template that cannot be cut), and the
+    rows that list tools with whether the template writes them (one that does not trains those rows without)."""
+    from gradfilter_ray.parquet_stream import non_null_count, parquet_files, read_columns
 
     skipped = [r for r in read_columns(out, ["skip_reason"])["skip_reason"].to_pylist() if r is not None]
-    return {**audit_token_rows(data, out), "skipped_by_reason": {r: skipped.count(r) for r in sorted(set(skipped))}}
+    with_tools = non_null_count(parquet_files(data), "tools")
+    return {
+        **audit_token_rows(data, out),
+        "skipped_by_reason": {r: skipped.count(r) for r in sorted(set(skipped))},
+        "rows_with_tools": with_tools,
+        "template_renders_tools": _renders_tools(proxy) if with_tools and proxy.template == "chat" else None,
+    }
+
+
+def _renders_tools(proxy: ProxyConfig) -> bool:
+    from gradfilter_ray.data.chat_tokens import renders_tools
+    from gradfilter_ray.models import load_tokenizer
+
+    return renders_tools(load_tokenizer(proxy.model), proxy.chat_template)

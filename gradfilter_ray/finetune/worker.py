@@ -27,7 +27,7 @@ MODEL_DIR = "model"
 SUMMARY = "train_summary.json"
 DONE_MARKER = "_done"  # written after a subset's last file; holds the stage key it was trained under
 TOKENS_DIR = "tokens"  # under the trainer's storage folder: removed with it once the subset is done
-TEXT_COLUMNS = ["instruction", "input", "output", "conversation"]  # conversation: absent in runs made before it
+TEXT_COLUMNS = ["instruction", "input", "output", "conversation", "tools"]  # the last two: absent in older runs
 
 
 def run_finished(out: Location, key: str) -> bool:
