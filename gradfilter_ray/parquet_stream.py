@@ -76,10 +76,12 @@ def non_null_count(files: list[Location], column: str) -> int:
             parquet = pq.ParquetFile(handle)
             if column not in parquet.schema_arrow.names:
                 continue
-            index = parquet.schema_arrow.names.index(column)
-            for g in range(parquet.metadata.num_row_groups):
-                group = parquet.metadata.row_group(g)
-                stats = group.column(index).statistics
+            meta = parquet.metadata
+            # statistics are per Parquet leaf column, not per Arrow field: a nested field before it has several
+            leaf = next((i for i in range(meta.num_columns) if meta.schema.column(i).path == column), None)
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                stats = group.column(leaf).statistics if leaf is not None else None
                 if stats is not None and stats.has_null_count:
                     total += group.num_rows - stats.null_count
                 else:

@@ -75,6 +75,20 @@ JSONL_ROWS: list[tuple[bytes, str | None]] = [
     (j({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}), "roles_out_of_order"),
     (j({"messages": [{"role": "oracle", "content": "q"}]}), "unknown_role"),
     (j({"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "a"}]}), "empty_turn"),
+    (
+        j({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "tools": "[{"}),
+        "bad_tools",
+    ),
+    # JSON text escaping a lone surrogate: decoded, it cannot be stored as UTF-8
+    (
+        j(
+            {
+                "conversations": [{"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}],
+                "tools": '[{"name": "f", "description": "\\ud800"}]',
+            }
+        ),
+        "invalid_utf8",
+    ),  # fmt: skip
     (b"[1, 2, 3]", "not_an_object"),
     (b'"just a string"', "not_an_object"),
     (b"null", "not_an_object"),

@@ -307,3 +307,21 @@ def test_tools_are_written_as_context_and_never_trained(tokenizer):
         header = "<|im_start|>system\nFunctions:\n" + json.dumps(json.loads(canonical["tools"])) + "<|im_end|>"
         assert text.startswith(header) and spans[0] > len(tokenizer(header, add_special_tokens=False)["input_ids"])
         assert len(row["input_ids"]) > len(bare["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "template, chat_template, renders",
+    [
+        ("chat", CHATML_TOOLS, True),
+        ("chat", CHATML, False),  # rows listing tools train without them: the tokens record says so
+        ("alpaca", None, False),  # the Alpaca prompt has no place for tools
+        ("chat", "{{ raise_exception('no tools here') }}", None),  # the probe refused: unknown, the stage goes on
+    ],
+)
+def test_the_tokens_record_says_whether_the_template_writes_tools(template, chat_template, renders):
+    from gradfilter_ray.config import ProxyConfig
+    from gradfilter_ray.data.tokens_stage import template_renders_tools
+
+    spec = ModelSpec(name_or_path="bundled:stories260K")
+    proxy = ProxyConfig(model=spec, template=template, chat_template=chat_template)
+    assert template_renders_tools(proxy) is renders

@@ -150,15 +150,18 @@ def test_every_real_glaive_conversation_keeps_its_tools_in_the_form_templates_ta
     assert with_tools == 191
 
 
+ADD = {"name": "add", "description": "a + b", "parameters": {"type": "object", "properties": {"a": {}, "b": {}}}}
+NO_PARAMETERS = {"type": "object", "properties": {}}
+
+
 @pytest.mark.parametrize(
     "tools, functions",
     [
-        ([{"type": "function", "function": {"name": "add", "parameters": {}}}], [{"name": "add", "parameters": {}}]),
-        (
-            [{"name": "add"}, {"name": "mul", "description": "x"}],
-            [{"name": "add"}, {"name": "mul", "description": "x"}],
-        ),
-        ('[{"name": "add"}]', [{"name": "add"}]),
+        ([{"type": "function", "function": ADD}], [ADD]),  # OpenAI Chat: wrapped
+        ([{"type": "function", **ADD}], [ADD]),  # OpenAI Responses: flat
+        (json.dumps([ADD]), [ADD]),  # ShareGPT: JSON text
+        ({"name": "mul"}, [{"name": "mul", "description": "", "parameters": NO_PARAMETERS}]),  # one, alone
+        ([{"name": "now", "description": "t"}], [{"name": "now", "description": "t", "parameters": NO_PARAMETERS}]),
         (None, None),
         ("", None),
         ("[]", None),
@@ -166,14 +169,24 @@ def test_every_real_glaive_conversation_keeps_its_tools_in_the_form_templates_ta
     ],
 )
 def test_tools_from_openai_sharegpt_or_none(tools, functions):
+    """Every function in the form templates take, description and parameters filled (a template writes them
+    unconditionally: an undefined one would fail the rendering)."""
     record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": tools}
     got = C.canonical_tools(record)
     assert (None if got is None else [t["function"] for t in got]) == functions
+    assert got is None or all(t["type"] == "function" for t in got)
 
 
 @pytest.mark.parametrize(
     "tools",
-    ["[{not json", {"name": "add"}, [{"description": "no name"}], [3], [{"type": "function", "function": "add"}]],
+    [
+        "[{not json",
+        5,
+        [{"description": "no name"}],
+        [3],
+        [{"type": "function", "function": "add"}],
+        [{"name": "add", "parameters": "a, b"}],
+    ],
 )
 def test_unusable_tools_are_refused_with_their_reason(tools):
     with pytest.raises(C.ConversationRejected) as err:

@@ -114,7 +114,9 @@ def test_tools_are_kept_as_json_and_make_a_conversation_its_own_example():
     tools = [{"name": "add", "parameters": {"a": "int"}}]
     bare = {"conversations": turns}
     out = F.normalize_batch(raw_table([j({**bare, "tools": json.dumps(tools)}), j(bare)]), 1000).to_pylist()
-    assert out[0]["reason"] is None and json.loads(out[0]["tools"]) == [{"type": "function", "function": tools[0]}]
+    assert out[0]["reason"] is None and json.loads(out[0]["tools"]) == [
+        {"type": "function", "function": {**tools[0], "description": ""}}
+    ]
     assert out[1]["tools"] is None and out[0]["content_hash"] != out[1]["content_hash"]
     bad = F.normalize_batch(raw_table([j({**bare, "tools": "[{oops"})]), 1000).to_pylist()[0]
     assert bad["reason"] == "bad_tools" and bad["tools"] is None

@@ -50,7 +50,18 @@ def finished_run(ray_cluster, tmp_path_factory):
     (rundir.ensemble / "stale-from-the-preempted-attempt.txt").write_text("stale")
     # An earlier config's trainer folder: removed; this config's (the preempted attempt's) is resumed from.
     (rundir.ensemble_train_state / "ensemble-0123abcd" / "checkpoint_x" / "state").write_bytes(b"x")
-    record = pipeline.run_stage("ensemble", cfg, rundir, **QUIET)
+    drop = RunDir.drop_other_trainers
+    left: list[list[str]] = []
+
+    def drop_and_look(self, train_state, this_config):  # what the trainer finds once other configs' are gone
+        dropped = drop(self, train_state, this_config)
+        left.append(train_state.children())
+        return dropped
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RunDir, "drop_other_trainers", drop_and_look)
+        record = pipeline.run_stage("ensemble", cfg, rundir, **QUIET)
+    assert left == [[ensemble_stage.trainer_name(key)]]  # the preempted attempt's trainer is kept to resume from
     extract = pipeline.run_stage("gradients", cfg, rundir, **QUIET)
     return cfg, rundir, record, extract, early_before
 

@@ -11,7 +11,8 @@ from gradfilter_ray.storage import open_location
 
 def test_non_null_count_from_footers_and_from_row_groups_without_statistics(tmp_path):
     values = [None if i % 3 else f'[{{"name": "f{i}"}}]' for i in range(20)]
-    table = pa.table({"id": list(range(20)), "tools": pa.array(values, pa.string())})
+    nested = pa.array([{"a": i, "b": None} for i in range(20)])  # two leaf columns before `tools`
+    table = pa.table({"id": list(range(20)), "nested": nested, "tools": pa.array(values, pa.string())})
     pq.write_table(table, tmp_path / "a.parquet", row_group_size=6)
     pq.write_table(table.slice(0, 7), tmp_path / "b.parquet", row_group_size=4, write_statistics=False)
     pq.write_table(table.drop_columns(["tools"]), tmp_path / "c.parquet")  # written before the column existed

@@ -11,6 +11,10 @@ Order rules (anything else is `roles_out_of_order`): a system turn only at the s
 assistant or tool_call turn answers a user or tool turn (or follows its own tool_call, as OpenAI's assistant message
 with both text and tool calls does); a tool turn follows a tool_call or another tool turn; a user turn follows an
 assistant or tool turn. At least one assistant or tool_call turn (`no_assistant_turn`).
+
+A conversation's `tools` (the functions it may call) are kept beside its turns in the form chat templates take;
+tools that are not JSON, not a list of functions, or a function without a name or with parameters that are not an
+object are `bad_tools`.
 """
 
 from __future__ import annotations
@@ -191,17 +195,33 @@ def canonical_tools(record: dict) -> list[dict] | None:
             raise ConversationRejected(BAD_TOOLS, f"tools: not JSON ({exc.msg})") from None
     if value is None:
         return None
+    if isinstance(value, dict):  # one function given alone
+        value = [value]
     if not isinstance(value, list):
         raise ConversationRejected(BAD_TOOLS, f"tools: expected a list, got {type(value).__name__}")
-    tools = []
-    for k, tool in enumerate(value):
-        # OpenAI wraps each function ({"type": "function", "function": {...}}); ShareGPT lists the functions bare
-        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else tool
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str) or not name.strip():
-            raise ConversationRejected(BAD_TOOLS, f"tools[{k}]: expected a function with a name")
-        tools.append({"type": "function", "function": function})
-    return tools or None
+    return [_function(tool, k) for k, tool in enumerate(value)] or None
+
+
+def _function(tool: Any, k: int) -> dict:
+    """One tool as `{"type": "function", "function": {name, description, parameters, ...}}`: OpenAI's Chat API wraps
+    the function so already, ShareGPT and OpenAI's Responses API list it flat. Description and parameters are filled
+    when absent (templates write them unconditionally; an undefined one fails the rendering)."""
+    inner = tool.get("function") if isinstance(tool, dict) else None
+    if isinstance(inner, dict):
+        function = dict(inner)
+    elif isinstance(tool, dict):
+        function = {key: v for key, v in tool.items() if key != "type"}
+    else:
+        raise ConversationRejected(BAD_TOOLS, f"tools[{k}]: expected an object, got {type(tool).__name__}")
+    name = function.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ConversationRejected(BAD_TOOLS, f"tools[{k}]: expected a function with a name")
+    parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise ConversationRejected(BAD_TOOLS, f"tools[{k}] ({name}): parameters must be an object")
+    function.setdefault("description", "")
+    function["parameters"] = parameters if parameters is not None else {"type": "object", "properties": {}}
+    return {"type": "function", "function": function}
 
 
 def is_conversation(record: dict) -> bool:

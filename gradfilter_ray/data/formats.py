@@ -157,8 +157,9 @@ def _conversation(record: dict, max_chars: int) -> tuple[list[dict[str, str]], l
 
 
 def is_single_exchange(turns: list[dict[str, str]]) -> bool:
-    """One question and one answer (a system turn aside): the rows an Alpaca prompt can express, kept exactly as
-    before conversations were read (same fields, same hash, same tokens)."""
+    """One question and one answer (a system turn aside): the rows an Alpaca prompt can express, tokenised under it
+    exactly as before conversations were read (same fields, same tokens; the same hash without a system turn or
+    tools)."""
     return [t["role"] for t in turns if t["role"] != SYSTEM] == ["user", "assistant"]
 
 
@@ -173,6 +174,8 @@ def normalize_record(record: Any, max_chars: int) -> dict[str, Any]:
         input_ = ""
         conversation = json.dumps(turns, ensure_ascii=False)
         tools = json.dumps(tool_list, ensure_ascii=False) if tool_list else None  # their own key order: as shown
+        if tools is not None and _has_surrogates(tools):  # JSON text can escape what UTF-8 cannot store
+            raise Rejected(INVALID_UTF8, "tools")
         extra = dict(record)  # the whole record: a selection is written back in its own keys
     else:
         instruction = _text_field(record, "instruction", required=True, max_chars=max_chars)

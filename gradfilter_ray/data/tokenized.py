@@ -159,8 +159,8 @@ def chat_rows(table: pa.Table, tokenizer, proxy: ProxyConfig) -> list[dict]:
 
 
 def tokenize_table(table: pa.Table, tokenizer, proxy: ProxyConfig) -> pa.Table:
-    """[N] canonical rows (TEXT_COLUMNS; `conversation` may be absent: Alpaca rows) -> [N] TOKEN_SCHEMA rows, in
-    the same order."""
+    """[N] canonical rows (TEXT_COLUMNS; `conversation` and `tools` may be absent: Alpaca rows, older data/) -> [N]
+    TOKEN_SCHEMA rows, in the same order."""
     for column in ("conversation", "tools"):  # absent: Alpaca rows, or data/ written before they were read
         if column not in table.column_names:
             table = table.append_column(column, pa.nulls(table.num_rows, pa.string()))

@@ -51,12 +51,18 @@ def audit_tokens(data, out, proxy: ProxyConfig) -> dict:
         **audit_token_rows(data, out),
         "skipped_by_reason": {r: skipped.count(r) for r in sorted(set(skipped))},
         "rows_with_tools": with_tools,
-        "template_renders_tools": _renders_tools(proxy) if with_tools and proxy.template == "chat" else None,
+        "template_renders_tools": template_renders_tools(proxy) if with_tools else None,
     }
 
 
-def _renders_tools(proxy: ProxyConfig) -> bool:
-    from gradfilter_ray.data.chat_tokens import renders_tools
+def template_renders_tools(proxy: ProxyConfig) -> bool | None:
+    """False under the Alpaca prompt (it has no place for tools); None when the template refuses the probe."""
+    from gradfilter_ray.data.chat_tokens import renders_tools, template_errors
     from gradfilter_ray.models import load_tokenizer
 
-    return renders_tools(load_tokenizer(proxy.model), proxy.chat_template)
+    if proxy.template != "chat":
+        return False
+    try:
+        return renders_tools(load_tokenizer(proxy.model), proxy.chat_template)
+    except template_errors():
+        return None
