@@ -297,18 +297,42 @@ def ray_cluster():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-# Modules whose every test is slow (Ray Train runs in a module fixture) but which carry no `slow` marker of their own
-# yet; marked here so that `make test-fast` stays a quick loop.
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
-def pytest_collection_modifyitems(config, items):
-    """Run the tests that read the CLI runs of tests/cli_runs.py first (in their order):
-    those runs start together in the background when the first of them is needed, and so finish before the rest of
-    the session runs (nothing else then competes with them for the 2 cores, and they with nothing else)."""
+def _reads_cli_runs(item) -> bool:
     from cli_runs import PIPELINES
 
-    first = [item for item in items if set(getattr(item, "fixturenames", ())) & set(PIPELINES)]
-    if first:
-        items[:] = first + [item for item in items if item not in first]
+    return bool(set(getattr(item, "fixturenames", ())) & set(PIPELINES))
+
+
+def _probe_of(item) -> str | None:
+    from probes import MODULES
+
+    return MODULES.get(getattr(item.module, "__name__", ""))
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    """Run the tests that read the CLI runs of tests/cli_runs.py first (in their order): those runs start together
+    in the background when the first of them is needed, and so finish before the rest of the session runs (nothing
+    else then competes with them for the 2 cores, and they with nothing else). The probe modules (tests/probes.py)
+    run last: their probes run in the background meanwhile."""
+    first = [item for item in items if _reads_cli_runs(item)]
+    last = [item for item in items if _probe_of(item) and item not in first]
+    items[:] = first + [item for item in items if item not in first and item not in last] + last
+
+
+def pytest_runtest_setup(item):
+    """Once the CLI runs are done (the first test that does not read them begins), queue every probe this session's
+    tests read on the background thread: they run while the in-process tests do."""
+    if not _reads_cli_runs(item):
+        import probes
+
+        probes.start(dict.fromkeys(p for p in map(_probe_of, item.session.items) if p))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import probes
+
+    probes.stop()
 
 
 @pytest.fixture(scope="session")

@@ -25,19 +25,25 @@ SUBSETS = ["gsnr_0.1", "random_0.1"]
 
 
 def probe_finetune_worker(config: dict) -> None:
-    """Stands in for finetune_worker: records where it was placed, holds its GPU a while, then marks the subset
-    done as rank 0 of the real worker does."""
+    """Stands in for finetune_worker: records where it was placed, holds its GPU until all workers have started,
+    then marks the subset done as rank 0 of the real worker does."""
     import ray.train
 
     from gradfilter_ray.finetune.worker import DONE_MARKER
 
     started = time.time()
+    ctx = ray.train.get_context()
     facts = seen_here("finetune")
-    facts["rank"] = ray.train.get_context().get_world_rank()
+    facts["rank"] = ctx.get_world_rank()
     facts["subset"] = config["out"].name
-    time.sleep(1.5)
-    facts["span"] = [started, time.time()]
     root = config["out"].parent().parent()
+    # Hold the GPU until every worker of every subset has started (or a minute has passed): subsets placed side by
+    # side all meet here whatever the machine's load; subsets run one after another never would.
+    (root / "started" / f"{facts['subset']}-{facts['rank']}").write_text("")
+    everyone = len(SUBSETS) * ctx.get_world_size()
+    while len((root / "started").children()) < everyone and time.time() - started < 60:
+        time.sleep(0.2)
+    facts["span"] = [started, time.time()]
     (root / "placement" / f"{facts['subset']}-{facts['rank']}.json").write_text(json.dumps(facts))
     if facts["rank"] == 0:
         (config["out"] / DONE_MARKER).write_text(config["key"])

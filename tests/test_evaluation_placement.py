@@ -7,21 +7,17 @@ actors and on 2 (tests/eval_placement_probe.py, tiny models on CPU)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import probes
 import pytest
-from conftest import run_probe
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-PROBE = REPO / "tests" / "eval_placement_probe.py"
 BATCH = 16  # the shipped config's evaluation.batch_size
 
 
 @pytest.fixture(scope="module")
 def evaluated():
-    config = REPO / "jobs" / "configs" / "alpaca_llama2_7b.yaml"
-    return run_probe(PROBE, str(config), "8", tag="evgpu", timeout=300)
+    return probes.result("eval_placement")  # tests/eval_placement_probe.py on the shipped 7B config, 8 CPUs
 
 
 def actors_of(evaluated, run: str) -> list[dict]:

@@ -6,23 +6,15 @@ once is tested on plain tasks (test_runtime.py)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
+import probes
 import pytest
-from conftest import run_probe
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-PROBE = REPO / "tests" / "finetune_placement_probe.py"
 
 
 @pytest.fixture(scope="module")
 def placed():
-    # the nodes' workers import the probe's helpers from tests/ (they inherit this environment)
-    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
-    config = REPO / "jobs" / "configs" / "alpaca_llama2_7b.yaml"
-    return run_probe(PROBE, str(config), tag="ftgpus", timeout=400, env={"PYTHONPATH": path})
+    return probes.result("finetune_placement")  # tests/finetune_placement_probe.py on the shipped 7B config
 
 
 def by_subset(placed) -> dict[str, list[dict]]:

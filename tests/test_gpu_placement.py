@@ -6,20 +6,15 @@ gradients.stage.extraction_dataset)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import probes
 import pytest
-from conftest import run_probe
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-PROBE = REPO / "tests" / "placement_probe.py"
 
 
 @pytest.fixture(scope="module")
 def placed():
-    config = REPO / "jobs" / "configs" / "alpaca_llama2_7b.yaml"
-    return run_probe(PROBE, str(config), "64", tag="gpus", timeout=400)
+    return probes.result("gpu_placement")  # tests/placement_probe.py on the shipped 7B config, 64 CPUs
 
 
 def test_ensemble_members_get_one_gpu_each_and_talk_gloo(placed):

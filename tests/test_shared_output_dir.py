@@ -5,15 +5,12 @@ sentinel as a node without the shared mount would (the check's reading, comparin
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import probes
 import pytest
-from conftest import run_probe
 
 from gradfilter_ray.shared_dir import unshared_nodes, working_nodes
 
 pytestmark = pytest.mark.slow
-PROBE = Path(__file__).resolve().parent / "multinode_probe.py"
 
 
 def test_unshared_nodes_are_the_ones_that_did_not_see_the_token():
@@ -31,8 +28,8 @@ def test_a_node_with_no_cpu_or_gpu_runs_no_stage_and_is_not_checked():
     assert working_nodes(nodes) == ["cpu", "gpu"]
 
 
-def test_two_nodes_sharing_the_folder_pass_and_a_node_without_it_stops_the_run(tmp_path):
-    result = run_probe(PROBE, str(tmp_path / "out"), tag="nodes", timeout=300)
+def test_two_nodes_sharing_the_folder_pass_and_a_node_without_it_stops_the_run():
+    result = probes.result("multinode")  # tests/multinode_probe.py: a two-node local Ray
     assert result["shared"] == {"nodes_checked": 2, "error": None}
     error = result["unshared"]["error"]
     assert result["unshared"]["nodes_checked"] is None and error
