@@ -173,8 +173,8 @@ def main() -> None:
         res["notes"].append(
             f"speedup: with vocab {vocab} the same kernel is {small_b16['speedup_vs_bs1_wall']:.1f}x faster than the "
             "bs1 loop; with 50257 the LM head is most of the work and a batch runs it on "
-            f"{heads['b16'] / heads['bs1']:.1f}x the positions the bs1 loop does (its window starts at the batch's "
-            "earliest response token, so other rows' prompt tails and padding go through it too)"
+            f"{heads['b16'] / heads['bs1']:.2f}x the positions the bs1 loop does (only each row's labelled "
+            "positions: the head's FLOPs are the same, so batching can only save the rest of the model's overhead)"
         )
     if not res["targets"]["ray"]["wall"] and "phases" in res["ray"]:
         ph = res["ray"]["phases"]

@@ -283,6 +283,8 @@ def write_rows(folder: Path, rows: list[dict], rows_per_file: int) -> None:
                 "instruction": [r["instruction"] for r in chunk],
                 "input": [r["input"] for r in chunk],
                 "output": [r["output"] for r in chunk],
+                "conversation": pa.nulls(len(chunk), pa.string()),  # Alpaca rows: no conversation, no tools
+                "tools": pa.nulls(len(chunk), pa.string()),
                 "extra": ["{}"] * len(chunk),
                 "source_format": ["alpaca"] * len(chunk),
                 "source_file": ["synthetic"] * len(chunk),
