@@ -68,6 +68,8 @@ def make_rundir(root: Path, n: int) -> None:
                     "instruction": text,
                     "input": [""] * size,
                     "output": text,
+                    "conversation": pa.nulls(size, pa.string()),  # Alpaca rows: no conversation, no tools
+                    "tools": pa.nulls(size, pa.string()),
                     "extra": ["{}"] * size,
                     "source_format": ["alpaca"] * size,
                     "source_file": ["synthetic"] * size,
@@ -92,13 +94,13 @@ def child(root: str) -> None:
     sys.path.insert(0, str(REPO))
     from gradfilter_ray.config import load
     from gradfilter_ray.rundir import RunDir
-    from gradfilter_ray.scoring.stage import score_gradients, select_and_write
+    from gradfilter_ray.scoring.passes import score_gradients, select_and_write
 
     run = RunDir(root)
     cfg = load(None, [f"output_dir={root}"])
     scorers, s = list(cfg.scoring.scorers), cfg.scoring
     passes = {  # what run_score / run_select run as one Ray task each
-        "score": lambda: score_gradients(run.gradients, run.scores, scorers, s.eps, s.random_seed),
+        "score": lambda: score_gradients(run.gradients, run.scores, s.eps, s.random_seed),
         "select": lambda: select_and_write(run.scores, run.data, run.selection, scorers, list(cfg.selection.ratios)),
     }
     timings = {}
