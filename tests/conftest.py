@@ -309,21 +309,29 @@ def _probe_of(item) -> str | None:
     return MODULES.get(getattr(item.module, "__name__", ""))
 
 
+def _before_probes(item) -> bool:
+    from probes import BEFORE_PROBES
+
+    return getattr(item.module, "__name__", "") in BEFORE_PROBES
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(config, items):
     """Run the tests that read the CLI runs of tests/cli_runs.py first (in their order): those runs start together
     in the background when the first of them is needed, and so finish before the rest of the session runs (nothing
     else then competes with them for the 2 cores, and they with nothing else). The probe modules (tests/probes.py)
-    run last: their probes run in the background meanwhile."""
+    run last: their probes run in the background meanwhile; the modules that must not run beside them
+    (probes.BEFORE_PROBES) run right after the CLI runs, before the probes start."""
     first = [item for item in items if _reads_cli_runs(item)]
+    first += [item for item in items if _before_probes(item) and item not in first]
     last = [item for item in items if _probe_of(item) and item not in first]
     items[:] = first + [item for item in items if item not in first and item not in last] + last
 
 
 def pytest_runtest_setup(item):
-    """Once the CLI runs are done (the first test that does not read them begins), queue every probe this session's
-    tests read on the background thread: they run while the in-process tests do."""
-    if not _reads_cli_runs(item):
+    """Once the CLI runs and the BEFORE_PROBES modules are done, queue every probe this session's tests read on the
+    background thread: they run while the other in-process tests do."""
+    if not _reads_cli_runs(item) and not _before_probes(item):
         import probes
 
         probes.start(dict.fromkeys(p for p in map(_probe_of, item.session.items) if p))
