@@ -328,13 +328,18 @@ def pytest_collection_modifyitems(config, items):
     items[:] = first + [item for item in items if item not in first and item not in last] + last
 
 
+_probes_queued = False
+
+
 def pytest_runtest_setup(item):
     """Once the CLI runs and the BEFORE_PROBES modules are done, queue every probe this session's tests read on the
     background thread: they run while the other in-process tests do."""
-    if not _reads_cli_runs(item) and not _before_probes(item):
+    global _probes_queued
+    if not _probes_queued and not _reads_cli_runs(item) and not _before_probes(item):
         import probes
 
         probes.start(dict.fromkeys(p for p in map(_probe_of, item.session.items) if p))
+        _probes_queued = True
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -85,6 +85,8 @@ CANONICAL_COLUMNS = [
     "source_row",
 ]  # fmt: skip
 REJECT_COLUMNS = ["id", "source_file", "source_row", "reason", "detail", "raw_preview"]
+# What `normalize_record` fills (null on a rejected row): every column but the row's place and its rejection.
+RECORD_FIELDS = [name for name in NORMALIZED_SCHEMA.names if name not in REJECT_COLUMNS]
 
 
 class Rejected(Exception):
@@ -225,16 +227,7 @@ def normalize_batch(batch: pa.Table, max_chars: int) -> pa.Table:
         try:
             fields = normalize_record(decode_json(raw), max_chars)
         except Rejected as rej:
-            for key in (
-                "instruction",
-                "input",
-                "output",
-                "conversation",
-                "tools",
-                "extra",
-                "source_format",
-                "content_hash",
-            ):
+            for key in RECORD_FIELDS:
                 out[key].append(None)
             out["reason"].append(rej.reason)
             out["detail"].append(rej.detail)

@@ -132,7 +132,7 @@ def check_chat_tokenizer(tokenizer, chat_template: str | None) -> None:
 
 def chat_rows(table: pa.Table, tokenizer, proxy: ProxyConfig) -> list[dict]:
     check_chat_tokenizer(tokenizer, proxy.chat_template)
-    cols = table.select(["id", "instruction", "input", "output", "conversation", "tools"]).to_pydict()
+    cols = table.select(TEXT_COLUMNS).to_pydict()
     refused = template_errors()
     rows = []
     texts = zip(cols["instruction"], cols["input"], cols["output"], cols["conversation"])

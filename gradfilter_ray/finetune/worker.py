@@ -27,7 +27,6 @@ MODEL_DIR = "model"
 SUMMARY = "train_summary.json"
 DONE_MARKER = "_done"  # written after a subset's last file; holds the stage key it was trained under
 TOKENS_DIR = "tokens"  # under the trainer's storage folder: removed with it once the subset is done
-TEXT_COLUMNS = ["instruction", "input", "output", "conversation", "tools"]  # the last two: absent in older runs
 
 
 def run_finished(out: Location, key: str) -> bool:
@@ -67,6 +66,7 @@ def shared_subset_rows(
     import pyarrow.parquet as pq
     import torch
 
+    from gradfilter_ray.data.tokenized import TEXT_COLUMNS
     from gradfilter_ray.finetune.loop import SubsetRows, tokenize_subset
     from gradfilter_ray.finetune.subset_tokens import rows_from_tables, rows_to_table, share_bounds
     from gradfilter_ray.parquet_stream import parquet_files, read_row_range, row_counts, write_whole
@@ -78,7 +78,7 @@ def shared_subset_rows(
             present = set(pq.ParquetFile(handle).schema_arrow.names)
         n_rows = sum(row_counts(files))
         start, stop = share_bounds(n_rows, world, rank)
-        columns = [c for c in TEXT_COLUMNS if c in present]
+        columns = [c for c in TEXT_COLUMNS if c in present]  # conversation, tools: absent in older runs
         share = tokenize_subset(tokenizer, read_row_range(rows_at, start, stop, columns), finetune)
         table = rows_to_table(share.input_ids, share.labels_at, share.rows_in, share.rows_no_response_tokens)
         write_whole(part, table)
