@@ -128,15 +128,25 @@ class EnsembleConfig:
     cpus_per_member: float = doc("CPUs reserved per member worker (fractions let several share a core).", 1.0)
     gpus_per_member: float = doc("GPUs per member worker (fractions let several small members share one GPU).", 0.0)
     precision: Precision = doc("Training dtype; 'auto' = bf16 autocast on CUDA, fp32 on CPU.", "auto")
-    batching: Literal["length_grouped", "random"] = doc(
-        "How an epoch's rows form batches: 'length_grouped' (seeded per epoch: rows of similar length share a batch, "
-        "so little compute goes to padding) or 'random' (uniformly shuffled batches).",
-        "length_grouped",
+    batching: Literal["random", "length_grouped"] = doc(
+        "How an epoch's rows form batches: 'random' (uniformly shuffled batches, as the paper trains) or "
+        "'length_grouped' (rows of similar length share a batch: less padding compute, but it changes which rows "
+        "share a batch and so which rows G-SNR selects; on the planted-noise audit it selects worse, see "
+        "docs/quality.md). Opt-in only.",
+        "random",
     )
     length_group_batches: int = doc(
         "length_grouped: rows are sorted by length within shuffled windows of this many batches (larger = less "
         "padding, less randomness in who shares a batch).",
         64,
+    )
+    packing: bool = doc(
+        "Pack each batch's rows padding-free (bin-packed into a few sequences no longer than its longest row, each "
+        "row with its own positions and a block-diagonal causal mask) instead of padding every row to the longest. "
+        "The same rows per batch as the padded batch, so the same losses and gradients up to float rounding with "
+        "dropout off; with lora_dropout > 0 the dropout masks differ (so selections can differ slightly). Needs "
+        "sdpa or eager attention (a 4D attention mask). Opt-in.",
+        False,
     )
     max_failures: int = doc("Ray Train restarts of a failed worker group (resumes from the last checkpoint).", 1)
 
@@ -224,6 +234,39 @@ class SelectionConfig:
     def __post_init__(self) -> None:
         if not self.ratios or any(not 0.0 < r <= 1.0 for r in self.ratios):
             raise ConfigError("ratios must be a non-empty list of fractions in (0, 1]")
+
+
+CORRUPTION_KINDS = ("swap", "truncate", "shuffle")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    enabled: bool = doc(
+        "Run the planted-noise audit as a stage of `run` (after selection); `gradfilter-ray audit` runs it either way.",
+        False,
+    )
+    rows: int = doc(
+        "Rows sampled (seeded, without replacement) from the kept rows into the audit's own corpus; all kept rows "
+        "when there are fewer. The audit trains its own ensemble on them (see docs/quality.md for sizing).",
+        2_000,
+    )
+    corrupt_fraction: float = doc("Share of the sample that is planted (corrupted): what random selection keeps.", 0.2)
+    kinds: list[str] = doc(
+        "Corruption kinds, planted in equal shares: swap (the answer of another sampled row), truncate (the answer "
+        "cut to its first 10-50% of words), shuffle (the answer's words in a random order). A conversation gets it "
+        "in its last assistant turn.",
+        default_factory=lambda: list(CORRUPTION_KINDS),
+    )
+    seed: int = doc("Seed of the sample and of the planted rows and their corruptions.", 0)
+
+    def __post_init__(self) -> None:
+        if self.rows < 10:
+            raise ConfigError("rows must be >= 10")
+        if not 0.0 < self.corrupt_fraction < 1.0:
+            raise ConfigError("corrupt_fraction must be in (0, 1)")
+        unknown = [k for k in self.kinds if k not in CORRUPTION_KINDS]
+        if unknown or not self.kinds or len(set(self.kinds)) != len(self.kinds):
+            raise ConfigError(f"kinds must be distinct names from {list(CORRUPTION_KINDS)}, got {self.kinds}")
 
 
 @dataclass(frozen=True)
@@ -401,6 +444,9 @@ class Config:
     gradients: GradientsConfig = doc("Per-example gradient-norm extraction.", default_factory=GradientsConfig)
     scoring: ScoringConfig = doc("G-SNR and baselines.", default_factory=ScoringConfig)
     selection: SelectionConfig = doc("Subset sizes.", default_factory=SelectionConfig)
+    audit: AuditConfig = doc(
+        "Planted-noise audit: how well each scorer finds corrupted rows.", default_factory=AuditConfig
+    )
     finetune: FinetuneConfig = doc("Target fine-tuning.", default_factory=FinetuneConfig)
     evaluation: EvaluationConfig = doc("Evaluation of the fine-tuned targets.", default_factory=EvaluationConfig)
     ray: RayConfig = doc("Ray session.", default_factory=RayConfig)

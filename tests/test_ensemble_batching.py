@@ -26,7 +26,7 @@ from gradfilter_ray.models import load_causal_lm
 from gradfilter_ray.rundir import RunDir
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny_gpt2.yaml"
-GROUPED = EnsembleConfig(batch_size=8, length_group_batches=4)
+GROUPED = EnsembleConfig(batch_size=8, length_group_batches=4, batching="length_grouped")
 RANDOM = replace(GROUPED, batching="random")
 
 
@@ -166,13 +166,14 @@ def _write_member_epoch(folder: Path, losses, efficiency):
 def test_summary_holds_each_members_padding_and_their_mean(tmp_path):
     run = RunDir(str(tmp_path / "run"))
     ens = EnsembleConfig(members=2, epochs=2)
+    assert ens.batching == "random"  # the paper's uniformly shuffled batches unless a config opts in
     values = {(0, 1): 0.9, (0, 2): 0.8, (1, 1): 0.7, (1, 2): None}  # None: restored from an older checkpoint
     for (m, e), value in values.items():
         _write_member_epoch(Path(run.member_epoch(m, e).path), [1.0, 0.5], value)
     summary = ensemble_stage._summary(run.ensemble, ens, {"rows_in": 3}, {"adapter_parameters": 1})
     assert summary["members"][0]["padding_efficiency"] == {1: 0.9, 2: 0.8}
     assert summary["members"][1]["padding_efficiency"] == {1: 0.7, 2: None}
-    assert summary["padding_efficiency"] == pytest.approx(0.8) and summary["batching"] == "length_grouped"
+    assert summary["padding_efficiency"] == pytest.approx(0.8) and summary["batching"] == "random"
 
 
 @pytest.mark.parametrize("gpus", [0.0, 0.2])

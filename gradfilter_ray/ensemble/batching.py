@@ -83,3 +83,12 @@ def padding_stats(lengths: np.ndarray, batches: list[np.ndarray]) -> PaddingStat
     real = sum(int(lengths[b].sum()) for b in batches)
     computed = sum(len(b) * int(lengths[b].max()) for b in batches if len(b))
     return PaddingStats(real_tokens=real, computed_tokens=computed)
+
+
+def packed_padding_stats(lengths: np.ndarray, packed_batches: list[list[np.ndarray]]) -> PaddingStats:
+    """Tokens of one epoch whose batches are packed padding-free (`ensemble.packing`): per batch, its bins (arrays of
+    row indices, one per packed sequence); computed tokens = every packed sequence padded to its batch's fullest."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    real = sum(int(lengths[rows].sum()) for bins in packed_batches for rows in bins)
+    computed = sum(len(bins) * max(int(lengths[rows].sum()) for rows in bins) for bins in packed_batches if bins)
+    return PaddingStats(real_tokens=real, computed_tokens=computed)

@@ -4,6 +4,9 @@ Everything random is a function of (member seed, epoch): the batches (`batching.
 stream are re-seeded at the start of every epoch, so a member resumed from its epoch-e checkpoint continues exactly
 as an uninterrupted run would. Progress and each epoch's padding efficiency leave through callbacks, so the caller
 decides where they are printed or written.
+
+`cfg.packing` changes only how a batch is laid out: the same rows of the same batch, packed padding-free into a few
+sequences (`packing.py`) instead of padded to the longest row; the loss is the same per-example mean.
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ import torch
 
 from gradfilter_ray.config import EnsembleConfig
 from gradfilter_ray.data.prompt import collate_rows
-from gradfilter_ray.ensemble.batching import PaddingStats, epoch_batches, epoch_seed, padding_stats
+from gradfilter_ray.ensemble.batching import (
+    PaddingStats,
+    epoch_batches,
+    epoch_seed,
+    packed_padding_stats,
+    padding_stats,
+)
+from gradfilter_ray.ensemble.packing import check_packable, pack_batch, pack_rows, packed_forward, packed_row_losses
 from gradfilter_ray.losses import per_example_losses, scored_window
 
 
@@ -71,13 +81,16 @@ def train_member(
     """Train the model's trainable (LoRA) parameters for epochs start_epoch..cfg.epochs, calling back per epoch.
 
     `stop_after_epoch` ends training early as a preemption would (resume then continues from that epoch).
-    Batches follow `cfg.batching` (see `batching.epoch_batches`).
+    Batches follow `cfg.batching` (see `batching.epoch_batches`); with `cfg.packing` each batch's rows are packed
+    padding-free (`packing.py`), and `on_epoch_planned` gets the packed layout's computed tokens.
     Loss: mean over the batch of each example's mean response-token cross-entropy (the same per-example loss whose
     gradient norms are measured later). bf16 autocast on CUDA when precision is auto/bfloat16; fp32 on CPU.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (no LoRA adapter attached?)")
+    if cfg.packing:
+        check_packable(model)  # before any step: a model that cannot take the 4D mask fails here, not mid-epoch
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -88,18 +101,32 @@ def train_member(
     for epoch in range(start_epoch, last_epoch + 1):
         torch.manual_seed(epoch_seed(member_seed, epoch))  # dropout stream
         batches = epoch_batches(lengths, cfg, member_seed, epoch)
+        # packing: each batch's bins (positions within the batch), fixed before the first step like the batches
+        layouts = [pack_rows(lengths[picked]) for picked in batches] if cfg.packing else None
         if on_epoch_planned is not None:
-            on_epoch_planned(epoch, padding_stats(lengths, batches))
+            if layouts is None:
+                on_epoch_planned(epoch, padding_stats(lengths, batches))
+            else:
+                packed_rows = [[picked[b] for b in bins] for picked, bins in zip(batches, layouts)]
+                on_epoch_planned(epoch, packed_padding_stats(lengths, packed_rows))
         step_losses: list[float] = []
-        for picked in batches:
-            batch = collate_rows([rows.input_ids[i] for i in picked], rows.labels_at[picked], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            window = scored_window(batch["labels"])
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=window
-                ).logits
-            losses, _ = per_example_losses(logits, batch["labels"][:, -window:])
+        for step, picked in enumerate(batches):
+            if layouts is None:
+                batch = collate_rows([rows.input_ids[i] for i in picked], rows.labels_at[picked], pad_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                window = scored_window(batch["labels"])
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=window
+                    ).logits
+                losses, _ = per_example_losses(logits, batch["labels"][:, -window:])
+            else:
+                packed = pack_batch(
+                    [rows.input_ids[i] for i in picked], rows.labels_at[picked], pad_id, bins=layouts[step]
+                ).to(device)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    logits, keep = packed_forward(model, packed)
+                losses, _ = packed_row_losses(logits, packed, keep)
             loss = losses.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
