@@ -9,7 +9,8 @@ from gradfilter_ray.scoring.passes import score_gradients, select_and_write
 
 
 def run_score(cfg: Config, run: RunDir, key: str) -> dict:
-    return run_as_task(score_gradients, run.gradients, run.scores, cfg.scoring.eps, cfg.scoring.random_seed)
+    s = cfg.scoring
+    return run_as_task(score_gradients, run.gradients, run.scores, s.eps, s.random_seed, list(s.scorers))
 
 
 def run_select(cfg: Config, run: RunDir, key: str) -> dict:
