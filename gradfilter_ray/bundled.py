@@ -12,6 +12,7 @@ BUNDLED = {
     "stories260K": ASSETS / "models" / "stories260K",
     "gpt2": ASSETS / "tokenizers" / "gpt2",
     "alpaca_sample_1k.json": ASSETS / "data" / "alpaca_sample_1k.json",
+    "alpaca_5k.json": ASSETS / "data" / "alpaca_5k.json",
     "glaive_toolcall_en_demo.json": ASSETS / "data" / "glaive_toolcall_en_demo.json",
 }
 

@@ -1,5 +1,5 @@
 """Command line: `gradfilter-ray run|compare|<stage>` (stages: data, tokens, ensemble, gradients, scoring, selection,
-report, finetune, evaluation).
+audit, report, finetune, evaluation; `run` runs the audit only when `audit.enabled`).
 
 One code path for `make run`, `ray job submit` and a KubeRay RayJob: parse, load and validate the config, open a
 Ray session, run the stage table.
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = {
             "run": "run every stage in order",
             "compare": "rebuild evaluation/compare.csv, compare.md and the plots from the run directory's outputs",
+            "audit": "planted-noise audit: how many corrupted rows each scorer selects (audit/recovery.md)",
         }.get(name, f"run the {name} stage alone")
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", "-c", help="YAML config file (see jobs/configs/)")
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    stages = list(pipeline.STAGES) if args.command == "run" else [args.command]
+    stages = [n for n, s in pipeline.STAGES.items() if s.in_run(cfg)] if args.command == "run" else [args.command]
     if args.dry_run and args.command != "compare":
         _dry_run(cfg, stages)
         return 0

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gradfilter_ray.audit.stage import sample_and_plant, write_recovery
 from gradfilter_ray.config import Config, section_hash, to_dict
 from gradfilter_ray.data.stage import run as data
 from gradfilter_ray.data.tokens_stage import run as tokens
@@ -20,6 +21,7 @@ from gradfilter_ray.finetune.stage import run as finetune
 from gradfilter_ray.gradients.stage import run as gradients
 from gradfilter_ray.report import run as report
 from gradfilter_ray.rundir import RunDir, StageTimer
+from gradfilter_ray.runtime import run_as_task
 from gradfilter_ray.scoring.stage import run_score as scoring
 from gradfilter_ray.scoring.stage import run_select as selection
 
@@ -44,6 +46,7 @@ class Stage:
     writes: tuple[str, ...]  # its outputs, relative to output_dir
     resources: Callable[[Config], str]
     resumes: bool = False  # its outputs keep finished units (each with its own marker) across an interruption
+    in_run: Callable[[Config], bool] = lambda c: True  # whether `run` runs it (its verb runs it either way)
 
 
 def _members(c: Config) -> str:
@@ -70,6 +73,35 @@ def _evaluators(c: Config) -> str:
     return f"{count} x ({e.cpus_per_actor} CPU, {e.gpus_per_actor} GPU) shared over the runs, engine {e.engine}"
 
 
+def _audit_resources(c: Config) -> str:
+    return f"its own tokens, ensemble ({_members(c)}), gradients and scoring on {c.audit.rows} sampled rows"
+
+
+# The stages the audit runs again on its own sample, in its own run directory (`audit/`).
+AUDIT_STAGES = ("tokens", "ensemble", "gradients", "scoring")
+
+
+def audit(cfg: Config, run: RunDir, key: str) -> dict:
+    """Planted-noise audit: a seeded sample of `data/` with planted rows in `audit/data/`, then the same tokens,
+    ensemble, gradients and scoring code on it in `audit/` (its own manifest and keys: the main run never sees a
+    planted row), then how many planted rows each scorer's selections keep (`audit/recovery.*`)."""
+    inner = run.subdir("audit")
+    enabled_free = {k: v for k, v in to_dict(cfg.audit).items() if k != "enabled"}
+    data_key = section_hash("audit-data", stage_key("data", cfg), enabled_free)
+    if not inner.stage_done("data", data_key):
+        timer = StageTimer()
+        inner.begin_stage("data", data_key, ("data",))
+        counts = run_as_task(sample_and_plant, run.data, inner.data, cfg.audit)
+        inner.finish_stage("data", timer.record(data_key, outputs=["data"], **counts))
+        print(f"[audit] planted {counts['planted']} of {counts['rows']} sampled rows {counts['planted_by_kind']}")
+    records = {"data": inner.stage_record("data")}
+    for name in AUDIT_STAGES:
+        records[name] = run_stage(name, cfg, inner, fixed={"data": data_key}, log=lambda m: print("[audit]", m))
+    scorers, ratios = list(cfg.scoring.scorers), list(cfg.selection.ratios)
+    summary = run_as_task(write_recovery, inner.scores, inner.data, run.audit, scorers, ratios, cfg.audit)
+    return {**summary, "seconds_by_stage": {name: r.get("seconds") for name, r in records.items()}}
+
+
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
@@ -87,7 +119,18 @@ STAGES: dict[str, Stage] = {
         ),
         Stage("scoring", scoring, ("gradients",), ("scoring",), ("scoring",), lambda c: "1 Ray task"),
         Stage("selection", selection, ("data", "scoring"), ("selection",), ("selection",), lambda c: "1 Ray task"),
-        Stage("report", report, ("data", "scoring", "selection"), (), ("report",), lambda c: "1 Ray task"),
+        Stage(
+            "audit",
+            audit,
+            ("data",),
+            ("audit", "proxy", "ensemble", "gradients.precision", "scoring", "selection.ratios"),
+            ("audit",),
+            _audit_resources,
+            resumes=True,  # its inner stages keep their own records in audit/manifest.json
+            in_run=lambda c: c.audit.enabled,
+        ),
+        # Keyed by the audit section: the report shows the audit's results when there are any.
+        Stage("report", report, ("data", "scoring", "selection"), ("audit",), ("report",), lambda c: "1 Ray task"),
         Stage("finetune", finetune, ("data", "selection"), ("finetune",), ("finetune",), _trainers, resumes=True),
         Stage(
             "evaluation",
@@ -110,24 +153,35 @@ def keyed_value(cfg: Config, dotted: str) -> Any:
 
 
 # Bumped when a stage's output gains a column its readers need: older outputs are then rebuilt, never misread.
-# data 2: the `conversation` column (multi-turn conversations read, issue 15); 3: the `tools` column, and a system
+# data 2: the `conversation` column; 3: the `tools` column, and a system
 # prompt or tools make a question-and-answer conversation its own example for dedup
-OUTPUT_VERSIONS = {"data": 3}
+# scoring 1: the leave-one-out score columns (`{scorer}_loo`) the selection's stability reads
+OUTPUT_VERSIONS = {"data": 3, "scoring": 1}
 
 
-def stage_key(name: str, cfg: Config) -> str:
+def stage_key(name: str, cfg: Config, fixed: dict[str, str] | None = None) -> str:
+    """`fixed`: stages whose key is given rather than derived (the audit's `data`, which is its planted sample)."""
+    if fixed and name in fixed:
+        return fixed[name]
     stage = STAGES[name]
     values = [keyed_value(cfg, field) for field in stage.keyed_by]
     version = [OUTPUT_VERSIONS[name]] if name in OUTPUT_VERSIONS else []
-    return section_hash(name, *values, *version, [stage_key(up, cfg) for up in stage.reads])
+    return section_hash(name, *values, *version, [stage_key(up, cfg, fixed) for up in stage.reads])
 
 
-def run_stage(name: str, cfg: Config, run: RunDir, force: bool = False, log: Callable[[str], None] = print) -> dict:
+def run_stage(
+    name: str,
+    cfg: Config,
+    run: RunDir,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    fixed: dict[str, str] | None = None,
+) -> dict:
     """Run one stage unless it is already done with the same key; returns its manifest record."""
     stage = STAGES[name]
-    key = stage_key(name, cfg)
+    key = stage_key(name, cfg, fixed)
     for up in stage.reads:
-        if not run.stage_done(up, stage_key(up, cfg)):
+        if not run.stage_done(up, stage_key(up, cfg, fixed)):
             raise StageOrderError(
                 f"stage '{name}' needs the output of '{up}' for this config in {run.location}: run "
                 f"`gradfilter-ray {up}` (or `gradfilter-ray run`) first"

@@ -4,15 +4,17 @@ Everything that computes or renders is pure and does no I/O: `summarize_run` (th
 `summary_lines` (the same summary as plain text, for the CLI), `render_plots` (PNG bytes by file name),
 `pick_examples` and `render_page` (the HTML). Only `run`, at the bottom, reads and writes files.
 
-The page opens with the summary and the row accounting, then the plots (sized to fit a 1280 px wide window), then
-the top and bottom examples. Plots sample at most `MAX_POINTS` rows so a million-row run renders in seconds; tables
-are computed on all rows. The page uses relative links only, so it opens as a plain file in a browser.
+The page opens with the summary, the row accounting and the selections' stability, then the plots (sized to fit a
+1280 px wide window), then the top and bottom examples. Plots sample at most `MAX_POINTS` rows so a million-row run
+renders in seconds; tables are computed on all rows. The page uses relative links only, so it opens as a plain file in
+a browser.
 """
 
 from __future__ import annotations
 
 import html
 import io
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,6 +33,9 @@ MAX_POINTS = 50_000
 SHOWN_EXAMPLES = 8
 PLOT_COLUMNS = ["id", "gsnr", "drop_rel", "noise", "g_early", "g_late", "ifd", "n_response_tokens"]
 REPORT_PAGE = "report/index.html"  # relative to the run directory
+STABILITY_FILE = "stability.json"  # in the selection folder (written by the selection stage)
+AUDIT_FILE = "recovery.json"  # in the audit folder (written by the audit stage)
+AUDIT_FIGURE = "audit_recovery.png"
 COMPARE_TABLE = "evaluation/compare.md"
 DPI = 100
 PAGE_WIDTH_PX = 1200  # the body's widest box; every figure is at most this wide at DPI (and CSS scales it down)
@@ -49,6 +54,10 @@ FIGURES = {
     "drop_vs_noise.png": ("Relative drop vs late variance, G-SNR selection highlighted", False),
     "response_lengths.png": ("Response length: selected vs all", False),
     "overlap.png": ("Overlap between scorers' selections", True),
+    AUDIT_FIGURE: (
+        "Planted-noise audit: planted share of each selection (95% interval); dashed: what random keeps",
+        True,
+    ),
 }
 
 
@@ -97,6 +106,8 @@ def summarize_run(manifest: dict, location: str | None = None, keys: dict[str, s
         "selection_dir": _join(location, "selection") if done("selection") else None,
         "report": _join(location, REPORT_PAGE) if done("report") else None,
         "compare": _join(location, COMPARE_TABLE) if done("evaluation") else None,
+        "audit": (stages.get("audit") or {}).get("headline"),
+        "audit_table": _join(location, "audit/recovery.md") if done("audit") else None,
     }
 
 
@@ -157,6 +168,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             lines.append(f"subsets: {s['selection_dir']}/<scorer>_<ratio>.jsonl (and .parquet)")
     else:
         lines.append("selected: the selection stage has not run")
+    if s.get("audit"):
+        lines.append(f"audit: {s['audit']} ({s['audit_table']})")
     lines.append(f"report: {s['report'] or 'not built yet (gradfilter-ray report)'}")
     lines.append(f"comparison: {s['compare'] or 'not built yet (gradfilter-ray evaluation)'}")
     return lines
@@ -256,6 +269,66 @@ def _accounting_table(s: dict[str, Any]) -> str:
     return f"<table class='accounting'>{head}{body}</table>"
 
 
+STABILITY_NOTE = (
+    "Each ensemble-based selection is made again M times, each time with one ensemble member's gradient norms left "
+    "out: mean Jaccard is its overlap with the full selection, averaged over the M; the share is of the selected "
+    "rows that every leave-one-out selection keeps. Low overlap means the selection depends on single members: the "
+    "ensemble needs more members."
+)
+
+
+def _stability_table(stability: dict[str, dict]) -> str:
+    """selection/stability.json (name -> record) as a table: mean Jaccard, share in every leave-one-out selection."""
+    head = (
+        "<tr><th>selection</th><th class='n'>members</th><th class='n'>mean Jaccard</th>"
+        "<th class='n'>in every leave-one-out selection</th></tr>"
+    )
+    rows = []
+    for name, r in stability.items():
+        if r.get("mean_jaccard") is None:
+            cells = f"<td colspan='2'>{_esc(r.get('reason') or 'undefined')}</td>"
+        else:
+            share = r.get("share_in_all_loo")
+            in_all = "-" if share is None else f"{100 * share:.1f} % <small>({_num(r.get('rows_in_all_loo'))})</small>"
+            cells = f"<td class='n'>{r['mean_jaccard']:.3f}</td><td class='n'>{in_all}</td>"
+        rows.append(f"<tr><td>{_esc(name)}</td><td class='n'>{_num(r.get('members'))}</td>{cells}</tr>")
+    return f"<p>{STABILITY_NOTE}</p><table class='stability'>{head}{''.join(rows)}</table>"
+
+
+def _audit_table(audit: dict) -> str:
+    """audit/recovery.json as a paragraph (the headline and how wide its intervals are) and a table of every
+    scorer's planted share per ratio with its 95% interval, plus the clean-vs-planted AUROC."""
+    rows = [r for r in audit["recovery"] if r["kind"] == "all"]
+    ratios = sorted({r["ratio"] for r in rows})
+    scorers = list(dict.fromkeys(r["scorer"] for r in rows))
+    at = {(r["scorer"], r["ratio"]): r for r in rows}
+    widest = max(((r["ci_high"] or 0) - (r["ci_low"] or 0)) for r in rows) if rows else 0.0
+    smallest_k = min((r["k"] for r in rows), default=0)
+    text = (
+        f"{audit['planted']} of the audit's {audit['rows']} sampled rows are planted (answers swapped, cut short or "
+        f"shuffled), and the audit trains its own ensemble on them. {_esc(audit.get('headline') or '')}. Lower is "
+        f"better; random selection keeps the pool's share. With {smallest_k} rows in the smallest selection the "
+        f"intervals are up to {widest:.0%} wide"
+        + (": too few rows to tell scorers apart by less than that (raise audit.rows)." if widest > 0.15 else ".")
+    )
+    head = "<tr><th>scorer</th>" + "".join(f"<th>{ratio:g}</th>" for ratio in ratios) + "<th>AUROC</th></tr>"
+    body = []
+    for scorer in scorers:
+        cells = []
+        for ratio in ratios:
+            r = at.get((scorer, ratio))
+            share = r and r["planted_share"]
+            cells.append(
+                "<td class='n'>-</td>"
+                if share is None
+                else f"<td class='n'>{share:.1%} ({r['ci_low']:.0%}-{r['ci_high']:.0%})</td>"
+            )
+        auroc = at[(scorer, ratios[0])]["auroc"]
+        cells.append(f"<td class='n'>{_num(auroc)}</td>")
+        body.append(f"<tr><td>{_esc(scorer)}</td>{''.join(cells)}</tr>")
+    return f"<p>{text}</p><table>{head}{''.join(body)}</table>"
+
+
 def gsnr_eligible(scores: pa.Table) -> np.ndarray:
     return eligible(scores["gsnr"].to_numpy(zero_copy_only=False))
 
@@ -297,15 +370,24 @@ def render_page(
     figures: Iterable[str],
     examples: list[dict[str, Any]],
     texts: dict[int, dict[str, Any]],
+    stability: dict[str, dict] | None = None,
+    audit: dict | None = None,
 ) -> str:
-    """The report page: summary and row accounting first, then the figures (file names, relative to the page; see
-    `FIGURES`), then the top and bottom examples (`pick_examples`) with their texts (id -> {instruction, output})."""
+    """The report page: summary, row accounting and selection stability (`stability`: selection/stability.json, the
+    table left out when None or empty) first, then the figures (file names, relative to the page; see `FIGURES`),
+    then the top and bottom examples (`pick_examples`) with their texts (id -> {instruction, output})."""
     parts = [
         "<h1>gradfilter-ray selection report</h1>",
         "<section id='summary'><h2>Summary</h2>",
         _summary_table(summary),
         "<h3>Row accounting</h3>",
         _accounting_table(summary),
+    ]
+    if stability:
+        parts += ["<h3>Selection stability</h3>", _stability_table(stability)]
+    if audit:
+        parts += ["<h3>Planted-noise audit</h3>", _audit_table(audit)]
+    parts += [
         "</section>",
         "<section id='plots'><h2>Plots</h2><div class='figures'>",
     ]
@@ -433,7 +515,46 @@ def render_plots(
     return pngs
 
 
+def audit_plot(audit: dict) -> bytes:
+    """Planted share of every scorer's selection at each ratio, with its 95% interval; a dashed line at the pool's
+    planted share (what random selection keeps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in audit["recovery"] if r["kind"] == "all" and r["planted_share"] is not None]
+    ratios = sorted({r["ratio"] for r in rows})
+    scorers = list(dict.fromkeys(r["scorer"] for r in rows))
+    width = 0.8 / max(1, len(ratios))
+    try:
+        fig, ax = plt.subplots(figsize=(10, 3.6))
+        for i, ratio in enumerate(ratios):
+            at = {r["scorer"]: r for r in rows if r["ratio"] == ratio}
+            x = np.arange(len(scorers)) + (i - (len(ratios) - 1) / 2) * width
+            share = np.array([at[s]["planted_share"] if s in at else np.nan for s in scorers])
+            low = np.array([at[s]["ci_low"] if s in at else np.nan for s in scorers])
+            high = np.array([at[s]["ci_high"] if s in at else np.nan for s in scorers])
+            ax.bar(x, share, width, label=f"ratio {ratio:g}", yerr=[share - low, high - share], capsize=2)
+        pool = rows[0]["pool_planted_share"] if rows else None
+        if pool is not None:
+            ax.axhline(pool, color="k", linestyle="--", linewidth=1, label="random (pool share)")
+        ax.set_xticks(range(len(scorers)), scorers, fontsize=8)
+        ax.set_ylabel("planted share of selection")
+        ax.legend(fontsize=8, ncols=len(ratios) + 1)
+        fig.tight_layout()
+        return _png(fig)
+    finally:
+        plt.close("all")
+
+
 # ----- the stage (I/O) -----
+
+
+def audit_stage_done(manifest: dict) -> bool:
+    """The audit's results belong on the page only when its stage is done (a stale or half-written audit/ is not
+    shown)."""
+    return ((manifest.get("stages") or {}).get("audit") or {}).get("status") == "done"
 
 
 def build_report(run: RunDir, scorers: list[str], ratios: list[float], manifest: dict) -> dict:
@@ -454,7 +575,14 @@ def build_report(run: RunDir, scorers: list[str], ratios: list[float], manifest:
         filter=pc.is_in(pc.field("id"), value_set=pa.array([e["id"] for e in examples], pa.int64())),
     )
     summary = summarize_run(manifest, str(run.root))
-    page = render_page(summary, pngs, examples, {r["id"]: r for r in texts.to_pylist()})
+    stability_file = run.selection / STABILITY_FILE
+    stability = json.loads(stability_file.read_text()) if stability_file.exists() else None
+    audit_file = run.audit / AUDIT_FILE
+    audit = json.loads(audit_file.read_text()) if audit_stage_done(manifest) and audit_file.exists() else None
+    if audit:
+        pngs[AUDIT_FIGURE] = audit_plot(audit)
+        (out / AUDIT_FIGURE).write_bytes(pngs[AUDIT_FIGURE])
+    page = render_page(summary, pngs, examples, {r["id"]: r for r in texts.to_pylist()}, stability, audit)
     (out / "index.html").write_text(page)
     return {"figures": len(pngs), "selections": len(selected)}
 

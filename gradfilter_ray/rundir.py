@@ -39,6 +39,16 @@ class RunDir:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, guard=lambda: None)
 
+    def subdir(self, rel: str) -> RunDir:
+        """A run directory of its own inside this one (its own manifest and stage records), written under this
+        driver's claim: the audit's `audit/`."""
+        inner = RunDir.__new__(RunDir)
+        inner.location = f"{self.location.rstrip('/')}/{rel}"
+        inner.root = self.root / rel
+        inner._manifest = None
+        inner.guard = lambda: self.guard()
+        return inner
+
     def at(self, rel: str) -> Location:
         """`rel` (e.g. "data", "selection/gsnr_0.1.parquet") as a location any node opens."""
         return self.root / rel
@@ -102,6 +112,12 @@ class RunDir:
     @property
     def evaluation(self) -> Location:
         return self.at("evaluation")
+
+    @property
+    def audit(self) -> Location:
+        """The planted-noise audit: its own run directory (data, tokens, ensemble, gradients, scoring) and
+        recovery.csv / .md / .json."""
+        return self.at("audit")
 
     @property
     def judge_cache(self) -> Location:

@@ -21,7 +21,8 @@ from gradfilter_ray.rundir import RunDir
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "jobs" / "configs" / "demo.yaml"
 TINY = REPO / "jobs" / "configs" / "tiny_gpt2.yaml"
-CORE = list(pipeline.STAGES)[: list(pipeline.STAGES).index("report") + 1]  # the stages `run` needs no target for
+# The stages `run` needs no target for, less the opt-in audit (off in the tiny config).
+CORE = [s for s in list(pipeline.STAGES)[: list(pipeline.STAGES).index("report") + 1] if s != "audit"]
 
 
 def demo_cfg(tmp_path, *extra):
@@ -130,13 +131,14 @@ def test_stage_keys_change_exactly_for_the_stages_a_config_field_affects(tmp_pat
         return {s for s in pipeline.STAGES if pipeline.stage_key(s, cfg) != pipeline.stage_key(s, base)}
 
     directly = {
-        "scoring.eps=0.001": {"scoring"},
-        "scoring.random_seed=7": {"scoring"},
-        "selection.ratios=[0.2]": {"selection"},
-        "gradients.precision=float64": {"gradients"},
-        "proxy.max_length=96": {"tokens", "ensemble", "gradients"},
-        "ensemble.lora_rank=2": {"ensemble"},
-        "ensemble.seed=1": {"ensemble"},
+        "scoring.eps=0.001": {"scoring", "audit"},  # the audit scores its own sample alike
+        "scoring.random_seed=7": {"scoring", "audit"},
+        "selection.ratios=[0.2]": {"selection", "audit"},
+        "gradients.precision=float64": {"gradients", "audit"},
+        "proxy.max_length=96": {"tokens", "ensemble", "gradients", "audit"},
+        "ensemble.lora_rank=2": {"ensemble", "audit"},
+        "ensemble.seed=1": {"ensemble", "audit"},
+        "audit.seed=3": {"audit", "report"},  # the report shows the audit's results
         "data.limit=10": {"data"},
         "data.max_field_chars=100": {"data"},
         # knobs that change how fast, not what: nothing is re-run
