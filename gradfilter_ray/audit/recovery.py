@@ -134,6 +134,11 @@ def recovery_table(
     return out
 
 
+def headline_ratio(ratios: list[float]) -> float:
+    """The ratio the one-line summary speaks of: 10% when selected, else the middle ratio."""
+    return 0.1 if 0.1 in ratios else sorted(ratios)[len(ratios) // 2]
+
+
 def headline(rows: list[dict], ratio: float, scorers: tuple[str, ...] = ("gsnr", "random", "ifd")) -> str | None:
     """One line for the closing summary, e.g. 'at 10% gsnr kept 4.1% planted rows (95% CI 2.0-8.1%), random
     20.0%, ifd 13.0%; planted 20.0% of the pool'. None when no row matches."""
@@ -167,7 +172,7 @@ def markdown(rows: list[dict], planted_fraction: float) -> str:
         )
     kinds = sorted({r["kind"] for r in rows if r["kind"] != ALL})
     if kinds:
-        first_ratio = rows[0]["ratio"]
+        first_ratio = headline_ratio(sorted({r["ratio"] for r in rows}))
         lines += ["", "AUROC clean vs each kind, and each kind's planted share at ratio " + f"{first_ratio:g}:", ""]
         lines.append("| scorer | " + " | ".join(kinds) + " |")
         lines.append("|---|" + "---|" * len(kinds))

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from gradfilter_ray.audit.plant import plant
-from gradfilter_ray.audit.recovery import COLUMNS, headline, markdown, recovery_table
+from gradfilter_ray.audit.recovery import COLUMNS, headline, headline_ratio, markdown, recovery_table
 from gradfilter_ray.config import AuditConfig
 from gradfilter_ray.parquet_stream import read_columns, stream_batches, write_whole
 from gradfilter_ray.scoring.baselines import random_scores
@@ -79,7 +79,7 @@ def write_recovery(
     writer.writerows(rows)
     (out / "recovery.csv").write_text(buffer.getvalue())
     (out / "recovery.md").write_text(markdown(rows, audit.corrupt_fraction))
-    ratio = 0.1 if 0.1 in ratios else ratios[len(ratios) // 2]
+    ratio = headline_ratio(list(ratios))
     summary = {
         "rows": int(len(ids)),
         "planted": int(np.sum(~np.equal(kinds, None))),
