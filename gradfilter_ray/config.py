@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from gradfilter_ray.audit.plant import KINDS
 from gradfilter_ray.scoring.scorers import SCORERS
 from gradfilter_ray.storage import StorageError, check_uri
 
@@ -236,13 +237,10 @@ class SelectionConfig:
             raise ConfigError("ratios must be a non-empty list of fractions in (0, 1]")
 
 
-CORRUPTION_KINDS = ("swap", "truncate", "shuffle")
-
-
 @dataclass(frozen=True)
 class AuditConfig:
     enabled: bool = doc(
-        "Run the planted-noise audit as a stage of `run` (after selection); `gradfilter-ray audit` runs it either way.",
+        "Run the planted-noise audit as a stage of `run` (after selection); `gradfilter-ray audit` runs it anyway.",
         False,
     )
     rows: int = doc(
@@ -250,12 +248,15 @@ class AuditConfig:
         "when there are fewer. The audit trains its own ensemble on them (see docs/quality.md for sizing).",
         2_000,
     )
-    corrupt_fraction: float = doc("Share of the sample that is planted (corrupted): what random selection keeps.", 0.2)
+    corrupt_fraction: float = doc(
+        "Share of the sample that is planted (corrupted); random selection keeps about this share of planted rows.",
+        0.2,
+    )
     kinds: list[str] = doc(
         "Corruption kinds, planted in equal shares: swap (the answer of another sampled row), truncate (the answer "
         "cut to its first 10-50% of words), shuffle (the answer's words in a random order). A conversation gets it "
         "in its last assistant turn.",
-        default_factory=lambda: list(CORRUPTION_KINDS),
+        default_factory=lambda: list(KINDS),
     )
     seed: int = doc("Seed of the sample and of the planted rows and their corruptions.", 0)
 
@@ -264,9 +265,9 @@ class AuditConfig:
             raise ConfigError("rows must be >= 10")
         if not 0.0 < self.corrupt_fraction < 1.0:
             raise ConfigError("corrupt_fraction must be in (0, 1)")
-        unknown = [k for k in self.kinds if k not in CORRUPTION_KINDS]
+        unknown = [k for k in self.kinds if k not in KINDS]
         if unknown or not self.kinds or len(set(self.kinds)) != len(self.kinds):
-            raise ConfigError(f"kinds must be distinct names from {list(CORRUPTION_KINDS)}, got {self.kinds}")
+            raise ConfigError(f"kinds must be distinct names from {list(KINDS)}, got {self.kinds}")
 
 
 @dataclass(frozen=True)

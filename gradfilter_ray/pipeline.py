@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gradfilter_ray.audit.plant import PLANT_VERSION
 from gradfilter_ray.audit.stage import sample_and_plant, write_recovery
 from gradfilter_ray.config import Config, section_hash, to_dict
 from gradfilter_ray.data.stage import run as data
@@ -31,6 +32,9 @@ StageFn = Callable[[Config, RunDir, str], dict[str, Any]]
 # re-key the stage (which would rename its Ray Train run and start over).
 # How wide or where a stage runs never changes what it writes: a new width must not redo finished work.
 NOT_KEYED = {"max_failures", "parallel_subsets", "placement_strategy", "num_actors"}
+# Opt-in fields keyed only when switched on: at their default they compute exactly what configs without them did, so
+# adding them re-keys no finished run. (Packing with dropout on draws other dropout masks: then it is keyed.)
+KEYED_WHEN_SET = {"packing": False}
 
 
 class StageOrderError(RuntimeError):
@@ -46,6 +50,7 @@ class Stage:
     writes: tuple[str, ...]  # its outputs, relative to output_dir
     resources: Callable[[Config], str]
     resumes: bool = False  # its outputs keep finished units (each with its own marker) across an interruption
+    units: Callable[[Config], list[str]] = lambda c: []  # keys of the units it runs, added to its own key
     in_run: Callable[[Config], bool] = lambda c: True  # whether `run` runs it (its verb runs it either way)
 
 
@@ -81,17 +86,30 @@ def _audit_resources(c: Config) -> str:
 AUDIT_STAGES = ("tokens", "ensemble", "gradients", "scoring")
 
 
+def audit_data_key(cfg: Config) -> str:
+    """The key of the audit's planted sample: the main data's key, the audit section (whether `run` runs it aside)
+    and the planting code's version."""
+    sample = {k: v for k, v in to_dict(cfg.audit).items() if k != "enabled"}
+    return section_hash("audit-data", stage_key("data", cfg), sample, PLANT_VERSION)
+
+
+def _audit_units(cfg: Config) -> list[str]:
+    """What the audit stage's key adds to its own fields: the keys of the stages it runs on its sample, so it is
+    redone whenever one of them would be (their fields and output versions included)."""
+    fixed = {"data": audit_data_key(cfg)}
+    return [fixed["data"], *(stage_key(name, cfg, fixed) for name in AUDIT_STAGES)]
+
+
 def audit(cfg: Config, run: RunDir, key: str) -> dict:
     """Planted-noise audit: a seeded sample of `data/` with planted rows in `audit/data/`, then the same tokens,
     ensemble, gradients and scoring code on it in `audit/` (its own manifest and keys: the main run never sees a
     planted row), then how many planted rows each scorer's selections keep (`audit/recovery.*`)."""
     inner = run.subdir("audit")
-    enabled_free = {k: v for k, v in to_dict(cfg.audit).items() if k != "enabled"}
-    data_key = section_hash("audit-data", stage_key("data", cfg), enabled_free)
+    data_key = audit_data_key(cfg)
     if not inner.stage_done("data", data_key):
         timer = StageTimer()
         inner.begin_stage("data", data_key, ("data",))
-        counts = run_as_task(sample_and_plant, run.data, inner.data, cfg.audit)
+        counts = run_as_task(sample_and_plant, run.data, inner.data, cfg.audit, cfg.proxy)
         inner.finish_stage("data", timer.record(data_key, outputs=["data"], **counts))
         print(f"[audit] planted {counts['planted']} of {counts['rows']} sampled rows {counts['planted_by_kind']}")
     records = {"data": inner.stage_record("data")}
@@ -123,10 +141,11 @@ STAGES: dict[str, Stage] = {
             "audit",
             audit,
             ("data",),
-            ("audit", "proxy", "ensemble", "gradients.precision", "scoring", "selection.ratios"),
+            ("audit", "scoring.scorers", "selection.ratios"),
             ("audit",),
             _audit_resources,
             resumes=True,  # its inner stages keep their own records in audit/manifest.json
+            units=_audit_units,
             in_run=lambda c: c.audit.enabled,
         ),
         # Keyed by the audit section: the report shows the audit's results when there are any.
@@ -149,14 +168,16 @@ def keyed_value(cfg: Config, dotted: str) -> Any:
     for part in dotted.split("."):
         value = getattr(value, part)
     value = to_dict(value) if hasattr(value, "__dataclass_fields__") else value
-    return {k: v for k, v in value.items() if k not in NOT_KEYED} if isinstance(value, dict) else value
+    if not isinstance(value, dict):
+        return value
+    at_default = {k for k, default in KEYED_WHEN_SET.items() if k in value and value[k] == default}
+    return {k: v for k, v in value.items() if k not in NOT_KEYED and k not in at_default}
 
 
 # Bumped when a stage's output gains a column its readers need: older outputs are then rebuilt, never misread.
 # data 2: the `conversation` column; 3: the `tools` column, and a system
 # prompt or tools make a question-and-answer conversation its own example for dedup
-# scoring 1: the leave-one-out score columns (`{scorer}_loo`) the selection's stability reads
-OUTPUT_VERSIONS = {"data": 3, "scoring": 1}
+OUTPUT_VERSIONS = {"data": 3}
 
 
 def stage_key(name: str, cfg: Config, fixed: dict[str, str] | None = None) -> str:
@@ -166,7 +187,8 @@ def stage_key(name: str, cfg: Config, fixed: dict[str, str] | None = None) -> st
     stage = STAGES[name]
     values = [keyed_value(cfg, field) for field in stage.keyed_by]
     version = [OUTPUT_VERSIONS[name]] if name in OUTPUT_VERSIONS else []
-    return section_hash(name, *values, *version, [stage_key(up, cfg, fixed) for up in stage.reads])
+    units = stage.units(cfg)
+    return section_hash(name, *values, *version, [stage_key(up, cfg, fixed) for up in stage.reads], *units)
 
 
 def run_stage(

@@ -23,18 +23,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from gradfilter_ray.audit.stage import RECOVERY_JSON, RECOVERY_TABLE
 from gradfilter_ray.config import Config
 from gradfilter_ray.parquet_stream import read_columns
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import run_as_task
+from gradfilter_ray.scoring.passes import STABILITY_FILE
 from gradfilter_ray.scoring.scorers import FULL, Selection, eligible
 
 MAX_POINTS = 50_000
 SHOWN_EXAMPLES = 8
 PLOT_COLUMNS = ["id", "gsnr", "drop_rel", "noise", "g_early", "g_late", "ifd", "n_response_tokens"]
 REPORT_PAGE = "report/index.html"  # relative to the run directory
-STABILITY_FILE = "stability.json"  # in the selection folder (written by the selection stage)
-AUDIT_FILE = "recovery.json"  # in the audit folder (written by the audit stage)
 AUDIT_FIGURE = "audit_recovery.png"
 COMPARE_TABLE = "evaluation/compare.md"
 DPI = 100
@@ -107,7 +107,7 @@ def summarize_run(manifest: dict, location: str | None = None, keys: dict[str, s
         "report": _join(location, REPORT_PAGE) if done("report") else None,
         "compare": _join(location, COMPARE_TABLE) if done("evaluation") else None,
         "audit": (stages.get("audit") or {}).get("headline"),
-        "audit_table": _join(location, "audit/recovery.md") if done("audit") else None,
+        "audit_table": _join(location, f"audit/{RECOVERY_TABLE}") if done("audit") else None,
     }
 
 
@@ -304,9 +304,12 @@ def _audit_table(audit: dict) -> str:
     at = {(r["scorer"], r["ratio"]): r for r in rows}
     widest = max(((r["ci_high"] or 0) - (r["ci_low"] or 0)) for r in rows) if rows else 0.0
     smallest_k = min((r["k"] for r in rows), default=0)
+    invisible = audit.get("planted_invisible") or 0
+    hidden = f" ({invisible} more were corrupted only past proxy.max_length and count as clean)" if invisible else ""
     text = (
         f"{audit['planted']} of the audit's {audit['rows']} sampled rows are planted (answers swapped, cut short or "
-        f"shuffled), and the audit trains its own ensemble on them. {_esc(audit.get('headline') or '')}. Lower is "
+        f"shuffled){hidden}, and the audit trains its own ensemble on them. {_esc(audit.get('headline') or '')}. "
+        "Lower is "
         f"better; random selection keeps the pool's share. With {smallest_k} rows in the smallest selection the "
         f"intervals are up to {widest:.0%} wide"
         + (": too few rows to tell scorers apart by less than that (raise audit.rows)." if widest > 0.15 else ".")
@@ -552,12 +555,12 @@ def audit_plot(audit: dict) -> bytes:
 
 
 def audit_stage_done(manifest: dict) -> bool:
-    """The audit's results belong on the page only when its stage is done (a stale or half-written audit/ is not
-    shown)."""
+    """The audit's results belong on the page only when its stage is done (a half-written audit/ is not shown) and
+    the config audits (`run` then ran the audit, with this config's key, before the report)."""
     return ((manifest.get("stages") or {}).get("audit") or {}).get("status") == "done"
 
 
-def build_report(run: RunDir, scorers: list[str], ratios: list[float], manifest: dict) -> dict:
+def build_report(run: RunDir, scorers: list[str], ratios: list[float], manifest: dict, audited: bool = False) -> dict:
     """Read scores, selections and a few example rows; write `report/` (PNGs and index.html); return counts."""
     out = run.at("report")
     scores = read_columns(run.scores, PLOT_COLUMNS)
@@ -577,8 +580,9 @@ def build_report(run: RunDir, scorers: list[str], ratios: list[float], manifest:
     summary = summarize_run(manifest, str(run.root))
     stability_file = run.selection / STABILITY_FILE
     stability = json.loads(stability_file.read_text()) if stability_file.exists() else None
-    audit_file = run.audit / AUDIT_FILE
-    audit = json.loads(audit_file.read_text()) if audit_stage_done(manifest) and audit_file.exists() else None
+    audit_file = run.audit / RECOVERY_JSON
+    shown = audited and audit_stage_done(manifest) and audit_file.exists()
+    audit = json.loads(audit_file.read_text()) if shown else None
     if audit:
         pngs[AUDIT_FIGURE] = audit_plot(audit)
         (out / AUDIT_FIGURE).write_bytes(pngs[AUDIT_FIGURE])
@@ -590,4 +594,4 @@ def build_report(run: RunDir, scorers: list[str], ratios: list[float], manifest:
 def run(cfg: Config, run: RunDir, key: str) -> dict:
     """A Ray task builds the report next to the data: the driver reads no table."""
     scorers, ratios = list(cfg.scoring.scorers), list(cfg.selection.ratios)
-    return run_as_task(build_report, run, scorers, ratios, run.read_manifest())
+    return run_as_task(build_report, run, scorers, ratios, run.read_manifest(), cfg.audit.enabled)

@@ -9,6 +9,7 @@ import json
 import math
 from collections import Counter
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -240,13 +241,28 @@ def test_every_planted_row_is_scored_once():
         root = open_location(tmp)
         ids, kind, n_resp = _pool(n=100)
         pq.write_table(
-            pa.table({"id": ids, "planted_kind": pa.array(list(kind), pa.string())}), os.path.join(tmp, "d.parquet")
+            pa.table(
+                {
+                    "id": ids,
+                    "planted_kind": pa.array(list(kind), pa.string()),
+                    "planted_visible": pa.array([None if k is None else True for k in kind], pa.bool_()),
+                }
+            ),
+            os.path.join(tmp, "d.parquet"),
         )
         scores = pa.table({"id": ids, "n_response_tokens": n_resp, "random": random_scores(ids, 1)})
         pq.write_table(scores, os.path.join(tmp, "s.parquet"))
         audit = AuditConfig(rows=100, kinds=KINDS)
         out = write_recovery(root / "s.parquet", root / "d.parquet", root, ["random"], [0.1], audit)
         assert out["rows"] == 100 and out["planted"] == int((~np.equal(kind, None)).sum())
+        # A planted row whose corruption the proxy never saw counts as clean, and is counted apart.
+        hidden = [None if k is None else True for k in kind]
+        hidden[int(np.flatnonzero(~np.equal(kind, None))[0])] = False
+        labels = pa.table({"id": ids, "planted_kind": pa.array(list(kind), pa.string()),
+                           "planted_visible": pa.array(hidden, pa.bool_())})  # fmt: skip
+        pq.write_table(labels, os.path.join(tmp, "d.parquet"))
+        seen = write_recovery(root / "s.parquet", root / "d.parquet", root, ["random"], [0.1], audit)
+        assert seen["planted"] == out["planted"] - 1 and seen["planted_invisible"] == 1
         pq.write_table(scores.slice(1), os.path.join(tmp, "s.parquet"))
         with pytest.raises(RuntimeError, match="disagree on 1 ids"):
             write_recovery(root / "s.parquet", root / "d.parquet", root, ["random"], [0.1], audit)
@@ -257,7 +273,7 @@ def _recovery_json(ids, kind, n_resp) -> dict:
     scores = {"gsnr": np.where(planted, 0.0, 1.0) + random_scores(ids, 3), "random": random_scores(ids, 7)}
     rows = recovery_table(scores, ids, n_resp, kind, [0.05, 0.1], KINDS)
     rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
-    return {"rows": len(ids), "planted": int(planted.sum()), "planted_fraction": 0.2, "headline_ratio": 0.1,
+    return {"rows": len(ids), "planted": int(planted.sum()), "corrupt_fraction": 0.2, "headline_ratio": 0.1,
             "headline": headline(rows, 0.1), "recovery": rows}  # fmt: skip
 
 
@@ -283,7 +299,7 @@ def test_the_audit_has_its_own_keys_and_runs_in_run_only_when_enabled():
     from gradfilter_ray import pipeline
     from gradfilter_ray.config import load
 
-    demo = "jobs/configs/demo.yaml"
+    demo = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml")
     off = load(demo, ["audit.enabled=false"])
     on = load(demo)
     assert on.audit.enabled and "audit" not in [n for n, s in pipeline.STAGES.items() if s.in_run(off)]
@@ -324,3 +340,76 @@ def test_rows_for_effect_gives_the_power_it_promises():
     assert 0.75 <= power(rows) <= 0.86 and power(rows // 4) < 0.45
     with pytest.raises(ValueError):
         rows_for_effect(0.2, 0.3, 0.1)
+
+
+def test_a_swap_never_takes_an_answer_from_a_row_that_has_none():
+    """A conversation whose answers are all tool calls has no assistant answer: it is neither planted nor a donor."""
+    n = 40
+    can = np.ones(n, bool)
+    can[: n // 2] = False  # half the rows have no answer to give
+    for seed in range(20):
+        kind, donor = P.plan_planting(np.arange(n), can, 0.25, ["swap"], seed=seed)
+        swaps = np.flatnonzero(np.equal(kind, "swap"))
+        assert can[swaps].all() and can[donor[swaps]].all()
+
+
+def _write_data(tmp_path, table):
+    import pyarrow.parquet as pq
+
+    from gradfilter_ray.storage import open_location
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    # Several files and small row groups: the sample must not depend on how the corpus is cut.
+    for i, start in enumerate(range(0, table.num_rows, 70)):
+        pq.write_table(table.slice(start, 70), folder / f"part-{i}.parquet", row_group_size=16)
+    return open_location(str(tmp_path)) / "data"
+
+
+def test_the_sample_is_seeded_exact_and_marks_corruptions_the_proxy_cannot_see(tmp_path):
+    """sample_and_plant streams the corpus: `rows` rows, the same ones for the same seed whatever the files, each
+    planted row labelled; a truncation past proxy.max_length is marked invisible."""
+    from gradfilter_ray.audit.stage import sample_and_plant
+    from gradfilter_ray.config import AuditConfig, ModelSpec, ProxyConfig
+    from gradfilter_ray.parquet_stream import read_columns
+    from gradfilter_ray.storage import open_location
+
+    table = alpaca_table(300)
+    data = _write_data(tmp_path, table)
+    proxy = ProxyConfig(model=ModelSpec(name_or_path="bundled:stories260K"), max_length=64)
+    audit = AuditConfig(rows=120, corrupt_fraction=0.25, seed=2)
+    out = open_location(str(tmp_path)) / "audit_data"
+    counts = sample_and_plant(data, out, audit, proxy)
+    got = read_columns(out, ["id", "output", "planted_kind", "planted_visible"]).to_pydict()
+    assert counts["rows_in_data"] == 300 and counts["rows"] == len(got["id"]) == 120 == len(set(got["id"]))
+    assert counts["planted"] == 30 and sum(k is not None for k in got["planted_kind"]) == 30
+    assert set(got["id"]) <= set(table["id"].to_pylist()) and got["id"] == sorted(got["id"])
+    # The same draw from the corpus in one file, and another draw for another seed.
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, whole / "all.parquet")
+    again = open_location(str(tmp_path)) / "again"
+    sample_and_plant(open_location(str(whole)), again, audit, proxy)
+    assert read_columns(again, ["id", "output", "planted_kind"]).to_pydict() == {
+        k: got[k] for k in ("id", "output", "planted_kind")
+    }
+    other = open_location(str(tmp_path)) / "other"
+    sample_and_plant(data, other, AuditConfig(rows=120, corrupt_fraction=0.25, seed=3), proxy)
+    assert read_columns(other, ["id"])["id"].to_pylist() != got["id"]
+    # At 64 tokens (stories260K's vocabulary makes Alpaca long) some truncations only cut text the proxy never sees.
+    flags = dict(zip(got["planted_kind"], got["planted_visible"]))
+    hidden = sum(v is False for v in got["planted_visible"])
+    assert hidden == sum(counts["planted_invisible_by_kind"].values()) > 0 and flags["swap"] is not None
+    assert all(v is None for k, v in zip(got["planted_kind"], got["planted_visible"]) if k is None)
+
+
+def test_corruption_visible_compares_tokens_and_labels():
+    before = pa.table({"id": [1, 2, 3], "input_ids": [[1, 2, 3], [4, 5], [6]], "label_start": [1, 1, 0],
+                       "loss_spans": [[], [], []]})  # fmt: skip
+    after = pa.table({"id": [1, 2, 3], "input_ids": [[1, 2, 3], [4, 6], [6]], "label_start": [1, 1, 1],
+                      "loss_spans": [[], [], []]})  # fmt: skip
+    assert P.corruption_visible(before, after).tolist() == [False, True, True]
+    with pytest.raises(ValueError):
+        P.corruption_visible(before, after.slice(1))

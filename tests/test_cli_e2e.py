@@ -82,9 +82,12 @@ def test_demo_pipeline_through_the_cli_on_an_object_store(demo):
     # its conversations corrupted in their last assistant turn; the main run never sees a planted row.
     audit = run.subdir("audit")
     planted = read(audit.data)
-    assert planted.num_rows == data.num_rows and manifest["stages"]["audit"]["planted"] == round(0.2 * data.num_rows)
+    record = manifest["stages"]["audit"]
+    assert planted.num_rows == data.num_rows
+    assert record["planted"] + record["planted_invisible"] == round(0.2 * data.num_rows)
     kinds = planted["planted_kind"].to_pylist()
-    assert sum(k is not None for k in kinds) == manifest["stages"]["audit"]["planted"]
+    assert sum(k is not None for k in kinds) == round(0.2 * data.num_rows)
+    assert sum(v is False for v in planted["planted_visible"].to_pylist()) == record["planted_invisible"]
     assert sorted(read(audit.scores)["id"].to_pylist()) == sorted(planted["id"].to_pylist())
     assert audit.read_manifest()["stages"]["ensemble"]["members"] == 3
     original = {r["id"]: r for r in data.to_pylist()}

@@ -23,8 +23,11 @@ import pyarrow as pa
 from gradfilter_ray.data.conversations import ASSISTANT, first_exchange
 
 SWAP, TRUNCATE, SHUFFLE = "swap", "truncate", "shuffle"
+KINDS = (SWAP, TRUNCATE, SHUFFLE)
+# Bumped when planting changes what it writes: the audit's planted data (and all of the audit) is then made again.
+PLANT_VERSION = 1
 TRUNCATE_KEEP = (0.1, 0.5)  # share of the answer's words a truncated answer keeps, drawn uniformly
-PLANT_COLUMNS = [("planted_kind", pa.string()), ("donor_id", pa.int64())]
+PLANT_COLUMNS = [("planted_kind", pa.string()), ("donor_id", pa.int64()), ("planted_visible", pa.bool_())]
 
 _WORD_SPLIT = re.compile(r"(\s+)")
 
@@ -112,7 +115,7 @@ def plan_planting(
         kind[pos] = kinds[rank % len(kinds)]
     donor = np.full(n, -1, dtype=np.int64)
     swapped = np.flatnonzero(np.equal(kind, SWAP))
-    clean = np.flatnonzero(np.equal(kind, None))
+    clean = np.flatnonzero(np.equal(kind, None) & can_plant)  # a donor must have an answer to give
     if len(swapped):
         if not len(clean):
             raise ValueError("a swap needs a clean row to take an answer from")
@@ -134,7 +137,7 @@ def plant(table: pa.Table, fraction: float, kinds: list[str], seed: int) -> tupl
         k = kind[i]
         rng = np.random.default_rng([seed, int(ids[i]) & 0x7FFFFFFFFFFFFFFF, 1])
         if k is None:
-            out.append({**row, "planted_kind": None, "donor_id": None})
+            out.append({**row, "planted_kind": None, "donor_id": None, "planted_visible": None})
             continue
         if k == SWAP:
             new = answers[donor[i]]
@@ -146,7 +149,7 @@ def plant(table: pa.Table, fraction: float, kinds: list[str], seed: int) -> tupl
         else:
             new = shuffle_text(answers[i], rng)
         donor_id = int(ids[donor[i]]) if k == SWAP else None
-        out.append({**with_answer(row, new), "planted_kind": k, "donor_id": donor_id})
+        out.append({**with_answer(row, new), "planted_kind": k, "donor_id": donor_id, "planted_visible": True})
     schema = table.schema
     for name, type_ in PLANT_COLUMNS:
         schema = schema.append(pa.field(name, type_))
@@ -158,3 +161,27 @@ def plant(table: pa.Table, fraction: float, kinds: list[str], seed: int) -> tupl
         "planted_by_kind": by_kind,
         "rows_not_plantable": int((~can_plant).sum()),
     }
+
+
+def corruption_visible(before: pa.Table, after: pa.Table) -> np.ndarray:
+    """bool [N]: whether the proxy sees a row's corruption, from the tokens of the row before and after planting
+    (TOKEN_SCHEMA rows, same ids in the same order): its tokens or its labelled positions differ. A corruption that
+    only touched text past `proxy.max_length` changes nothing the proxy trains on or is scored on."""
+    if before["id"].to_pylist() != after["id"].to_pylist():
+        raise ValueError("tokens before and after planting must hold the same ids in the same order")
+    columns = ("input_ids", "label_start", "loss_spans")
+    a, b = before.select(columns).to_pydict(), after.select(columns).to_pydict()
+    return np.array([any(a[c][i] != b[c][i] for c in columns) for i in range(before.num_rows)], dtype=bool)
+
+
+def mark_invisible(planted: pa.Table, visible: np.ndarray) -> tuple[pa.Table, dict]:
+    """`planted_visible` set from `visible` on planted rows (null on clean rows); counts of invisible ones by kind."""
+    kinds = planted["planted_kind"].to_pylist()
+    flags = [None if k is None else bool(v) for k, v in zip(kinds, visible)]
+    at = planted.schema.get_field_index("planted_visible")
+    table = planted.set_column(at, "planted_visible", pa.array(flags, pa.bool_()))
+    invisible: dict[str, int] = {}
+    for k, flag in zip(kinds, flags):
+        if flag is False:
+            invisible[k] = invisible.get(k, 0) + 1
+    return table, invisible

@@ -155,10 +155,12 @@ def headline(rows: list[dict], ratio: float, scorers: tuple[str, ...] = ("gsnr",
     return ", ".join(parts) + f"; {first['pool_planted_share']:.1%} of the pool is planted"
 
 
-def markdown(rows: list[dict], planted_fraction: float) -> str:
-    """The table as Markdown: one line per scorer and ratio (every planted row), then AUROC by kind."""
+def markdown(rows: list[dict], corrupt_fraction: float, invisible: int = 0) -> str:
+    """The table as Markdown: one line per scorer and ratio (every planted row), then AUROC by kind. `invisible`:
+    planted rows whose corruption the proxy never sees (cut off by max_length), counted as clean."""
+    note = f"; {invisible} planted rows corrupted only past proxy.max_length count as clean" if invisible else ""
     lines = [
-        f"Planted share of each selection (random keeps the pool's share; {planted_fraction:.0%} planted).",
+        f"Planted share of each selection (random keeps the pool's share; {corrupt_fraction:.0%} planted{note}).",
         "",
         "| scorer | ratio | k | planted share | 95% CI | pool planted share | AUROC clean vs planted |",
         "|---|---|---|---|---|---|---|",

@@ -16,20 +16,22 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from gradfilter_ray.audit.plant import plant
+from gradfilter_ray.audit.plant import corruption_visible, mark_invisible, plant
 from gradfilter_ray.audit.recovery import COLUMNS, headline, headline_ratio, markdown, recovery_table
-from gradfilter_ray.config import AuditConfig
+from gradfilter_ray.config import AuditConfig, ProxyConfig
 from gradfilter_ray.parquet_stream import read_columns, stream_batches, write_whole
 from gradfilter_ray.scoring.baselines import random_scores
 from gradfilter_ray.scoring.selection import TopKBoundary, mask_from_threshold
 from gradfilter_ray.storage import Location
+
+RECOVERY_JSON, RECOVERY_TABLE, RECOVERY_CSV = "recovery.json", "recovery.md", "recovery.csv"  # in audit/
 
 # The sample's draw must not be the random baseline's ranking of the same rows (scoring.random_seed may equal
 # audit.seed): a fixed offset gives it its own stream.
 _SAMPLE_STREAM = 0x41554449
 
 
-def sample_and_plant(data: Location, out: Location, audit: AuditConfig) -> dict:
+def sample_and_plant(data: Location, out: Location, audit: AuditConfig, proxy: ProxyConfig) -> dict:
     seed = audit.seed + _SAMPLE_STREAM
     boundary = TopKBoundary(audit.rows)
     kept = 0
@@ -49,16 +51,24 @@ def sample_and_plant(data: Location, out: Location, audit: AuditConfig) -> dict:
     sample = pa.concat_tables(parts)
     sample = sample.take(pa.array(np.argsort(sample["id"].to_numpy(), kind="stable")))
     planted, counts = plant(sample, audit.corrupt_fraction, list(audit.kinds), audit.seed)
+    from gradfilter_ray.data.tokenized import tokenize_rows
+
+    visible = corruption_visible(tokenize_rows(sample, proxy), tokenize_rows(planted, proxy))
+    planted, invisible = mark_invisible(planted, visible)
     out.make_dir()
     write_whole(out / "part-0.parquet", planted)
-    return {"rows_in_data": kept, **counts}
+    return {"rows_in_data": kept, **counts, "planted_invisible_by_kind": invisible}
 
 
 def write_recovery(
     scores: Location, data: Location, out: Location, scorers: list[str], ratios: list[float], audit: AuditConfig
 ) -> dict:
-    labels = read_columns(data, ["id", "planted_kind"]).to_pydict()
-    kind_of = dict(zip(labels["id"], labels["planted_kind"]))
+    labels = read_columns(data, ["id", "planted_kind", "planted_visible"]).to_pydict()
+    # A planted row whose corruption lies past proxy.max_length is clean as far as the proxy can tell: counted apart.
+    kind_of = {
+        i: (k if v else None) for i, k, v in zip(labels["id"], labels["planted_kind"], labels["planted_visible"])
+    }
+    invisible = sum(v is False for v in labels["planted_visible"])
     table = read_columns(scores, ["id", "n_response_tokens", *scorers])
     ids = table["id"].to_numpy()
     missing = set(kind_of) ^ set(ids.tolist())
@@ -77,16 +87,17 @@ def write_recovery(
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    (out / "recovery.csv").write_text(buffer.getvalue())
-    (out / "recovery.md").write_text(markdown(rows, audit.corrupt_fraction))
+    (out / RECOVERY_CSV).write_text(buffer.getvalue())
+    (out / RECOVERY_TABLE).write_text(markdown(rows, audit.corrupt_fraction, invisible))
     ratio = headline_ratio(list(ratios))
     summary = {
         "rows": int(len(ids)),
         "planted": int(np.sum(~np.equal(kinds, None))),
-        "planted_fraction": audit.corrupt_fraction,
+        "planted_invisible": int(invisible),
+        "corrupt_fraction": audit.corrupt_fraction,
         "headline_ratio": ratio,
         "headline": headline(rows, ratio),
         "recovery": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows],
     }
-    (out / "recovery.json").write_text(json.dumps(summary, indent=2))
-    return {"rows": summary["rows"], "planted": summary["planted"], "headline": summary["headline"]}
+    (out / RECOVERY_JSON).write_text(json.dumps(summary, indent=2))
+    return {k: summary[k] for k in ("rows", "planted", "planted_invisible", "headline")}

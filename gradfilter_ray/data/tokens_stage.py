@@ -9,7 +9,7 @@ tokenises again.
 from __future__ import annotations
 
 from gradfilter_ray.config import Config, ProxyConfig
-from gradfilter_ray.row_audit import audit_token_rows
+from gradfilter_ray.row_accounting import account_token_rows
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import IO_REMOTE_ARGS, run_as_task
 
@@ -36,10 +36,10 @@ def run(cfg: Config, run: RunDir, key: str) -> dict:
         row_group_size=ROW_GROUP_ROWS,
         min_rows_per_file=MIN_ROWS_PER_FILE,
     )
-    return run_as_task(audit_tokens, data, out, cfg.proxy)
+    return run_as_task(account_tokens, data, out, cfg.proxy)
 
 
-def audit_tokens(data, out, proxy: ProxyConfig) -> dict:
+def account_tokens(data, out, proxy: ProxyConfig) -> dict:
     """Every data/ id once in tokens/, with row and token counts, the rows left untrained for a reason other than
     truncation (a multi-turn conversation under the Alpaca prompt, a chat template that cannot be cut), and the
     rows that list tools with whether the template writes them (one that does not trains those rows without)."""
@@ -48,7 +48,7 @@ def audit_tokens(data, out, proxy: ProxyConfig) -> dict:
     skipped = [r for r in read_columns(out, ["skip_reason"])["skip_reason"].to_pylist() if r is not None]
     with_tools = non_null_count(parquet_files(data), "tools")
     return {
-        **audit_token_rows(data, out),
+        **account_token_rows(data, out),
         "skipped_by_reason": {r: skipped.count(r) for r in sorted(set(skipped))},
         "rows_with_tools": with_tools,
         "template_renders_tools": template_renders_tools(proxy) if with_tools else None,

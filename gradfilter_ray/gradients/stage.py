@@ -28,7 +28,7 @@ from gradfilter_ray.faults import fault_point
 from gradfilter_ray.gradients.shards import MARKERS, Shard, keep_and_clear, plan_shards
 from gradfilter_ray.parquet_stream import parquet_files, read_rows, row_counts, write_whole
 from gradfilter_ray.progress import RowProgress
-from gradfilter_ray.row_audit import audit_token_rows
+from gradfilter_ray.row_accounting import account_token_rows
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import run_as_task
 from gradfilter_ray.storage import Location
@@ -238,12 +238,12 @@ def run(cfg: Config, run: RunDir, key: str, log=print) -> dict:
     if sorted(f["index"] for f in computed) != [s.index for s in todo]:
         raise RuntimeError(f"extraction returned shards {sorted(f['index'] for f in computed)}, not the planned ones")
 
-    audit = run_as_task(audit_token_rows, tokens, out)
+    accounting = run_as_task(account_token_rows, tokens, out)
     rows_computed = sum(int(f["rows"]) for f in computed)
     real, padded = (sum(int(f[k]) for f in computed) for k in ("real_tokens", "padded_tokens"))
     return {
-        "rows": audit["rows"],
-        "rows_no_response_tokens": audit["rows_no_response_tokens"],
+        "rows": accounting["rows"],
+        "rows_no_response_tokens": accounting["rows_no_response_tokens"],
         "adapters": len(adapters),
         "shards": len(shards),
         "shards_resumed": len(done),

@@ -19,7 +19,7 @@ def check_exactly_once(input_ids: np.ndarray, output_ids: np.ndarray, output: st
         raise RuntimeError(f"{output} lost {len(missing)} ids and invented {len(extra)}")
 
 
-def audit_token_rows(expected: Location, written: Location) -> dict:
+def account_token_rows(expected: Location, written: Location) -> dict:
     """`written` (rows with token counts) holds every id of `expected` exactly once; its row and token counts."""
     table = read_columns(written, ["id", "n_tokens", "n_response_tokens"])
     check_exactly_once(read_columns(expected, ["id"])["id"].to_numpy(), table["id"].to_numpy(), str(written))
