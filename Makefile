@@ -7,10 +7,11 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= jobs/configs/demo.yaml
 ARGS ?=
+QUALITY_ARGS ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast lint format bench gpu-check gpu-check-smoke gpu-carry clean-runs
+.PHONY: setup run test test-fast quality lint format bench gpu-check gpu-check-smoke gpu-carry clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +31,11 @@ test: $(STAMP)
 # The quick loop: everything but the tests marked `slow` (CLI pipelines, Ray Train runs, anything over ~5 s).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The quality check: a seeded planted-noise audit (jobs/configs/quality.yaml) that G-SNR must pass by a margin
+# (benchmarks/quality_check.py, docs/quality.md). Minutes, outside the test suite's budget; CI runs it after the tests.
+quality: $(STAMP)
+	$(BIN)/python benchmarks/quality_check.py --json benchmarks/results/quality_check.json $(QUALITY_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gradfilter_ray tests benchmarks jobs

@@ -2,9 +2,10 @@
 
 Runs the planted-noise audit of `jobs/configs/quality.yaml` through the CLI (`gradfilter-ray data`, then
 `gradfilter-ray audit`: the same code a user runs) and asserts that G-SNR's 10% selection keeps fewer planted rows
-than random selection does, by a margin:
+than random selection does, by a margin, and that G-SNR ranks clean rows above planted ones more often than not:
 
     planted share of gsnr_0.1  <=  planted share of the pool (what random keeps)  -  MARGIN
+    AUROC of gsnr, clean vs planted, over every row  >  0.5
 
 A change to how the ensemble trains, how rows are tokenised, batched or scored moves this number; one that makes
 G-SNR no better than random fails here instead of in a user's fine-tune. docs/quality.md gives the check's power and
@@ -28,8 +29,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "jobs" / "configs" / "quality.yaml"
 SCORER, RATIO = "gsnr", 0.1
-# Percentage points below the pool's planted share that G-SNR must stay (see docs/quality.md for how it was set).
-MARGIN = 0.05
+# Below the pool's planted share by this much (4.5 points): midway between G-SNR with shuffled batches (10.4%, pool
+# 19.1%) and with length-grouped batches (18.8%), measured on this config (docs/quality.md).
+MARGIN = 0.045
+MIN_AUROC = 0.5
 
 
 def gradfilter(verb: str, config: Path, overrides: list[str]) -> None:
@@ -61,7 +64,8 @@ def verdict(recovery: dict, margin: float = MARGIN) -> dict:
         "random_planted_share": random["planted_share"] if random else None,
         "margin": margin,
         "bar": bar,
-        "passed": ours["planted_share"] <= bar,
+        "min_auroc": MIN_AUROC,
+        "passed": ours["planted_share"] <= bar and ours["auroc"] > MIN_AUROC,
     }
 
 
@@ -98,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"quality check {state}: {SCORER} at {RATIO:.0%} kept {result['planted_share']:.1%} planted rows "
         f"(95% CI {result['ci'][0]:.1%}-{result['ci'][1]:.1%}, k={result['k']}); it must stay at or below "
-        f"{result['bar']:.1%} (the pool's {result['pool_planted_share']:.1%} minus {MARGIN:.0%}); "
-        f"AUROC clean vs planted {result['auroc']:.3f}; {result['seconds']:.0f} s"
+        f"{result['bar']:.1%} (the pool's {result['pool_planted_share']:.1%} minus {MARGIN:.1%}); "
+        f"AUROC clean vs planted {result['auroc']:.3f} (must be > {MIN_AUROC}); {result['seconds']:.0f} s"
     )
     return 0 if result["passed"] else 1
 
