@@ -44,7 +44,8 @@ TINY = REPO / "jobs" / "configs" / "tiny_gpt2.yaml"
 CHAT_DEMO = "jobs/configs/chat_demo.yaml"  # the multi-turn demo: `make run CONFIG=jobs/configs/chat_demo.yaml`
 ROWS = 16
 # shard_rows=4 cuts the 16 rows into 4 extraction shards, so "mid-stream" has a before and an after;
-# finetune.scorers=[] stops `run` after the report (fine-tuning has nothing to train).
+# finetune.scorers=[] stops `run` after the report (fine-tuning has nothing to train). The reference run then runs
+# `gradfilter-ray audit` on the same run directory (its 16 rows all sampled, 3 planted), as a user would.
 TINY_RUN = (
     f"data.limit={ROWS}",
     "ensemble.members=2",
@@ -67,6 +68,7 @@ RUN_TIMEOUT_S = 900
 # goes through the CLI in the tiny runs, and through fine-tuning and evaluation in test_finetune_evaluation_stages.)
 S3_DEMO = (
     "data.limit=40",
+    "audit.enabled=false",  # the tiny runs audit end to end (an audit is an ensemble more: not on the critical path)
     "ensemble.members=3",
     "selection.ratios=[0.05, 0.1, 0.15]",
     "ray.progress_bars=false",
@@ -95,12 +97,12 @@ def tiny_cfg(out: Path, *extra: str):
     return load(TINY, [f"output_dir={out}", *TINY_RUN, *extra])
 
 
-def cli_args(out: Path) -> list[str]:
+def cli_args(out: Path, verb: str = "run") -> list[str]:
     return [
         sys.executable,
         "-m",
         "gradfilter_ray",
-        "run",
+        verb,
         "--config",
         str(TINY),
         *set_args(f"output_dir={out}", *TINY_RUN),
@@ -269,7 +271,17 @@ def run_reference(p: Pipeline) -> dict:
     finally:
         kill_group(proc)
     left = reap(ray_tmp, wait_s=30)[1]
-    return {"out": out, "rc": rc, "pid": proc.pid, "log": log.read_text(), "ray_tmp": ray_tmp, "left_after": left}
+    facts = {"out": out, "rc": rc, "pid": proc.pid, "log": log.read_text(), "ray_tmp": ray_tmp, "left_after": left}
+    if rc != 0:
+        return facts
+    audit_log, audit_tmp = p.base / "audit.log", p.ray_tmp("aud")
+    audit = start_cli(out, cli_env(audit_tmp, **CANARY_SECRETS), audit_log, args=cli_args(out, "audit"))
+    try:
+        facts["audit_rc"] = wait_exit(audit, RUN_TIMEOUT_S, p.abort)
+    finally:
+        kill_group(audit)
+    facts["audit_log"], facts["audit_left_after"] = audit_log.read_text(), reap(audit_tmp, wait_s=30)[1]
+    return facts
 
 
 def run_faulted(p: Pipeline) -> dict:

@@ -8,7 +8,8 @@ the folder where the handler leaves its traces (the test reads them) and finds i
 - "ensemble.epoch_end" (rank, epoch, pid, train_dir): with GFR_FAULT_CRASH_AFTER_EPOCH=e, rank 0 dies (os._exit(1))
   after epoch e, once Ray Train's controller has registered that epoch's checkpoint (it writes
   `checkpoint_manager_snapshot.json` in train_dir), and only once (marker file `crashed`);
-- "gradients.shard" (pid, shard): appends "pid call shard" to `calls.log` (call = that actor's shard count); the first
+- "gradients.shard" (pid, shard, out), the main run's extraction only (the tiny runs also run the audit's, into
+  `audit/gradients`): appends "pid call shard" to `calls.log` (call = that actor's shard count); the first
   actor that reaches its second shard takes the marker `held` and waits there (at most HOLD_S) until a file `killed`
   appears, so the test can kill the driver or the actor at a known point mid-stream.
 """
@@ -52,7 +53,7 @@ def handle(name: str, **context) -> None:
         crash = os.environ.get(CRASH_ENV)
         if crash and context["rank"] == 0 and int(crash) == context["epoch"]:
             _crash_once(folder, context["epoch"], Path(context["train_dir"]) / SNAPSHOT_FILE, context["pid"])
-    elif name == "gradients.shard":
+    elif name == "gradients.shard" and Path(context["out"]).parent.name != "audit":
         global _blocks
         _blocks += 1
         _append(folder / "calls.log", f"{context['pid']} {_blocks} {context['shard']}")

@@ -78,29 +78,6 @@ def test_demo_pipeline_through_the_cli_on_an_object_store(demo):
         assert all("conversations" in json.loads(line) for line in lines)  # written back as ShareGPT records
     assert (run.at("report") / "index.html").exists()
 
-    # The planted-noise audit, in its own run directory on the store: every sampled row planted or not, scored once,
-    # its conversations corrupted in their last assistant turn; the main run never sees a planted row.
-    audit = run.subdir("audit")
-    planted = read(audit.data)
-    record = manifest["stages"]["audit"]
-    assert planted.num_rows == data.num_rows
-    assert record["planted"] + record["planted_invisible"] == round(0.2 * data.num_rows)
-    kinds = planted["planted_kind"].to_pylist()
-    assert sum(k is not None for k in kinds) == round(0.2 * data.num_rows)
-    assert sum(v is False for v in planted["planted_visible"].to_pylist()) == record["planted_invisible"]
-    assert sorted(read(audit.scores)["id"].to_pylist()) == sorted(planted["id"].to_pylist())
-    assert audit.read_manifest()["stages"]["ensemble"]["members"] == 3
-    original = {r["id"]: r for r in data.to_pylist()}
-    for row in planted.to_pylist():
-        turns, before = json.loads(row["conversation"]), json.loads(original[row["id"]]["conversation"])
-        changed = [i for i, (a, b) in enumerate(zip(turns, before)) if a != b]
-        assert changed == ([] if row["planted_kind"] is None else [changed[0]]) and len(turns) == len(before)
-        assert all(turns[i]["role"] == "assistant" for i in changed)
-    assert "planted" not in read(run.scores).column_names and "planted_kind" not in data.column_names
-    recovery = json.loads((run.audit / "recovery.json").read_text())
-    assert {r["scorer"] for r in recovery["recovery"]} == set(manifest["config"]["scoring"]["scorers"])
-    assert "audit: at 10% gsnr kept" in stdout
-
     model = run.finetune / "gsnr_0.15" / "model" / "model.safetensors"
     assert model.exists() and (run.finetune / "gsnr_0.15" / "model" / "chat_template.jinja").exists()
     assert (run.finetune / "gsnr_0.15" / "train_loss.csv").read_text().startswith("step,loss\n1,")

@@ -107,7 +107,7 @@ class ShardExtractor:
 
     def extract(self, shard: Shard) -> dict:
         """Extract one shard, write its part, then commit it with its marker; the facts the driver counts."""
-        fault_point("gradients.shard", pid=os.getpid(), shard=shard.index)
+        fault_point("gradients.shard", pid=os.getpid(), shard=shard.index, out=self.out.path if self.out else "")
         started = time.perf_counter()
         tokens = read_rows(self.tokens / shard.file, shard.first_row, shard.stop_row, TOKEN_COLUMNS)
         stats: dict = {}
