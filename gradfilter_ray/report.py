@@ -295,6 +295,10 @@ def _stability_table(stability: dict[str, dict]) -> str:
     return f"<p>{STABILITY_NOTE}</p><table class='stability'>{head}{''.join(rows)}</table>"
 
 
+def _sentence(text: str | None) -> str:
+    return (text[:1].upper() + text[1:]) if text else ""
+
+
 def _audit_table(audit: dict) -> str:
     """audit/recovery.json as a paragraph (the headline and how wide its intervals are) and a table of every
     scorer's planted share per ratio with its 95% interval, plus the clean-vs-planted AUROC."""
@@ -308,7 +312,7 @@ def _audit_table(audit: dict) -> str:
     hidden = f" ({invisible} more were corrupted only past proxy.max_length and count as clean)" if invisible else ""
     text = (
         f"{audit['planted']} of the audit's {audit['rows']} sampled rows are planted (answers swapped, cut short or "
-        f"shuffled){hidden}, and the audit trains its own ensemble on them. {_esc(audit.get('headline') or '')}. "
+        f"shuffled){hidden}, and the audit trains its own ensemble on them. {_esc(_sentence(audit.get('headline')))}. "
         "Lower is "
         f"better; random selection keeps the pool's share. With {smallest_k} rows in the smallest selection the "
         f"intervals are up to {widest:.0%} wide"
@@ -327,7 +331,7 @@ def _audit_table(audit: dict) -> str:
                 else f"<td class='n'>{share:.1%} ({r['ci_low']:.0%}-{r['ci_high']:.0%})</td>"
             )
         auroc = at[(scorer, ratios[0])]["auroc"]
-        cells.append(f"<td class='n'>{_num(auroc)}</td>")
+        cells.append(f"<td class='n'>{'-' if auroc is None else f'{auroc:.3f}'}</td>")
         body.append(f"<tr><td>{_esc(scorer)}</td>{''.join(cells)}</tr>")
     return f"<p>{text}</p><table>{head}{''.join(body)}</table>"
 

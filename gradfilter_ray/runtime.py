@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from gradfilter_ray.config import RayConfig
 from gradfilter_ray.faults import fault_env
 
+TRAIN_TICK_ENV, EMBEDDED_TRAIN_TICK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
+
 
 def resolve_address(cfg: RayConfig) -> str:
     return cfg.address or os.environ.get("RAY_ADDRESS") or "local"
@@ -31,6 +33,10 @@ def init_kwargs(cfg: RayConfig) -> dict:
     if fault_env():  # tests only: their fault handler must reach every worker
         kwargs["runtime_env"] = {"env_vars": fault_env()}
     if address == "local":
+        # Ray Train's controller looks at its workers every 2 s by default: on the embedded Ray a member's or a small
+        # fine-tune's whole fit is a few ticks, so each start, report and end waits out a tick. The processes this
+        # session starts inherit the driver's environment; a cluster keeps its own setting.
+        os.environ.setdefault(TRAIN_TICK_ENV, EMBEDDED_TRAIN_TICK_S)
         kwargs["include_dashboard"] = False
         if cfg.num_cpus is not None:
             kwargs["num_cpus"] = cfg.num_cpus

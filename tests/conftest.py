@@ -24,8 +24,7 @@ ASSETS = REPO / "gradfilter_ray" / "assets"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Ray Train's controller looks at its workers every 2 s by default, so a tiny fit waits out whole ticks at its start,
-# at each report and at its end: a shorter tick (inherited by the CLI runs and probes) shortens every fit in the suite.
+# The embedded Ray's Ray Train tick (runtime.init_kwargs sets it for the CLI) for the session's own Ray and probes too.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # The object-store tests talk to a local S3 server (moto), which accepts any key. Set before any Ray worker starts
 # so workers inherit them; never real credentials, and the metadata service is not asked for any.

@@ -290,7 +290,7 @@ def test_the_report_and_the_closing_summary_show_the_audit():
     lines = report.summary_lines(summary)
     assert any(line.startswith("audit: at 10% gsnr kept") and "runs/x/audit/recovery.md" in line for line in lines)
     page = report.render_page(summary, [report.AUDIT_FIGURE], [], {}, None, audit)
-    assert "Planted-noise audit" in page and audit["headline"].split(" (")[0] in page
+    assert "Planted-noise audit" in page and "At " + audit["headline"].split(" (")[0][3:] in page
     assert "intervals are up to" in page and "raise audit.rows" in page  # 300 rows: k=14 at 5%, a wide interval
     assert report.audit_stage_done(manifest) and not report.audit_stage_done({"stages": {}})
 
