@@ -3,8 +3,8 @@ tests/cli_runs.py) scores and selects as recorded in tests/golden/tiny_alpaca_sc
 
 What it guards: that a change meant to be neutral (a refactor, a new input format, a faster kernel) leaves every
 score and every selection of a fixed seeded run where it was. What it does not guard: selection quality (the
-planted-noise quality check does, `make quality`). Regenerating the file (`python tests/make_golden.py RUN_DIR`) is a
-reviewed decision: its commit message gives the quality check's numbers before and after.
+planted-noise quality check does, `make quality`). Regenerating it (`python tests/make_golden.py RUN_DIR "made by"`)
+is a reviewed decision: its commit message gives the quality check's numbers before and after.
 
 Floating-point results differ across CPUs (BLAS kernels): the same run gave drop_abs -0.1229367 on an AMD EPYC and
 -0.1229362 on an Intel Xeon (4.5e-6 relative). Scores are compared at REL_TOL, 20x that; selections by what a user
