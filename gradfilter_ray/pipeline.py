@@ -87,10 +87,10 @@ AUDIT_STAGES = ("tokens", "ensemble", "gradients", "scoring")
 
 
 def audit_data_key(cfg: Config) -> str:
-    """The key of the audit's planted sample: the main data's key, the audit section (whether `run` runs it aside)
-    and the planting code's version."""
+    """The key of the audit's planted sample: the main data's key, the audit section (whether `run` runs it aside),
+    the proxy (which planted rows it can see, `planted_visible`) and the planting code's version."""
     sample = {k: v for k, v in to_dict(cfg.audit).items() if k != "enabled"}
-    return section_hash("audit-data", stage_key("data", cfg), sample, PLANT_VERSION)
+    return section_hash("audit-data", stage_key("data", cfg), sample, keyed_value(cfg, "proxy"), PLANT_VERSION)
 
 
 def _audit_units(cfg: Config) -> list[str]:

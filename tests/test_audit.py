@@ -319,6 +319,10 @@ def test_the_audit_has_its_own_keys_and_runs_in_run_only_when_enabled():
         assert pipeline.stage_key(name, seeded) == pipeline.stage_key(name, on)
     assert pipeline.stage_key("audit", seeded) != pipeline.stage_key("audit", on)
     assert pipeline.stage_key("report", seeded) != pipeline.stage_key("report", on)
+    # Which planted rows the proxy can see depends on the proxy: a new max_length plants (and marks) again.
+    shorter = load(demo, ["proxy.max_length=128"])
+    assert pipeline.audit_data_key(shorter) != pipeline.audit_data_key(on)
+    assert pipeline.audit_data_key(load(demo, ["scoring.eps=0.5"])) == pipeline.audit_data_key(on)
 
 
 def test_rows_for_effect_gives_the_power_it_promises():
