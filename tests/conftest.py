@@ -34,13 +34,15 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
-def write_canonical_data(folder: Path, ids, source_rows=None) -> None:
-    """`data/` as ingest writes it, one Parquet file of synthetic canonical rows with these ids."""
+def write_canonical_data(folder, ids, source_rows=None, extra=None, row_group_size=None) -> None:
+    """`data/` as ingest writes it, one Parquet file of synthetic canonical rows with these ids (`folder`: a path or a
+    local Location; `extra`: each row's other keys as JSON text, default none)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     n = len(ids)
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(
         pa.table(
@@ -49,13 +51,14 @@ def write_canonical_data(folder: Path, ids, source_rows=None) -> None:
                 "instruction": [f"instr {i}" for i in ids],
                 "input": [""] * n,
                 "output": [f"out {i}" for i in ids],
-                "extra": ["{}"] * n,
+                "extra": ["{}"] * n if extra is None else list(extra),
                 "source_format": ["alpaca"] * n,
                 "source_file": ["f.jsonl"] * n,
                 "source_row": ids if source_rows is None else np.asarray(source_rows),
             }
         ),
         folder / "part-00000.parquet",
+        row_group_size=row_group_size,
     )
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_canonical_data
 
 from gradfilter_ray import parquet_stream, report
 from gradfilter_ray.scoring import gsnr, passes, stability
@@ -149,23 +150,8 @@ def _rundir(tmp_path, n: int, m: int, seed: int = 0):
     root = open_location(str(tmp_path / "run"))
     ids = rng.permutation(np.arange(n, dtype=np.int64) * 7 + 3)  # sparse, unordered ids
     early, late, n_resp = _norms(seed, n, m)
-    (root / "data").make_dir()
-    pq.write_table(
-        pa.table(
-            {
-                "id": ids,
-                "instruction": [f"instr {i}" for i in ids],
-                "input": ["" for _ in ids],
-                "output": [f"out {i}" for i in ids],
-                "extra": [json.dumps({"category": "c" + str(i % 3)}) for i in ids],
-                "source_format": ["alpaca"] * n,
-                "source_file": ["f.json"] * n,
-                "source_row": np.arange(n),
-            }
-        ),
-        (root / "data" / "part-00000.parquet").path,
-        row_group_size=97,
-    )
+    categories = [json.dumps({"category": "c" + str(i % 3)}) for i in ids]
+    write_canonical_data(root / "data", ids, source_rows=np.arange(n), extra=categories, row_group_size=97)
     (root / "gradients").make_dir()
     half = n // 2
     for part, sl in enumerate([slice(0, half), slice(half, n)]):
@@ -313,7 +299,7 @@ def test_selection_stability_counts_and_jaccard():
     assert record["jaccard_per_member"] == [0.0, 0.5, 0.2] and counts.tolist() == [2, 0]
     record, _, counts = stability.selection_stability(full, loo[:2])
     assert record["mean_jaccard"] is None and record["reason"] == stability.UNDEFINED and not counts.any()
-    assert stability.top_k_ids(np.array([4, 2, 9, 1]), np.array([1.0, 2.0, 1.0, 1.0]), 3).tolist() == [2, 1, 4]
+    assert stability.ranked_ids(np.array([4, 2, 9, 1]), np.array([1.0, 2.0, 1.0, 1.0]))[:3].tolist() == [2, 1, 4]
 
 
 # ----- the report -----

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_canonical_data
 
 from gradfilter_ray import pipeline, report
 from gradfilter_ray.config import load
@@ -21,24 +22,10 @@ N, M = 400, 3
 def build_rundir(tmp_path):
     rng = np.random.default_rng(0)
     rundir = RunDir(str(tmp_path / "run"))
-    rundir.data.make_dir()
     rundir.gradients.make_dir()
     ids = rng.permutation(np.arange(N, dtype=np.int64) * 7 + 3)  # sparse, unordered ids
-    pq.write_table(
-        pa.table(
-            {
-                "id": ids,
-                "instruction": [f"instr {i}" for i in ids],
-                "input": ["" for _ in ids],
-                "output": [f"out {i}" for i in ids],
-                "extra": [json.dumps({"category": "c" + str(i % 3)}) for i in ids],
-                "source_format": ["alpaca"] * N,
-                "source_file": ["f.json"] * N,
-                "source_row": np.arange(N),
-            }
-        ),
-        rundir.data / "part-00000.parquet",
-    )
+    categories = [json.dumps({"category": "c" + str(i % 3)}) for i in ids]
+    write_canonical_data(rundir.data, ids, source_rows=np.arange(N), extra=categories)
     # Scores rounded so many rows tie: early norms from a small set of values, late = early * factor.
     early = rng.choice([1.0, 2.0, 4.0], size=(N, M))
     late = early * rng.choice([0.5, 0.25], size=(N, 1))

@@ -29,7 +29,6 @@ __all__ = [
     "loo_scores",
     "ranked_ids",
     "selection_stability",
-    "top_k_ids",
     "undefined",
 ]
 
@@ -86,11 +85,6 @@ def ranked_ids(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Candidate rows' ids (all eligible: no NaN) in selection order: score descending, then smaller id first. The
     top k of any k up to their count is the first k (top-k sets are nested), so one ranking serves every ratio."""
     return np.asarray(ids)[np.lexsort((ids, -np.asarray(values, dtype=np.float64)))]
-
-
-def top_k_ids(ids: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
-    """Ids of the top k of candidate rows (``ranked_ids``' first k); all of them when fewer."""
-    return ranked_ids(ids, values)[: max(k, 0)]
 
 
 def undefined(members: int | None, reason: str = UNDEFINED) -> dict:
