@@ -26,7 +26,7 @@ from gradfilter_ray.ensemble.batching import (
     packed_padding_stats,
     padding_stats,
 )
-from gradfilter_ray.ensemble.packing import check_packable, pack_batch, pack_rows, packed_forward, packed_row_losses
+from gradfilter_ray.ensemble.packing import pack_batch, pack_rows, packed_forward, packed_row_losses
 from gradfilter_ray.losses import per_example_losses, scored_window
 
 
@@ -89,8 +89,6 @@ def train_member(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (no LoRA adapter attached?)")
-    if cfg.packing:
-        check_packable(model)  # before any step: a model that cannot take the 4D mask fails here, not mid-epoch
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
