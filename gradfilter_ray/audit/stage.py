@@ -51,6 +51,8 @@ def sample_and_plant(data: Location, out: Location, audit: AuditConfig, proxy: P
     sample = pa.concat_tables(parts)
     sample = sample.take(pa.array(np.argsort(sample["id"].to_numpy(), kind="stable")))
     planted, counts = plant(sample, audit.corrupt_fraction, list(audit.kinds), audit.seed)
+    # Here, not at the top: tokenisation pulls in torch, which the driver (it imports this module through the
+    # pipeline) never needs.
     from gradfilter_ray.data.tokenized import tokenize_rows
 
     visible = corruption_visible(tokenize_rows(sample, proxy), tokenize_rows(planted, proxy))
