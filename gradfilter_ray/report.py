@@ -2,12 +2,14 @@
 
 Everything that computes or renders is pure and does no I/O: `summarize_run` (the run's summary from its manifest),
 `summary_lines` (the same summary as plain text, for the CLI), `render_plots` (PNG bytes by file name),
-`pick_examples` and `render_page` (the HTML). Only `run`, at the bottom, reads and writes files.
+`scorer_agreement`, `pick_examples`, `stage_accounting`, `stage_timings` and `render_page` (the HTML). Only
+`build_report` and `run`, at the bottom, read and write files.
 
-The page opens with the summary, the row accounting and the selections' stability, then the plots (sized to fit a
-1280 px wide window), then the top and bottom examples. Plots sample at most `MAX_POINTS` rows so a million-row run
-renders in seconds; tables are computed on all rows. The page uses relative links only, so it opens as a plain file in
-a browser.
+The page opens with what a reader decides on: how many rows each subset keeps, how the scorers' subsets agree, and
+the top and bottom examples. Then the planted-noise audit, the selections' stability, the plots (sized to fit a
+1280 px wide window), the row accounting (each stage once), the timings and the provenance. Plots sample at most
+`MAX_POINTS` rows so a million-row run renders in seconds; tables are computed on all rows. The page uses relative
+links only, so it opens as a plain file in a browser.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import html
 import io
 import json
+import shlex
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -32,7 +36,7 @@ from gradfilter_ray.scoring.passes import STABILITY_FILE
 from gradfilter_ray.scoring.scorers import FULL, Selection, eligible
 
 MAX_POINTS = 50_000
-SHOWN_EXAMPLES = 8
+SHOWN_EXAMPLES = 5
 PLOT_COLUMNS = ["id", "gsnr", "drop_rel", "noise", "g_early", "g_late", "ifd", "n_response_tokens"]
 REPORT_PAGE = "report/index.html"  # relative to the run directory
 AUDIT_FIGURE = "audit_recovery.png"
@@ -44,9 +48,15 @@ STYLE = (
     "img{max-width:100%;height:auto}"
     "table{border-collapse:collapse;margin-bottom:1em}"
     "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}"
-    "td.n{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}td.t{overflow-wrap:anywhere}"
+    "td.n{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}th.n{text-align:right}td.t{overflow-wrap:anywhere}"
     ".figures{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(460px,100%),1fr));gap:1em}"
     "figure{margin:0;min-width:0}figure.wide{grid-column:1/-1}figcaption{font-weight:bold;margin-bottom:.3em}"
+    "h2{margin-top:1.6em;border-bottom:1px solid #ccc}.note,small{color:#555}.note{max-width:46em;margin:.3em 0}"
+    ".pair{display:flex;flex-wrap:wrap;gap:0 3em;align-items:flex-start}.pair>div{flex:1 1 24em;min-width:0}"
+    "table.summary th,table.provenance th{white-space:nowrap}"
+    "table.examples{width:100%;table-layout:fixed}col.id{width:3.5em}col.score{width:5.2em}col.instruction{width:28%}"
+    "tr.group th{background:#eee}tr.chance td,tr.total td{font-style:italic;color:#555}"
+    ".tag{font-size:80%;background:#e8eef6;border-radius:3px;padding:0 3px;white-space:nowrap}"
 )
 # file name -> (caption, spans the page's full width)
 FIGURES = {
@@ -190,109 +200,393 @@ def _num(value: Any) -> str:
     return "-" if value is None else _esc(value)
 
 
-def _summary_table(s: dict[str, Any]) -> str:
+def _table(head: Iterable[str], rows: Iterable[str], css: str = "") -> str:
+    """A table from header cells (HTML) and finished <tr> rows; `css`: its class."""
+    cls = f" class='{css}'" if css else ""
+    return f"<table{cls}><tr>{''.join(head)}</tr>{''.join(rows)}</table>"
+
+
+def preview(text: Any, limit: int) -> str:
+    """`text` on one line (every run of whitespace one space), cut to `limit` characters with an ellipsis. Unescaped:
+    escape after cutting, so a cut never splits an entity."""
+    flat = " ".join(str(text or "").split())
+    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+
+
+def _overview(s: dict[str, Any], sections: set[str]) -> str:
+    """Where the run, its subsets, the audit's verdict and the comparison are, and the rows' path in one line."""
     rows: list[tuple[str, str]] = [("run directory", _esc(s["location"] or "."))]
+    flow = []
     if s["rows_in"] is not None:
-        rows += [
-            ("rows in", _num(s["rows_in"])),
-            ("kept", _num(s["rows_kept"])),
-            ("rejected", _num(s["rows_rejected"])),
-        ]
+        flow.append(f"{_num(s['rows_in'])} in, {_num(s['rows_kept'])} kept, {_num(s['rows_rejected'])} rejected")
     if s["rows_scored"] is not None:
-        rows.append(("eligible for G-SNR", f"{_num(s['rows_eligible'])} of {_num(s['rows_scored'])} scored"))
-    if s["selections"]:
-        rows.append(("selected", _selection_grid_table(s)))
+        flow.append(f"{_num(s['rows_eligible'])} of {_num(s['rows_scored'])} scored eligible for G-SNR")
+    if flow:
+        more = " <a href='#accounting'>(every stage)</a>" if "accounting" in sections else ""
+        rows.append(("rows", "; ".join(flow) + more))
     if s["selection_dir"]:
         rows.append(
             ("subsets", "<a href='../selection/'>selection/</a> (&lt;scorer&gt;_&lt;ratio&gt;.jsonl and .parquet)")
         )
-    rows.append(("report", "this page"))
+    if s.get("audit"):
+        more = " <a href='#audit'>(details)</a>" if "audit" in sections else ""
+        rows.append(("planted-noise audit", _esc(_sentence(s["audit"])) + more))
     compare = f"<a href='../{COMPARE_TABLE}'>{COMPARE_TABLE}</a>"
     rows.append(("comparison", compare if s["compare"] else f"{compare} (written by the evaluation stage)"))
     body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     return f"<table class='summary'>{body}</table>"
 
 
-def _selection_grid_table(s: dict[str, Any]) -> str:
+def grid_place(name: str) -> tuple[str, str]:
+    """(scorer, ratio label) of a selection name in a scorer x ratio grid, as `selection_grid` places it."""
+    try:
+        selection = Selection.parse(name)
+    except ValueError:
+        return name, "all"
+    return selection.scorer, "all" if selection.scorer == FULL else f"{selection.ratio:g}"
+
+
+def _in_order(rows: dict[str, Any], order: list[str]) -> list[tuple[str, Any]]:
+    """`rows`' items with the keys in `order` first, in that order; the rest after them as they come."""
+    rank = {key: i for i, key in enumerate(order)}
+    return sorted(rows.items(), key=lambda item: rank.get(item[0], len(rank)))
+
+
+def _subset_grid(s: dict[str, Any], order: list[str]) -> str:
+    """Rows kept per subset (scorer x ratio, each with its share of the rows with a response; scorers in `order`),
+    and how many rows each scorer could rank."""
     labels, grid = selection_grid(s["selections"])
     base = s["rows_with_response"]
-    head = "<tr><th>scorer \\ ratio</th>" + "".join(f"<th class='n'>{_esc(label)}</th>" for label in labels) + "</tr>"
-    body = "".join(
+    eligible = {grid_place(name)[0]: c.get("n_eligible") for name, c in s["selections"].items()}
+    head = ["<th>scorer \\ ratio</th>", *(f"<th class='n'>{_esc(label)}</th>" for label in labels)]
+    head.append("<th class='n'>eligible</th>")
+    rows = [
         f"<tr><td>{_esc(scorer)}</td>"
         + "".join(
             f"<td class='n'>{_num(row.get(label))}"
-            + (f" <small>({_share(row[label], base)})</small>" if row.get(label) is not None else "")
+            + (f" <small>{_share(row[label], base)}</small>" if row.get(label) is not None else "")
             + "</td>"
             for label in labels
         )
-        + "</tr>"
-        for scorer, row in grid.items()
+        + f"<td class='n'>{_num(eligible.get(scorer))}</td></tr>"
+        for scorer, row in _in_order(grid, order)
+    ]
+    note = (
+        f"<p class='note'>Rows each subset keeps, and their share of the {_num(base)} rows with a response "
+        "(k = ratio x those rows; a scorer keeps fewer when fewer rows are eligible for it).</p>"
     )
-    caption = f"<caption>rows selected, of {_num(base)} with a response</caption>"
-    return f"<table class='grid'>{caption}{head}{body}</table>"
+    return note + _table(head, rows, "grid")
 
 
-def accounting_rows(s: dict[str, Any]) -> list[tuple[str, str, int | None, str]]:
-    """(stage, what, rows, note) for every line of the row accounting."""
-    rows: list[tuple[str, str, int | None, str]] = []
-    if s["rows_in"] is not None:
-        rows.append(("data", "rows in", s["rows_in"], "= kept + rejected"))
-        rows.append(("data", "kept", s["rows_kept"], _share(s["rows_kept"], s["rows_in"]) + " of rows in"))
-        rows.append(("data", "rejected", s["rows_rejected"], _share(s["rows_rejected"], s["rows_in"])))
-        for reason, n in s["rejects_by_reason"].items():
-            rows.append(("data", f"rejected: {reason}", n, ""))
-    if s["rows_scored"] is not None:
-        rows.append(("scoring", "scored", s["rows_scored"], "= eligible + ineligible"))
-        rows.append(
-            ("scoring", "eligible for G-SNR", s["rows_eligible"], _share(s["rows_eligible"], s["rows_scored"]))
+def chance_jaccard(ratio: float) -> float:
+    """The expected Jaccard overlap of two independent random subsets that each keep `ratio` of the same rows."""
+    return ratio / (2 - ratio)
+
+
+def _shade(value: float) -> str:
+    return f" style='background:rgba(68,119,170,{0.45 * max(0.0, min(1.0, value)):.2f})'"
+
+
+def _agreement_table(agreement: dict[str, Any]) -> str:
+    reference, ratios = agreement["reference"], agreement["ratios"]
+    labels = [f"{ratio:g}" for ratio in ratios]
+    head = ["<th>scorer \\ ratio</th>", *(f"<th class='n'>{_esc(label)}</th>" for label in labels)]
+    rows = []
+    for scorer, row in agreement["jaccard"].items():
+        cells = "".join(
+            "<td class='n'>-</td>" if row.get(label) is None else f"<td class='n'{_shade(j)}>{j:.2f}</td>"
+            for label in labels
+            for j in [row.get(label)]
         )
-        rows.append(("scoring", "ineligible for G-SNR", s["rows_ineligible"], ""))
-        for reason, n in s["ineligible_by_reason"].items():
-            rows.append(("scoring", f"ineligible: {reason}", n, ""))
-    if s["rows_with_response"] is not None:
-        rows.append(("selection", "rows with a response", s["rows_with_response"], "k = ratio x these rows"))
-    for name, c in s["selections"].items():
-        note = f"k={_num(c['k'])}, {_num(c['n_eligible'])} eligible for this scorer"
-        rows.append(("selection", f"selected: {name}", c["selected"], note))
+        rows.append(f"<tr><td>{_esc(scorer)}</td>{cells}</tr>")
+    chance = "".join(f"<td class='n'>{chance_jaccard(ratio):.2f}</td>" for ratio in ratios)
+    rows.append(f"<tr class='chance'><td>by chance</td>{chance}</tr>")
+    note = (
+        f"<p class='note'>Jaccard overlap of each scorer's subset with {_esc(reference)}'s at the same ratio "
+        "(1: the same rows). Two random subsets overlap about as much as the last row; every pair of scorers is in "
+        "the overlap plot.</p>"
+    )
+    return note + _table(head, rows, "agreement")
+
+
+EXAMPLE_SCORES = (("gsnr", "G-SNR"), ("drop_rel", "rel. drop"), ("noise", "noise"), ("g_early", "G_early"),
+                  ("g_late", "G_late"))  # fmt: skip
+PREVIEW_CHARS = 180  # an example's instruction or response, in its cell
+TOOLTIP_CHARS = 1500  # the same, when the pointer rests on the cell
+
+
+def _text_cell(text: Any, tag: str = "") -> str:
+    shown, hover = preview(text, PREVIEW_CHARS), preview(text, TOOLTIP_CHARS)
+    title = f" title='{_esc(hover)}'" if hover != shown else ""
+    return f"<td class='t'{title}>{tag}{_esc(shown)}</td>"
+
+
+def _conversation_turns(conversation: Any) -> int | None:
+    if not conversation:
+        return None
+    try:
+        turns = json.loads(conversation)
+    except (TypeError, ValueError):
+        return None
+    return len(turns) if isinstance(turns, list) else None
+
+
+def _examples_table(examples: list[dict[str, Any]], texts: dict[int, dict[str, Any]]) -> str:
+    """The examples in two groups (highest and lowest G-SNR), each row its scores and its instruction and response
+    cut to PREVIEW_CHARS (a conversation: its first question and last answer, with its number of turns)."""
+    if not examples:
+        return "<p>No eligible rows.</p>"
+    cols = "<col class='id'>" + "<col class='score'>" * len(EXAMPLE_SCORES) + "<col class='instruction'><col>"
+    head = "".join(
+        f"<th class='n'>{h}</th>" if h not in ("instruction", "response") else f"<th>{h}</th>"
+        for h in ("id", *(label for _, label in EXAMPLE_SCORES), "instruction", "response")
+    )
+    width = 3 + len(EXAMPLE_SCORES)
+    rows = []
+    for rank, title in (("top", "highest G-SNR"), ("bottom", "lowest G-SNR")):
+        group = [row for row in examples if row["rank"] == rank]
+        if not group:
+            continue
+        rows.append(f"<tr class='group'><th colspan='{width}'>{title}</th></tr>")
+        for row in group:
+            text = texts.get(row["id"], {})
+            instruction = str(text.get("instruction") or "")
+            if text.get("input"):
+                instruction += f" | input: {text['input']}"
+            turns = _conversation_turns(text.get("conversation"))
+            asked = f"<span class='tag'>{turns}-turn conversation, first question</span> " if turns else ""
+            answered = "<span class='tag'>last answer</span> " if turns else ""
+            rows.append(
+                f"<tr><td class='n'>{_esc(row['id'])}</td>"
+                + "".join(f"<td class='n'>{_score(row.get(column))}</td>" for column, _ in EXAMPLE_SCORES)
+                + _text_cell(instruction, asked)
+                + _text_cell(text.get("output", ""), answered)
+                + "</tr>"
+            )
+    return f"<table class='examples'><colgroup>{cols}</colgroup><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _score(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+# The stages that count rows, in the order they run, and what the rows each keeps are.
+KEPT_MEANS = {
+    "data": "rows in data/ (rejects.parquet holds the rejected ones)",
+    "tokens": "rows with a response token to train on",
+    "ensemble": "rows the ensemble trained on",
+    "gradients": "rows with response-token gradient norms",
+    "scoring": "rows eligible for G-SNR",
+    "selection": "k = ratio x rows in; the subsets' rows are in the Summary",
+}
+
+
+def _minus(whole: int | None, part: int | None) -> int | None:
+    return None if whole is None or part is None else whole - part
+
+
+def stage_counts(stage: str, record: dict) -> tuple[int | None, int | None, int | None, dict[str, int]]:
+    """(rows in, kept, rejected, rejected by reason) from a stage's record. The stages after ingest keep every row
+    in the corpus and set aside (here: reject) the rows without a response token, which no model trains on."""
+    unanswered = record.get("rows_no_response_tokens")
+    if stage == "data":
+        return (
+            record.get("rows_in"),
+            record.get("rows_kept"),
+            record.get("rows_rejected"),
+            record.get("rejects_by_reason") or {},
+        )
+    if stage == "tokens":
+        skipped = dict(record.get("skipped_by_reason") or {})
+        # a skipped row has no response token either; the others lost theirs to truncation or an empty answer
+        rest = (unanswered or 0) - sum(skipped.values())
+        rows = record.get("rows")
+        return rows, _minus(rows, unanswered), unanswered, skipped | {"no_response_tokens": rest}
+    if stage == "ensemble":
+        rows, kept = record.get("rows_in"), record.get("rows_trained")
+        return rows, kept, _minus(rows, kept), {"no_response_tokens": unanswered or 0}
+    if stage == "gradients":
+        rows = record.get("rows")
+        return rows, _minus(rows, unanswered), unanswered, {"no_response_tokens": unanswered or 0}
+    if stage == "scoring":
+        return (
+            record.get("rows"),
+            record.get("rows_eligible"),
+            record.get("rows_ineligible"),
+            record.get("ineligible_by_reason") or {},
+        )
+    if stage == "selection":
+        return record.get("rows_with_response"), None, None, {}
+    raise ValueError(f"the {stage} stage does not count rows")
+
+
+def stage_accounting(manifest: dict) -> list[dict[str, Any]]:
+    """One row per stage that counts rows (`KEPT_MEANS`; done records only, in the order they run): rows in, kept,
+    rejected, the rejections by reason (zero counts left out) and what its kept rows are. The selection stage's
+    subsets are not rows of this table: the Summary's subset grid has them."""
+    stages = manifest.get("stages") or {}
+    rows = []
+    for stage, kept_means in KEPT_MEANS.items():
+        record = stages.get(stage) or {}
+        if record.get("status") != "done":
+            continue
+        rows_in, kept, rejected, by_reason = stage_counts(stage, record)
+        reasons = {reason: n for reason, n in by_reason.items() if n}
+        rows.append(
+            {
+                "stage": stage,
+                "rows_in": rows_in,
+                "kept": kept,
+                "rejected": rejected,
+                "reasons": reasons,
+                "kept_means": kept_means,
+            }
+        )
     return rows
 
 
-def _accounting_table(s: dict[str, Any]) -> str:
-    rows = accounting_rows(s)
+def _accounting_table(manifest: dict) -> str:
+    rows = stage_accounting(manifest)
     if not rows:
         return "<p>No stage has recorded its row counts.</p>"
-    head = "<tr><th>stage</th><th>rows</th><th class='n'>count</th><th>note</th></tr>"
-    body = "".join(
-        f"<tr><td>{_esc(stage)}</td><td>{_esc(what)}</td><td class='n'>{_num(n)}</td><td>{_esc(note)}</td></tr>"
-        for stage, what, n, note in rows
+    numeric = ("rows in", "kept", "rejected")
+    head = [
+        f"<th class='n'>{h}</th>" if h in numeric else f"<th>{h}</th>"
+        for h in ("stage", *numeric, "reasons", "what is kept")
+    ]
+    body = [
+        f"<tr><td>{_esc(r['stage'])}</td><td class='n'>{_num(r['rows_in'])}</td><td class='n'>{_num(r['kept'])}</td>"
+        f"<td class='n'>{_num(r['rejected'])}</td><td>{_esc(_reasons(r['reasons']))}</td>"
+        f"<td>{_esc(r['kept_means'])}</td></tr>"
+        for r in rows
+    ]
+    note = "<p class='note'>Rows in = kept + rejected at every stage that counts rows, in the order they run.</p>"
+    return note + _table(head, body, "accounting")
+
+
+def stage_timings(manifest: dict) -> list[dict[str, Any]]:
+    """Every done stage's seconds and start (UTC, as recorded), in the order the stages started."""
+    rows = [
+        {
+            "stage": name,
+            "seconds": r.get("seconds"),
+            "started": r.get("started"),
+            "finished": r.get("finished"),
+            "parts": r.get("seconds_by_stage") or {},
+        }
+        for name, r in (manifest.get("stages") or {}).items()
+        if (r or {}).get("status") == "done"
+    ]
+    return sorted(rows, key=lambda r: (r["started"] or "", r["stage"]))
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _utc(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))  # Python 3.10 reads no "Z"
+
+
+def _wall_seconds(timings: list[dict[str, Any]]) -> float | None:
+    starts = [_utc(r["started"]) for r in timings if r["started"]]
+    ends = [_utc(r["finished"]) for r in timings if r["finished"]]
+    return (max(ends) - min(starts)).total_seconds() if starts and ends else None
+
+
+def _timings_table(manifest: dict) -> str:
+    timings = stage_timings(manifest)
+    if not timings:
+        return "<p>No stage has finished.</p>"
+    total = sum(r["seconds"] or 0 for r in timings)
+    head = ["<th>stage</th>", "<th>started (UTC)</th>", "<th class='n'>seconds</th>", "<th class='n'>share</th>"]
+    head.append("<th>of which</th>")
+    body = [
+        f"<tr><td>{_esc(r['stage'])}</td><td>{_esc((r['started'] or '-').replace('T', ' ').rstrip('Z'))}</td>"
+        f"<td class='n'>{_seconds(r['seconds'])}</td><td class='n'>{_share(r['seconds'], total)}</td>"
+        f"<td>{_esc(', '.join(f'{part} {_seconds(s)} s' for part, s in r['parts'].items()))}</td></tr>"
+        for r in timings
+    ]
+    wall = _wall_seconds(timings)
+    body.append(
+        f"<tr class='total'><td>all stages</td><td></td><td class='n'>{_seconds(total)}</td><td></td>"
+        f"<td>{'' if wall is None else f'{_seconds(wall)} s from the first start to the last finish'}</td></tr>"
     )
-    return f"<table class='accounting'>{head}{body}</table>"
+    return _table(head, body, "timings")
+
+
+def _provenance_table(manifest: dict) -> str:
+    """What made this run: the command, code commit, config hash, seed, input files, versions and stage keys."""
+    rows: list[tuple[str, str]] = []
+    if manifest.get("command"):
+        rows.append(("command", f"<code>{_esc(shlex.join(['gradfilter-ray', *manifest['command']]))}</code>"))
+    for key, label in (("git_sha", "git commit"), ("config_hash", "config hash"), ("seed", "seed")):
+        if manifest.get(key) is not None:
+            rows.append((label, f"<code>{_esc(manifest[key])}</code>"))
+    inputs = manifest.get("inputs") or []
+    if inputs:
+        rows.append(
+            (
+                "inputs",
+                "<br>".join(
+                    f"<code>{_esc(i.get('path'))}</code> <small>{_num(i.get('bytes'))} bytes, sha256 "
+                    f"{_esc(str(i.get('sha256') or '-')[:16])}…</small>"
+                    for i in inputs
+                ),
+            )
+        )
+    if manifest.get("versions"):
+        rows.append(("versions", _esc(", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))))
+    records = manifest.get("stages") or {}
+    ran = [r["stage"] for r in stage_timings(manifest)]
+    keys = {stage: records[stage]["key"] for stage in ran if records[stage].get("key")}
+    if keys:
+        rows.append(("stage keys", " ".join(f"{_esc(n)}&nbsp;<code>{_esc(k)}</code>" for n, k in keys.items())))
+    if not rows:
+        return "<p>The manifest records no provenance.</p>"
+    return "<table class='provenance'>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
 
 
 STABILITY_NOTE = (
     "Each ensemble-based selection is made again M times, each time with one ensemble member's gradient norms left "
-    "out: mean Jaccard is its overlap with the full selection, averaged over the M; the share is of the selected "
-    "rows that every leave-one-out selection keeps. Low overlap means the selection depends on single members: the "
-    "ensemble needs more members."
+    "out: mean Jaccard is its overlap with the full selection, averaged over the M; in every is the share of the "
+    "selected rows that every leave-one-out selection keeps. Low overlap means the selection depends on single "
+    "members: the ensemble needs more members."
 )
 
 
-def _stability_table(stability: dict[str, dict]) -> str:
-    """selection/stability.json (name -> record) as a table: mean Jaccard, share in every leave-one-out selection."""
+def _stability_table(stability: dict[str, dict], order: list[str]) -> str:
+    """selection/stability.json (name -> record) as a scorer x ratio grid (scorers in `order`): per ratio the mean
+    Jaccard and the share of the selection in every leave-one-out selection."""
+    grid: dict[str, dict[str, dict]] = {}
+    for name, record in stability.items():
+        scorer, label = grid_place(name)
+        grid.setdefault(scorer, {})[label] = record
+    labels = sorted({label for row in grid.values() for label in row} - {"all"}, key=float)
+    labels += ["all"] if any("all" in row for row in grid.values()) else []
     head = (
-        "<tr><th>selection</th><th class='n'>members</th><th class='n'>mean Jaccard</th>"
-        "<th class='n'>in every leave-one-out selection</th></tr>"
+        "<tr><th rowspan='2'>scorer</th><th rowspan='2' class='n'>members</th>"
+        + "".join(f"<th colspan='2'>ratio {_esc(label)}</th>" for label in labels)
+        + "</tr><tr>"
+        + "<th class='n'>mean Jaccard</th><th class='n'>in every</th>" * len(labels)
+        + "</tr>"
     )
     rows = []
-    for name, r in stability.items():
-        if r.get("mean_jaccard") is None:
-            cells = f"<td colspan='2'>{_esc(r.get('reason') or 'undefined')}</td>"
-        else:
-            share = r.get("share_in_all_loo")
-            in_all = "-" if share is None else f"{100 * share:.1f} % <small>({_num(r.get('rows_in_all_loo'))})</small>"
-            cells = f"<td class='n'>{r['mean_jaccard']:.3f}</td><td class='n'>{in_all}</td>"
-        rows.append(f"<tr><td>{_esc(name)}</td><td class='n'>{_num(r.get('members'))}</td>{cells}</tr>")
-    return f"<p>{STABILITY_NOTE}</p><table class='stability'>{head}{''.join(rows)}</table>"
+    for scorer, row in _in_order(grid, order):
+        members = next((r.get("members") for r in row.values() if r.get("members") is not None), None)
+        cells = []
+        for label in labels:
+            r = row.get(label)
+            if r is None:
+                cells.append("<td class='n'>-</td><td class='n'>-</td>")
+            elif r.get("mean_jaccard") is None:
+                cells.append(f"<td colspan='2'>{_esc(r.get('reason') or 'undefined')}</td>")
+            else:
+                share, rows_in_all = r.get("share_in_all_loo"), _num(r.get("rows_in_all_loo"))
+                in_all = "-" if share is None else f"{100 * share:.1f} % <small>({rows_in_all})</small>"
+                cells.append(f"<td class='n'>{r['mean_jaccard']:.3f}</td><td class='n'>{in_all}</td>")
+        rows.append(f"<tr><td>{_esc(scorer)}</td><td class='n'>{_num(members)}</td>{''.join(cells)}</tr>")
+    return f"<p class='note'>{STABILITY_NOTE}</p><table class='stability'>{head}{''.join(rows)}</table>"
 
 
 def _sentence(text: str | None) -> str:
@@ -318,7 +612,8 @@ def _audit_table(audit: dict) -> str:
         f"intervals are up to {widest:.0%} wide"
         + (": too few rows to tell scorers apart by less than that (raise audit.rows)." if widest > 0.15 else ".")
     )
-    head = "<tr><th>scorer</th>" + "".join(f"<th>{ratio:g}</th>" for ratio in ratios) + "<th>AUROC</th></tr>"
+    head = "<tr><th>scorer</th>" + "".join(f"<th class='n'>{ratio:g}</th>" for ratio in ratios)
+    head += "<th class='n'>AUROC</th></tr>"
     body = []
     for scorer in scorers:
         cells = []
@@ -353,23 +648,23 @@ def pick_examples(scores: pa.Table, n: int = SHOWN_EXAMPLES) -> list[dict[str, A
     return [{**row, "rank": "top" if i < len(top) else "bottom"} for i, row in enumerate(shown.to_pylist())]
 
 
-def _examples_table(examples: list[dict[str, Any]], texts: dict[int, dict[str, Any]]) -> str:
-    if not examples:
-        return "<p>No eligible rows.</p>"
-    head = "".join(
-        f"<th>{h}</th>"
-        for h in ("", "id", "G-SNR", "rel. drop", "noise", "G_early", "G_late", "instruction", "output")
+def scorer_order(agreement: dict[str, Any] | None, manifest: dict | None) -> list[str]:
+    """The order the page lists scorers in: the agreement table's (its reference first), else the run's config's."""
+    if agreement:
+        return [agreement["reference"], *agreement["jaccard"]]
+    return list((((manifest or {}).get("config") or {}).get("scoring") or {}).get("scorers") or [])
+
+
+def _section(section_id: str, title: str, *body: str) -> str:
+    return f"<section id='{section_id}'><h2>{_esc(title)}</h2>{''.join(body)}</section>"
+
+
+def _figure(name: str) -> str:
+    caption, wide = FIGURES.get(name, (name, True))
+    css = " class='wide'" if wide else ""
+    return (
+        f"<figure{css}><figcaption>{_esc(caption)}</figcaption><img src='{_esc(name)}' alt='{_esc(caption)}'></figure>"
     )
-    rows = []
-    for row in examples:
-        text = texts.get(row["id"], {})
-        rows.append(
-            f"<tr><td>{row['rank']}</td><td>{row['id']}</td>"
-            + "".join(f"<td class='n'>{row[c]:.4g}</td>" for c in ("gsnr", "drop_rel", "noise", "g_early", "g_late"))
-            + f"<td class='t'>{_esc(str(text.get('instruction', ''))[:160])}</td>"
-            + f"<td class='t'>{_esc(str(text.get('output', ''))[:160])}</td></tr>"
-        )
-    return f"<table class='examples'><tr>{head}</tr>{''.join(rows)}</table>"
 
 
 def render_page(
@@ -379,38 +674,44 @@ def render_page(
     texts: dict[int, dict[str, Any]],
     stability: dict[str, dict] | None = None,
     audit: dict | None = None,
+    manifest: dict | None = None,
+    agreement: dict[str, Any] | None = None,
 ) -> str:
-    """The report page: summary, row accounting and selection stability (`stability`: selection/stability.json, the
-    table left out when None or empty) first, then the figures (file names, relative to the page; see `FIGURES`),
-    then the top and bottom examples (`pick_examples`) with their texts (id -> {instruction, output})."""
-    parts = [
-        "<h1>gradfilter-ray selection report</h1>",
-        "<section id='summary'><h2>Summary</h2>",
-        _summary_table(summary),
-        "<h3>Row accounting</h3>",
-        _accounting_table(summary),
-    ]
-    if stability:
-        parts += ["<h3>Selection stability</h3>", _stability_table(stability)]
+    """The report page. It opens with what a reader decides on (section `summary`): where the run and its subsets
+    are, the audit's verdict, how many rows each subset keeps (scorer x ratio), how the scorers' subsets agree with
+    the reference scorer's (`agreement`: `scorer_agreement`), and the top and bottom examples by G-SNR
+    (`pick_examples`, with `texts`: id -> {instruction, input, output, conversation}). Then the planted-noise audit
+    (`audit`: audit/recovery.json, with its figure), selection stability (`stability`: selection/stability.json),
+    the plots (`figures`: file names relative to the page, see `FIGURES`), and from `manifest` the row accounting
+    (each stage once), the timings and the provenance. Without its input (None or empty) the audit or stability
+    section is left out; without a manifest, the last three."""
+    figures = list(figures)
+    order = scorer_order(agreement, manifest)
+    audit_figures = [name for name in figures if name == AUDIT_FIGURE] if audit else []
+    shown = {"audit"} if audit else set()
+    if manifest is not None:
+        shown.add("accounting")
+    opening = [_overview(summary, shown)]
+    if summary["selections"]:
+        opening.append(f"<div class='pair'><div><h3>Rows kept per subset</h3>{_subset_grid(summary, order)}</div>")
+        if agreement and agreement["jaccard"]:
+            opening.append(f"<div><h3>Agreement with {_esc(agreement['reference'])}</h3>")
+            opening.append(_agreement_table(agreement) + "</div>")
+        opening.append("</div>")
+    opening += ["<h3>Top and bottom examples by G-SNR</h3>", _examples_table(examples, texts)]
+    parts = ["<h1>gradfilter-ray selection report</h1>", _section("summary", "Summary", *opening)]
     if audit:
-        parts += ["<h3>Planted-noise audit</h3>", _audit_table(audit)]
-    parts += [
-        "</section>",
-        "<section id='plots'><h2>Plots</h2><div class='figures'>",
-    ]
-    for name in figures:
-        caption, wide = FIGURES.get(name, (name, True))
-        css = " class='wide'" if wide else ""
-        parts.append(
-            f"<figure{css}><figcaption>{_esc(caption)}</figcaption>"
-            f"<img src='{_esc(name)}' alt='{_esc(caption)}'></figure>"
-        )
-    parts += [
-        "</div></section>",
-        "<section id='examples'><h2>Top and bottom examples by G-SNR</h2>",
-        _examples_table(examples, texts),
-        "</section>",
-    ]
+        parts.append(_section("audit", "Planted-noise audit", _audit_table(audit), *map(_figure, audit_figures)))
+    if stability:
+        parts.append(_section("stability", "Selection stability", _stability_table(stability, order)))
+    plots = [_figure(name) for name in figures if name not in audit_figures]
+    parts.append(_section("plots", "Plots", f"<div class='figures'>{''.join(plots)}</div>"))
+    if manifest is not None:
+        parts += [
+            _section("accounting", "Row accounting", _accounting_table(manifest)),
+            _section("timings", "Timings", _timings_table(manifest)),
+            _section("provenance", "Provenance", _provenance_table(manifest)),
+        ]
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
@@ -428,6 +729,24 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
 
 def overlap_matrix(selected: dict[str, np.ndarray], scorers: list[str]) -> np.ndarray:
     return np.array([[jaccard(selected[a], selected[b]) for b in scorers] for a in scorers])
+
+
+def scorer_agreement(selected: dict[str, np.ndarray], scorers: list[str], ratios: list[float]) -> dict[str, Any]:
+    """How far each scorer's subset agrees with the reference scorer's (gsnr when the run has it, else its first
+    scorer) at each ratio: {"reference", "ratios" (ascending), "jaccard": scorer -> {ratio label: Jaccard overlap, or
+    None where either subset is missing}}. `selected`: selection name -> selected ids."""
+    reference = "gsnr" if "gsnr" in scorers else (scorers[0] if scorers else None)
+    ordered = sorted(ratios)
+    table: dict[str, dict[str, float | None]] = {}
+    for scorer in scorers:
+        if scorer == reference:
+            continue
+        row: dict[str, float | None] = {}
+        for ratio in ordered:
+            ours, theirs = selected.get(Selection(reference, ratio).name), selected.get(Selection(scorer, ratio).name)
+            row[f"{ratio:g}"] = None if ours is None or theirs is None else jaccard(ours, theirs)
+        table[scorer] = row
+    return {"reference": reference, "ratios": ordered, "jaccard": table}
 
 
 def _sample(table: pa.Table, seed: int = 0) -> pa.Table:
@@ -456,6 +775,10 @@ def render_plots(
     import matplotlib.pyplot as plt
 
     pngs: dict[str, bytes] = {}
+
+    def ink(value: float) -> str:  # viridis is light above ~0.6: dark text there
+        return "k" if value > 0.6 else "w"
+
     sample = _sample(scores.filter(pa.array(gsnr_eligible(scores))))
     largest = max(ratios)
     try:
@@ -502,7 +825,7 @@ def render_plots(
         ranked = list(scorers)
         ncols = min(3, len(ratios))
         nrows = -(-len(ratios) // ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, 3.8 * nrows), squeeze=False)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 4 * nrows), squeeze=False)
         for ax in axes.flat[len(ratios) :]:
             ax.set_axis_off()
         for ax, ratio in zip(axes.flat, ratios):
@@ -513,7 +836,8 @@ def render_plots(
             ax.set_yticks(range(len(ranked)), ranked, fontsize=7)
             for i in range(len(ranked)):
                 for j in range(len(ranked)):
-                    ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w")
+                    value = matrix[i, j]
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6.5, color=ink(value))
             ax.set_title(f"Jaccard overlap at ratio {ratio:g}", fontsize=9)
         fig.tight_layout()
         pngs["overlap.png"] = _png(fig)
@@ -577,8 +901,9 @@ def build_report(run: RunDir, scorers: list[str], ratios: list[float], manifest:
     for name, data in pngs.items():
         (out / name).write_bytes(data)
     examples = pick_examples(scores)
-    texts = pads.dataset(run.data.path, format="parquet", filesystem=run.data.filesystem).to_table(
-        columns=["id", "instruction", "output"],
+    data = pads.dataset(run.data.path, format="parquet", filesystem=run.data.filesystem)
+    texts = data.to_table(
+        columns=[c for c in ("id", "instruction", "input", "output", "conversation") if c in data.schema.names],
         filter=pc.is_in(pc.field("id"), value_set=pa.array([e["id"] for e in examples], pa.int64())),
     )
     summary = summarize_run(manifest, str(run.root))
@@ -590,7 +915,9 @@ def build_report(run: RunDir, scorers: list[str], ratios: list[float], manifest:
     if audit:
         pngs[AUDIT_FIGURE] = audit_plot(audit)
         (out / AUDIT_FIGURE).write_bytes(pngs[AUDIT_FIGURE])
-    page = render_page(summary, pngs, examples, {r["id"]: r for r in texts.to_pylist()}, stability, audit)
+    texts_by_id = {r["id"]: r for r in texts.to_pylist()}
+    agreement = scorer_agreement(selected, scorers, ratios)
+    page = render_page(summary, pngs, examples, texts_by_id, stability, audit, manifest, agreement)
     (out / "index.html").write_text(page)
     return {"figures": len(pngs), "selections": len(selected)}
 

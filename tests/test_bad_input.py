@@ -205,7 +205,8 @@ def test_hostile_corpus_is_fully_accounted_for_through_ingest_score_select_and_r
 
 
 def ingest_accounting(page: str) -> dict[str, int]:
-    """The ingest rows of the report's accounting table (class 'accounting'): what -> count."""
+    """The data stage's row of the report's accounting table (class 'accounting', one row per stage): rows in, kept,
+    rejected, and "rejected: <reason>" for each reason it lists."""
 
     class Rows(HTMLParser):
         def __init__(self) -> None:
@@ -236,4 +237,10 @@ def ingest_accounting(page: str) -> dict[str, int]:
     parser = Rows()
     parser.feed(page)
     assert parser.rows, "the report has no accounting table"
-    return {row[1]: int(row[2]) for row in parser.rows[1:] if row[0] == "data"}
+    head, *rows = parser.rows
+    data = dict(zip(head, next(row for row in rows if row[0] == "data")))
+    counts = {what: int(data[what]) for what in ("rows in", "kept", "rejected")}
+    for item in filter(None, data["reasons"].split(", ")):
+        reason, _, n = item.rpartition(" ")
+        counts[f"rejected: {reason}"] = int(n)
+    return counts
