@@ -11,19 +11,24 @@ import argparse
 import platform
 import subprocess
 import sys
+import traceback
 from importlib import metadata
 from pathlib import Path
 
 import yaml
 
-from gradfilter_ray import pipeline
+from gradfilter_ray import pipeline, preflight
 from gradfilter_ray.config import Config, ConfigError, config_hash, load, to_dict
+from gradfilter_ray.data.sources import SourceError
 from gradfilter_ray.driver_claim import DriverClaim, OutputDirInUse
-from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.rundir import RunDir, one_line, root_cause
 from gradfilter_ray.storage import StorageError
 
 PACKAGES = ("gradfilter-ray", "ray", "torch", "transformers", "peft", "pyarrow", "deepspeed", "accelerate", "numpy")
 
+# docs/errors.md: what each code means and the messages behind it. An expected error prints one line; an unexpected
+# one (EXIT_UNEXPECTED, Python's own code for an uncaught exception) prints its traceback.
+EXIT_UNEXPECTED = 1
 EXIT_CONFIG = 2
 EXIT_IN_USE = 3
 EXIT_ORDER = 4
@@ -113,57 +118,104 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, run nothing")
         p.add_argument("--force", action="store_true", help="re-run stages even when already done")
+        p.add_argument(
+            "--verbose",
+            "-v",
+            action="store_true",
+            help="show Ray's and the libraries' own logs too (sets ray.log_level=INFO; docs/console.md)",
+        )
+    reference = sub.add_parser("config-reference", help="print the configuration reference (Markdown) of every field")
+    reference.add_argument("--output", "-o", help="write it to this file instead of stdout (docs/configuration.md)")
     return parser
 
 
+def _config_reference(output: str | None) -> int:
+    from gradfilter_ray.config_reference import render
+
+    text = render()
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+    else:
+        print(text, end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `gradfilter-ray` program (argv None: its own process, whose stderr it may filter) or a caller's argv."""
+    own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.own_process = own_process
+    # Each line out as it is printed, in order with Ray's lines on stderr, also into a pipe or a file.
+    if hasattr(sys.stdout, "reconfigure"):  # a test's capture may stand in for it
+        sys.stdout.reconfigure(line_buffering=True)
+    if getattr(args, "verbose", False):  # before the user's own --set: an explicit ray.log_level=DEBUG wins
+        args.overrides = ["ray.log_level=INFO", *args.overrides]
+    if args.command == "config-reference":
+        return _config_reference(args.output)
     try:
-        cfg = load(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _main(args, argv)
+    except Exception as exc:  # noqa: BLE001 - every failure ends here: one line if expected, else its traceback
+        return _failed(exc)
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    cfg = load(args.config, args.overrides)
     stages = [n for n, s in pipeline.STAGES.items() if s.in_run(cfg)] if args.command == "run" else [args.command]
     if args.dry_run and args.command != "compare":
         _dry_run(cfg, stages)
         return 0
 
     run = RunDir(cfg.output_dir)
-    try:
-        run.ensure_exists()
-        with DriverClaim(run.root) as claim:
-            run.guard = claim.check
-            return _drive(cfg, run, args, stages, argv)
-    except StorageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except OutputDirInUse as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_IN_USE
+    if "data" in stages:
+        # Before the run directory is created or claimed: a refused input leaves nothing behind.
+        data_key = pipeline.stage_key("data", cfg)
+        for note in preflight.check_inputs(cfg, run, data_key, force=args.force):
+            print(f"note: {note}", file=sys.stderr)
+    run.ensure_exists()
+    with DriverClaim(run.root) as claim:
+        run.guard = claim.check
+        if args.command != "compare":
+            pipeline.check_ready(cfg, stages, run, force=args.force)  # before Ray starts, too
+        return _drive(cfg, run, args, stages, argv)
+
+
+def _failed(exc: Exception) -> int:
+    """The exit code for `exc`, after one line for an expected error (from a Ray task too) or the traceback."""
+    from gradfilter_ray.shared_dir import OutputDirNotShared
+
+    cause = root_cause(exc)
+    expected = [
+        (ConfigError, "config error", EXIT_CONFIG),
+        ((SourceError, StorageError, OutputDirNotShared), "error", EXIT_CONFIG),
+        (OutputDirInUse, "error", EXIT_IN_USE),
+        (pipeline.StageOrderError, "error", EXIT_ORDER),
+    ]
+    for kinds, label, code in expected:
+        if isinstance(cause, kinds):
+            print(f"{label}: {one_line(cause)}", file=sys.stderr)
+            return code
+    traceback.print_exception(exc)
+    return EXIT_UNEXPECTED
 
 
 def _drive(cfg: Config, run: RunDir, args: argparse.Namespace, stages: list[str], argv: list[str]) -> int:
     if args.command == "compare":
         return _compare(run)
 
+    from gradfilter_ray.console import filter_native_stderr, is_quiet
     from gradfilter_ray.report import summarize_run, summary_lines
     from gradfilter_ray.runtime import ray_session
-    from gradfilter_ray.shared_dir import OutputDirNotShared, check_output_dir_shared
+    from gradfilter_ray.shared_dir import check_output_dir_shared
 
     run.clean_scratch()
     _record_run(cfg, run, argv)
+    if args.own_process and is_quiet(cfg.ray.log_level):
+        filter_native_stderr()
     with ray_session(cfg.ray):
-        try:
-            check_output_dir_shared(run.root)
-            for name in stages:
-                pipeline.run_stage(name, cfg, run, force=args.force)
-        except pipeline.StageOrderError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_ORDER
-        except OutputDirNotShared as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
+        check_output_dir_shared(run.root)
+        for name in stages:
+            pipeline.run_stage(name, cfg, run, force=args.force)
     keys = {name: pipeline.stage_key(name, cfg) for name in pipeline.STAGES}
     print("\n".join(summary_lines(summarize_run(run.read_manifest(), str(run.root), keys))))
     return 0

@@ -1,6 +1,7 @@
 """Typed configuration: one frozen dataclass per YAML section.
 
-Every field carries a one-line docstring-style comment (``doc`` metadata) that `--dry-run` and the README show.
+Every field carries a one-line docstring-style comment (``doc`` metadata), which `gradfilter-ray config-reference`
+turns into docs/configuration.md.
 `load(path, overrides)` reads YAML, applies ``--set a.b=v`` overrides (values parsed as YAML) and builds the
 dataclasses recursively; an unknown key, a wrong type or a failed cross-field check raises `ConfigError` naming
 the dotted path, before any work starts.
@@ -427,8 +428,14 @@ class RayConfig:
     )
     num_cpus: int | None = doc("CPUs of the embedded local Ray (ignored when attaching to a cluster).", None)
     num_gpus: int | None = doc("GPUs of the embedded local Ray (ignored when attaching to a cluster).", None)
-    progress_bars: bool = doc("Show Ray Data progress bars.", True)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = doc("Ray's own log level (quiet by default).", "WARNING")
+    progress_bars: bool = doc(
+        "Show Ray Data's own progress bars (per operator, counting blocks) besides the run's progress lines.", False
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = doc(
+        "Ray's and the libraries' log level: at WARNING or ERROR a run prints only its own lines, INFO or DEBUG (or "
+        "`--verbose`) brings their logs back (docs/console.md).",
+        "WARNING",
+    )
 
 
 @dataclass(frozen=True)

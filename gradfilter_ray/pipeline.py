@@ -14,6 +14,7 @@ from typing import Any
 from gradfilter_ray.audit.plant import PLANT_VERSION
 from gradfilter_ray.audit.stage import sample_and_plant, write_recovery
 from gradfilter_ray.config import Config, section_hash, to_dict
+from gradfilter_ray.console import CONSOLE, prefixed, say
 from gradfilter_ray.data.stage import run as data
 from gradfilter_ray.data.tokens_stage import run as tokens
 from gradfilter_ray.ensemble.stage import run as ensemble
@@ -111,10 +112,11 @@ def audit(cfg: Config, run: RunDir, key: str) -> dict:
         inner.begin_stage("data", data_key, ("data",))
         counts = run_as_task(sample_and_plant, run.data, inner.data, cfg.audit, cfg.proxy)
         inner.finish_stage("data", timer.record(data_key, outputs=["data"], **counts))
-        print(f"[audit] planted {counts['planted']} of {counts['rows']} sampled rows {counts['planted_by_kind']}")
+        say(f"[audit] planted {counts['planted']} of {counts['rows']} sampled rows {counts['planted_by_kind']}")
     records = {"data": inner.stage_record("data")}
-    for name in AUDIT_STAGES:
-        records[name] = run_stage(name, cfg, inner, fixed={"data": data_key}, log=lambda m: print("[audit]", m))
+    with prefixed("[audit] "):
+        for name in AUDIT_STAGES:
+            records[name] = run_stage(name, cfg, inner, fixed={"data": data_key})
     scorers, ratios = list(cfg.scoring.scorers), list(cfg.selection.ratios)
     summary = run_as_task(write_recovery, inner.scores, inner.data, run.audit, scorers, ratios, cfg.audit)
     return {**summary, "seconds_by_stage": {name: r.get("seconds") for name, r in records.items()}}
@@ -196,7 +198,7 @@ def run_stage(
     cfg: Config,
     run: RunDir,
     force: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
     fixed: dict[str, str] | None = None,
 ) -> dict:
     """Run one stage unless it is already done with the same key; returns its manifest record."""
@@ -204,21 +206,43 @@ def run_stage(
     key = stage_key(name, cfg, fixed)
     for up in stage.reads:
         if not run.stage_done(up, stage_key(up, cfg, fixed)):
-            raise StageOrderError(
-                f"stage '{name}' needs the output of '{up}' for this config in {run.location}: run "
-                f"`gradfilter-ray {up}` (or `gradfilter-ray run`) first"
-            )
+            raise order_error(name, up, run)
     if not force and run.stage_done(name, key):
         log(f"[{name}] already done (key {key}), skipping")
         return run.stage_record(name) or {}
     log(f"[{name}] running ({stage.resources(cfg)})")
     timer = StageTimer()
     run.begin_stage(name, key, stage.writes, keep_outputs=stage.resumes and not force)
-    counts = stage.run(cfg, run, key)
+    try:
+        counts = stage.run(cfg, run, key)
+    except BaseException as exc:
+        CONSOLE.keep_line()
+        run.fail_stage(name, key, exc)
+        raise
     record = timer.record(key, outputs=list(stage.writes), **counts)
     run.finish_stage(name, record)
     log(f"[{name}] done in {record['seconds']:.1f}s: " + ", ".join(f"{k}={v}" for k, v in counts.items() if _short(v)))
     return record
+
+
+def order_error(name: str, up: str, run: RunDir) -> StageOrderError:
+    return StageOrderError(
+        f"stage '{name}' needs the output of '{up}' for this config in {run.location}: run "
+        f"`gradfilter-ray {up}` (or `gradfilter-ray run`) first"
+    )
+
+
+def check_ready(cfg: Config, names: list[str], run: RunDir, force: bool = False) -> None:
+    """Before Ray starts, what `run_stage` would stop these stages on, in order: an upstream output not done for
+    this config that no earlier stage of `names` makes (`StageOrderError`), and an output path holding something
+    this tool did not write (`rundir.ForeignOutput`)."""
+    for position, name in enumerate(names):
+        stage = STAGES[name]
+        for up in stage.reads:
+            if up not in names[:position] and not run.stage_done(up, stage_key(up, cfg)):
+                raise order_error(name, up, run)
+        if force or not run.stage_done(name, stage_key(name, cfg)):
+            run.check_outputs_ours(name, stage.writes)
 
 
 def plan(cfg: Config, names: list[str]) -> list[str]:
@@ -233,4 +257,8 @@ def plan(cfg: Config, names: list[str]) -> list[str]:
 
 
 def _short(value: Any) -> bool:
-    return isinstance(value, int | float | str) or (isinstance(value, dict) and len(value) <= 12)
+    """Whether a count belongs on the stage's closing line: a number or a word, or a small flat table that says
+    something (an empty one, or one of tables such as per-member figures, is left to the manifest)."""
+    if isinstance(value, dict):
+        return 0 < len(value) <= 12 and not any(isinstance(v, dict) for v in value.values())
+    return isinstance(value, int | float | str)

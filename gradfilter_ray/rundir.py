@@ -2,27 +2,70 @@
 
 Every stage reads and writes its outputs in place through `Location`s, the same code for a local folder, a shared
 mount and an object store. The commit protocol needs no rename, so it holds on object stores too:
-1. `begin_stage` replaces the stage's manifest record with "running" (so the stage is not done from here on) and
-   removes its old outputs (a stage that resumes finished units keeps them: each unit carries its own marker);
+1. `begin_stage` replaces the stage's manifest record with "running" and the outputs it writes (so the stage is not
+   done from here on) and removes its old outputs (a stage that resumes finished units keeps them: each unit carries
+   its own marker);
 2. the stage's Ray workers (bulk data) and the driver (small tables) write the outputs to their final places;
 3. `finish_stage` writes the record "done" with the stage's key, last, in one whole-object write.
-A crash anywhere before 3 leaves a stage that is not done and runs again; nothing else says a stage is done.
+A crash anywhere before 3 leaves a stage that is not done and runs again; nothing else says a stage is done. A stage
+that raises is recorded "failed" with the reason (`fail_stage`).
+
+A stage only ever removes what this tool wrote there: an output path that exists while the manifest has no record of
+the stage (a user's own `data/` folder in an `output_dir: .`) stops the stage before anything is touched.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from gradfilter_ray.storage import Location, open_location
+from gradfilter_ray.storage import Location, StorageError, open_location
 
 MANIFEST = "manifest.json"
 SCRATCH = ".scratch"  # per-stage intermediate files, removed when the stage ends (and by the next driver)
+
+
+class ForeignOutput(StorageError):
+    """An output path holds something this tool did not write: it is refused, never removed."""
+
+
+def read_stored_manifest(root: Location) -> dict[str, Any]:
+    """The manifest as stored under `root` ({} when there is none yet)."""
+    where = root / MANIFEST
+    try:
+        manifest = json.loads(where.read_text())
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StorageError(f"{where} is not a run manifest ({exc}): choose another output_dir") from None
+    if not isinstance(manifest, dict):
+        raise StorageError(f"{where} is not a run manifest (it holds a {type(manifest).__name__})")
+    return manifest
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception a Ray task raised, out of the wrappers Ray puts around it on its way to the driver."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    ray_data_exceptions = sys.modules.get("ray.data.exceptions")
+    while True:
+        if ray_exceptions and isinstance(exc, ray_exceptions.RayTaskError) and exc.cause is not None:
+            exc = exc.cause
+        elif ray_data_exceptions and isinstance(exc, ray_data_exceptions.UserCodeException) and exc.__cause__:
+            exc = exc.__cause__
+        else:
+            return exc
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line (some libraries' messages run over several)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
 
 
 class RunDir:
@@ -129,10 +172,7 @@ class RunDir:
     # written through on every change and never read back from the store.
     def read_manifest(self) -> dict[str, Any]:
         if self._manifest is None:
-            try:
-                self._manifest = json.loads(self.at(MANIFEST).read_text())
-            except FileNotFoundError:
-                self._manifest = {}
+            self._manifest = read_stored_manifest(self.root)
         return copy.deepcopy(self._manifest)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
@@ -160,13 +200,43 @@ class RunDir:
 
     # ----- the commit protocol -----
     def begin_stage(self, stage: str, key: str, outputs: tuple[str, ...], keep_outputs: bool = False) -> None:
-        self.record_stage(stage, {"status": "running", "key": key})
+        self.check_outputs_ours(stage, outputs)
+        self.record_stage(stage, {"status": "running", "key": key, "outputs": list(outputs)})
         if not keep_outputs:
             for rel in outputs:
                 self.at(rel).delete()
 
+    def check_outputs_ours(self, stage: str, outputs: tuple[str, ...]) -> None:
+        """Raise `ForeignOutput` when one of the stage's output paths exists but the manifest has no record of this
+        tool writing it (no record of the stage, none listing the path): it is someone else's, not to be replaced."""
+        records = self.read_manifest().get("stages", {})
+        ours = {rel for record in records.values() for rel in (record or {}).get("outputs") or []}
+        for rel in outputs:
+            if stage not in records and rel not in ours and self.at(rel).exists():
+                raise ForeignOutput(
+                    f"output_dir {self.location} already holds {rel!r}, which this tool did not write (its manifest "
+                    f"has no record of it): move it away or choose another output_dir; it is left as it is"
+                )
+
     def finish_stage(self, stage: str, record: dict[str, Any]) -> None:
         self.record_stage(stage, record)
+
+    def fail_stage(self, stage: str, key: str, exc: BaseException) -> None:
+        """Record that the stage stopped on `exc` (with the reason, and the outputs it may have begun writing)."""
+        running = self.stage_record(stage) or {}
+        cause = root_cause(exc)
+        if not isinstance(exc, Exception):
+            reason = f"interrupted ({type(exc).__name__})"
+        elif type(cause).__module__.startswith("gradfilter_ray."):
+            reason = one_line(cause)  # this tool's own errors say what they are
+        else:
+            reason = f"{type(cause).__name__}: {one_line(cause)}"
+        record = {"status": "failed", "key": key, "reason": reason, "outputs": running.get("outputs", [])}
+        record["failed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        try:
+            self.record_stage(stage, record)
+        except Exception:  # noqa: BLE001 - a store or claim that refuses the record must not hide the failure itself
+            pass
 
     @contextmanager
     def scratch(self, stage: str) -> Iterator[Location]:

@@ -16,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gradfilter_ray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not args or args[0].startswith("-"):
-        args = ["run", *args]
-    sys.exit(main(args))
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        sys.argv.insert(1, "run")
+    sys.exit(main())

@@ -64,7 +64,8 @@ def test_a_crashing_stage_is_not_done_and_its_rerun_replaces_every_old_output(tm
     cfg = demo_cfg(tmp_path)
     with pytest.raises(RuntimeError, match="killed"):
         pipeline.run_stage("data", cfg, run, log=lambda _: None)
-    assert run.stage_record("data")["status"] == "running"  # the older done record went first
+    failed = run.stage_record("data")  # the older done record went first
+    assert (failed["status"], failed["reason"]) == ("failed", "RuntimeError: killed mid-stage")
     assert not run.stage_done("data", pipeline.stage_key("data", cfg))
     assert run.data.files() == ["new.txt"]  # the old output was removed before the stage began
 

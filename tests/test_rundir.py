@@ -12,8 +12,9 @@ import pytest
 
 from gradfilter_ray import pipeline
 from gradfilter_ray.config import ConfigError, load
+from gradfilter_ray.data.sources import SourceError
 from gradfilter_ray.driver_claim import CLAIM_FILE, DriverClaim, OutputDirInUse
-from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.rundir import MANIFEST, ForeignOutput, RunDir
 from gradfilter_ray.storage import StorageError, check_uri, is_remote, local_path
 
 
@@ -62,6 +63,30 @@ def test_outputs_replace_old_ones_and_only_the_record_written_last_says_done(out
     (run.at("kept") / "unit").write_text("done")
     run.begin_stage("y", "k", ("kept",), keep_outputs=True)
     assert run.at("kept").files() == ["unit"]
+
+
+def test_a_stage_replaces_only_what_the_manifest_records_this_tool_writing(output_dir):
+    run = RunDir(output_dir)
+    run.ensure_exists()
+    writes = ("data", "rejects.parquet")
+    (run.at("data") / "mine.csv").write_text("the user's own")
+    with pytest.raises(ForeignOutput, match="already holds 'data', which this tool did not write"):
+        run.begin_stage("data", "k", writes)
+    assert run.at("data").files() == ["mine.csv"] and not run.at(MANIFEST).exists()  # nothing touched
+
+    run.at("data").delete()
+    run.begin_stage("data", "k", writes)
+    (run.at("data") / "part-0.parquet").write_text("partial")
+    run.fail_stage("data", "k", SourceError("cannot read in.jsonl.gz: Truncated compressed stream"))
+    failed = RunDir(output_dir).stage_record("data")
+    assert failed["status"] == "failed" and failed["outputs"] == list(writes)
+    assert failed["reason"] == "cannot read in.jsonl.gz: Truncated compressed stream"
+    run.begin_stage("data", "k", writes)  # a failed stage's outputs are its own: replaced
+    assert not run.at("data").exists()
+
+    run.at(MANIFEST).write_text("# my notes")
+    with pytest.raises(StorageError, match="manifest.json is not a run manifest"):
+        RunDir(output_dir).read_manifest()
 
 
 def test_whole_object_writes_leave_no_temporary_files_and_folders_round_trip(output_dir, tmp_path):
@@ -125,7 +150,8 @@ def test_a_stage_refuses_to_read_a_stage_that_is_not_done_for_this_config(tmp_pa
 HOLDER = """
 import sys, time
 from gradfilter_ray.driver_claim import DriverClaim
-from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.data.sources import SourceError
+from gradfilter_ray.rundir import MANIFEST, ForeignOutput, RunDir
 claim = DriverClaim(RunDir(sys.argv[1]).root, heartbeat_s=0.2, settle_s=0.05).acquire()
 print("held", flush=True)
 time.sleep(120)
@@ -170,7 +196,8 @@ def test_the_cli_stops_a_second_driver_with_exit_3_naming_the_first(tmp_path):
     try:
         assert first.stdout.readline().strip() == "held"
         second = subprocess.run(
-            [sys.executable, "-m", "gradfilter_ray", "data", "--set", f"output_dir={out}"],
+            [sys.executable, "-m", "gradfilter_ray", "data", "--set", f"output_dir={out}"]
+            + ["--set", "data.path=bundled:alpaca_sample_1k.json"],  # an input the look before the claim accepts
             capture_output=True,
             text=True,
             timeout=120,

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pyarrow as pa
 
 from gradfilter_ray.config import DataConfig
 from gradfilter_ray.data.finalize import split_kept_rejected
 from gradfilter_ray.data.formats import normalize_batch
-from gradfilter_ray.data.sources import SourceFile, list_sources, read_raw, resolve_filesystem
+from gradfilter_ray.data.sources import SourceError, SourceFile, list_sources, read_raw, resolve_filesystem
+from gradfilter_ray.rundir import root_cause
 from gradfilter_ray.runtime import IO_REMOTE_ARGS, run_as_task
 from gradfilter_ray.storage import Location
 
@@ -37,13 +42,17 @@ def read_source_files(batch: pa.Table, filesystem_uri: str, limit: int | None):
 
 
 def checksum(source: SourceFile, filesystem_uri: str) -> dict:
+    """The file's SHA-256 and size as stored (a compressed file's own bytes, as `sha256sum` shows them)."""
     fs, _, _ = resolve_filesystem(filesystem_uri)
     digest = hashlib.sha256()
     size = 0
-    with fs.open_input_stream(source.path) as stream:
-        while chunk := stream.read(1 << 22):
-            digest.update(chunk)
-            size += len(chunk)
+    try:
+        with fs.open_input_stream(source.path, compression=None) as stream:
+            while chunk := stream.read(1 << 22):
+                digest.update(chunk)
+                size += len(chunk)
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"cannot read {source.uri}: {exc}") from None
     return {"path": source.uri, "sha256": digest.hexdigest(), "bytes": size}
 
 
@@ -72,10 +81,35 @@ def write_normalized(cfg: DataConfig, normalized: Location) -> tuple[int, list[d
         batch_format="pyarrow",
     )
     ds = ds.map_batches(normalize_batch, fn_kwargs={"max_chars": cfg.max_field_chars}, batch_format="pyarrow")
-    ds.write_parquet(
-        normalized.path,
-        filesystem=normalized.filesystem,
-        min_rows_per_file=NORMALIZED_ROWS_PER_FILE,
-        ray_remote_args=IO_REMOTE_ARGS,  # not the map's: different resources keep the write out of the read task
-    )
+    with input_errors_left_to_the_caller():
+        ds.write_parquet(
+            normalized.path,
+            filesystem=normalized.filesystem,
+            min_rows_per_file=NORMALIZED_ROWS_PER_FILE,
+            ray_remote_args=IO_REMOTE_ARGS,  # not the map's: different resources keep the write out of the read task
+        )
     return len(files), inputs
+
+
+# The loggers through which Ray Data reports a failed task (with its traceback) before raising the failure.
+RAY_DATA_FAILURE_LOGGERS = ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state")
+
+
+@contextmanager
+def input_errors_left_to_the_caller() -> Iterator[None]:
+    """Drop Ray Data's own reports of a read that raised `SourceError` (its traceback, twice, as an error in Ray's own
+    code): the caller reports it, in one line. Every other failure keeps Ray Data's report."""
+    loggers = [logging.getLogger(name) for name in RAY_DATA_FAILURE_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(_not_an_input_error)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_not_an_input_error)
+
+
+def _not_an_input_error(record: logging.LogRecord) -> bool:
+    # Some of these records carry no exception of their own: they are logged while handling it.
+    failure = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+    return failure is None or not isinstance(root_cause(failure), SourceError)

@@ -9,7 +9,8 @@ storage under ``output_dir/.ray_train``) and first writes the epochs it restored
 from it (``FailureConfig``). The workers call `faults.fault_point` at "ensemble.start" (after any restore) and
 "ensemble.epoch_end" (after reporting an epoch's checkpoint); it does nothing unless a test configures a handler.
 
-Each member prints its progress (rows done of this run's total, rate, ETA) at most every `PROGRESS_EVERY_S` seconds.
+Each member reports its rows done to a `progress.ProgressBoard`, and the driver shows one progress line for the
+whole ensemble (rows done of this run's total over all members, rate, ETA).
 Members never communicate: their process group is gloo even on GPUs, so members sharing a GPU cannot meet in an NCCL
 collective.
 """
@@ -31,14 +32,14 @@ from gradfilter_ray.config import Config, EnsembleConfig, ProxyConfig, build
 from gradfilter_ray.driver_claim import pid_alive
 from gradfilter_ray.ensemble.batching import PaddingStats
 from gradfilter_ray.faults import fault_point
+from gradfilter_ray.progress import board_progress
 from gradfilter_ray.rundir import RunDir
-from gradfilter_ray.runtime import IO_REMOTE_ARGS, sigint_restored
+from gradfilter_ray.runtime import IO_REMOTE_ARGS, sigint_restored, train_logging
 from gradfilter_ray.storage import Location
 
 TRAIN_STATE = "train_state.pt"
 LOSS_CSV = "train_loss.csv"
 PADDING_JSON = "padding.json"
-PROGRESS_EVERY_S = 30.0  # one line per member at most this often keeps a 5-member log readable
 WORK_ROOT = "gfr-member-work"
 # Ray Train V2 writes this file into its run folder (the "ensemble.epoch_end" fault point's `train_dir`) when the
 # controller registers a checkpoint: a fault handler polls it to know the epoch is safely recorded.
@@ -98,7 +99,7 @@ def train_member_worker(config: dict) -> None:
     from gradfilter_ray.ensemble.loop import train_member
     from gradfilter_ray.lora import attach_lora, save_adapter
     from gradfilter_ray.models import load_causal_lm, load_tokenizer
-    from gradfilter_ray.progress import RowProgress
+    from gradfilter_ray.progress import BoardReporter
 
     ens: EnsembleConfig = build(EnsembleConfig, config["ensemble"], "ensemble")
     proxy: ProxyConfig = build(ProxyConfig, config["proxy"], "proxy")
@@ -148,11 +149,10 @@ def train_member_worker(config: dict) -> None:
         fault_point("ensemble.epoch_end", rank=rank, epoch=epoch, pid=os.getpid(), train_dir=str(config["train_dir"]))
 
     if start_epoch <= ens.epochs:
-        progress = RowProgress(
-            f"ensemble member {rank}",
+        progress = BoardReporter(
+            config.get("progress_board"),
+            rank,
             total=len(rows) * ens.epochs,
-            every_s=PROGRESS_EVERY_S,
-            emit=lambda line: print(line, flush=True),
             already_done=len(rows) * (start_epoch - 1),
         )
         train_member(
@@ -262,8 +262,9 @@ def torch_config():
     return TorchConfig(backend="gloo")
 
 
-def build_trainer(cfg: Config, run: RunDir, key: str, ds, stop_after_epoch: int | None = None):
-    """The TorchTrainer for this config; the same name and storage always, so fit() resumes where it stopped."""
+def build_trainer(cfg: Config, run: RunDir, key: str, ds, stop_after_epoch: int | None = None, progress_board=None):
+    """The TorchTrainer for this config; the same name and storage always, so fit() resumes where it stopped.
+    `progress_board`: a `progress.ProgressBoard` actor the members report their rows done to."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -278,6 +279,7 @@ def build_trainer(cfg: Config, run: RunDir, key: str, ds, stop_after_epoch: int 
             "stop_after_epoch": stop_after_epoch,
             "ensemble_out": run.ensemble,
             "train_dir": storage / trainer_name(key),  # this trainer's Ray Train run folder
+            "progress_board": progress_board,
         },
         scaling_config=scaling_config(cfg),
         torch_config=torch_config(),
@@ -287,6 +289,7 @@ def build_trainer(cfg: Config, run: RunDir, key: str, ds, stop_after_epoch: int 
             storage_filesystem=storage.filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=ens.max_failures),
+            logging_config=train_logging(cfg.ray),
         ),
         datasets={"train": ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
@@ -307,8 +310,8 @@ def run(cfg: Config, run: RunDir, key: str) -> dict:
         raise RuntimeError("no row has a response token left after tokenisation: raise proxy.max_length")
 
     dropped = run.drop_other_trainers(run.ensemble_train_state, trainer_name(key))
-    with sigint_restored():
-        result = build_trainer(cfg, run, key, ds).fit()
+    with sigint_restored(), board_progress(f"[ensemble] {ens.members} members trained") as board:
+        result = build_trainer(cfg, run, key, ds, progress_board=board).fit()
     if result.error is not None:
         raise result.error
     summary = _summary(run.ensemble, ens, counts, adapter_facts(cfg))

@@ -93,7 +93,8 @@ def _plots(eval_dir: Path, finetune_dir: Path | Location, rows: list[dict]) -> N
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("training loss")
     ax.set_title("Training loss per subset")
-    ax.legend(fontsize=7)
+    if rows:  # with no run there is nothing to label, and matplotlib warns about an empty legend
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(eval_dir / "train_loss.png", dpi=90)
 

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from gradfilter_ray.config import Config, EvaluationConfig
+from gradfilter_ray.console import say
 from gradfilter_ray.evaluation.hf_engine import (
     GENERATE,
     HELDOUT,
@@ -94,7 +95,7 @@ def run_waves(waves: list[dict[str, int]], build) -> dict[str, pa.Table]:
 
 
 def evaluate_runs(
-    cfg: Config, models: dict[str, Location], rows: list[dict], log=print, evaluator: type = ModelEvaluator
+    cfg: Config, models: dict[str, Location], rows: list[dict], log=say, evaluator: type = ModelEvaluator
 ) -> dict[str, pa.Table]:
     """Every run's rows with their answers and held-out losses (one table per run, rows in sorted order)."""
     import ray
@@ -115,7 +116,8 @@ def evaluate_runs(
 
     def waves(part: pa.Table, phase: str) -> list[dict[str, int]]:
         planned = plan_waves({run: n_batches(part.num_rows, ev.batch_size) for run in models}, actors)
-        log(f"[evaluation] {phase}: actors per run, by wave: " + " then ".join(json.dumps(w) for w in planned))
+        if planned:
+            log(f"[evaluation] {phase}: actors per run, by wave: " + " then ".join(json.dumps(w) for w in planned))
         return planned
 
     if engine == "hf":
@@ -209,7 +211,7 @@ def _read_generations(path: Path) -> dict[tuple[str, str], dict]:
         return {(r["test_set"], r["id"]): r for r in map(json.loads, fh)}
 
 
-def judge_runs(cfg: Config, cache: Path, eval_dir: Path, runs: dict[str, dict], log=print) -> dict:
+def judge_runs(cfg: Config, cache: Path, eval_dir: Path, runs: dict[str, dict], log=say) -> dict:
     """Judge every run against the reference scorer's run at the same ratio, both answer orders per prompt."""
     from gradfilter_ray.evaluation import pws
     from gradfilter_ray.evaluation.judge import JudgeClient, judge_pair
@@ -257,7 +259,7 @@ def judge_runs(cfg: Config, cache: Path, eval_dir: Path, runs: dict[str, dict], 
     return {"status": "ran", "model": j.model, "runs": results}
 
 
-def run(cfg: Config, run: RunDir, key: str, log=print) -> dict:
+def run(cfg: Config, run: RunDir, key: str, log=say) -> dict:
     from gradfilter_ray.evaluation.compare import write_comparison
 
     summary = json.loads((run.finetune / "summary.json").read_text())

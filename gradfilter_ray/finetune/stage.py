@@ -20,11 +20,12 @@ import json
 from dataclasses import asdict
 
 from gradfilter_ray.config import Config
+from gradfilter_ray.console import say
 from gradfilter_ray.finetune.placement import subset_demand, subsets_side_by_side
 from gradfilter_ray.finetune.worker import SUMMARY, finetune_worker, run_finished
 from gradfilter_ray.parquet_stream import parquet_files, row_counts
 from gradfilter_ray.rundir import RunDir
-from gradfilter_ray.runtime import at_most_in_flight, sigint_restored
+from gradfilter_ray.runtime import at_most_in_flight, sigint_restored, train_logging
 from gradfilter_ray.scoring.scorers import FULL, Selection
 from gradfilter_ray.storage import Location
 
@@ -100,6 +101,7 @@ def build_trainer(
             storage_filesystem=storage.filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            logging_config=train_logging(cfg.ray),
         ),
     )
 
@@ -119,7 +121,7 @@ def fit_subset(cfg: Config, run: RunDir, key: str, selection: Selection, train_f
     return selection.name
 
 
-def side_by_side_width(cfg: Config, log=print) -> int:
+def side_by_side_width(cfg: Config, log=say) -> int:
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -133,7 +135,7 @@ def side_by_side_width(cfg: Config, log=print) -> int:
     return max(1, width)
 
 
-def fit_side_by_side(cfg: Config, run: RunDir, key: str, todo: list[Selection], log=print, train_fn=finetune_worker):
+def fit_side_by_side(cfg: Config, run: RunDir, key: str, todo: list[Selection], log=say, train_fn=finetune_worker):
     """Up to `side_by_side_width` subsets in flight at once, each trainer launched from its own zero-CPU task (a
     task holds no resources its trainer needs); after a failure the subsets in flight finish, no new one starts, and
     the failure stops the stage."""
@@ -154,7 +156,7 @@ def fit_side_by_side(cfg: Config, run: RunDir, key: str, todo: list[Selection], 
     )
 
 
-def run(cfg: Config, run: RunDir, key: str, log=print) -> dict:
+def run(cfg: Config, run: RunDir, key: str, log=say) -> dict:
     skipped, todo, names = {}, [], []
     for selection in selections(cfg):
         rows = training_rows(run, selection)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from gradfilter_ray.config import Config, GradientsConfig, ProxyConfig, build
+from gradfilter_ray.console import say
 from gradfilter_ray.faults import fault_point
 from gradfilter_ray.gradients.shards import MARKERS, Shard, keep_and_clear, plan_shards
 from gradfilter_ray.parquet_stream import parquet_files, read_rows, row_counts, write_whole
@@ -201,7 +202,7 @@ def extraction_dataset(cfg: Config, todo: list[Shard], extractor: type, **constr
     )
 
 
-def run(cfg: Config, run: RunDir, key: str, log=print) -> dict:
+def run(cfg: Config, run: RunDir, key: str, log=say) -> dict:
     ens, grads = cfg.ensemble, cfg.gradients
     adapters = adapter_locations(run.ensemble, ens.members, ens.early_epoch, ens.late_epoch)
     tokens, out = run.tokens, run.gradients
@@ -213,7 +214,12 @@ def run(cfg: Config, run: RunDir, key: str, log=print) -> dict:
     for rel in stale:
         (out / rel).delete()
     total_rows = sum(s.rows for s in shards)
-    progress = RowProgress("[gradients] extracted", total_rows, already_done=sum(s.rows for s in done), emit=log)
+    progress = RowProgress(
+        "[gradients] extracted",
+        total_rows,
+        already_done=sum(s.rows for s in done),
+        emit=None if log is say else log,  # the console redraws it in place on a terminal
+    )
     if done:
         log(f"[gradients] {len(done)}/{len(shards)} shards already committed, computing {len(todo)}")
     computed: list[dict] = []
