@@ -11,7 +11,7 @@ QUALITY_ARGS ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast quality lint format bench gpu-check gpu-check-smoke gpu-carry clean-runs
+.PHONY: setup run test test-fast quality lint format docs bench gpu-check gpu-check-smoke gpu-carry clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format gradfilter_ray tests benchmarks jobs
 	$(BIN)/ruff check --fix gradfilter_ray tests benchmarks jobs
+
+# docs/configuration.md is generated from the config dataclasses' doc() text (a test checks it is up to date).
+docs: $(STAMP)
+	$(BIN)/gradfilter-ray config-reference --output docs/configuration.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
