@@ -32,6 +32,7 @@ EXIT_UNEXPECTED = 1
 EXIT_CONFIG = 2
 EXIT_IN_USE = 3
 EXIT_ORDER = 4
+EXIT_INTERRUPTED = 130  # what a shell reports for a program ended by Ctrl-C
 
 
 def _versions() -> dict[str, str | None]:
@@ -155,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         return _config_reference(args.output)
     try:
         return _main(args, argv)
+    except (KeyboardInterrupt, SystemExit):  # Ray Train's own Ctrl-C handler, inside fit(), ends in sys.exit
+        print("interrupted: the same command resumes the run where it stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - every failure ends here: one line if expected, else its traceback
         return _failed(exc)
 

@@ -10,6 +10,7 @@ This module imports nothing but the standard library: every worker process impor
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import logging
 import os
@@ -190,8 +191,21 @@ def filter_native_stderr() -> subprocess.Popen | None:
         )
         os.dup2(write_end, 2)
     except OSError:
-        return None
-    finally:
         for fd in (read_end, write_end, original):
             os.close(fd)
+        return None
+    for fd in (read_end, write_end):
+        os.close(fd)
+    atexit.register(_drain_filter, proc, original)
     return proc
+
+
+def _drain_filter(proc: subprocess.Popen, original: int) -> None:
+    """At exit, give fd 2 back to where it pointed and wait for the filter to pass on the last lines, so that the
+    shell's next prompt (or the next line a script appends to the same log) comes after them."""
+    try:
+        sys.stderr.flush()
+        os.dup2(original, 2)
+        proc.wait(timeout=5)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        pass

@@ -109,8 +109,13 @@ def audit(cfg: Config, run: RunDir, key: str) -> dict:
     data_key = audit_data_key(cfg)
     if not inner.stage_done("data", data_key):
         timer = StageTimer()
-        inner.begin_stage("data", data_key, ("data",))
-        counts = run_as_task(sample_and_plant, run.data, inner.data, cfg.audit, cfg.proxy)
+        inner.check_outputs_ours("data", ("data",))
+        try:
+            inner.begin_stage("data", data_key, ("data",))
+            counts = run_as_task(sample_and_plant, run.data, inner.data, cfg.audit, cfg.proxy)
+        except BaseException as exc:
+            inner.fail_stage("data", data_key, exc)
+            raise
         inner.finish_stage("data", timer.record(data_key, outputs=["data"], **counts))
         say(f"[audit] planted {counts['planted']} of {counts['rows']} sampled rows {counts['planted_by_kind']}")
     records = {"data": inner.stage_record("data")}
@@ -165,6 +170,36 @@ STAGES: dict[str, Stage] = {
 }
 
 
+# The figures a stage's closing console line shows, in this order (its manifest record keeps every count).
+CLOSING_FIGURES = {
+    "data": ("rows_in", "rows_kept", "rows_rejected", "files"),
+    "tokens": ("rows", "tokens", "rows_no_response_tokens", "rows_with_tools"),
+    "ensemble": ("members", "epochs", "rows_trained", "batching", "padding_efficiency"),
+    "gradients": ("rows", "shards_computed", "shards_resumed", "examples_per_s", "oom_splits"),
+    "scoring": ("rows_eligible", "ineligible_by_reason"),
+    "selection": ("rows_with_response",),
+    "audit": ("planted", "planted_invisible", "headline"),
+    "report": ("figures",),
+    "finetune": ("runs", "skipped", "last_loss"),
+    "evaluation": ("runs", "prompts", "heldout_loss", "judge"),
+}
+
+
+def closing_line(name: str, seconds: float, counts: dict[str, Any]) -> str:
+    """'[gradients] done in 61.8s: rows=400, shards_computed=4, ...': the stage's key figures, floats to 4 digits."""
+    shown = [k for k in CLOSING_FIGURES.get(name, tuple(counts)) if k in counts and _short(counts[k])]
+    figures = ", ".join(f"{k}={_figure(counts[k])}" for k in shown)
+    return f"[{name}] done in {seconds:.1f}s" + (f": {figures}" if figures else "")
+
+
+def _figure(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_figure(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
 def keyed_value(cfg: Config, dotted: str) -> Any:
     value: Any = cfg
     for part in dotted.split("."):
@@ -212,8 +247,9 @@ def run_stage(
         return run.stage_record(name) or {}
     log(f"[{name}] running ({stage.resources(cfg)})")
     timer = StageTimer()
-    run.begin_stage(name, key, stage.writes, keep_outputs=stage.resumes and not force)
+    run.check_outputs_ours(name, stage.writes)  # before any record: a refused stage leaves the manifest as it was
     try:
+        run.begin_stage(name, key, stage.writes, keep_outputs=stage.resumes and not force)
         counts = stage.run(cfg, run, key)
     except BaseException as exc:
         CONSOLE.keep_line()
@@ -221,7 +257,7 @@ def run_stage(
         raise
     record = timer.record(key, outputs=list(stage.writes), **counts)
     run.finish_stage(name, record)
-    log(f"[{name}] done in {record['seconds']:.1f}s: " + ", ".join(f"{k}={v}" for k, v in counts.items() if _short(v)))
+    log(closing_line(name, record["seconds"], counts))
     return record
 
 

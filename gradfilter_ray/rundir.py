@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 import time
 import uuid
@@ -28,7 +29,9 @@ from typing import Any
 from gradfilter_ray.storage import Location, StorageError, open_location
 
 MANIFEST = "manifest.json"
+WRITTEN_BY = "gradfilter-ray"  # in every manifest: a manifest.json without it (or older records) is not ours
 SCRATCH = ".scratch"  # per-stage intermediate files, removed when the stage ends (and by the next driver)
+SCRATCH_NAME = re.compile(r"[a-z_]+-[0-9a-f]{8}")  # one stage's scratch folder (`RunDir.scratch`)
 
 
 class ForeignOutput(StorageError):
@@ -46,7 +49,18 @@ def read_stored_manifest(root: Location) -> dict[str, Any]:
         raise StorageError(f"{where} is not a run manifest ({exc}): choose another output_dir") from None
     if not isinstance(manifest, dict):
         raise StorageError(f"{where} is not a run manifest (it holds a {type(manifest).__name__})")
+    if not _is_ours(manifest):
+        raise StorageError(f"{where} is not a run manifest this tool wrote: choose another output_dir")
     return manifest
+
+
+def _is_ours(manifest: dict[str, Any]) -> bool:
+    """Written by this tool: its stage records are records, and it says so, or (written before it said so) it holds
+    the run's config hash or stage records."""
+    stages = manifest.get("stages", {})
+    if not isinstance(stages, dict) or not all(isinstance(r, dict) and "status" in r for r in stages.values()):
+        return False
+    return manifest.get("written_by") == WRITTEN_BY or "config_hash" in manifest or bool(stages)
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -177,6 +191,7 @@ class RunDir:
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.guard()
+        manifest = {**manifest, "written_by": WRITTEN_BY}
         self.at(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         self._manifest = copy.deepcopy(manifest)
 
@@ -226,7 +241,7 @@ class RunDir:
         running = self.stage_record(stage) or {}
         cause = root_cause(exc)
         if not isinstance(exc, Exception):
-            reason = f"interrupted ({type(exc).__name__})"
+            reason = "interrupted"
         elif type(cause).__module__.startswith("gradfilter_ray."):
             reason = one_line(cause)  # this tool's own errors say what they are
         else:
@@ -252,17 +267,23 @@ class RunDir:
         """Remove the Ray Train folders under `train_state` whose name does not start with `this_config` (the
         trainer-name prefix of the stage's key): checkpoints of an earlier config, which nothing can resume from
         any more (a run directory holds one config's outputs; 81 GB a 7B subset under ZeRO-3). Their names."""
-        others = [name for name in train_state.children() if not name.startswith(this_config)]
+        kind = this_config.split("-", 1)[0]
+        ours = re.compile(rf"{kind}-[0-9a-f]{{6,}}(-.*)?")  # the trainer names this tool gives (stage-key[-subset])
+        others = [n for n in train_state.children() if not n.startswith(this_config) and ours.fullmatch(n)]
         for name in others:
             (train_state / name).delete()
         return others
 
     def clean_scratch(self) -> int:
-        """Remove scratch folders left by a killed driver (one driver per output_dir: none is in use)."""
+        """Remove scratch folders left by a killed driver (one driver per output_dir: none is in use); only the
+        folders `scratch` makes (stage-xxxxxxxx), so anything else a user keeps in `.scratch/` stays."""
         stale = self.at(SCRATCH)
-        count = len(stale.children()) if stale.exists() else 0
-        stale.delete()
-        return count
+        left = [n for n in stale.children() if SCRATCH_NAME.fullmatch(n)] if stale.exists() else []
+        for name in left:
+            (stale / name).delete()
+        if stale.exists() and not stale.children():
+            stale.delete()
+        return len(left)
 
 
 class StageTimer:

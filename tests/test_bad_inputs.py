@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gradfilter_ray import cli, preflight
+from gradfilter_ray.data.sources import find_sources
 from gradfilter_ray.driver_claim import CLAIM_FILE
 from gradfilter_ray.rundir import MANIFEST, RunDir
 from gradfilter_ray.storage import open_location
@@ -291,7 +293,7 @@ def test_links_back_up_the_tree_are_listed_once_and_a_name_with_glob_characters_
     result = gfr(capsys, f"output_dir={out}", f"data.path={corpus}", "data.limit=null")
     assert result.code == 0, result.err
     assert [line for line in result.err if line.startswith("note:")] == [
-        f"note: data.path {corpus}: left out {corpus / name} (a link to a folder listed already)"
+        f"note: data.path {corpus}: left out {corpus / name} (a link to a folder above it)"
         for name in ("loop", "self", "sub/up")
     ]
     record = RunDir(str(out)).stage_record("data")
@@ -312,3 +314,57 @@ def test_an_empty_input_only_reading_shows_is_nothing_to_do_too(ray_cluster, tmp
     assert [line for line in result.err if not line.startswith("(")] == [f"error: {message}"]
     record = RunDir(str(out)).stage_record("data")
     assert (record["status"], record["reason"]) == ("failed", message)
+
+
+def test_a_folder_reached_two_ways_is_globbed_under_either_and_a_linked_file_is_read_once(tmp_path):
+    corpus = tmp_path / "c"
+    write(corpus / "a" / "x.jsonl", jsonl(ROWS[:2]))
+    (corpus / "b").mkdir()
+    (corpus / "b" / "shards").symlink_to("../a")
+    (corpus / "a" / "y.jsonl").symlink_to("x.jsonl")
+
+    through_link = find_sources(f"{corpus}/b/*/*.jsonl", "auto")
+    assert [f.path for f in through_link.files] == [f"{corpus}/b/shards/x.jsonl"]
+    assert through_link.skipped == [f"{corpus}/b/shards/y.jsonl (the same file as {corpus}/b/shards/x.jsonl)"]
+    whole = find_sources(str(corpus), "auto")
+    assert [f.path for f in whole.files] == [f"{corpus}/a/x.jsonl"]
+    assert sorted(whole.skipped) == sorted(
+        f"{corpus}/{p} (the same file as {corpus}/a/x.jsonl)"
+        for p in ("a/y.jsonl", "b/shards/x.jsonl", "b/shards/y.jsonl")
+    )
+
+
+def test_a_manifest_json_this_tool_did_not_write_is_refused_and_left_as_it_is(tmp_path, capsys):
+    out, path = tmp_path / "project", write(tmp_path / "in.jsonl", jsonl(ROWS))
+    theirs = write(out / MANIFEST, json.dumps({"name": "my-extension", "stages": ["build"]}).encode())
+    before = theirs.read_bytes()
+    result = gfr(capsys, f"output_dir={out}", f"data.path={path}")
+    assert result.code == 2 and result.err == [
+        f"error: {theirs} is not a run manifest this tool wrote: choose another output_dir"
+    ]
+    assert theirs.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [MANIFEST]
+    assert result.seconds < PREFLIGHT_S
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_ctrl_c_during_training_ends_with_130_and_one_line_and_the_stage_recorded_interrupted(tmp_path):
+    """SIGINT while the ensemble trains (Ray Train's own Ctrl-C handler is in place then, and ends in sys.exit)."""
+    import fault_handlers
+
+    path, out, traces = write(tmp_path / "in.jsonl", jsonl(ROWS * 4)), tmp_path / "run", tmp_path / "faults"
+    traces.mkdir()
+    env = {**os.environ, **fault_handlers.fault_env(traces), "RAY_TMPDIR": tempfile.mkdtemp(prefix="gfr-int-")}
+    command = [sys.executable, "-m", "gradfilter_ray", "run", "--config", str(TINY), "--set", f"output_dir={out}"]
+    command += ["--set", f"data.path={path}", "--set", "data.limit=null"]
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (traces / "starts.log").exists() and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGINT)
+    stdout, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 130, stderr[-3000:]
+    assert stderr.splitlines()[-1] == "interrupted: the same command resumes the run where it stopped", stderr
+    stages = RunDir(str(out)).read_manifest()["stages"]
+    assert stages["tokens"]["status"] == "done" and "running" not in {r["status"] for r in stages.values()}
+    assert [(n, r["reason"]) for n, r in stages.items() if r["status"] == "failed"] == [("ensemble", "interrupted")]

@@ -12,15 +12,17 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 
+import psutil
 import pytest
 from cli_runs import TINY, tiny_cfg
 
 from gradfilter_ray import cli
 from gradfilter_ray.config import RayConfig
 from gradfilter_ray.console import WORKER_SETUP_HOOK, Console
-from gradfilter_ray.pipeline import STAGES, stage_key
+from gradfilter_ray.pipeline import CLOSING_FIGURES, STAGES, closing_line, stage_key
 from gradfilter_ray.progress import BoardReporter, RowProgress, board_progress
 from gradfilter_ray.report import summarize_run, summary_lines
 from gradfilter_ray.rundir import RunDir
@@ -219,3 +221,41 @@ def test_the_stderr_filter_drops_ray_datas_constructor_line_and_passes_everythin
     assert done.returncode == 9
     # The filter drains what the dead driver wrote before the pipe reports its end (capture waits for it too).
     assert done.stderr == "before\n" + other_actor + "\npython's own stderr\nno newline at the end"
+
+
+def test_a_stage_closing_line_shows_its_key_figures_in_order_with_floats_to_four_digits():
+    counts = {
+        "tokens_per_batch_min": 16384,
+        "oom_splits": 0,
+        "examples_per_s": 6.58123,
+        "rows": 400,
+        "shards_resumed": 0,
+        "shards_computed": 4,
+        "seconds_by_stage": {"tokens": 0.3},
+    }
+    line = closing_line("gradients", 61.84, counts)
+    figures = "rows=400, shards_computed=4, shards_resumed=0, examples_per_s=6.581, oom_splits=0"
+    assert line == f"[gradients] done in 61.8s: {figures}"
+    losses = {"runs": 2, "heldout_loss": {"gsnr_0.15": 3.2394535525036194, "random_0.15": 3.19631}, "judge": "skipped"}
+    assert closing_line("evaluation", 14.3, losses) == (
+        "[evaluation] done in 14.3s: runs=2, heldout_loss={gsnr_0.15: 3.239, random_0.15: 3.196}, judge=skipped"
+    )
+    assert closing_line("data", 1.0, {}) == "[data] done in 1.0s"
+    assert set(CLOSING_FIGURES) == set(STAGES)
+
+
+def test_a_driver_that_exits_normally_waits_for_its_stderr_filter_to_pass_on_the_last_line():
+    driver = textwrap.dedent(
+        """
+        import sys
+        from gradfilter_ray.console import filter_native_stderr
+        print(filter_native_stderr().pid, flush=True)
+        print("last words", file=sys.stderr)
+        """
+    )
+    out = tempfile.TemporaryFile()
+    done = subprocess.run([sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=out, timeout=60)
+    # stderr is a file, not a pipe: only the driver's wait at exit makes the line be there when the driver is gone
+    assert done.returncode == 0 and not psutil.pid_exists(int(done.stdout))
+    out.seek(0)
+    assert out.read() == b"last words\n"

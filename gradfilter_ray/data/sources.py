@@ -93,8 +93,8 @@ def list_sources(path: str, fmt: str) -> list[SourceFile]:
 
 def find_sources(path: str, fmt: str) -> Listing:
     """Expand a file, a glob or a directory into a sorted list of readable files (sorted -> stable ids). An existing
-    path is taken as it is spelled, glob characters and all; a folder reached twice (a link back up the tree, or two
-    links to one folder) is listed once."""
+    path is taken as it is spelled, glob characters and all (on an object store, percent-encode them); a link back
+    up the tree is not followed, and a file reached under two spellings is read once."""
     if not path:
         raise SourceError("data.path is empty: set it in the config or with --set data.path=...")
     fs, inner, prefix = resolve_filesystem(path)
@@ -121,6 +121,9 @@ def find_sources(path: str, fmt: str) -> Listing:
             raise SourceError(f"no input files match {path}")
     else:
         raise SourceError(f"input not found: {path}")
+    if isinstance(fs, pafs.LocalFileSystem):
+        candidates, twins = _one_spelling_each(candidates)
+        skipped += twins
     files = []
     for p in candidates:
         container = _container(p, fmt)
@@ -128,6 +131,20 @@ def find_sources(path: str, fmt: str) -> Listing:
             raise SourceError(f"cannot tell the format of {uri_of(p)}: set data.format")
         files.append(SourceFile(index=len(files), path=p, uri=uri_of(p), container=container))
     return Listing(files, [f"{uri_of(p)} ({why})" for p, why in skipped], folder)
+
+
+def _one_spelling_each(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Each file once, under the first of its spellings (links to one file, or one folder reached two ways), and
+    the other spellings as left out."""
+    kept, twins, seen = [], [], {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            twins.append((path, f"the same file as {seen[real]}"))
+        else:
+            seen[real] = path
+            kept.append(path)
+    return kept, twins
 
 
 def _hidden(path: str) -> bool:
@@ -170,20 +187,19 @@ def _tree(fs: pafs.FileSystem, top: str, depth: int | None) -> tuple[list[str], 
         return sorted(files), []
     files: list[str] = []
     skipped: list[tuple[str, str]] = []
-    seen: set[tuple[int, int]] = set()
-    # Links are followed (a folder of links to shards elsewhere is a corpus), each folder once: a link back up the
-    # tree would otherwise be walked again and again, forever with two of them.
-    stack = [(top, 0)]
+    # Links are followed (a folder of links to shards elsewhere is a corpus), except a link to a folder that holds
+    # it (a cycle, walked forever otherwise): each folder carries the folders above it.
+    stack: list[tuple[str, int, frozenset[tuple[int, int]]]] = [(top, 0, frozenset())]
     while stack:
-        folder, level = stack.pop()
+        folder, level, above = stack.pop()
         try:
             status = os.stat(folder)
         except OSError:
             continue
-        if (status.st_dev, status.st_ino) in seen:
-            skipped.append((folder, "a link to a folder listed already"))
+        here = (status.st_dev, status.st_ino)
+        if here in above:
+            skipped.append((folder, "a link to a folder above it"))
             continue
-        seen.add((status.st_dev, status.st_ino))
         try:
             with os.scandir(folder) as entries:
                 names = sorted(entries, key=lambda e: e.name, reverse=True)
@@ -195,7 +211,7 @@ def _tree(fs: pafs.FileSystem, top: str, depth: int | None) -> tuple[list[str], 
             try:
                 if entry.is_dir():
                     if depth is None or level + 2 <= depth:
-                        stack.append((entry.path, level + 1))
+                        stack.append((entry.path, level + 1, above | {here}))
                 elif entry.is_file():
                     files.append(entry.path)
                 elif entry.is_symlink():
