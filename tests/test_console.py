@@ -51,6 +51,7 @@ def test_a_run_prints_its_own_lines_only_and_its_summary_last(reference_run):
     for log, at_end in ((reference_run["log"], before_audit), (reference_run["audit_log"], manifest)):
         assert "\r" not in log and "\x1b" not in log  # nothing redrawn or coloured where the output is a file
         lines = log.splitlines()
+        assert len(lines) <= 60, log  # the demo's whole run, fine-tuning and evaluation included, prints 58
         summary = summary_lines(summarize_run(at_end, str(run.root), keys))
         # The summary is the last block, whole (its scorer rows in the order of the manifest as it was then).
         assert lines[-len(summary)] == summary[0] == f"run directory: {run.root}", log[-3000:]
