@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,12 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_gpu_check_runs_on_cpu_and_feeds_the_sizing_table(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)],
+    done = subprocess.run(  # no --out: on a lent GPU machine only $OUT comes back, so it is the default there
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke"],
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "OUT": str(tmp_path)},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.smoke.json").read_text())
@@ -64,3 +66,23 @@ def test_the_gpu_check_runs_on_cpu_and_feeds_the_sizing_table(tmp_path):
         assert g["answers"] == int(b) and g["new_tokens"] == int(b) * shape["max_new_tokens"]
         assert g["new_tokens_per_s"] > 0
     assert sizing.TargetMeasured.from_check(report).params == target["model"]["params"]
+
+
+def test_a_failed_step_is_recorded_and_the_steps_that_need_it_say_why_they_did_not_run(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as when it runs as a script: its sibling modules
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # its dataclasses look their module up there
+    spec.loader.exec_module(gpu_check)
+
+    def crash():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    failed = gpu_check.guarded(crash)
+    assert failed["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert "crash" in failed["traceback"]
+    report = {"ensemble": failed, "extraction": {"error": "skipped: the ensemble step trained no adapters"}}
+    path = tmp_path / "out" / "gpu_check.json"
+    checks = gpu_check.write_report(report, path, started=0.0)
+    assert checks == {"ensemble_ran": False, "extraction_ran": False}
+    assert json.loads(path.read_text())["checks"] == checks and not list(path.parent.glob("*.tmp"))
