@@ -58,10 +58,12 @@ bench: $(STAMP)
 GPU_PYTHON ?= python3
 GPU_PY_VERSION ?= 3.12
 GPU_CARRY := .gpu_carry
+# On a lent GPU machine only what lands under $OUT comes back.
+GPU_OUT ?= $(or $(OUT),benchmarks/results)
 gpu-check:
 	$(if $(wildcard $(GPU_CARRY)),PYTHONPATH=$(CURDIR)/$(GPU_CARRY)$${PYTHONPATH:+:$$PYTHONPATH}) \
-		$(GPU_PYTHON) benchmarks/gpu_check.py --out benchmarks/results
-	$(GPU_PYTHON) benchmarks/sizing.py --check benchmarks/results/gpu_check.json
+		$(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_OUT)
+	$(GPU_PYTHON) benchmarks/sizing.py --check $(GPU_OUT)/gpu_check.json
 
 # DeepSpeed (from this venv) and the wheels it needs that the GPU machine lacks, for that machine's Python.
 gpu-carry: $(STAMP)
