@@ -109,7 +109,6 @@ def audit(cfg: Config, run: RunDir, key: str) -> dict:
     data_key = audit_data_key(cfg)
     if not inner.stage_done("data", data_key):
         timer = StageTimer()
-        inner.check_outputs_ours("data", ("data",))
         try:
             inner.begin_stage("data", data_key, ("data",))
             counts = run_as_task(sample_and_plant, run.data, inner.data, cfg.audit, cfg.proxy)
@@ -247,7 +246,6 @@ def run_stage(
         return run.stage_record(name) or {}
     log(f"[{name}] running ({stage.resources(cfg)})")
     timer = StageTimer()
-    run.check_outputs_ours(name, stage.writes)  # before any record: a refused stage leaves the manifest as it was
     try:
         run.begin_stage(name, key, stage.writes, keep_outputs=stage.resumes and not force)
         counts = stage.run(cfg, run, key)

@@ -237,8 +237,11 @@ class RunDir:
         self.record_stage(stage, record)
 
     def fail_stage(self, stage: str, key: str, exc: BaseException) -> None:
-        """Record that the stage stopped on `exc` (with the reason, and the outputs it may have begun writing)."""
+        """Record that the stage stopped on `exc` (with the reason, and the outputs it may have begun writing). A stage
+        that `begin_stage` refused never began: its record stays as it was (a record would claim its outputs)."""
         running = self.stage_record(stage) or {}
+        if running.get("status") != "running" or running.get("key") != key:
+            return
         cause = root_cause(exc)
         if not isinstance(exc, Exception):
             reason = "interrupted"
