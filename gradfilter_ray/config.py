@@ -199,6 +199,12 @@ class GradientsConfig:
     precision: Precision = doc(
         "Extraction dtype; 'auto' = bf16 on CUDA, fp32 on CPU; float64 for exactness checks.", "auto"
     )
+    head_precision: Literal["float32", "model"] = doc(
+        "Dtype of the LM head's logits in the loss: float32 computes them from the model's operands without rounding "
+        "them (a pretrained model's logits sit near -100, where bf16 rounds each by up to 0.25); 'model' keeps the "
+        "extraction dtype: faster on GPU, but in bf16 it changes the selection (docs/method.md). A no-op in float32.",
+        "float32",
+    )
 
     def __post_init__(self) -> None:
         if min(self.tokens_per_batch, self.batch_size, self.loss_chunk_tokens, self.shard_rows, self.num_actors) < 1:

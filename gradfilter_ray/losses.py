@@ -39,15 +39,23 @@ def scored_window(labels: Tensor) -> int:
 
 
 def per_example_losses_from_hidden(
-    hidden: Tensor, labels: Tensor, weight: Tensor, bias: Tensor | None = None, chunk_tokens: int = 2048
+    hidden: Tensor,
+    labels: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    chunk_tokens: int = 2048,
+    head_dtype: torch.dtype | None = torch.float32,
 ) -> tuple[Tensor, Tensor]:
     """`per_example_losses(hidden @ weight.T + bias, labels)` without the [B, T, V] logits.
 
     hidden [B, T, H]: the LM's last hidden states (final norm applied); weight [V, H] / bias [V]: its output head,
     treated as frozen (no gradient flows to it). Only each row's own labelled positions (t with labels[i, t+1] !=
     -100) go through the head, `chunk_tokens` of them at a time, in forward and in backward; the cross-entropy is
-    computed in float32 or better whatever the model dtype. Same contract as `per_example_losses`: (losses [B],
-    n_response_tokens [B]), own-count normalisation, a row without a scored token gets loss 0.
+    computed in float32 or better whatever the model dtype. The logits are computed in `head_dtype` (or the model's
+    dtype when wider) from the model's own operands: a pretrained model's logits sit near -100, where bf16's spacing
+    is 0.5, so rounding them to bf16 shifts each by up to a quarter nat; None keeps the model's dtype. Same contract
+    as `per_example_losses`: (losses [B], n_response_tokens [B]), own-count normalisation, a row without a scored
+    token gets loss 0.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
@@ -61,6 +69,7 @@ def per_example_losses_from_hidden(
         target[scored],
         chunk_tokens,
         torch.is_grad_enabled() and hidden.requires_grad,  # forward-only callers skip the gradient matmul
+        hidden.dtype if head_dtype is None else torch.promote_types(hidden.dtype, head_dtype),
     )
     # Back onto the [B, T-1] grid so that each row sums its own tokens in position order, as per_example_losses does:
     # a row's value then does not depend on its batch-mates, down to the rounding.
@@ -75,21 +84,30 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     Each token's loss depends on its own hidden state only, so the gradient w.r.t. hidden is that of a unit
     upstream gradient scaled per row: it is computed in forward, chunk by chunk, while the chunk's logits exist, and
     backward only scales it. That keeps the head at one logits matmul and one input-gradient matmul per position (no
-    recomputation) and the largest live tensor at [chunk, V]. The logits are computed in the model's dtype and
-    upcast (as HF's loss does); the head gets no gradient.
+    recomputation) and the largest live tensor at [chunk, V]. The logits are computed in `logit_dtype` (the operands
+    upcast: a bf16 value is exact in float32) and the softmax in float32 or better; the head gets no gradient.
     """
 
     @staticmethod
     def forward(
-        ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int, want_grad: bool
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        chunk: int,
+        want_grad: bool,
+        logit_dtype: torch.dtype,
     ) -> Tensor:
-        acc = torch.promote_types(hidden.dtype, torch.float32)
+        acc = torch.promote_types(logit_dtype, torch.float32)
         n = hidden.shape[0]
         losses = torch.empty(n, dtype=acc, device=hidden.device)
         unit_grad = torch.empty_like(hidden) if want_grad else None
+        weight = weight.to(logit_dtype)  # once per call, not per chunk (a no-op when the dtypes agree)
+        bias = None if bias is None else bias.to(logit_dtype)
         for begin in range(0, n, chunk):
             end = min(begin + chunk, n)
-            logits = F.linear(hidden[begin:end], weight, bias).to(acc)
+            logits = F.linear(hidden[begin:end].to(logit_dtype), weight, bias).to(acc)
             target = targets[begin:end, None]
             picked = logits.gather(1, target).squeeze(1)
             # log-sum-exp in place, so one [chunk, V] buffer is all this chunk holds
@@ -110,4 +128,4 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (unit_grad,) = ctx.saved_tensors
         grad_hidden = (unit_grad.to(grad.dtype) * grad[:, None]).to(unit_grad.dtype)
-        return grad_hidden, None, None, None, None, None
+        return grad_hidden, None, None, None, None, None, None

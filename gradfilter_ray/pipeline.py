@@ -136,7 +136,7 @@ STAGES: dict[str, Stage] = {
             "gradients",
             gradients,
             ("tokens", "ensemble"),
-            ("proxy", "gradients.precision"),
+            ("proxy", "gradients.precision", "gradients.head_precision"),
             ("gradients",),
             _actors,
             resumes=True,

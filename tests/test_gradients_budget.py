@@ -160,15 +160,30 @@ def test_chunked_loss_equals_cross_entropy_values_and_gradients(chunk, with_bias
     torch.testing.assert_close(losses[1], F.cross_entropy(logits, labels[1, 6:9]), rtol=1e-13, atol=0)
 
 
-def test_chunked_loss_upcasts_low_precision_and_skips_the_gradient_when_forward_only():
+def test_chunked_loss_rounds_no_logit_of_a_bf16_model_unless_told_to_keep_its_dtype():
+    """A pretrained LM's logits sit near -100, where bf16's spacing is 0.5: computed in float32 from the same bf16
+    operands, the losses and the gradient that seeds every per-example norm carry no rounding of the logits."""
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(2, 9, 8, generator=gen).to(torch.bfloat16)
+    hidden = torch.randn(2, 9, 8, generator=gen).to(torch.bfloat16).requires_grad_()
     weight = torch.randn(40, 8, generator=gen).to(torch.bfloat16)
+    bias = (torch.randn(40, generator=gen) - 100.0).to(torch.bfloat16)
     labels = torch.randint(0, 40, (2, 9), generator=gen)
-    losses, _ = per_example_losses_from_hidden(hidden, labels, weight, chunk_tokens=5)
-    ref, _ = per_example_losses(F.linear(hidden, weight), labels)  # bf16 logits, upcast: what HF's loss does
-    assert losses.dtype == torch.float32
-    torch.testing.assert_close(losses, ref, rtol=1e-6, atol=1e-6)
+    exact_losses, _ = per_example_losses(F.linear(hidden.double(), weight.double(), bias.double()), labels)
+    (exact_grad,) = torch.autograd.grad(exact_losses.sum(), hidden)
+    results = {}
+    for head_dtype in (torch.float32, None):
+        losses, _ = per_example_losses_from_hidden(hidden, labels, weight, bias, 5, head_dtype)
+        (grad,) = torch.autograd.grad(losses.sum(), hidden)
+        assert losses.dtype == torch.float32 and grad.dtype == torch.bfloat16
+        results[head_dtype] = (losses.double() - exact_losses).abs().max(), (grad.double() - exact_grad).abs().max()
+    # the model's dtype: bf16 logits upcast, exactly what HF's loss computes
+    hf_losses, _ = per_example_losses(F.linear(hidden, weight, bias), labels)
+    kept, _ = per_example_losses_from_hidden(hidden.detach(), labels, weight, bias, 5, None)
+    torch.testing.assert_close(kept, hf_losses, rtol=1e-6, atol=1e-6)
+    (loss_err, grad_err), (kept_loss_err, kept_grad_err) = results[torch.float32], results[None]
+    assert loss_err < 1e-4 and kept_loss_err > 100 * loss_err
+    # both gradients are rounded to bf16 (hidden's dtype): that rounding alone is all grad_err may hold
+    assert kept_grad_err > 1e-3 and kept_grad_err > 4 * grad_err
     with torch.no_grad():
         assert not per_example_losses_from_hidden(hidden.float().requires_grad_(), labels, weight.float())[0].grad_fn
 

@@ -50,6 +50,7 @@ def extract_block(
     batch_size: int,
     tokens_per_batch: int | None = None,
     loss_chunk_tokens: int = 2048,
+    head_dtype: torch.dtype | None = torch.float32,
     stats: dict | None = None,
 ) -> pa.Table:
     """`tokens` (data.tokenized.TOKEN_SCHEMA rows) -> GRADIENT_SCHEMA rows in the same order.
@@ -57,7 +58,8 @@ def extract_block(
     `model` is a PeftModel over the frozen proxy holding the adapters `adapter_name(m, c)` for every member m and
     checkpoint c; its weights sit on `device`. A batch holds at most `batch_size` rows and, unless
     `tokens_per_batch` is None, rows x padded length <= tokens_per_batch (a longer row goes alone); at most
-    `loss_chunk_tokens` positions of vocabulary-wide logits exist at a time. `stats`, when given, gets the norm
+    `loss_chunk_tokens` positions of vocabulary-wide logits exist at a time, computed in `head_dtype` (None: the
+    model's dtype). `stats`, when given, gets the norm
     pass's batches, padded_tokens (rows x padded length) and real_tokens (each batch runs once per adapter), and
     oom_splits over all passes (the two forward-only IFD passes and the norms).
     """
@@ -66,7 +68,7 @@ def extract_block(
     lengths = np.array([len(x) for x in input_ids], dtype=np.int32)
     n = len(lengths)
     runner = BatchRunner(tokens["id"].to_numpy(), batch_size, tokens_per_batch, device, stats)
-    ifd_cond = base_losses(model, input_ids, starts, runner, pad_id, device, loss_chunk_tokens)
+    ifd_cond = base_losses(model, input_ids, starts, runner, pad_id, device, loss_chunk_tokens, head_dtype)
     ifd_uncond = base_losses(
         model,
         tokens["response_input_ids"].to_numpy(zero_copy_only=False),
@@ -75,6 +77,7 @@ def extract_block(
         pad_id,
         device,
         loss_chunk_tokens,
+        head_dtype,
     )
     results = {f"{kind}_{c}": np.zeros((n, members)) for kind in ("sq_norm", "loss") for c in CHECKPOINTS}
     n_response = np.zeros(n, dtype=np.int32)
@@ -84,7 +87,11 @@ def extract_block(
         for member in range(members):
             for checkpoint in CHECKPOINTS:
                 sq, loss, count = per_example_sq_norms(
-                    model, **batch, adapter_name=adapter_name(member, checkpoint), loss_chunk_tokens=loss_chunk_tokens
+                    model,
+                    **batch,
+                    adapter_name=adapter_name(member, checkpoint),
+                    loss_chunk_tokens=loss_chunk_tokens,
+                    head_dtype=head_dtype,
                 )
                 results[f"sq_norm_{checkpoint}"][rows, member] = sq.numpy()
                 results[f"loss_{checkpoint}"][rows, member] = loss.numpy()
@@ -105,7 +112,14 @@ def extract_block(
 
 
 def base_losses(
-    model, input_ids, starts: np.ndarray, runner: BatchRunner, pad_id: int, device: torch.device, chunk_tokens: int
+    model,
+    input_ids,
+    starts: np.ndarray,
+    runner: BatchRunner,
+    pad_id: int,
+    device: torch.device,
+    chunk_tokens: int,
+    head_dtype: torch.dtype | None = torch.float32,
 ) -> np.ndarray:
     """Each row's mean response-token loss under the frozen base (adapters off; NaN where no token is scored):
     IFD's conditioned pass on prompt + response, its unconditioned pass on the response alone. Forward only."""
@@ -114,7 +128,7 @@ def base_losses(
     def forward(rows: np.ndarray) -> None:
         batch = _device_batch(input_ids, starts, rows, pad_id, device)
         with torch.no_grad(), model.disable_adapter():
-            loss, count = response_losses(model, **batch, chunk_tokens=chunk_tokens)
+            loss, count = response_losses(model, **batch, chunk_tokens=chunk_tokens, head_dtype=head_dtype)
         losses[rows] = np.where(count.cpu().numpy() > 0, loss.double().cpu().numpy(), np.nan)
 
     runner.run(np.array([len(x) for x in input_ids]), forward, counted=False)

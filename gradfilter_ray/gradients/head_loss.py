@@ -68,10 +68,17 @@ def head_path(model: nn.Module) -> HeadPath | None:
 
 
 def response_losses(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, chunk_tokens: int
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    chunk_tokens: int,
+    head_dtype: torch.dtype | None = torch.float32,
 ) -> tuple[Tensor, Tensor]:
     """(losses [B], n_response_tokens [B]) as `losses.per_example_losses` defines them, from one forward of `model`
-    in its current adapter state; differentiable when grad mode is on."""
+    in its current adapter state; differentiable when grad mode is on. The head's logits are computed in
+    `head_dtype` (None: the model's dtype; see `per_example_losses_from_hidden`); the fallback path has the model's
+    own logits, in its dtype."""
     path = head_path(model)
     if path is None:
         window = scored_window(labels)
@@ -80,7 +87,7 @@ def response_losses(
         ).logits
         return per_example_losses(logits, labels[:, -window:])
     hidden = path.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return per_example_losses_from_hidden(hidden, labels, path.head.weight, path.head.bias, chunk_tokens)
+    return per_example_losses_from_hidden(hidden, labels, path.head.weight, path.head.bias, chunk_tokens, head_dtype)
 
 
 def _find(lm: nn.Module) -> tuple[HeadPath | None, str | None]:

@@ -150,6 +150,7 @@ def per_example_sq_norms(
     labels: Tensor,
     adapter_name: str | None = None,
     loss_chunk_tokens: int = 2048,
+    head_dtype: torch.dtype | None = torch.float32,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact per-example ||d loss_i / d theta||^2 over all LoRA A/B params of one adapter.
 
@@ -157,7 +158,8 @@ def per_example_sq_norms(
     unshifted (HF convention). loss_i is the mean token cross-entropy over example i's predicted response tokens
     (labels[i, 1:] != -100), computed in eval mode. Returns CPU tensors (sq_norms [B] float64, losses [B] float64,
     n_response_tokens [B] int64); a row without response tokens yields (0, 0, 0). At most `loss_chunk_tokens`
-    positions of vocabulary-wide logits exist at any time (unless `head_loss` had to fall back, see there).
+    positions of vocabulary-wide logits exist at any time (unless `head_loss` had to fall back, see there); they are
+    computed in `head_dtype` (None: the model's dtype).
     """
     name = resolve_adapter(model, adapter_name)
     layers = lora_layers(model, name)
@@ -190,7 +192,7 @@ def per_example_sq_norms(
             handles = [lin.register_forward_hook(reducer.forward_hook) for lin in lins]
             if embeddings is not None:
                 handles.append(embeddings.register_forward_hook(root_hook))
-            losses, n_tok = response_losses(model, input_ids, attention_mask, labels, loss_chunk_tokens)
+            losses, n_tok = response_losses(model, input_ids, attention_mask, labels, loss_chunk_tokens, head_dtype)
             for h in handles:
                 h.remove()
             handles = []

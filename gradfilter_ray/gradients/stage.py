@@ -128,6 +128,8 @@ class ShardExtractor:
 
     def extract_rows(self, tokens: pa.Table, stats: dict | None = None) -> pa.Table:
         """`tokens/` rows -> their `gradients/` rows (no I/O: what the benchmarks time against the stage)."""
+        import torch
+
         from gradfilter_ray.gradients.extract import extract_block
 
         return extract_block(
@@ -137,6 +139,7 @@ class ShardExtractor:
             batch_size=self.cfg.batch_size,
             tokens_per_batch=self.tokens_per_batch,
             loss_chunk_tokens=self.cfg.loss_chunk_tokens,
+            head_dtype=None if self.cfg.head_precision == "model" else torch.float32,
             device=self.device,
             pad_id=self.pad_id,
             stats=stats,
