@@ -44,11 +44,10 @@ def instantiate(spec: ModelSpec, dtype: torch.dtype = torch.float32):
 
     A model built from a config takes its initial weights from `spec.init_seed` alone; the caller's global RNG is
     left as it was, so building a model never shifts the data order or dropout of what runs next."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if spec.build_from_config is not None:
-        params = dict(spec.build_from_config)
-        config = AutoConfig.for_model(params.pop("model_type"), **params)
+        config = model_config(spec)
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(spec.init_seed)
         try:
@@ -56,20 +55,41 @@ def instantiate(spec: ModelSpec, dtype: torch.dtype = torch.float32):
         finally:
             torch.random.set_rng_state(generator_state)
     return AutoModelForCausalLM.from_pretrained(
-        resolve(spec.name_or_path or ""), trust_remote_code=spec.trust_remote_code, revision=spec.revision, dtype=dtype
+        resolve(spec.name_or_path or ""),
+        config=model_config(spec),
+        trust_remote_code=spec.trust_remote_code,
+        revision=spec.revision,
+        dtype=dtype,
     )
 
 
 def model_config(spec: ModelSpec):
-    """The transformers config of the model a spec names (no weights read)."""
+    """The transformers config of the model a spec names (no weights read), with its activation in one kernel."""
     from transformers import AutoConfig
 
     if spec.build_from_config is not None:
         params = dict(spec.build_from_config)
-        return AutoConfig.for_model(params.pop("model_type"), **params)
-    return AutoConfig.from_pretrained(
-        resolve(spec.name_or_path or ""), trust_remote_code=spec.trust_remote_code, revision=spec.revision
-    )
+        config = AutoConfig.for_model(params.pop("model_type"), **params)
+    else:
+        config = AutoConfig.from_pretrained(
+            resolve(spec.name_or_path or ""), trust_remote_code=spec.trust_remote_code, revision=spec.revision
+        )
+    return one_kernel_activation(config)
+
+
+# The same function as one fused kernel: GPT-2's `gelu_new` is tanh-GELU written as a Python formula (several kernels
+# and saved tensors per MLP); `gelu_pytorch_tanh` computes it in one (equal to float rounding; tests/test_models.py).
+ONE_KERNEL_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
+
+
+def one_kernel_activation(config):
+    """`config` with each activation that has a one-kernel equivalent renamed to it (GPT-2 names its activation
+    `activation_function`, most other families `hidden_act`)."""
+    for attr in ("activation_function", "hidden_act"):
+        name = getattr(config, attr, None)
+        if isinstance(name, str) and name in ONE_KERNEL_ACTIVATIONS:
+            setattr(config, attr, ONE_KERNEL_ACTIVATIONS[name])
+    return config
 
 
 def skeleton(spec: ModelSpec, dtype: torch.dtype):

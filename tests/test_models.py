@@ -51,3 +51,30 @@ def test_building_a_model_leaves_the_callers_random_stream_alone():
     assert all(p.requires_grad for p in trainable.parameters())
     frozen = load_causal_lm(spec)
     assert all(torch.equal(x, y) for x, y in zip(trainable.state_dict().values(), frozen.state_dict().values()))
+
+
+@pytest.mark.parametrize("source", ["config", "folder"])
+def test_gpt2_gelu_new_runs_as_the_one_kernel_tanh_gelu_with_the_same_outputs(tmp_path, source):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    config = AutoConfig.for_model(**TINY_GPT2)
+    assert config.activation_function == "gelu_new"  # GPT-2's own, as a Python formula
+    torch.manual_seed(0)
+    formula = AutoModelForCausalLM.from_config(config).double().eval()  # float32 weights: loading them is exact
+    if source == "folder":  # a pretrained checkpoint naming gelu_new in its config.json
+        formula.save_pretrained(tmp_path)
+        spec = ModelSpec(name_or_path=str(tmp_path), tokenizer="bundled:gpt2")
+    else:
+        spec = ModelSpec(build_from_config=TINY_GPT2, tokenizer="bundled:gpt2")
+    fused = load_causal_lm(spec, torch.float64)
+    if source == "config":
+        fused.load_state_dict(formula.state_dict())
+    assert isinstance(formula.transformer.h[0].mlp.act, NewGELUActivation)
+    assert isinstance(fused.transformer.h[0].mlp.act, GELUTanh) and fused.config.activation_function != "gelu_new"
+    ids = torch.randint(0, 50257, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = formula(ids).logits, fused(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # the same function, to float64 rounding
+    x = torch.linspace(-8, 8, 10_001)
+    torch.testing.assert_close(GELUTanh()(x), NewGELUActivation()(x), rtol=2e-6, atol=2e-7)  # and in float32
