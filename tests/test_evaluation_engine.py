@@ -61,6 +61,9 @@ def test_greedy_maps_to_temperature_zero_with_the_same_length_and_ids_only():
     assert sampled == {"max_tokens": 5, "detokenize": False, "temperature": 0.5, "top_p": 0.8, "seed": 0}
 
 
+ALLOC = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
 def config_for(**overrides):
     kwargs = {
         "actors": 3,
@@ -90,11 +93,18 @@ def test_processor_config_is_accepted_by_rays_vllm_config_as_built():
 
 
 def test_processor_config_for_gpu_shares_whole_gpus_and_overrides():
+    from ray.data.llm import vLLMEngineProcessorConfig
+
     shared = config_for(gpus_per_actor=0.5)
     assert shared["engine_kwargs"]["gpu_memory_utilization"] == 0.45  # its share, not vLLM's 90 % of the GPU
     assert shared["placement_group_config"]["bundles"] == [{"CPU": 2.0, "GPU": 0.5}]
     sharded = config_for(gpus_per_actor=2.0)
     assert sharded["engine_kwargs"]["tensor_parallel_size"] == 2 and "placement_group_config" not in sharded
+    assert "runtime_env" not in sharded  # the user set the allocator: theirs stands
+    assert "runtime_env" not in config_for(allocator_env=ALLOC)  # one GPU: the job's expandable segments stay on
+    # and off for an engine whose tensor-parallel ranks share CUDA-graph buffers
+    sharded_ours = vLLMEngineProcessorConfig(**config_for(gpus_per_actor=2.0, allocator_env=ALLOC)).model_dump()
+    assert sharded_ours["runtime_env"] == {"env_vars": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}}
     short_model = config_for(model_max_len=1500)
     assert short_model["engine_kwargs"]["max_model_len"] == 1500  # never past the model's context
     tuned = config_for(extra_engine_kwargs={"max_num_seqs": 64, "enable_prefix_caching": False})

@@ -44,6 +44,7 @@ from gradfilter_ray.evaluation.hf_engine import (
 )
 from gradfilter_ray.evaluation.plan import choose_engine, cluster_width, plan_waves
 from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.runtime import allocator_env
 from gradfilter_ray.scoring.scorers import FULL, Selection
 from gradfilter_ray.storage import Location
 
@@ -162,6 +163,7 @@ def vllm_answers(
             sampling=sampling,
             model_max_len=model_config.get("max_position_embeddings"),
             extra_engine_kwargs=ev.vllm_engine_kwargs,
+            allocator_env=allocator_env(),
         )
         ids = prompt_token_ids(
             tokenizers[run], instructions, inputs, sampling.max_prompt_tokens, sampling.prompt_format

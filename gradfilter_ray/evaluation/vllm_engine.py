@@ -62,8 +62,10 @@ def processor_config(
     sampling: Sampling,
     model_max_len: int | None = None,
     extra_engine_kwargs: dict | None = None,
+    allocator_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments of `vLLMEngineProcessorConfig` for one run's model on `actors` engines."""
+    """Keyword arguments of `vLLMEngineProcessorConfig` for one run's model on `actors` engines. `allocator_env` is
+    the CUDA allocator setting the job gives its workers (`runtime.allocator_env`)."""
     tp = tensor_parallel_size(gpus_per_actor)
     engine_kwargs: dict[str, Any] = {
         "tensor_parallel_size": tp,
@@ -91,6 +93,11 @@ def processor_config(
     }
     if tp == 1:  # one engine process: reserve exactly the configured CPUs and GPU (share) for it
         config["placement_group_config"] = {"bundles": [{"CPU": cpus_per_actor, "GPU": gpus_per_actor}]}
+    elif allocator_env:
+        # vLLM's custom all-reduce shares its CUDA-graph buffers between tensor-parallel ranks through
+        # cudaIpcGetMemHandle, which refuses expandable segments' memory: such an engine dies at start-up (reported
+        # upstream for several vLLM versions). A setting the user chose is not ours to change.
+        config["runtime_env"] = {"env_vars": {name: "expandable_segments:False" for name in allocator_env}}
     return config
 
 
