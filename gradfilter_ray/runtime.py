@@ -28,6 +28,13 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 TOKEN_AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 # Where Ray's job manager hands a submitted job's config (its runtime_env included) to the entrypoint.
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# The CUDA caching allocator's settings for every worker of the job (extraction and evaluation actors, ensemble and
+# fine-tuning workers): expandable segments grow one mapping instead of caching blocks of fixed sizes, so batches of
+# changing shapes (token-budget batches, OOM halves) do not leave free memory too fragmented to use. PyTorch reads
+# either name (PYTORCH_ALLOC_CONF from 2.10); one the user set, in the driver's environment or the job's
+# runtime_env, stands instead, even empty.
+ALLOC_CONF_ENV, ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"
+ALLOC_CONF_NAMES = (ALLOC_CONF_ENV, "PYTORCH_ALLOC_CONF")
 
 
 def resolve_address(cfg: RayConfig) -> str:
@@ -42,9 +49,9 @@ def init_kwargs(cfg: RayConfig) -> dict:
         "log_to_driver": True,
         "configure_logging": True,
     }
-    runtime_env: dict = {}
-    if fault_env():  # tests only: their fault handler must reach every worker
-        runtime_env["env_vars"] = fault_env()
+    env_vars = dict(fault_env())  # tests only: their fault handler must reach every worker
+    env_vars.update(allocator_env())
+    runtime_env: dict = {"env_vars": env_vars} if env_vars else {}
     if is_quiet(cfg.log_level) and not _job_sets_setup_hook():
         runtime_env["worker_process_setup_hook"] = WORKER_SETUP_HOOK
     if runtime_env:
@@ -85,10 +92,23 @@ def configure_data_context(cfg: RayConfig) -> None:
     logging.getLogger("ray.data").setLevel(max(logging.getLogger("ray.data").level, getattr(logging, cfg.log_level)))
 
 
+def _job_runtime_env() -> dict:
+    """The runtime_env `ray job submit` gave the job ({} outside a submitted job)."""
+    return json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
+
+
 def _job_sets_setup_hook() -> bool:
     """Whether `ray job submit` gave the job a worker_process_setup_hook of its own (Ray refuses two)."""
-    job = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}")
-    return bool((job.get("runtime_env") or {}).get("worker_process_setup_hook"))
+    return bool(_job_runtime_env().get("worker_process_setup_hook"))
+
+
+def allocator_env() -> dict[str, str]:
+    """The allocator setting the job's workers get, unless the user set one (Ray also refuses a variable that both
+    the job's runtime_env and ray.init's name)."""
+    job_env = _job_runtime_env().get("env_vars") or {}
+    if any(name in os.environ or name in job_env for name in ALLOC_CONF_NAMES):
+        return {}
+    return {ALLOC_CONF_ENV: ALLOC_CONF}
 
 
 def train_logging(cfg: RayConfig):

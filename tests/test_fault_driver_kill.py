@@ -18,6 +18,7 @@ from cli_runs import ROWS, STALE_GRADIENTS, files_under, tiny_cfg
 
 from gradfilter_ray import pipeline
 from gradfilter_ray.driver_claim import CLAIM_FILE
+from gradfilter_ray.gradients.shards import PLAN
 from gradfilter_ray.rundir import SCRATCH, RunDir
 
 pytestmark = pytest.mark.slow
@@ -68,12 +69,12 @@ def test_the_same_command_resumes_skipping_the_finished_stages(faulted_run):
     core = stages[: stages.index("report") + 1]
     for stage in core:
         assert rundir.stage_done(stage, pipeline.stage_key(stage, cfg)), stage
-    # Extraction kept the shards the killed run committed (part and marker, by name) and computed only the others;
-    # everything else the killed run left in gradients/ (the planted stale part included) is gone; the dead run's
-    # scratch folder is gone and no new one is left.
+    # Extraction kept the killed run's plan and the shards it committed (part and marker, by name) and computed only
+    # the others; everything else the killed run left in gradients/ (the planted stale part included) is gone; the
+    # dead run's scratch folder is gone and no new one is left.
     at_kill, after = faulted_run["gradients_after_kill"], faulted_run["gradients_after_second"]
-    committed = [m for m in at_kill if m.startswith("_shards/")]
-    kept = {name for m in committed for name in (m, m.split("/", 1)[1].replace(".json", ".parquet"))}
+    committed = [m for m in at_kill if m.startswith("_shards/") and m != PLAN]
+    kept = {PLAN} | {name for m in committed for name in (m, m.split("/", 1)[1].replace(".json", ".parquet"))}
     assert committed and set(at_kill) & set(after) == kept, (at_kill, after)
     assert STALE_GRADIENTS.split("/", 1)[1] not in after
     record = manifest["stages"]["gradients"]

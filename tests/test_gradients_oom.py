@@ -1,6 +1,7 @@
 """Running out of device memory mid-block is survivable: the batch is split in halves and retried, the rest of the
 block runs under half the token count that failed, and the block's values are those of a run without the fault. A row
-that does not fit alone fails with an error that names it. OOM is injected through the fault seam
+that does not fit alone fails with an error that names it. An allocation failure that a CUDA library reports as a
+plain RuntimeError counts as OOM; no other error does. OOM is injected through the fault seam
 (`faults.fault_point("gradients.batch", rows=..., tokens=...)`)."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 from test_gradients_budget import assert_same_block, extraction_setup, one_torch_thread, run_block  # noqa: F401
 
 from gradfilter_ray import faults
-from gradfilter_ray.gradients.batch_runner import BatchRunner, RowDoesNotFitError
+from gradfilter_ray.gradients.batch_runner import BatchRunner, RowDoesNotFitError, is_out_of_memory
 from gradfilter_ray.gradients.batching import padded_tokens
 
 
@@ -119,3 +120,65 @@ def test_oom_raised_by_the_work_itself_is_handled_like_an_injected_one():
     runner.run(np.full(5, 3), work)
     assert calls[0] == 5 and sorted(c for c in calls if c == 1) == [1] * 5
     assert runner.stats["batches"] == 5
+
+
+OOM_MESSAGES = [
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB",
+    "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API call",
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+    "MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 GB, max allowed: 18.13 GB)",
+    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+    "8589934592 bytes. Error code 12 (Cannot allocate memory)",
+]
+OTHER_ERRORS = [
+    "CUDA error: an illegal memory access was encountered",
+    "CUDA error: device-side assert triggered",
+    "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx( handle, opa, opb, m, n, k, ...)`",
+    "CUDA error: CUBLAS_STATUS_NOT_SUPPORTED",
+    "mat1 and mat2 shapes cannot be multiplied (4x8 and 16x4)",
+    "Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu!",
+    "memory format is not supported",
+    "timeout of memoryless wait",
+]
+
+
+def test_out_of_memory_is_recognised_by_type_or_by_an_allocation_failures_message_only():
+    assert is_out_of_memory(torch.OutOfMemoryError("anything"))
+    for message in OOM_MESSAGES:
+        assert is_out_of_memory(RuntimeError(message)), message
+    for message in OTHER_ERRORS:
+        assert not is_out_of_memory(RuntimeError(message)), message
+    assert not is_out_of_memory(ValueError("CUDA out of memory"))  # not an error torch raises for an allocation
+    assert not is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RowDoesNotFitError("row id 3 (9 tokens) runs out of memory on cuda:0 even alone"))
+
+
+@pytest.mark.parametrize("message", OOM_MESSAGES[1:4])
+def test_an_allocation_failure_raised_as_runtime_error_is_split_like_an_oom(message):
+    calls = []
+
+    def work(rows: np.ndarray) -> None:
+        calls.append(len(rows))
+        if len(rows) > 2:
+            raise RuntimeError(message)
+
+    runner = BatchRunner(np.arange(6), 6, None, torch.device("cpu"))
+    runner.run(np.full(6, 4), work)
+    # 6 rows fail, then their first half of 3; its 2 + 1 fit and set the budget to 8 tokens (half of the 3 x 4 that
+    # failed, raised to the 2 x 4 that fit), under which the other half of 3 is split before it is tried.
+    assert calls == [6, 3, 2, 1, 2, 1]
+    assert runner.stats["oom_splits"] == 2 and runner.stats["batches"] == 4 and runner.budget == 8
+
+
+def test_any_other_runtime_error_is_raised_as_it_is_without_a_retry():
+    calls = []
+
+    def work(rows: np.ndarray) -> None:
+        calls.append(len(rows))
+        raise RuntimeError(OTHER_ERRORS[0])
+
+    runner = BatchRunner(np.arange(6), 6, None, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="illegal memory access") as raised:
+        runner.run(np.full(6, 4), work)
+    assert type(raised.value) is RuntimeError and calls == [6] and runner.stats["oom_splits"] == 0

@@ -1,9 +1,10 @@
 """Runs per-batch work over a block's rows in token-budget batches, and survives running out of device memory.
 
-A batch whose work raises torch.OutOfMemoryError is split in halves and retried (down to single rows); the first
-batch that then succeeds sets a lower token budget for the rest of the block, so one OOM does not become one per
-batch. Every result is per example, so how rows are grouped never changes a value. A row that does not fit even
-alone raises `RowDoesNotFitError`, naming it.
+A batch whose work runs out of device memory (`is_out_of_memory`: torch.OutOfMemoryError, or a RuntimeError of a
+CUDA library that failed to allocate) is split in halves and retried (down to single rows); the first batch that
+then succeeds sets a lower token budget for the rest of the block, so one OOM does not become one per batch. Every
+result is per example, so how rows are grouped never changes a value. A row that does not fit even alone raises
+`RowDoesNotFitError`, naming it. Any other error is raised as it is.
 
 Each batch's work is preceded by `faults.fault_point("gradients.batch", rows=..., tokens=...)`: tests inject OOM
 there.
@@ -11,6 +12,7 @@ there.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -20,10 +22,26 @@ from gradfilter_ray.faults import fault_point
 from gradfilter_ray.gradients.batching import padded_tokens, token_budget_batches
 
 STAT_KEYS = ("batches", "oom_splits", "padded_tokens", "real_tokens")
+# What an allocation failure says when it surfaces as a plain RuntimeError rather than torch.OutOfMemoryError: a
+# cudaMalloc outside the caching allocator ("CUDA error: out of memory"), a cuBLAS or cuDNN handle or workspace
+# ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED"), the host allocator on CPU ("DefaultCPUAllocator: can't
+# allocate memory"). Not "illegal memory access" or any other CUDA error: those corrupt the context, and a retry
+# would only fail again, or worse.
+OUT_OF_MEMORY = re.compile(r"\bout of memory\b|\b[A-Z]+_STATUS_ALLOC_FAILED\b|can't allocate memory", re.IGNORECASE)
 
 
 class RowDoesNotFitError(RuntimeError):
     """One row's work ran out of device memory with nothing else in its batch."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` says the device (or host) could not allocate: a split batch may fit where this one did not.
+    A row that did not fit alone is a verdict, not a failure to retry."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    if isinstance(exc, RowDoesNotFitError) or not isinstance(exc, RuntimeError):
+        return False
+    return bool(OUT_OF_MEMORY.search(str(exc)))
 
 
 class BatchRunner:
@@ -72,7 +90,9 @@ class BatchRunner:
                 fault_point("gradients.batch", rows=len(part), tokens=tokens)  # may raise an injected OOM
                 work(part)
                 failed = False
-            except torch.OutOfMemoryError as exc:
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc):
+                    raise
                 if len(part) == 1:
                     raise RowDoesNotFitError(
                         f"row id {int(self.ids[part[0]])} ({int(lengths[part[0]])} tokens) runs out of memory on "

@@ -1,14 +1,15 @@
 """Extraction stage (Ray shell): `tokens/` through per-example LoRA gradient norms, committed shard by shard.
 
-The driver cuts `tokens/` into shards (`shards.plan_shards`: fixed row ranges of its files, `gradients.shard_rows`
-each), keeps the shards an interrupted run already committed for this stage key, removes everything else in
-`gradients/`, and streams the remaining shard descriptors through a Ray Data actor pool. Each `ShardExtractor` actor
-loads the frozen proxy once and all 2M adapters (M members x early/late, read by the actor itself from
-``output_dir/ensemble/``), reads its shard's rows itself, runs `extract.extract_block` (the Ray-free core), writes
-``gradients/part-{index}.parquet`` and then the shard's marker. The driver only sees one small row per shard, which
-it turns into progress (rows done of total, rate, time left). A Ray task finally checks that every row of `tokens/`
-came out exactly once. Each shard starts at the fault point "gradients.shard" (a no-op unless a test configures a
-handler).
+The driver cuts `tokens/` into shards (`shards.plan_shards`: row ranges of its files, a multiple of
+`gradients.num_actors` of them, none over `gradients.shard_rows`; an interrupted run's recorded plan when there is
+one), keeps the shards that run already committed for this stage key, removes everything else in `gradients/`, and
+streams the remaining shard descriptors through a Ray Data actor pool, one shard in flight per actor. Each
+`ShardExtractor` actor loads the frozen proxy once and all 2M adapters (M members x early/late, read by the actor
+itself from ``output_dir/ensemble/``), reads its shard's rows itself, runs `extract.extract_block` (the Ray-free
+core), writes ``gradients/part-{index}.parquet`` and then the shard's marker. The driver only sees one small row per
+shard, which it turns into progress (rows done of total, rate, time left). A Ray task finally checks that every row
+of `tokens/` came out exactly once. Each shard starts at the fault point "gradients.shard" (a no-op unless a test
+configures a handler).
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ import pyarrow as pa
 from gradfilter_ray.config import Config, GradientsConfig, ProxyConfig, build
 from gradfilter_ray.console import say
 from gradfilter_ray.faults import fault_point
-from gradfilter_ray.gradients.shards import MARKERS, Shard, keep_and_clear, plan_shards
+from gradfilter_ray.gradients.shards import (
+    MARKERS,
+    PLAN,
+    Shard,
+    keep_and_clear,
+    plan_record,
+    plan_shards,
+    recorded_plan,
+)
 from gradfilter_ray.parquet_stream import parquet_files, read_rows, row_counts, write_whole
 from gradfilter_ray.progress import RowProgress
 from gradfilter_ray.row_accounting import account_token_rows
@@ -146,26 +155,36 @@ class ShardExtractor:
         )
 
 
-def shard_plan(tokens: Location, shard_rows: int) -> list[Shard]:
+def token_files(tokens: Location) -> list[tuple[str, int]]:
+    """(file relative to `tokens`, its rows) for each Parquet file of `tokens/`, in listing order."""
     files = parquet_files(tokens)
-    names = [file.path[len(tokens.path) + 1 :] for file in files]
-    return plan_shards(list(zip(names, row_counts(files))), shard_rows)
+    return list(zip([file.path[len(tokens.path) + 1 :] for file in files], row_counts(files)))
+
+
+def shard_plan(cfg: GradientsConfig, file_rows: list[tuple[str, int]], recorded: dict | None, key: str) -> list[Shard]:
+    """The plan recorded for this key over these files (an interrupted run's, kept whatever the actor count now),
+    else a new one for `num_actors` actors."""
+    kept = recorded_plan(recorded, key, file_rows, cfg.shard_rows)
+    return kept if kept is not None else plan_shards(file_rows, cfg.shard_rows, cfg.num_actors)
+
+
+def read_plan(out: Location, files: list[str]) -> dict | None:
+    if PLAN not in files:
+        return None
+    try:
+        return json.loads((out / PLAN).read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: planned anew
 
 
 def committed_markers(out: Location, files: list[str]) -> dict[str, dict]:
     """marker path -> its record, for every readable marker among `files` (`out`'s files, relative to it)."""
     markers = {}
     for rel in files:
-        if not rel.startswith(f"{MARKERS}/"):
+        if not rel.startswith(f"{MARKERS}/") or rel == PLAN:
             continue
         try:
             markers[rel] = json.loads((out / rel).read_text())
-        except (OSError, ValueError):
-            continue  # unreadable: not committed, removed with the other leftovers
-    return markers
-    for rel in (out / MARKERS).files():
-        try:
-            markers[f"{MARKERS}/{rel}"] = json.loads((out / MARKERS / rel).read_text())
         except (OSError, ValueError):
             continue  # unreadable: not committed, removed with the other leftovers
     return markers
@@ -180,12 +199,16 @@ def commit_key(run: RunDir, stage_key: str) -> str:
 
 
 def actor_pool_args(cfg: Config, actors: int) -> dict:
-    """How the extraction asks Ray for its actors: `actors` of (cpus_per_actor, gpus_per_actor) each."""
+    """How the extraction asks Ray for its actors: `actors` of (cpus_per_actor, gpus_per_actor) each, one shard in
+    flight per actor."""
     import ray.data
 
     grads = cfg.gradients
     return {
-        "compute": ray.data.ActorPoolStrategy(size=actors),
+        # Ray Data queues 2 tasks per actor by default: the first actor to load its model would take a second shard
+        # while another actor, still loading, ends up with none. An actor reads its own shard, so a queued
+        # descriptor prefetches nothing.
+        "compute": ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
         "num_cpus": grads.cpus_per_actor,
         **({"num_gpus": grads.gpus_per_actor} if grads.gpus_per_actor > 0 else {}),
     }
@@ -209,13 +232,15 @@ def run(cfg: Config, run: RunDir, key: str, log=say) -> dict:
     ens, grads = cfg.ensemble, cfg.gradients
     adapters = adapter_locations(run.ensemble, ens.members, ens.early_epoch, ens.late_epoch)
     tokens, out = run.tokens, run.gradients
-    shards = shard_plan(tokens, grads.shard_rows)
     key = commit_key(run, key)
     out.make_dir()
-    files = out.files()  # one listing serves the markers and the clean-up
+    files = out.files()  # one listing serves the plan, the markers and the clean-up
+    file_rows = token_files(tokens)
+    shards = shard_plan(grads, file_rows, read_plan(out, files), key)
     done, todo, stale = keep_and_clear(shards, committed_markers(out, files), files, key)
     for rel in stale:
         (out / rel).delete()
+    (out / PLAN).write_text(json.dumps(plan_record(key, file_rows, shards)))
     total_rows = sum(s.rows for s in shards)
     progress = RowProgress(
         "[gradients] extracted",
