@@ -103,7 +103,7 @@ def old_checkpoint_due(steps_done: int, plan: TrainPlan, every_steps: int) -> bo
 
 def checkpoint_steps(n_rows: int, finetune: FinetuneConfig, old_every: int = OLD_EVERY_STEPS) -> dict:
     """A subset's optimiser steps and the steps after which each policy writes a checkpoint: old (epoch ends and
-    every `old_every`, the last step included) and new (`checkpoint_due` with the config's every-N)."""
+    every `old_every`, the last step included) and new (`checkpoint_due` with the config's checkpoint policy)."""
     plan = plan_training(n_rows, finetune, finetune.num_workers)
     steps = range(1, plan.total_steps + 1)
     return {
@@ -112,7 +112,9 @@ def checkpoint_steps(n_rows: int, finetune: FinetuneConfig, old_every: int = OLD
         "steps_per_epoch": plan.steps_per_epoch,
         "total_steps": plan.total_steps,
         "old_steps": [s for s in steps if old_checkpoint_due(s, plan, old_every)],
-        "new_steps": [s for s in steps if checkpoint_due(s, plan, finetune.checkpoint_every_steps)],
+        "new_steps": [
+            s for s in steps if checkpoint_due(s, plan, finetune.checkpoint, finetune.checkpoint_every_steps)
+        ],
     }
 
 
@@ -160,6 +162,7 @@ def shipped_subsets(bytes_per_param: float) -> list[dict]:
                 "params": TARGET_PARAMS[model],
                 "bytes_per_checkpoint": per_checkpoint,
                 "checkpoint_every_steps_old": OLD_EVERY_STEPS,
+                "checkpoint_new": cfg.finetune.checkpoint,
                 "checkpoint_every_steps_new": cfg.finetune.checkpoint_every_steps,
                 "subsets": subsets,
                 "total": {

@@ -330,13 +330,20 @@ class FinetuneConfig:
     )
     cpus_per_worker: float = doc("CPUs reserved per worker.", 1.0)
     gpus_per_worker: float = doc("GPUs per worker; 0 trains on CPU (DeepSpeed over gloo, fp32).", 1.0)
-    checkpoint_every_steps: int = doc(
-        "Save a resumable DeepSpeed checkpoint through ray.train.report every N optimiser steps; 0 = at each "
-        "epoch's end only. Never after the last step (the final save follows).",
-        0,
+    checkpoint: Literal["none", "epoch", "steps"] = doc(
+        "Resumable DeepSpeed state written while a subset trains: none (a failed worker group restarts the subset "
+        "from its first step), epoch (at each epoch's end), steps (every checkpoint_every_steps optimiser steps). "
+        "Never after the last step, where the final model save follows. A save is the whole ZeRO state, 12-14 "
+        "bytes a parameter (81-94 GB for 7B); docs/scale.md weighs it against a subset's training time.",
+        "epoch",
     )
+    checkpoint_every_steps: int = doc("Optimiser steps between saves under checkpoint: steps (0 otherwise).", 0)
     gradient_checkpointing: bool = doc("Recompute activations in backward (needed for 7B/13B at length 2048).", True)
-    max_failures: int = doc("Ray Train restarts of a failed worker group (resumes from the last checkpoint).", 1)
+    max_failures: int = doc(
+        "Ray Train restarts of a failed worker group: from the last checkpoint, or from the subset's first step "
+        "under checkpoint: none.",
+        1,
+    )
     scorers: list[str] = doc(
         "Fine-tune on the selections of these scorers (one run per scorer and ratio).",
         default_factory=lambda: ["gsnr", "random", "ifd"],
@@ -351,8 +358,13 @@ class FinetuneConfig:
             raise ConfigError("warmup_ratio must be in [0, 1)")
         if self.parallel_subsets is not None and self.parallel_subsets < 1:
             raise ConfigError("parallel_subsets must be >= 1 (or null: as many as the cluster holds)")
-        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or self.checkpoint_every_steps < 0:
-            raise ConfigError("cpus_per_worker must be > 0; gpus_per_worker and checkpoint_every_steps >= 0")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise ConfigError("cpus_per_worker must be > 0 and gpus_per_worker >= 0")
+        if self.checkpoint_every_steps < 0 or (self.checkpoint == "steps") != (self.checkpoint_every_steps > 0):
+            raise ConfigError(
+                "checkpoint_every_steps must be >= 1 with checkpoint: steps and 0 with none or epoch (only steps "
+                f"uses it); got checkpoint: {self.checkpoint}, checkpoint_every_steps: {self.checkpoint_every_steps}"
+            )
         unknown = [s for s in self.scorers if s not in SCORERS]
         if unknown:
             raise ConfigError(f"scorers: unknown scorer(s) {unknown}; valid: {list(SCORERS)}")

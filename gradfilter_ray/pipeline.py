@@ -31,8 +31,16 @@ StageFn = Callable[[Config, RunDir, str], dict[str, Any]]
 
 # How often Ray Train may restart a worker group changes no result: raising it to resume a crashed run must not
 # re-key the stage (which would rename its Ray Train run and start over).
-# How wide or where a stage runs never changes what it writes: a new width must not redo finished work.
-NOT_KEYED = {"max_failures", "parallel_subsets", "placement_strategy", "num_actors"}
+# How wide or where a stage runs never changes what it writes: a new width must not redo finished work. Nor does
+# when fine-tuning saves resumable state: a restart from a checkpoint or from step 1 ends on the same model.
+NOT_KEYED = {
+    "max_failures",
+    "parallel_subsets",
+    "placement_strategy",
+    "num_actors",
+    "checkpoint",
+    "checkpoint_every_steps",
+}
 # Opt-in fields keyed only when switched on: at their default they compute exactly what configs without them did, so
 # adding them re-keys no finished run. (Packing with dropout on draws other dropout masks: then it is keyed.)
 KEYED_WHEN_SET = {"packing": False}

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from gradfilter_ray.bundled import resolve
-from gradfilter_ray.config import FinetuneConfig, ModelSpec
+from gradfilter_ray.config import ConfigError, FinetuneConfig, ModelSpec, load
 from gradfilter_ray.finetune.ds_config import (
     TEMPLATES,
     checkpoint_due,
+    checkpoint_steps,
     deepspeed_config,
     epoch_positions,
     lr_factor,
@@ -95,12 +96,49 @@ def test_deepspeed_takes_the_bf16_config_with_fp32_accumulation_and_reduction():
     assert seen == {"2": expected, "3": expected}
 
 
-def test_checkpoints_at_epoch_ends_and_every_n_steps_but_never_after_the_last_step():
+def test_the_checkpoint_policy_none_epoch_or_every_n_steps_never_after_the_last_step():
     plan = plan_training(24, _target(epochs=2, effective_batch_size=8, micro_batch_size=4), world_size=2)
     assert (plan.steps_per_epoch, plan.total_steps) == (3, 6)
-    assert [s for s in range(1, 7) if checkpoint_due(s, plan, 0)] == [3]  # epoch 1's end; epoch 2's is the last
-    assert [s for s in range(1, 7) if checkpoint_due(s, plan, 2)] == [2, 3, 4]
-    assert not any(checkpoint_due(s, plan, 1) for s in (6, 7))
+
+    def due(policy, every=0):
+        return [s for s in range(1, 8) if checkpoint_due(s, plan, policy, every)]
+
+    assert due("none") == [] and checkpoint_steps(plan, "none") == []
+    assert due("epoch") == [3] == checkpoint_steps(plan, "epoch")  # epoch 1's end; epoch 2's is the last step
+    assert due("steps", 2) == [2, 4] == checkpoint_steps(plan, "steps", 2)  # epoch ends are not added
+    assert due("steps", 1) == [1, 2, 3, 4, 5]  # 6 is the last step: the final save follows
+    longer = plan_training(100, _target(epochs=3, effective_batch_size=8, micro_batch_size=4), world_size=2)
+    assert checkpoint_steps(longer, "epoch") == [13, 26] and checkpoint_steps(longer, "steps", 10) == [10, 20, 30]
+    with pytest.raises(ValueError, match="every_steps"):
+        checkpoint_due(2, plan, "steps", 0)
+    with pytest.raises(ValueError, match="unknown checkpoint policy"):
+        checkpoint_due(2, plan, "sometimes")
+
+
+@pytest.mark.parametrize(
+    "fields, ok",
+    [
+        ({"checkpoint": "none"}, True),
+        ({"checkpoint": "epoch"}, True),
+        ({"checkpoint": "steps", "checkpoint_every_steps": 50}, True),
+        ({"checkpoint": "steps"}, False),  # steps with no N
+        ({"checkpoint": "epoch", "checkpoint_every_steps": 50}, False),  # an N that nothing would use
+        ({"checkpoint": "none", "checkpoint_every_steps": 5}, False),
+        ({"checkpoint": "steps", "checkpoint_every_steps": -1}, False),
+    ],
+)
+def test_checkpoint_every_steps_is_set_exactly_when_the_policy_is_steps(fields, ok):
+    if ok:
+        assert _target(**fields).checkpoint == fields["checkpoint"]
+    else:
+        with pytest.raises(ConfigError, match="checkpoint_every_steps"):
+            _target(**fields)
+
+
+def test_a_config_names_one_of_the_three_checkpoint_policies():
+    assert load(None, ["finetune.checkpoint=none"]).finetune.checkpoint == "none"
+    with pytest.raises(ConfigError, match="checkpoint"):
+        load(None, ["finetune.checkpoint=always"])
 
 
 def test_the_saved_model_keeps_the_generation_defaults_its_base_model_ships_with(tmp_path):

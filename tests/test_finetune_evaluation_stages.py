@@ -174,7 +174,10 @@ def test_preempted_zero3_finetune_resumes_to_the_zero2_curve_and_weights(finetun
 
     _, reference, _ = finetuned
     root = tmp_path / "run"
-    cfg = small_cfg(root, "finetune.scorers=[gsnr]", "finetune.checkpoint_every_steps=2", "finetune.zero_stage=3")
+    cfg = small_cfg(
+        root, "finetune.scorers=[gsnr]", "finetune.checkpoint=steps", "finetune.checkpoint_every_steps=2",
+        "finetune.zero_stage=3",
+    )  # fmt: skip
     rundir = selected_run(root, cfg)
     key = pipeline.stage_key("finetune", cfg)
     partial = finetune_stage.build_trainer(cfg, rundir, key, Selection.parse("gsnr_0.5"), stop_after_steps=4).fit()
@@ -188,9 +191,9 @@ def test_preempted_zero3_finetune_resumes_to_the_zero2_curve_and_weights(finetun
     resumed = read_losses(rundir.finetune / "gsnr_0.5" / "train_loss.csv")
     uninterrupted = read_losses(reference.finetune / "gsnr_0.5" / "train_loss.csv")
     np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5)
-    # every 2 steps and at epoch ends, never after the last: steps 2, 3, 4 (written before the stop, and counted on)
+    # every 2 steps, never after the last: steps 2 and 4 (written before the stop, and counted on after it)
     summary = json.loads((rundir.finetune / "gsnr_0.5" / "train_summary.json").read_text())
-    assert summary["checkpoint_steps"] == [2, 3, 4] and summary["checkpoints"] == 3
+    assert summary["checkpoint_steps"] == [2, 4] and summary["checkpoints"] == 2
     z3 = load_file(str(rundir.finetune / "gsnr_0.5" / "model" / "model.safetensors"))
     z2 = load_file(str(reference.finetune / "gsnr_0.5" / "model" / "model.safetensors"))
     pretrained = load_file(PRETRAINED)
@@ -200,6 +203,54 @@ def test_preempted_zero3_finetune_resumes_to_the_zero2_curve_and_weights(finetun
         np.testing.assert_allclose(z3[name].numpy(), z2[name].numpy(), atol=1e-4, err_msg=name)
         moved = max(moved, float(np.abs(z2[name].numpy() - pretrained[name].numpy()).max()))
     assert moved > 1e-3  # and training really changed the weights
+
+
+def test_without_checkpoints_a_failed_worker_group_restarts_the_subset_from_its_first_step(finetuned, tmp_path):
+    """checkpoint: none with max_failures 1: both workers fail after step 3 (through the stage's fault seam); Ray
+    Train restarts the group, which finds no checkpoint and trains the subset again from step 1, to the curve of
+    the fixture's uninterrupted run, having written no checkpoint at any step."""
+    _, reference, _ = finetuned
+    root = tmp_path / "run"
+    cfg = small_cfg(root, "finetune.scorers=[gsnr]", "finetune.checkpoint=none", "finetune.max_failures=1")
+    rundir = selected_run(root, cfg)
+    seen, failed = str(tmp_path / "seen.jsonl"), str(tmp_path / "failed")
+
+    def fails_once_after_step_3(config: dict) -> None:
+        import json as json_
+        import os
+        from pathlib import Path as Path_
+
+        from gradfilter_ray import faults
+        from gradfilter_ray.finetune.worker import finetune_worker
+
+        trainer = Path_(config["train_state"].path)
+
+        def handler(name: str, rank: int, step: int, loss: float, pid: int) -> None:
+            saved = sorted(p.name for p in trainer.glob("checkpoint_step_*"))
+            with open(seen, "a") as fh:
+                fh.write(json_.dumps({"rank": rank, "step": step, "loss": loss, "pid": pid, "saved": saved}) + "\n")
+            if step == 3 and not os.path.exists(f"{failed}-{rank}"):  # the first attempt only
+                open(f"{failed}-{rank}", "w").close()
+                raise RuntimeError("injected worker failure after step 3")
+
+        faults._handler, faults._loaded = handler, True
+        finetune_worker(config)
+
+    key = pipeline.stage_key("finetune", cfg)
+    selection = Selection.parse("gsnr_0.5")
+    assert finetune_stage.fit_subset(cfg, rundir, key, selection, train_fn=fails_once_after_step_3) == "gsnr_0.5"
+    records = [json.loads(line) for line in Path(seen).read_text().splitlines()]
+    for rank in (0, 1):
+        mine = [r for r in records if r["rank"] == rank]
+        assert [r["step"] for r in mine] == [1, 2, 3, 1, 2, 3, 4, 5, 6]  # failed after 3, then from the first step
+        assert len({r["pid"] for r in mine[:3]} | {r["pid"] for r in mine[3:]}) == 2  # a new worker process
+        np.testing.assert_allclose([r["loss"] for r in mine[3:6]], [r["loss"] for r in mine[:3]], rtol=1e-6)
+        assert all(r["saved"] == [] for r in mine)  # nothing resumable was ever written
+    losses = read_losses(rundir.finetune / "gsnr_0.5" / "train_loss.csv")
+    np.testing.assert_allclose(losses, [r["loss"] for r in records if r["rank"] == 0][3:], rtol=1e-6)
+    np.testing.assert_allclose(losses, read_losses(reference.finetune / "gsnr_0.5" / "train_loss.csv"), rtol=1e-5)
+    summary = json.loads((rundir.finetune / "gsnr_0.5" / "train_summary.json").read_text())
+    assert summary["checkpoints"] == 0 and summary["checkpoint_steps"] == [] and summary["total_steps"] == 6
 
 
 def test_evaluate_generates_scores_heldout_judges_and_compares(finetuned, tmp_path):

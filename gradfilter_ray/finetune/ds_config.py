@@ -74,13 +74,25 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def checkpoint_due(steps_done: int, plan: TrainPlan, every_steps: int) -> bool:
-    """Whether to write a resumable checkpoint after `steps_done` optimiser steps: at each epoch's end and every
-    `every_steps` (0 = epoch ends only), never after the last step, where the final save follows at once (a full
-    ZeRO state is ~12 bytes a parameter: 84 GB for 7B, written for nothing)."""
-    if steps_done >= plan.total_steps:
+def checkpoint_due(steps_done: int, plan: TrainPlan, policy: str, every_steps: int = 0) -> bool:
+    """Whether to write a resumable checkpoint after `steps_done` optimiser steps under `finetune.checkpoint`:
+    never with `none`, at each epoch's end with `epoch`, every `every_steps` with `steps`; never after the last
+    step, where the final save follows at once (a full ZeRO state is 12-14 bytes a parameter, written for
+    nothing)."""
+    if steps_done >= plan.total_steps or policy == "none":
         return False
-    return steps_done % plan.steps_per_epoch == 0 or bool(every_steps and steps_done % every_steps == 0)
+    if policy == "epoch":
+        return steps_done % plan.steps_per_epoch == 0
+    if policy == "steps":
+        if every_steps < 1:
+            raise ValueError(f"checkpoint: steps needs every_steps >= 1, got {every_steps}")
+        return steps_done % every_steps == 0
+    raise ValueError(f"unknown checkpoint policy {policy!r} (none, epoch or steps)")
+
+
+def checkpoint_steps(plan: TrainPlan, policy: str, every_steps: int = 0) -> list[int]:
+    """The optimiser steps after which `checkpoint_due` writes a checkpoint, over the whole plan."""
+    return [s for s in range(1, plan.total_steps + 1) if checkpoint_due(s, plan, policy, every_steps)]
 
 
 def epoch_positions(plan: TrainPlan, seed: int, epoch: int) -> np.ndarray:

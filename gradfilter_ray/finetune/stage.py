@@ -4,11 +4,12 @@
 For each selection (scorer x ratio, plus the whole dataset `full` when asked) a trainer reads the rows from
 ``selection/{name}.parquet`` (output_dir must be reachable from every node). Each trainer's fit() runs in a Ray
 task of its own, so up to `placement.subsets_side_by_side` trainers train at once, each on its own GPUs
-(STRICT_PACK: one node per subset by default); the others wait for a free slot. A resumable DeepSpeed checkpoint is
-written by every rank straight into the trainer's storage at each epoch's end and every
-``checkpoint_every_steps`` steps, never after the last step (`ds_config.checkpoint_due`; their steps, bytes and
-seconds land in the subset's summary); a re-run with the same key resumes from the latest one, and a failed worker
-group is restarted from it (FailureConfig). Rank 0 writes the consolidated model (``model/``, safetensors),
+(STRICT_PACK: one node per subset by default); the others wait for a free slot. Under ``finetune.checkpoint``
+(`ds_config.checkpoint_due`) every rank writes its part of a resumable DeepSpeed checkpoint straight into the
+trainer's storage at each epoch's end (epoch) or every ``checkpoint_every_steps`` steps (steps), never after the
+last step; their steps, bytes and seconds land in the subset's summary. A re-run with the same key resumes from the
+latest one, and a failed worker group is restarted from it (FailureConfig); with ``none`` both start the subset
+again from its first step. Rank 0 writes the consolidated model (``model/``, safetensors),
 ``train_loss.csv`` and ``train_summary.json`` straight to ``output_dir/finetune/{subset}/`` (no copy through the
 driver) and, last, a ``_done`` marker holding the stage key: a subset with that marker is finished, so a crash
 loses at most the subsets in flight.
@@ -172,6 +173,11 @@ def run(cfg: Config, run: RunDir, key: str, log=say) -> dict:
     if dropped:
         log(f"[finetune] removed {len(dropped)} trainer folder(s) of an earlier config: {', '.join(dropped)}")
     if todo:
+        if cfg.finetune.checkpoint == "none" and cfg.finetune.max_failures > 0:
+            log(
+                f"[finetune] checkpoint: none: a failed worker group restarts its subset from the first step (up to "
+                f"{cfg.finetune.max_failures} time(s))"
+            )
         fit_side_by_side(cfg, run, key, todo, log)
     runs = {name: json.loads((run.finetune / name / SUMMARY).read_text()) for name in names}
     for stale in set(run.finetune.children()) - set(runs) - {"summary.json"}:

@@ -1,10 +1,11 @@
 """The Ray Train worker of the finetune stage: DeepSpeed on this rank's share of one subset.
 
 Tokens: each rank tokenises its contiguous share of the subset once and writes it beside the trainer's
-checkpoints; every rank then reads all shares (`subset_tokens`). Checkpoints: every rank writes its own shard
-straight into the trainer's storage (`checkpoints`), and Ray Train registers the folder without copying it. The
-final model: rank 0 writes it from the consolidated state straight to ``output_dir/finetune/{subset}/``; nothing
-passes through the driver.
+checkpoints; every rank then reads all shares (`subset_tokens`). Checkpoints (`finetune.checkpoint`: none, epoch or
+steps): every rank writes its own shard straight into the trainer's storage (`checkpoints`), and Ray Train
+registers the folder without copying it; a restarted worker group resumes from the latest, or from the first step
+when there is none. The final model: rank 0 writes it from the consolidated state straight to
+``output_dir/finetune/{subset}/``; nothing passes through the driver.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from gradfilter_ray.config import FinetuneConfig, build
+from gradfilter_ray.faults import fault_point
 from gradfilter_ray.storage import Location
 
 LOSS_CSV = "train_loss.csv"
@@ -196,8 +198,10 @@ def finetune_worker(config: dict) -> None:
 
     def on_step(step: int, loss: float) -> bool:
         losses.append([step + 1, loss])
-        if checkpoint_due(step + 1, plan, finetune.checkpoint_every_steps):
+        if checkpoint_due(step + 1, plan, finetune.checkpoint, finetune.checkpoint_every_steps):
             report_checkpoint(step + 1)
+        # Where a real run fails between steps (tests fail a worker here to see what the restart resumes from).
+        fault_point("finetune.step", rank=rank, step=step + 1, loss=loss, pid=os.getpid())
         # Stopping early, as a preemption would (tests): the next fit() resumes from the last checkpoint.
         return bool(config.get("stop_after_steps")) and step + 1 >= config["stop_after_steps"]
 
