@@ -25,6 +25,7 @@ from gradfilter_ray.config import Config
 
 def bare_extract(cfg: Config, root: Path, out_file: Path, limit: int | None = None) -> None:
     """What the stage computes, in-process: the same reads, the same ShardExtractor, the same row windows."""
+    from gradfilter_ray.gradients.shards import plan_shards
     from gradfilter_ray.gradients.stage import TOKEN_COLUMNS, ShardExtractor, adapter_locations
     from gradfilter_ray.rundir import RunDir
 
@@ -35,8 +36,8 @@ def bare_extract(cfg: Config, root: Path, out_file: Path, limit: int | None = No
     table = pq.read_table(rundir.tokens, columns=TOKEN_COLUMNS)
     if limit is not None:
         table = table.slice(0, limit)
-    step = grads.shard_rows
-    parts = [extractor.extract_rows(table.slice(begin, step)) for begin in range(0, table.num_rows, step)]
+    shards = plan_shards([("tokens", table.num_rows)], grads.shard_rows, grads.num_actors)  # as the stage cuts them
+    parts = [extractor.extract_rows(table.slice(s.first_row, s.rows)) for s in shards]
     pq.write_table(pa.concat_tables(parts), out_file)
 
 
