@@ -1,33 +1,37 @@
-"""Checkpoint bytes of fine-tuning, before and after issue #14: bytes a parameter, old route vs new, per subset.
+"""Fine-tuning's resumable checkpoints: bytes a parameter per ZeRO stage, the in-place route against staging and
+copying, and the bytes each shipped config's checkpoint policy writes per subset.
 
 Three parts, in one run:
 1. **Measured: bytes a parameter.** A LLaMA-shaped model built from a `LlamaConfig` through the stage's own cores
    (`FinetuneConfig` with `ModelSpec(build_from_config=...)`, `model.build_trainable`, `ds_config.deepspeed_config`,
    torch AdamW, `deepspeed.initialize` in one process on CPU over gloo), two optimiser steps, then ONE checkpoint
    for each of ZeRO-2 and ZeRO-3 in fp32 and bf16: the files' total size / the parameter count.
-2. **Measured: old route vs new route** on the bf16 ZeRO-3 engine. Old: `engine.save_checkpoint(<temp dir>)`, then
-   the folder copied into storage with `pyarrow.fs.copy_files` (what Ray Train's upload runs, 64 MiB chunks), then
-   the temp dir removed. New: `checkpoints.save_shards(engine, Location(storage))`, which writes straight into the
-   storage folder on a local or shared mount. Bytes written = the sizes of the files each route created (old: temp +
-   storage; new: storage), cross-checked with this process's `wchar` (/proc/self/io: bytes passed to write calls,
-   every thread included). Wall and CPU seconds (all threads: pyarrow copies on threads of its own), the order
-   alternating over the repeats; median ratios (CPU time is the steadier figure when another tenant is busy). All
-   folders lie under one temp dir on the same disk and are removed after each repeat. Nothing is fsynced (as in the
-   stage), so the seconds are mostly page-cache copies: `os.sync()` runs, untimed, before each route so that one
-   route's writeback does not land in the other's time, and once more, timed, after it (`sync_after_s`). The
-   block-layer counters (`write_bytes`, `cancelled_write_bytes`) show how much of the staged copy was deleted before
-   the kernel wrote it back (at ~0.6 GB on this machine: all of it; at tens of GB a node the kernel's background
-   writeback is expected to send much of it to disk before the copy ends).
+2. **Measured: staging route vs in-place route** on the bf16 ZeRO-2 engine (the stage of the shipped 7B configs,
+   the 1M-row template among them: the one shipped config that writes checkpoints). Staging:
+   `engine.save_checkpoint(<temp dir>)`, then the folder copied into storage with `pyarrow.fs.copy_files` (what Ray
+   Train's upload runs, 64 MiB chunks), then the temp dir removed. In place: `checkpoints.save_shards(engine,
+   Location(storage))`, which writes straight into the storage folder on a local or shared mount. Bytes written =
+   the sizes of the files each route created (staging: temp + storage; in place: storage), cross-checked with this
+   process's `wchar` (/proc/self/io: bytes passed to write calls, every thread included). Wall and CPU seconds (all
+   threads: pyarrow copies on threads of its own), the order alternating over the repeats; median ratios (CPU time
+   is the steadier figure when another tenant is busy). All folders lie under one temp dir on the same disk and are
+   removed after each repeat. Nothing is fsynced (as in the stage), so the seconds are mostly page-cache copies:
+   `os.sync()` runs, untimed, before each route so that one route's writeback does not land in the other's time,
+   and once more, timed, after it (`sync_after_s`). The block-layer counters (`write_bytes`,
+   `cancelled_write_bytes`) show how much of the staged copy was deleted before the kernel wrote it back (at
+   ~0.7 GB: all of it; at tens of GB a node the kernel's background writeback is expected to send much of it to
+   disk before the copy ends).
 3. **Computed: bytes per subset** for the shipped configs. For each fine-tuned subset (scorer x ratio of
    `finetune.stage.selections`; rows = floor(ratio x the dataset's rows) as selection takes them) `plan_training`
-   gives the steps; checkpoints are counted under the old policy (after step s whenever s % steps_per_epoch == 0 or
-   s % 50 == 0, the last step included) and the new one (`ds_config.checkpoint_due` with the config's
-   `checkpoint_every_steps`). Bytes a checkpoint = the measured bf16 ZeRO-3 bytes a parameter x the target's
-   parameter count (LLaMA-2 7B / 13B); old bytes written = count x bytes x 2 (staged, then copied), new = count x
-   bytes x 1 (written in place on a shared mount, as the shipped configs' output_dir is; on an object store each
-   rank still stages its own shard before uploading it, so there only the policy's saving counts:
-   `bytes_new_object_store` = x 2). One process (world size 1) was measured: 8 ranks split the same state into 8
-   shards plus a small model-states file each.
+   gives the steps, and checkpoints are counted under three policies: the config's shipped `finetune.checkpoint`
+   (`ds_config.checkpoint_steps`; `none` writes no resumable checkpoint at all), `epoch` (what the 7B and 13B
+   Alpaca configs would write had they not chosen `none`), and a baseline of every 50 steps and each epoch's end,
+   the last step included, staged and copied. Bytes a checkpoint = the measured bf16 bytes a parameter of the
+   config's own `zero_stage` x the target's parameter count (LLaMA-2 7B / 13B). In place = count x bytes (a shared
+   mount, as the shipped configs' output_dir is; on an object store each rank still stages its own shard before
+   uploading it: `bytes_shipped_object_store` = x 2); the baseline = count x bytes x 2 (staged, then copied). One
+   process (world size 1) was measured: 8 ranks split the same state into 8 shards plus a small model-states file
+   each.
 
 Results: benchmarks/results/checkpoint_bytes.json (checkpoint_bytes.quick.json with --quick).
 Usage: python benchmarks/bench_checkpoint_bytes.py [--quick] [--repeats N]
@@ -54,10 +58,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run as a script from anywhere: the package from this checkout
 
 from gradfilter_ray.config import FinetuneConfig, ModelSpec  # noqa: E402
-from gradfilter_ray.finetune.ds_config import TrainPlan, checkpoint_due, plan_training  # noqa: E402
+from gradfilter_ray.finetune.ds_config import TrainPlan, plan_training  # noqa: E402
+from gradfilter_ray.finetune.ds_config import checkpoint_steps as ds_checkpoint_steps  # noqa: E402
 
 TOKENIZER = "bundled:stories260K"  # never loaded: build_from_config needs one named
-OLD_EVERY_STEPS = 50  # the shipped configs' checkpoint_every_steps before issue #14
+BASELINE_EVERY_STEPS = 50  # the baseline policy's fixed interval, with epoch ends and the last step
 # LLaMA-2 parameter counts (the models' safetensors indexes)
 TARGET_PARAMS = {"meta-llama/Llama-2-7b-hf": 6_738_415_616, "meta-llama/Llama-2-13b-hf": 13_015_864_320}
 SHIPPED = {  # config file -> rows of its dataset
@@ -96,46 +101,55 @@ TRAIN_STEPS = 2
 # ---------------------------------------------------------------- part 3: checkpoints per subset (pure arithmetic)
 
 
-def old_checkpoint_due(steps_done: int, plan: TrainPlan, every_steps: int) -> bool:
-    """The policy before issue #14: epoch ends and every N steps, the last step included."""
+def baseline_checkpoint_due(steps_done: int, plan: TrainPlan, every_steps: int) -> bool:
+    """The baseline policy: each epoch's end and every `every_steps`, the last step included."""
     return steps_done % plan.steps_per_epoch == 0 or bool(every_steps and steps_done % every_steps == 0)
 
 
-def checkpoint_steps(n_rows: int, finetune: FinetuneConfig, old_every: int = OLD_EVERY_STEPS) -> dict:
-    """A subset's optimiser steps and the steps after which each policy writes a checkpoint: old (epoch ends and
-    every `old_every`, the last step included) and new (`checkpoint_due` with the config's checkpoint policy)."""
+def checkpoint_steps(n_rows: int, finetune: FinetuneConfig, baseline_every: int = BASELINE_EVERY_STEPS) -> dict:
+    """A subset's optimiser steps and the steps after which each policy writes a checkpoint: the baseline (epoch
+    ends and every `baseline_every`, the last step included), `epoch`, and the config's own `finetune.checkpoint`
+    (the stage's `checkpoint_due`)."""
     plan = plan_training(n_rows, finetune, finetune.num_workers)
-    steps = range(1, plan.total_steps + 1)
     return {
         "rows": n_rows,
         "global_batch": plan.global_batch,
         "steps_per_epoch": plan.steps_per_epoch,
         "total_steps": plan.total_steps,
-        "old_steps": [s for s in steps if old_checkpoint_due(s, plan, old_every)],
-        "new_steps": [
-            s for s in steps if checkpoint_due(s, plan, finetune.checkpoint, finetune.checkpoint_every_steps)
+        "baseline_steps": [
+            s for s in range(1, plan.total_steps + 1) if baseline_checkpoint_due(s, plan, baseline_every)
         ],
+        "epoch_steps": ds_checkpoint_steps(plan, "epoch"),
+        "shipped_steps": ds_checkpoint_steps(plan, finetune.checkpoint, finetune.checkpoint_every_steps),
     }
 
 
 def subset_bytes(counts: dict, bytes_per_checkpoint: float) -> dict:
-    """Bytes written for one subset: old = checkpoints x bytes x 2 (staged on a node, then copied to storage),
-    new = checkpoints x bytes (each rank writes its shard in place on a local or shared mount). On an object store
-    the new route also stages each rank's shard before uploading it: x 2 there (`bytes_new_object_store`)."""
-    old = len(counts["old_steps"]) * bytes_per_checkpoint * 2
-    new = len(counts["new_steps"]) * bytes_per_checkpoint
+    """Bytes written for one subset: baseline = checkpoints x bytes x 2 (staged on a node, then copied to storage);
+    epoch and shipped = checkpoints x bytes (each rank writes its shard in place on a local or shared mount). On an
+    object store the in-place route also stages each rank's shard before uploading it: x 2 there
+    (`bytes_shipped_object_store`). `baseline_over_shipped` is None when the shipped policy writes nothing."""
+    baseline = len(counts["baseline_steps"]) * bytes_per_checkpoint * 2
+    epoch = len(counts["epoch_steps"]) * bytes_per_checkpoint
+    shipped = len(counts["shipped_steps"]) * bytes_per_checkpoint
     return {
-        "checkpoints_old": len(counts["old_steps"]),
-        "checkpoints_new": len(counts["new_steps"]),
-        "bytes_old": old,
-        "bytes_new": new,
-        "bytes_new_object_store": new * 2,
-        "old_over_new": old / new if new else None,
+        "checkpoints_baseline": len(counts["baseline_steps"]),
+        "checkpoints_epoch": len(counts["epoch_steps"]),
+        "checkpoints_shipped": len(counts["shipped_steps"]),
+        "bytes_baseline": baseline,
+        "bytes_epoch": epoch,
+        "bytes_shipped": shipped,
+        "bytes_shipped_object_store": shipped * 2,
+        "baseline_over_shipped": baseline / shipped if shipped else None,
     }
 
 
-def shipped_subsets(bytes_per_param: float) -> list[dict]:
-    """Every shipped config's fine-tuned subsets with their checkpoint counts and bytes written."""
+SUMMED = ("checkpoints_baseline", "checkpoints_epoch", "checkpoints_shipped", "bytes_baseline", "bytes_epoch")
+
+
+def shipped_subsets(bytes_per_param: dict[int, float]) -> list[dict]:
+    """Every shipped config's fine-tuned subsets with their checkpoint counts and bytes written; a checkpoint's
+    bytes from `bytes_per_param[zero_stage]` of the config's own stage."""
     from gradfilter_ray.config import load
     from gradfilter_ray.finetune.stage import selections
     from gradfilter_ray.scoring.scorers import FULL
@@ -144,8 +158,8 @@ def shipped_subsets(bytes_per_param: float) -> list[dict]:
     out = []
     for name, dataset_rows in SHIPPED.items():
         cfg = load(REPO / "jobs" / "configs" / name)
-        model = cfg.finetune.model.name_or_path
-        per_checkpoint = bytes_per_param * TARGET_PARAMS[model]
+        model, stage = cfg.finetune.model.name_or_path, cfg.finetune.zero_stage
+        per_checkpoint = bytes_per_param[stage] * TARGET_PARAMS[model]
         subsets = []
         for sel in selections(cfg):
             rows = dataset_rows if sel.scorer == FULL else k_for_ratio(sel.ratio, dataset_rows)
@@ -153,27 +167,26 @@ def shipped_subsets(bytes_per_param: float) -> list[dict]:
             subsets.append(
                 {"subset": sel.name, "selection_ratio": sel.ratio, **counts, **subset_bytes(counts, per_checkpoint)}
             )
-        total_old = sum(s["bytes_old"] for s in subsets)
-        total_new = sum(s["bytes_new"] for s in subsets)
+        total = {"subsets": len(subsets), **{k: sum(s[k] for s in subsets) for k in SUMMED}}
+        shipped = sum(s["bytes_shipped"] for s in subsets)
+        total |= {
+            "bytes_shipped": shipped,
+            "bytes_shipped_object_store": shipped * 2,
+            "baseline_over_shipped": total["bytes_baseline"] / shipped if shipped else None,
+        }
         out.append(
             {
                 "config": name.removesuffix(".yaml"),
                 "model": model,
                 "params": TARGET_PARAMS[model],
+                "zero_stage": stage,
+                "bytes_per_param": bytes_per_param[stage],
                 "bytes_per_checkpoint": per_checkpoint,
-                "checkpoint_every_steps_old": OLD_EVERY_STEPS,
-                "checkpoint_new": cfg.finetune.checkpoint,
-                "checkpoint_every_steps_new": cfg.finetune.checkpoint_every_steps,
+                "checkpoint_every_steps_baseline": BASELINE_EVERY_STEPS,
+                "checkpoint_shipped": cfg.finetune.checkpoint,
+                "checkpoint_every_steps_shipped": cfg.finetune.checkpoint_every_steps,
                 "subsets": subsets,
-                "total": {
-                    "subsets": len(subsets),
-                    "checkpoints_old": sum(s["checkpoints_old"] for s in subsets),
-                    "checkpoints_new": sum(s["checkpoints_new"] for s in subsets),
-                    "bytes_old": total_old,
-                    "bytes_new": total_new,
-                    "bytes_new_object_store": total_new * 2,
-                    "old_over_new": total_old / total_new if total_new else None,
-                },
+                "total": total,
             }
         )
     return out
@@ -183,13 +196,22 @@ def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def _shipped_ratio(x: float | None) -> str:
+    return "- (no checkpoints)" if x is None else f"{x:.2f}x"
+
+
 def subsets_markdown(configs: list[dict]) -> str:
     """One row per ratio (its subsets, one per scorer, have the same size), then each config's total."""
     lines = [
-        "| config | subset | rows | steps (per epoch) | checkpoints old / new | TB written old / new | old / new |",
+        "| config (ZeRO, a checkpoint) | subset | rows | steps (per epoch) | checkpoints: every-50 / epoch / shipped "
+        "| TB written: every-50 staged / epoch / shipped | every-50 staged / shipped |",
         "|---|---|---|---|---|---|---|",
     ]
     for c in configs:
+        policy = c["checkpoint_shipped"]
+        if policy == "steps":
+            policy = f"steps every {c['checkpoint_every_steps_shipped']}"
+        head = f"{c['config']} (ZeRO-{c['zero_stage']}, {c['bytes_per_checkpoint'] / 1e9:.1f} GB; {policy})"
         groups: dict[float, list[dict]] = {}
         for s in c["subsets"]:
             groups.setdefault(s["selection_ratio"], []).append(s)
@@ -198,15 +220,17 @@ def subsets_markdown(configs: list[dict]) -> str:
             scorers = "/".join(g["subset"].rsplit("_", 1)[0] for g in group)
             label = s["subset"] if len(group) == 1 else f"{{{scorers}}}_{s['selection_ratio']:g} (each)"
             lines.append(
-                f"| {c['config']} | {label} | {s['rows']:,} | {s['total_steps']:,} ({s['steps_per_epoch']:,}) "
-                f"| {s['checkpoints_old']} / {s['checkpoints_new']} "
-                f"| {s['bytes_old'] / TB:.2f} / {s['bytes_new'] / TB:.2f} | {_ratio(s['old_over_new'])} |"
+                f"| {head} | {label} | {s['rows']:,} | {s['total_steps']:,} ({s['steps_per_epoch']:,}) "
+                f"| {s['checkpoints_baseline']} / {s['checkpoints_epoch']} / {s['checkpoints_shipped']} "
+                f"| {s['bytes_baseline'] / TB:.2f} / {s['bytes_epoch'] / TB:.2f} / {s['bytes_shipped'] / TB:.2f} "
+                f"| {_shipped_ratio(s['baseline_over_shipped'])} |"
             )
         t = c["total"]
         lines.append(
             f"| **{c['config']}** | **all {t['subsets']} subsets** | | "
-            f"| {t['checkpoints_old']} / {t['checkpoints_new']} "
-            f"| **{t['bytes_old'] / TB:.2f} / {t['bytes_new'] / TB:.2f}** | **{_ratio(t['old_over_new'])}** |"
+            f"| {t['checkpoints_baseline']} / {t['checkpoints_epoch']} / {t['checkpoints_shipped']} "
+            f"| **{t['bytes_baseline'] / TB:.2f} / {t['bytes_epoch'] / TB:.2f} / {t['bytes_shipped'] / TB:.2f}** "
+            f"| **{_shipped_ratio(t['baseline_over_shipped'])}** |"
         )
     return "\n".join(lines)
 
@@ -324,7 +348,7 @@ def release(engine) -> None:
 
 
 def one_checkpoint(engine, n_params: int, folder: Path) -> dict:
-    """One checkpoint the new way (into `folder` in place): files, bytes, bytes a parameter."""
+    """One checkpoint the stage's way (into `folder` in place): files, bytes, bytes a parameter."""
     from gradfilter_ray.finetune.checkpoints import save_shards
     from gradfilter_ray.storage import open_location
 
@@ -363,15 +387,16 @@ def route_result(staged: int, storage: Path, io0: dict, cpu0: float, started: fl
     }
 
 
-def old_route(engine, staging: Path, storage: Path) -> dict:
-    """Before: the rank saves into a node-local temp dir, Ray Train copies the folder to storage, the temp dir goes."""
+def staging_route(engine, staging: Path, storage: Path) -> dict:
+    """Staging: the rank saves into a node-local temp dir, Ray Train copies the folder to storage, the temp dir
+    goes."""
     import pyarrow.fs as pafs
 
     from gradfilter_ray.finetune.checkpoints import DS_TAG
 
     os.sync()
     io0, c0, t0 = io_counters(), time.process_time(), time.perf_counter()
-    engine.save_checkpoint(str(staging), tag=DS_TAG)  # as the stage called it then (save_latest on)
+    engine.save_checkpoint(str(staging), tag=DS_TAG)  # DeepSpeed's own save (save_latest on)
     t1 = time.perf_counter()
     staged = folder_bytes(staging)
     local = pafs.LocalFileSystem()
@@ -383,8 +408,8 @@ def old_route(engine, staging: Path, storage: Path) -> dict:
     return route_result(staged, storage, io0, c0, t0, save_s=t1 - t0, copy_s=t2 - t1, remove_staged_s=t3 - t2)
 
 
-def new_route(engine, storage: Path) -> dict:
-    """Now: the rank writes its shard straight into the storage folder (a local or shared mount)."""
+def in_place_route(engine, storage: Path) -> dict:
+    """In place: the rank writes its shard straight into the storage folder (a local or shared mount)."""
     from gradfilter_ray.finetune.checkpoints import save_shards
     from gradfilter_ray.storage import open_location
 
@@ -398,23 +423,21 @@ def compare_routes(engine, root: Path, repeats: int) -> dict:
     runs = []
     for i in range(repeats):
         where = root / f"repeat-{i}"
-        order = ("old", "new") if i % 2 == 0 else ("new", "old")
+        order = ("staging", "in_place") if i % 2 == 0 else ("in_place", "staging")
         got = {}
         for route in order:
-            if route == "old":
-                got["old"] = old_route(engine, where / "node-temp", where / "storage-old" / "checkpoint")
+            if route == "staging":
+                got[route] = staging_route(engine, where / "node-temp", where / "storage-staged" / "checkpoint")
             else:
-                got["new"] = new_route(engine, where / "storage-new" / "checkpoint")
+                got[route] = in_place_route(engine, where / "storage-in-place" / "checkpoint")
         shutil.rmtree(where)
         runs.append({"order": list(order), **got})
+        st, ip = got["staging"], got["in_place"]
         print(
-            f"  repeat {i} ({'/'.join(order)}): old {got['old']['bytes_written'] / 1e6:,.0f} MB in "
-            f"{got['old']['seconds']:.2f} s (save {got['old']['save_s']:.2f} + copy {got['old']['copy_s']:.2f} "
-            f"+ rm {got['old']['remove_staged_s']:.2f}, then sync {got['old']['sync_after_s']:.2f}); "
-            f"CPU {got['old']['cpu_s']:.2f} s; "
-            f"new {got['new']['bytes_written'] / 1e6:,.0f} MB in {got['new']['seconds']:.2f} s, "
-            f"CPU {got['new']['cpu_s']:.2f} s "
-            f"(then sync {got['new']['sync_after_s']:.2f})",
+            f"  repeat {i} ({'/'.join(order)}): staging {st['bytes_written'] / 1e6:,.0f} MB in {st['seconds']:.2f} s "
+            f"(save {st['save_s']:.2f} + copy {st['copy_s']:.2f} + rm {st['remove_staged_s']:.2f}, then sync "
+            f"{st['sync_after_s']:.2f}); CPU {st['cpu_s']:.2f} s; in place {ip['bytes_written'] / 1e6:,.0f} MB in "
+            f"{ip['seconds']:.2f} s, CPU {ip['cpu_s']:.2f} s (then sync {ip['sync_after_s']:.2f})",
             flush=True,
         )
 
@@ -422,9 +445,9 @@ def compare_routes(engine, root: Path, repeats: int) -> dict:
         return statistics.median(r[route][key] for r in runs)
 
     def ratio(key: str) -> float | None:
-        if any(r["new"][key] == 0 for r in runs):
+        if any(r["in_place"][key] == 0 for r in runs):
             return None  # e.g. write_bytes where the filesystem does not account them
-        return statistics.median(r["old"][key] / r["new"][key] for r in runs)
+        return statistics.median(r["staging"][key] / r["in_place"][key] for r in runs)
 
     return {
         "repeats": runs,
@@ -432,7 +455,7 @@ def compare_routes(engine, root: Path, repeats: int) -> dict:
             route: {
                 k: med(route, k) for k in ("bytes_written", *IO_KEYS, "seconds", "cpu_s", "save_s", "sync_after_s")
             }
-            for route in ("old", "new")
+            for route in ("staging", "in_place")
         },
         "bytes_ratio_median": ratio("bytes_written"),
         "wchar_ratio_median": ratio("wchar"),
@@ -440,7 +463,8 @@ def compare_routes(engine, root: Path, repeats: int) -> dict:
         "seconds_ratio_median": ratio("seconds"),
         "cpu_ratio_median": ratio("cpu_s"),
         "seconds_with_sync_ratio_median": statistics.median(
-            (r["old"]["seconds"] + r["old"]["sync_after_s"]) / (r["new"]["seconds"] + r["new"]["sync_after_s"])
+            (r["staging"]["seconds"] + r["staging"]["sync_after_s"])
+            / (r["in_place"]["seconds"] + r["in_place"]["sync_after_s"])
             for r in runs
         ),
     }
@@ -462,8 +486,8 @@ def measure(shape: dict, repeats: int, root: Path) -> dict:
                 f"{train['train_s']} s)",
                 flush=True,
             )
-            if stage == 3 and bf16:  # the shipped configs' engine (ZeRO-3, bf16 on GPUs)
-                print(f"old route vs new route on {label}, {repeats} repeats:", flush=True)
+            if stage == 2 and bf16:  # the engine of the one shipped config that checkpoints (bf16 on GPUs)
+                print(f"staging route vs in-place route on {label}, {repeats} repeats:", flush=True)
                 routes = {"engine": label, **compare_routes(engine, root / "routes", repeats)}
             release(engine)
     import torch
@@ -492,18 +516,18 @@ def machine() -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a ~2M-parameter model (smoke run)")
-    ap.add_argument("--repeats", type=int, default=3, help="old/new route repeats, order alternating")
+    ap.add_argument("--repeats", type=int, default=7, help="staging/in-place route repeats, order alternating")
     args = ap.parse_args()
     shape = QUICK_SHAPE if args.quick else FULL_SHAPE
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gfr-bench-ckpt-") as tmp:
         measured = measure(shape, args.repeats, Path(tmp))
-    per_param = measured["stages"]["zero3_bf16"]["bytes_per_param"]
+    per_param = {stage: measured["stages"][f"zero{stage}_bf16"]["bytes_per_param"] for stage in (2, 3)}
     configs = shipped_subsets(per_param)
     table = subsets_markdown(configs)
     routes = measured["routes"]
     print(
-        f"\nold / new route (median of {args.repeats}): bytes written {routes['bytes_ratio_median']:.2f}x "
+        f"\nstaging / in-place route (median of {args.repeats}): bytes written {routes['bytes_ratio_median']:.2f}x "
         f"(wchar {routes['wchar_ratio_median']:.2f}x, "
         f"block-layer write_bytes {_ratio(routes['write_bytes_ratio_median'])}), "
         f"wall seconds {routes['seconds_ratio_median']:.2f}x "
@@ -511,17 +535,15 @@ def main() -> int:
         f"CPU seconds (all threads) {routes['cpu_ratio_median']:.2f}x"
     )
     print(
-        f"\nPer subset, computed from the policies x {per_param:.3f} bytes/param (measured, bf16 ZeRO-3); "
-        f"TB = 1e12 bytes; old = every {OLD_EVERY_STEPS} steps + epoch ends incl. the last step, staged + "
-        "copied (x2); new = checkpoint_due, in place (x1):\n"
+        f"\nPer subset, computed from the policies x the measured bf16 bytes/param of each config's ZeRO stage "
+        f"(ZeRO-2 {per_param[2]:.3f}, ZeRO-3 {per_param[3]:.3f}); TB = 1e12 bytes; every-50 staged = every "
+        f"{BASELINE_EVERY_STEPS} steps + epoch ends incl. the last step, staged + copied (x2); epoch and shipped "
+        "(the config's finetune.checkpoint) = checkpoint_due, in place (x1):\n"
     )
     print(table)
     print(
-        "\nOn an object store the new route stages each rank's shard too (x2): all subsets, TB old / new there: "
-        + ", ".join(
-            f"{c['config']} {c['total']['bytes_old'] / TB:.2f} / {c['total']['bytes_new_object_store'] / TB:.2f}"
-            for c in configs
-        )
+        "\nOn an object store the in-place route stages each rank's shard too (x2): all subsets, shipped TB there: "
+        + ", ".join(f"{c['config']} {c['total']['bytes_shipped_object_store'] / TB:.2f}" for c in configs)
     )
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -537,13 +559,20 @@ def main() -> int:
             "routes": routes,
         },
         "computed": {
-            "bytes_per_param_used": per_param,
-            "bytes_per_param_from": "zero3_bf16 (measured above)",
-            "old_policy": f"after step s when s % steps_per_epoch == 0 or s % {OLD_EVERY_STEPS} == 0 (last included)",
-            "new_policy": "ds_config.checkpoint_due(s, plan, finetune.checkpoint_every_steps)",
-            "old_bytes": "checkpoints x bytes x 2 (staged on the node, then copied to storage)",
-            "new_bytes": "checkpoints x bytes x 1 (each rank writes its shard in place: local or shared mount)",
-            "new_bytes_object_store": "checkpoints x bytes x 2 (each rank stages its own shard, then uploads it)",
+            "bytes_per_param_used": {f"zero{k}": v for k, v in per_param.items()},
+            "bytes_per_param_from": "zero2_bf16 / zero3_bf16 (measured above), by each config's zero_stage",
+            "baseline_policy": (
+                f"after step s when s % steps_per_epoch == 0 or s % {BASELINE_EVERY_STEPS} == 0 (last included)"
+            ),
+            "epoch_policy": "ds_config.checkpoint_steps(plan, 'epoch')",
+            "shipped_policy": (
+                "ds_config.checkpoint_steps(plan, finetune.checkpoint, finetune.checkpoint_every_steps); "
+                "none writes no resumable checkpoint"
+            ),
+            "baseline_bytes": "checkpoints x bytes x 2 (staged on the node, then copied to storage)",
+            "epoch_bytes": "checkpoints x bytes x 1 (each rank writes its shard in place: local or shared mount)",
+            "shipped_bytes": "checkpoints x bytes x 1 (each rank writes its shard in place: local or shared mount)",
+            "shipped_bytes_object_store": "checkpoints x bytes x 2 (each rank stages its own shard, then uploads it)",
             "configs": configs,
             "markdown": table,
         },
