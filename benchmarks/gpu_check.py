@@ -12,12 +12,14 @@ JSON (`{"skipped": "missing: deepspeed (ModuleNotFoundError: ...)"}`); the rest 
 guarded (a failure is recorded with its traceback), the JSON rewritten after each one:
 - ensemble: a GPT-2 124M-shaped random-init proxy (the real 50,257 vocab), each member's examples/s, peak memory,
   padding efficiency, first and last loss (`ensemble.loop.train_member`, length-grouped, bf16 autocast);
-- extraction: `gradients.extract.extract_block` over all 2M adapters with a token budget: examples/s, peak memory;
-- memory per token: the norm kernel's peak above the resident model at several token budgets;
+- extraction: `gradients.extract.extract_block` over all 2M adapters with a token budget, in the shipped dtype
+  (`gradients.precision`: fp32): examples/s, peak memory;
+- memory per token: the norm kernel's peak above the resident model at several token budgets (shipped dtype);
 - accuracy: fp32 and bf16 batched norms against an independent fp64 batch-size-1 autograd loop, rows of 1,024
   tokens included, on the proxy given GPT-2-like logits (near -100, see `realistic_logits`); bf16 both with the LM
-  head's logits in fp32 (`head_dtype=torch.float32`, what extraction runs) and in the model's dtype (None);
-- batched vs loop: the batched kernel against a batch-size-1 loop, and its time with each head dtype;
+  head's logits in fp32 (`head_dtype=torch.float32`) and in the model's dtype (None), the opt-in bf16 paths;
+- batched vs loop: the batched kernel against a batch-size-1 loop, and its time on a bf16 model with each head
+  dtype beside the shipped fp32 (what fp32 extraction costs on the device);
 - target (benchmarks/gpu_check_target.py): a TinyLlama-1.1B-shaped LLaMA fine-tuned with DeepSpeed ZeRO-3 in bf16
   through the finetune stage's cores, one checkpoint, the final save, then generation from the saved folder.
 Last, `benchmarks/sizing.py` turns the steps that succeeded into the sizing table (OUT/sizing.md, sizing.json),
@@ -105,6 +107,7 @@ class Shape:
     budgets: tuple[int, ...]
     reference_rows: int
     speed_rows: int
+    extraction_rows: int  # the extraction step's rows (and the long ones): fp32 on a GPU costs ~8x bf16's time
 
 
 GPU = Shape(
@@ -120,6 +123,7 @@ GPU = Shape(
     budgets=(16_384, 32_768, 65_536),
     reference_rows=24,
     speed_rows=64,
+    extraction_rows=384,
 )
 SMOKE = Shape(
     model={"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256, "vocab_size": 512},
@@ -134,6 +138,7 @@ SMOKE = Shape(
     budgets=(512, 1_024),
     reference_rows=8,
     speed_rows=8,
+    extraction_rows=24,
 )
 
 STEPS = ("ensemble", "extraction", "memory_per_token", "accuracy", "batched_vs_loop", "target")
@@ -333,16 +338,23 @@ def plan(shape: Shape, target_shape) -> dict:
     a = ASSUMED
     fwd = _proxy_flop_per_token(shape)
     tokens = 1.1 * (shape.rows * 0.75 * shape.max_len + shape.long_rows * shape.long_len)
+    extraction_tokens = 1.1 * (shape.extraction_rows * 0.75 * shape.max_len + shape.long_rows * shape.long_len)
     bf16 = a["proxy_bf16_tflops"] * 1e12
     flop = {
         "ensemble": shape.members * shape.epochs * tokens * 2 * fwd,
         # 2M adapters x (forward + backward) + the two IFD forwards (prompt + response, response alone)
-        "extraction": tokens * (2 * shape.members * 2 * fwd + 1.5 * fwd),
+        "extraction": extraction_tokens * (2 * shape.members * 2 * fwd + 1.5 * fwd),
         "memory_per_token": 2 * sum(shape.budgets) * 2 * fwd,
         "accuracy": shape.reference_rows * 0.75 * shape.max_len * 2 * fwd * 4,
         "batched_vs_loop": shape.speed_rows * 0.75 * shape.max_len * 2 * fwd * 6,
     }
     seconds = {step: f / bf16 for step, f in flop.items()}
+    # Extraction and its memory step run in the shipped dtype (fp32, gradients.precision) at the fp32 rate; the
+    # batched step adds a bf16 pass beside it.
+    fp32 = a["fp32_fp64_tflops"] * 1e12
+    seconds["extraction"] = flop["extraction"] / fp32
+    seconds["memory_per_token"] = flop["memory_per_token"] / fp32
+    seconds["batched_vs_loop"] = flop["batched_vs_loop"] * (5 / 6 / fp32 + 1 / 6 / bf16)
     # The fp64 reference and the fp32 pass run far below the bf16 rate; the loop is launch-bound.
     seconds["accuracy"] = flop["accuracy"] / 2 / (a["fp32_fp64_tflops"] * 1e12) + flop["accuracy"] / 2 / bf16
     seconds["batched_vs_loop"] += 2 * shape.speed_rows * a["kernel_call_s"]
@@ -503,6 +515,8 @@ def extraction(shape: Shape, rows, folders: dict[str, Path], device, dtype) -> d
 
     model = proxy_with_adapters(shape, folders, device, dtype)
     table = token_table(rows)
+    n = table.num_rows  # the first extraction_rows rows and the long ones (the last long_rows)
+    table = table.take(np.r_[0 : min(shape.extraction_rows, n - shape.long_rows), n - shape.long_rows : n])
     stats: dict = {}
     with Memory(device) as mem:
         out = extract_block(
@@ -511,14 +525,14 @@ def extraction(shape: Shape, rows, folders: dict[str, Path], device, dtype) -> d
         )  # fmt: skip
     norms = np.array(out["sq_norm_late"].to_pylist())
     return {
-        "rows": len(rows),
+        "rows": table.num_rows,
         "adapters": len(folders),
         "dtype": str(dtype).replace("torch.", ""),
         "head_dtype": "float32",
         "tokens_per_batch": shape.tokens_per_batch,
         "seconds": round(mem.seconds, 3),
-        "examples_per_s": round(len(rows) / mem.seconds, 2),
-        "norms_per_s": round(len(rows) * len(folders) / mem.seconds, 1),
+        "examples_per_s": round(table.num_rows / mem.seconds, 2),
+        "norms_per_s": round(table.num_rows * len(folders) / mem.seconds, 1),
         "peak_bytes": int(mem.peak),
         "stats": {k: int(v) for k, v in stats.items()},
         "all_finite": bool(np.isfinite(norms).all()),
@@ -671,37 +685,46 @@ def accuracy(shape: Shape, rows, folders: dict[str, Path], device) -> dict:
 
 
 def batched_vs_loop(shape: Shape, rows, folders: dict[str, Path], device, dtype) -> dict:
-    """The batched kernel against a batch-size-1 loop (both with the head in fp32), and the batched kernel's time
-    and peak with the head's logits in fp32 and in the model's dtype: what head_dtype=torch.float32 costs."""
+    """The batched kernel in the shipped dtype against a batch-size-1 loop of it; then the batched kernel's time and
+    peak on a bf16 model, with the head's logits in fp32 and in bf16 (the `gradients.precision: bfloat16` and
+    `head_precision: model` opt-ins): what the shipped fp32 extraction costs on this device."""
     import torch
 
     from gradfilter_ray.gradients.extract import adapter_name
     from gradfilter_ray.gradients.norms import per_example_sq_norms
 
-    model = proxy_with_adapters(shape, folders, device, dtype)
     name = adapter_name(0, "late")
     picked = list(range(shape.speed_rows))
     batch = device_batch(rows, picked, device)
-    heads = {}
-    for label, head_dtype in (("float32", torch.float32), ("model_dtype", None)):
+
+    def timed(model, head_dtype) -> dict:
         per_example_sq_norms(model, **batch, adapter_name=name, head_dtype=head_dtype)  # warm-up
         with Memory(device) as mem:
             per_example_sq_norms(model, **batch, adapter_name=name, head_dtype=head_dtype)
-        heads[label] = {"seconds": round(mem.seconds, 4), "peak_bytes": int(mem.peak)}
+        return {"seconds": round(mem.seconds, 4), "peak_bytes": int(mem.peak)}
+
+    model = proxy_with_adapters(shape, folders, device, dtype)
+    shipped = timed(model, torch.float32)
     singles = [device_batch(rows, [i], device) for i in picked]
     per_example_sq_norms(model, **singles[0], adapter_name=name)
     with Memory(device) as loop:
         for single in singles:
             per_example_sq_norms(model, **single, adapter_name=name)
-    batched_s = heads["float32"]["seconds"]
+    del model
+    bf16_model = proxy_with_adapters(shape, folders, device, torch.bfloat16)
+    opt_ins = {"bfloat16": timed(bf16_model, torch.float32), "bfloat16_head_bfloat16": timed(bf16_model, None)}
+    batched_s = shipped["seconds"]
     return {
         "rows": len(picked),
         "tokens": int(batch["input_ids"].numel()),
+        "dtype": str(dtype).replace("torch.", ""),
         "batched_s": batched_s,
+        "batched_peak_bytes": shipped["peak_bytes"],
         "loop_s": round(loop.seconds, 4),
         "speedup": round(loop.seconds / batched_s, 2),
-        "head": heads,
-        "head_float32_time_ratio": round(batched_s / heads["model_dtype"]["seconds"], 3),
+        "opt_ins": opt_ins,
+        "time_over_bfloat16": round(batched_s / opt_ins["bfloat16"]["seconds"], 3),
+        "time_over_bfloat16_head_bfloat16": round(batched_s / opt_ins["bfloat16_head_bfloat16"]["seconds"], 3),
     }
 
 
@@ -837,8 +860,11 @@ def main() -> int:
 
     import torch
 
+    from gradfilter_ray.config import GradientsConfig
+    from gradfilter_ray.models import resolve_dtype
+
     device = torch.device(dev["device"])
-    dtype = torch.float32 if args.smoke else torch.bfloat16
+    dtype = resolve_dtype(GradientsConfig().precision, device)  # what extraction ships with on this device
     if args.smoke:
         # Tiny matrices gain nothing from a second thread, and on a shared, loaded CPU OpenMP's spinning threads made
         # one smoke run 10x slower (seen: 16 ms per 64x128 matmul). Timings here only check the plumbing.
@@ -930,7 +956,7 @@ def summary(name: str, result) -> str:
     if name == "batched_vs_loop":
         return (
             f"batched {result['batched_s']}s vs loop {result['loop_s']}s ({result['speedup']}x); head fp32 "
-            f"{result['head']['float32']['seconds']}s vs model dtype {result['head']['model_dtype']['seconds']}s"
+            f"{result['opt_ins']['bfloat16']['seconds']}s in bf16 ({result['time_over_bfloat16']}x)"
         )
     if name == "target":
         train, gen = result["train"], result["generation"]["batches"]

@@ -60,7 +60,7 @@ def test_the_gpu_check_runs_every_step_on_cpu_and_leaves_its_json_and_the_sizing
     assert rounded["median_rel_err"] > 2 * accuracy["bfloat16"]["median_rel_err"]
     assert accuracy["head_rounding_error_ratio"] > 2
     speed = report["batched_vs_loop"]
-    assert set(speed["head"]) == {"float32", "model_dtype"} and speed["head_float32_time_ratio"] > 0
+    assert set(speed["opt_ins"]) == {"bfloat16", "bfloat16_head_bfloat16"} and speed["time_over_bfloat16"] > 0
 
     extraction = report["extraction"]
     assert extraction["adapters"] == 2 * report["shape"]["members"] and extraction["examples_per_s"] > 0
