@@ -486,6 +486,7 @@ def train_ensemble(shape: Shape, rows, device, folder: Path) -> list[dict]:
             {
                 "member": m,
                 "rows": len(rows),
+                "mean_tokens": round(float(rows.lengths().mean()), 2),
                 "epochs": ens.epochs,
                 "seconds": round(mem.seconds, 3),
                 "examples_per_s": round(len(rows) * ens.epochs / mem.seconds, 1),

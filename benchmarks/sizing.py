@@ -62,6 +62,7 @@ class Measured:
     extract_tokens_per_s: float  # the same, in tokens computed (padding included)
     extract_adapters: int
     check_mean_tokens: float  # the check's synthetic rows (not the corpus's)
+    extract_dtype: str = "float32"  # what the check extracted in (gradients.precision on its device)
     bytes_per_token: float | None = None  # the norm kernel's peak above the resident model, per batch token
     device_memory_bytes: int | None = None
 
@@ -75,10 +76,12 @@ class Measured:
         if not stats.get("real_tokens") or not stats.get("padded_tokens"):
             raise ValueError("the check's extraction has no token counts (stats.real_tokens): re-run gpu_check.py")
         env = check.get("environment", {})
-        # The members train on the rows the extraction reads: its real tokens give their mean length.
+        # The members' rows: their own mean length (extraction may read a subset of them).
         mean_tokens = stats["real_tokens"] / extraction["rows"]
         member_s = sum(m["seconds"] for m in members)
-        member_padded = sum(m["rows"] * m["epochs"] * mean_tokens / m["padding_efficiency"] for m in members)
+        member_padded = sum(
+            m["rows"] * m["epochs"] * m.get("mean_tokens", mean_tokens) / m["padding_efficiency"] for m in members
+        )
         return cls(
             device=env.get("gpu") or env.get("device", "?"),
             member_examples_per_s=sum(m["rows"] * m["epochs"] for m in members) / member_s,
@@ -87,6 +90,7 @@ class Measured:
             extract_tokens_per_s=extraction["examples_per_s"] * stats["padded_tokens"] / extraction["rows"],
             extract_adapters=extraction["adapters"],
             check_mean_tokens=mean_tokens,
+            extract_dtype=extraction.get("dtype", "float32"),
             bytes_per_token=(check.get("memory_per_token") or {}).get("bytes_per_token"),
             device_memory_bytes=env.get("gpu_memory_bytes"),
         )
@@ -148,7 +152,7 @@ def markdown(
         *(
             [
                 f"Norm kernel memory {measured.bytes_per_token / 1024:.0f} KiB per batch token for the checked proxy "
-                "(GPT-2 124M, bf16): with that proxy and one extraction actor per GPU, set "
+                f"(GPT-2 124M, {measured.extract_dtype}): with that proxy and one extraction actor per GPU, set "
                 f"gradients.tokens_per_batch up to {measured.tokens_per_batch():,} on this device (scale it by "
                 "gradients.gpu_memory_fraction when actors share a GPU)."
             ]
