@@ -17,12 +17,14 @@ Reported per bf16 path: per-example relative error of the squared norm and of th
 |A & B| / k of the G-SNR top-10 % (and 5 %, 15 %) selections, (a) on the measured rows (`scoring.gsnr.score_table`,
 `scoring.selection.top_k_mask`), and (b) on the norms of a full demo run (runs/demo/gradients), each squared norm
 multiplied by (1 + r) with r resampled from the measured signed relative errors, per row, member and checkpoint
-independently, over many trials; the seconds of each pass; the logit range at the scored positions.
+independently (and, as a check on that model, a measured row's errors taken together), over many trials; where
+the error comes from (`error_structure`); the seconds of each pass; the logit range at the scored positions.
 
-Benchmark-only dependencies (not the test suite's): `make bench-deps` installs benchmarks/requirements-bench.txt.
+Benchmark-only dependencies (not the test suite's): `make bench-deps` installs benchmarks/requirements-bench*.txt.
 
-    python benchmarks/bf16_real_model.py            # ~45 min on 2 cores -> results/bf16_real_model.json
-    python benchmarks/bf16_real_model.py --quick    # ~3 min             -> results/bf16_real_model.quick.json
+    python benchmarks/bf16_real_model.py            # ~27 min on 2 shared cores -> results/bf16_real_model.json
+    python benchmarks/bf16_real_model.py --quick    # ~1 min on 2 idle cores   -> results/bf16_real_model.quick.json
+    python benchmarks/bf16_real_model.py --reanalyse benchmarks/results/bf16_real_model.json   # no model needed
 """
 
 from __future__ import annotations
@@ -348,6 +350,34 @@ def per_example_record(ids: list[int], out: dict) -> dict:
     return record
 
 
+def error_structure(rel: dict, n_tokens: np.ndarray, members: int) -> dict:
+    """Where the bf16 error comes from: how the two bf16 paths' errors agree (a shared cause: the backbone), how one
+    row's errors agree across members and checkpoints (what the full-size resampling assumes), and their size by
+    response length."""
+    fixed = rel["bf16_fp32_head"]
+    early, late = split(fixed, members)
+    pairs = [(a, b) for a in range(members) for b in range(a + 1, members)]
+
+    def corr(x: np.ndarray, y: np.ndarray) -> float:
+        return float(np.corrcoef(x.ravel(), y.ravel())[0, 1])
+
+    bins = [(0, 20), (20, 60), (60, 150), (150, 1 << 30)]
+    return {
+        "corr_between_bf16_paths": corr(rel["bf16_model_head"], fixed),
+        "corr_across_members_early": float(np.mean([corr(early[:, a], early[:, b]) for a, b in pairs])),
+        "corr_across_members_late": float(np.mean([corr(late[:, a], late[:, b]) for a, b in pairs])),
+        "corr_early_late_same_member": float(np.mean([corr(early[:, m], late[:, m]) for m in range(members)])),
+        "bf16_fp32_head_median_abs_by_response_tokens": {
+            f"{lo}-{hi if hi < 1 << 30 else 'max'}": {
+                "rows": int(((n_tokens >= lo) & (n_tokens < hi)).sum()),
+                "median": float(np.median(np.abs(fixed[(n_tokens >= lo) & (n_tokens < hi)]))),
+            }
+            for lo, hi in bins
+            if ((n_tokens >= lo) & (n_tokens < hi)).any()
+        },
+    }
+
+
 def analyse(record: dict, members: int, trials: int, eps: float) -> dict:
     """Everything the results report about accuracy, from the per-example record alone (so --reanalyse can redo it
     without measuring again)."""
@@ -369,6 +399,7 @@ def analyse(record: dict, members: int, trials: int, eps: float) -> dict:
     fixed = full.get("bf16_fp32_head", {}).get("independent", {}).get(f"{HEADLINE_RATIO:.2f}", {}).get("mean")
     return {
         "paths": paths,
+        "error_structure": error_structure(rel, out["n_response_tokens"], members),
         "overlap_direct": direct_overlaps(out, members, eps),
         "overlap_full_size": full,
         "eps": eps,

@@ -204,7 +204,7 @@ class GradientsConfig:
     )
     head_precision: Literal["float32", "model"] = doc(
         "Dtype of the LM head's logits in the loss: float32 computes them from the model's operands without rounding "
-        "them (a pretrained model's logits sit near -100, where bf16 rounds each by up to 0.25); 'model' keeps the "
+        "them (GPT-2's logits sit near -100, where bf16 rounds each by up to 0.25); 'model' keeps the "
         "extraction dtype: faster on GPU, but in bf16 it changes the selection (docs/method.md). A no-op in float32.",
         "float32",
     )

@@ -52,7 +52,7 @@ def per_example_losses_from_hidden(
     treated as frozen (no gradient flows to it). Only each row's own labelled positions (t with labels[i, t+1] !=
     -100) go through the head, `chunk_tokens` of them at a time, in forward and in backward; the cross-entropy is
     computed in float32 or better whatever the model dtype. The logits are computed in `head_dtype` (or the model's
-    dtype when wider) from the model's own operands: a pretrained model's logits sit near -100, where bf16's spacing
+    dtype when wider) from the model's own operands: GPT-2's logits sit near -100, where bf16's spacing
     is 0.5, so rounding them to bf16 shifts each by up to a quarter nat; None keeps the model's dtype. Same contract
     as `per_example_losses`: (losses [B], n_response_tokens [B]), own-count normalisation, a row without a scored
     token gets loss 0.

@@ -74,7 +74,8 @@ def model_config(spec: ModelSpec):
         config = AutoConfig.from_pretrained(
             resolve(spec.name_or_path or ""), trust_remote_code=spec.trust_remote_code, revision=spec.revision
         )
-    return one_kernel_activation(config)
+    # Remote modelling code may keep its own activation table: its names are left as they are.
+    return config if spec.trust_remote_code else one_kernel_activation(config)
 
 
 # The same function as one fused kernel: GPT-2's `gelu_new` is tanh-GELU written as a Python formula (several kernels

@@ -103,12 +103,13 @@ def _job_sets_setup_hook() -> bool:
 
 
 def allocator_env() -> dict[str, str]:
-    """The allocator setting the job's workers get, unless the user set one (Ray also refuses a variable that both
-    the job's runtime_env and ray.init's name)."""
+    """The allocator setting ray.init gives the job's workers: the user's own from the driver's environment (passed
+    on, so that workers on other nodes get it too), or expandable segments; nothing when the job's runtime_env names
+    one (Ray passes that on itself, and refuses a variable that both it and ray.init's name)."""
     job_env = _job_runtime_env().get("env_vars") or {}
-    if any(name in os.environ or name in job_env for name in ALLOC_CONF_NAMES):
+    if any(name in job_env for name in ALLOC_CONF_NAMES):
         return {}
-    return {ALLOC_CONF_ENV: ALLOC_CONF}
+    return {name: os.environ[name] for name in ALLOC_CONF_NAMES if name in os.environ} or {ALLOC_CONF_ENV: ALLOC_CONF}
 
 
 def train_logging(cfg: RayConfig):

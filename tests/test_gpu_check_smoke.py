@@ -54,7 +54,8 @@ def test_the_gpu_check_runs_every_step_on_cpu_and_leaves_its_json_and_the_sizing
     assert accuracy["longest"] == report["shape"]["long_len"]
     logits = accuracy["logits"]["measured"]  # the proxy's head was given GPT-2-like logits
     assert logits["mean"] == pytest.approx(-100, abs=1) and logits["std_over_vocab"] == pytest.approx(4, rel=0.1)
-    assert accuracy["bfloat16"]["head_dtype"] == "float32" and accuracy["bfloat16"]["pass"]
+    assert accuracy["bfloat16"]["head_dtype"] == "float32" and accuracy["bfloat16"]["within_bf16_thresholds"]
+    assert "accuracy_bfloat16" not in report["checks"]  # an opt-in: reported, never failing the run
     # Rounding the logits near -100 to bf16 (spacing 0.5) costs accuracy that the fp32 head keeps.
     rounded = accuracy["bfloat16_head_in_model_dtype"]
     assert rounded["median_rel_err"] > 2 * accuracy["bfloat16"]["median_rel_err"]

@@ -78,3 +78,14 @@ def test_gpt2_gelu_new_runs_as_the_one_kernel_tanh_gelu_with_the_same_outputs(tm
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # the same function, to float64 rounding
     x = torch.linspace(-8, 8, 10_001)
     torch.testing.assert_close(GELUTanh()(x), NewGELUActivation()(x), rtol=2e-6, atol=2e-7)  # and in float32
+
+
+def test_remote_modelling_code_keeps_its_own_activation_names(tmp_path):
+    from transformers import AutoConfig
+
+    from gradfilter_ray.models import model_config
+
+    AutoConfig.for_model(**TINY_GPT2).save_pretrained(tmp_path)
+    trusted = ModelSpec(name_or_path=str(tmp_path), tokenizer="bundled:gpt2", trust_remote_code=True)
+    assert model_config(trusted).activation_function == "gelu_new"  # its own table may not know the fused name
+    assert model_config(ModelSpec(name_or_path=str(tmp_path))).activation_function == "gelu_pytorch_tanh"

@@ -1,7 +1,7 @@
 """Every worker of the job runs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the user set the
-allocator's variable (either name) in the driver's environment or the job's runtime_env: then theirs stands, and
-ray.init gets no variable of the same name (Ray refuses to merge a job's runtime_env with a ray.init one that names
-the same variable)."""
+allocator's variable (either name): one in the driver's environment is what ray.init passes on instead (so workers
+on every node get it); one in the job's runtime_env stands, and ray.init then names none (Ray refuses to merge a
+job's runtime_env with a ray.init one that names the same variable)."""
 
 from __future__ import annotations
 
@@ -33,9 +33,10 @@ def test_init_kwargs_give_the_workers_expandable_segments_by_default(clean_env, 
 @pytest.mark.parametrize("name", ALLOC_CONF_NAMES)
 @pytest.mark.parametrize("value", ["garbage_collection_threshold:0.6", ""])
 def test_a_variable_the_user_set_stands(clean_env, name, value):
-    clean_env.setenv(name, value)  # in the driver's environment, even empty: theirs
-    assert allocator_env() == {}
-    assert not set(init_kwargs(RayConfig()).get("runtime_env", {}).get("env_vars", {})) & set(ALLOC_CONF_NAMES)
+    clean_env.setenv(name, value)  # in the driver's environment, even empty: theirs, passed on to every node
+    assert allocator_env() == {name: value}
+    given = init_kwargs(RayConfig(address="10.0.0.1:6379"))["runtime_env"]["env_vars"]
+    assert {k: v for k, v in given.items() if k in ALLOC_CONF_NAMES} == {name: value}
     clean_env.delenv(name)
     clean_env.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {"env_vars": {name: value}}}))  # the job's
     assert allocator_env() == {}

@@ -44,7 +44,7 @@ from gradfilter_ray.evaluation.hf_engine import (
 )
 from gradfilter_ray.evaluation.plan import choose_engine, cluster_width, plan_waves
 from gradfilter_ray.rundir import RunDir
-from gradfilter_ray.runtime import allocator_env
+from gradfilter_ray.runtime import ALLOC_CONF, ALLOC_CONF_ENV, allocator_env
 from gradfilter_ray.scoring.scorers import FULL, Selection
 from gradfilter_ray.storage import Location
 
@@ -152,6 +152,8 @@ def vllm_answers(
     instructions, inputs = gen["instruction"].to_pylist(), gen["input"].to_pylist()
     tokenizers = {run: AutoTokenizer.from_pretrained(model.path) for run, model in models.items()}
 
+    job_allocator = allocator_env()
+
     def build(run: str, width: int):
         model_config = json.loads((models[run] / "config.json").read_text())
         config = vllm_engine.processor_config(
@@ -163,7 +165,7 @@ def vllm_answers(
             sampling=sampling,
             model_max_len=model_config.get("max_position_embeddings"),
             extra_engine_kwargs=ev.vllm_engine_kwargs,
-            allocator_env=allocator_env(),
+            allocator_env=job_allocator if job_allocator == {ALLOC_CONF_ENV: ALLOC_CONF} else None,  # ours only
         )
         ids = prompt_token_ids(
             tokenizers[run], instructions, inputs, sampling.max_prompt_tokens, sampling.prompt_format
