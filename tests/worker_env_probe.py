@@ -1,6 +1,7 @@
 """Probe for test_worker_env.py: the allocator variables a Ray worker of the job sees, for a driver opened with
-runtime.init_kwargs on its own local Ray, three times: nothing set by the user; the variable in the runtime_env of a
-`ray job submit` job (handed to the driver as Ray's job manager does); PYTORCH_ALLOC_CONF in the driver's environment.
+runtime.init_kwargs on its own local Ray, twice: nothing set by the user; the variable in the runtime_env of a
+`ray job submit` job (handed to the driver as Ray's job manager does, so Ray merges it with ray.init's). A value in
+the driver's environment travels the first one's way (ray.init's env_vars: test_worker_env's unit tests).
 Prints one JSON line: scenario -> what the worker saw."""
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ def main() -> None:
             {
                 "default": worker_env(),
                 "job_runtime_env": worker_env(**{JOB_CONFIG_ENV: json.dumps(job)}),
-                "driver_env": worker_env(PYTORCH_ALLOC_CONF=THEIRS),
             }
         )
     )
