@@ -15,10 +15,14 @@ def setup(tmp_path_factory):
     return extraction_setup(tmp_path_factory.mktemp("adapters"))
 
 
+@pytest.fixture(scope="module")
+def whole(setup):
+    return run_block(setup, batch_size=4)
+
+
 @pytest.mark.parametrize(("max_rows", "actors"), [(6, 1), (5, 2), (4, 3)])
-def test_extraction_by_shards_equals_one_block(setup, max_rows, actors):
+def test_extraction_by_shards_equals_one_block(setup, whole, max_rows, actors):
     model, tokens, pad_id = setup
-    whole = run_block(setup, batch_size=4)
     shards = plan_shards([("t.parquet", tokens.num_rows)], max_rows, actors)
     assert len(shards) == {6: 2, 5: 4, 4: 3}[max_rows]
     parts = [run_block((model, tokens.slice(s.first_row, s.rows), pad_id), batch_size=4) for s in shards]
