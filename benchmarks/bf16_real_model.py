@@ -35,7 +35,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -318,26 +317,11 @@ def full_size_overlaps(folder: Path, rel: dict, members: int, trials: int, eps: 
 
 
 def environment(threads: int) -> dict:
-    import peft
-    import transformers
+    from extraction.report import machine_info  # beside this file
 
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "cpu": cpu,
-        "nproc": os.cpu_count(),
-        "torch_threads": threads,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
+    return machine_info(threads) | {
         "gguf": importlib.metadata.version("gguf"),
         MODEL_DIST: importlib.metadata.version(MODEL_DIST),
-        "loadavg_start": list(os.getloadavg()),
     }
 
 

@@ -39,11 +39,9 @@ Needs `pip install opacus` (benchmarks/requirements-bench.txt).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -191,11 +189,11 @@ def prepare(model, method: str):
         logits = model(input_ids=d["input_ids"], attention_mask=d["attention_mask"], use_cache=False).logits
         return per_example_losses(logits, d["labels"])[0]
 
-    def grad_sample_norms(loss_fn):
+    def grad_sample_norms(loss_fn, sampled=params):
         def step(d):
             loss_fn(d).sum().backward()
             sq = torch.zeros(d["input_ids"].shape[0], dtype=torch.float64)
-            for p in params:
+            for p in sampled:
                 sq += p.grad_sample.double().pow(2).flatten(1).sum(1)
                 p.grad_sample = None
                 p.grad = None
@@ -241,20 +239,13 @@ def prepare(model, method: str):
         ew_params = [p for _, p in trainable_parameters(path.backbone)]
         assert len(ew_params) == len(params)
 
-        def ew(d):
+        def ew_losses(d):
             from gradfilter_ray.losses import per_example_losses_from_hidden
 
             hidden = wrapped(d["input_ids"], attention_mask=d["attention_mask"], use_cache=False).last_hidden_state
-            losses = per_example_losses_from_hidden(hidden, d["labels"], path.head.weight, path.head.bias, 2048)[0]
-            losses.sum().backward()
-            sq = torch.zeros(d["input_ids"].shape[0], dtype=torch.float64)
-            for p in ew_params:
-                sq += p.grad_sample.double().pow(2).flatten(1).sum(1)
-                p.grad_sample = None
-                p.grad = None
-            return sq
+            return per_example_losses_from_hidden(hidden, d["labels"], path.head.weight, path.head.bias, 2048)[0]
 
-        return ew, None
+        return grad_sample_norms(ew_losses, ew_params), None
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -319,26 +310,9 @@ def run_child(job: dict, work: Path) -> dict:
 
 def machine_info(threads: int) -> dict:
     import opacus
-    import peft
-    import torch
-    import transformers
+    from extraction.report import machine_info as common  # beside this file
 
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
-        platform.processor(),
-    )
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "nproc": os.cpu_count(),
-        "torch_threads": threads,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "opacus": opacus.__version__,
-        "loadavg_start": list(os.getloadavg()),
-    }
+    return common(threads) | {"opacus": opacus.__version__}
 
 
 def summarize(model_key: str, runs: dict[str, list[dict]]) -> dict:
