@@ -13,7 +13,7 @@ from typing import Any
 
 from gradfilter_ray.audit.plant import PLANT_VERSION
 from gradfilter_ray.audit.stage import sample_and_plant, write_recovery
-from gradfilter_ray.config import Config, section_hash, to_dict
+from gradfilter_ray.config import Config, keyed_value, section_hash
 from gradfilter_ray.console import CONSOLE, prefixed, say
 from gradfilter_ray.data.stage import run as data
 from gradfilter_ray.data.tokens_stage import run as tokens
@@ -28,22 +28,6 @@ from gradfilter_ray.scoring.stage import run_score as scoring
 from gradfilter_ray.scoring.stage import run_select as selection
 
 StageFn = Callable[[Config, RunDir, str], dict[str, Any]]
-
-# How often Ray Train may restart a worker group changes no result: raising it to resume a crashed run must not
-# re-key the stage (which would rename its Ray Train run and start over).
-# How wide or where a stage runs never changes what it writes: a new width must not redo finished work. Nor does
-# when fine-tuning saves resumable state: a restart from a checkpoint or from step 1 ends on the same model.
-NOT_KEYED = {
-    "max_failures",
-    "parallel_subsets",
-    "placement_strategy",
-    "num_actors",
-    "checkpoint",
-    "checkpoint_every_steps",
-}
-# Opt-in fields keyed only when switched on: at their default they compute exactly what configs without them did, so
-# adding them re-keys no finished run. (Packing with dropout on draws other dropout masks: then it is keyed.)
-KEYED_WHEN_SET = {"packing": False}
 
 
 class StageOrderError(RuntimeError):
@@ -98,7 +82,7 @@ AUDIT_STAGES = ("tokens", "ensemble", "gradients", "scoring")
 def audit_data_key(cfg: Config) -> str:
     """The key of the audit's planted sample: the main data's key, the audit section (whether `run` runs it aside),
     the proxy (which planted rows it can see, `planted_visible`) and the planting code's version."""
-    sample = {k: v for k, v in to_dict(cfg.audit).items() if k != "enabled"}
+    sample = {k: v for k, v in keyed_value(cfg, "audit").items() if k != "enabled"}
     return section_hash("audit-data", stage_key("data", cfg), sample, keyed_value(cfg, "proxy"), PLANT_VERSION)
 
 
@@ -144,13 +128,28 @@ STAGES: dict[str, Stage] = {
             "gradients",
             gradients,
             ("tokens", "ensemble"),
-            ("proxy", "gradients.precision", "gradients.head_precision"),
+            ("proxy", "gradients"),
             ("gradients",),
             _actors,
             resumes=True,
         ),
-        Stage("scoring", scoring, ("gradients",), ("scoring",), ("scoring",), lambda c: "1 Ray task"),
-        Stage("selection", selection, ("data", "scoring"), ("selection",), ("selection",), lambda c: "1 Ray task"),
+        # Scoring writes every scorer's column whichever are configured: only selection and the report read the list.
+        Stage(
+            "scoring",
+            scoring,
+            ("gradients",),
+            ("scoring.eps", "scoring.random_seed"),
+            ("scoring",),
+            lambda c: "1 Ray task",
+        ),
+        Stage(
+            "selection",
+            selection,
+            ("data", "scoring"),
+            ("selection", "scoring.scorers"),
+            ("selection",),
+            lambda c: "1 Ray task",
+        ),
         Stage(
             "audit",
             audit,
@@ -169,7 +168,7 @@ STAGES: dict[str, Stage] = {
             "evaluation",
             evaluation,
             ("finetune",),
-            ("evaluation", "finetune.max_length"),
+            ("evaluation", "finetune.max_length", "finetune.template", "finetune.chat_template"),
             ("evaluation",),
             _evaluators,
         ),
@@ -205,17 +204,6 @@ def _figure(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_figure(v)}" for k, v in value.items()) + "}"
     return str(value)
-
-
-def keyed_value(cfg: Config, dotted: str) -> Any:
-    value: Any = cfg
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    value = to_dict(value) if hasattr(value, "__dataclass_fields__") else value
-    if not isinstance(value, dict):
-        return value
-    at_default = {k for k, default in KEYED_WHEN_SET.items() if k in value and value[k] == default}
-    return {k: v for k, v in value.items() if k not in NOT_KEYED and k not in at_default}
 
 
 # Bumped when a stage's output gains a column its readers need: older outputs are then rebuilt, never misread.

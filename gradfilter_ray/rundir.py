@@ -233,6 +233,30 @@ class RunDir:
                     f"has no record of it): move it away or choose another output_dir; it is left as it is"
                 )
 
+    # ----- units: the side-by-side outputs a stage's key references -----
+    def add_references(self, stage: str, key: str, paths: list[str]) -> None:
+        """Record that `stage` under `key` uses these unit outputs (paths relative to the run directory: a member's
+        folder, a subset's model, a trainer's resumable state). Recorded before the work starts, so an interrupted
+        unit is referenced too; `gc` removes only paths some record names and no kept key references."""
+        manifest = self.read_manifest()
+        by_key = manifest.setdefault("references", {}).setdefault(stage, {})
+        merged = sorted(set(by_key.get(key, [])) | set(paths))
+        if merged != by_key.get(key):
+            by_key[key] = merged
+            self.write_manifest(manifest)
+
+    def references(self, stage: str | None = None, key: str | None = None) -> set[str]:
+        """The unit paths recorded for `stage` under `key` (None: under every key, or of every stage)."""
+        recorded = self.read_manifest().get("references", {})
+        stages = [stage] if stage is not None else list(recorded)
+        return {
+            path
+            for name in stages
+            for k, paths in recorded.get(name, {}).items()
+            if key is None or k == key
+            for path in paths
+        }
+
     def finish_stage(self, stage: str, record: dict[str, Any]) -> None:
         self.record_stage(stage, record)
 

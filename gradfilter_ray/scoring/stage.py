@@ -9,8 +9,10 @@ from gradfilter_ray.scoring.passes import score_gradients, select_and_write
 
 
 def run_score(cfg: Config, run: RunDir, key: str) -> dict:
+    """Every scorer's columns (leave-one-out ones included), whichever `scoring.scorers` names: they cost a pass over
+    numbers already read, and a new scorer in the list then re-runs selection, not scoring."""
     s = cfg.scoring
-    return run_as_task(score_gradients, run.gradients, run.scores, s.eps, s.random_seed, list(s.scorers))
+    return run_as_task(score_gradients, run.gradients, run.scores, s.eps, s.random_seed, None)
 
 
 def run_select(cfg: Config, run: RunDir, key: str) -> dict:
