@@ -1,5 +1,6 @@
-"""Command line: `gradfilter-ray run|compare|<stage>` (stages: data, tokens, ensemble, gradients, scoring, selection,
-audit, report, finetune, evaluation; `run` runs the audit only when `audit.enabled`).
+"""Command line: `gradfilter-ray run|compare|gc|<stage>` (stages: data, tokens, ensemble, gradients, scoring,
+selection, audit, report, finetune, evaluation; `run` runs the audit only when `audit.enabled`; `gc` removes the unit
+outputs no given config references).
 
 One code path for `make run`, `ray job submit` and a KubeRay RayJob: parse, load and validate the config, open a
 Ray session, run the stage table.
@@ -77,20 +78,12 @@ def _dry_run(cfg: Config, stages: list[str]) -> None:
 
 def _compare(run: RunDir) -> int:
     """Rebuild evaluation/compare.* and the plots from what the run directory holds (whatever config produced it)."""
-    import tempfile
-
-    from gradfilter_ray.evaluation.compare import write_comparison
+    from gradfilter_ray.evaluation.compare import rebuild_comparison
 
     if not (run.evaluation / "runs.json").exists():
         print(f"error: {run.location} has no evaluated runs: run `gradfilter-ray evaluation` first", file=sys.stderr)
         return EXIT_ORDER
-    with tempfile.TemporaryDirectory(prefix="gfr-compare-") as tmp:
-        eval_dir = run.evaluation.get(Path(tmp) / "evaluation")
-        rows = write_comparison(eval_dir, run.finetune)
-        for name in ("compare.csv", "compare.md", "train_loss.png", "heldout_loss.png"):
-            if (eval_dir / name).exists():
-                (run.evaluation / name).write_bytes((eval_dir / name).read_bytes())
-        table = (eval_dir / "compare.md").read_text()
+    rows, table = rebuild_comparison(run.evaluation, run.root)
     print(f"compared {len(rows)} runs: {run.evaluation / 'compare.md'}")
     print(table)
     return 0
@@ -109,14 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         }.get(name, f"run the {name} stage alone")
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", "-c", help="YAML config file (see jobs/configs/)")
-        p.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config field, e.g. --set ensemble.members=3 (value parsed as YAML)",
-        )
+        _add_overrides(p)
         p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, run nothing")
         p.add_argument("--force", action="store_true", help="re-run stages even when already done")
         p.add_argument(
@@ -125,9 +111,32 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="show Ray's and the libraries' own logs too (sets ray.log_level=INFO; docs/console.md)",
         )
+    collect = sub.add_parser("gc", help="remove the unit outputs in output_dir that none of the given configs uses")
+    collect.add_argument(
+        "--config",
+        "-c",
+        dest="configs",
+        metavar="CONFIG",
+        action="append",
+        default=[],
+        help="a config whose outputs to keep (repeat it to keep several configs' outputs)",
+    )
+    _add_overrides(collect)
+    collect.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     reference = sub.add_parser("config-reference", help="print the configuration reference (Markdown) of every field")
     reference.add_argument("--output", "-o", help="write it to this file instead of stdout (docs/configuration.md)")
     return parser
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set ensemble.members=3 (value parsed as YAML)",
+    )
 
 
 def _config_reference(output: str | None) -> int:
@@ -147,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.own_process = own_process
+    args.given_overrides = list(getattr(args, "overrides", []))  # the user's own, for the commands the run suggests
     # Each line out as it is printed, in order with Ray's lines on stderr, also into a pipe or a file.
     if hasattr(sys.stdout, "reconfigure"):  # a test's capture may stand in for it
         sys.stdout.reconfigure(line_buffering=True)
@@ -164,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.command == "gc":
+        return _gc(args.configs, args.overrides, args.dry_run)
     cfg = load(args.config, args.overrides)
     stages = [n for n, s in pipeline.STAGES.items() if s.in_run(cfg)] if args.command == "run" else [args.command]
     if args.dry_run and args.command != "compare":
@@ -182,6 +194,28 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         if args.command != "compare":
             pipeline.check_ready(cfg, stages, run, force=args.force)  # before Ray starts, too
         return _drive(cfg, run, args, stages, argv)
+
+
+def _gc(paths: list[str], overrides: list[str], dry_run: bool) -> int:
+    """Remove (or, dry, list) the recorded unit outputs in the configs' run directory that none of them references."""
+    from gradfilter_ray import gc
+
+    configs = [load(path, overrides) for path in paths or [None]]
+    places = sorted({str(RunDir(cfg.output_dir).root) for cfg in configs})
+    if len(places) > 1:
+        raise ConfigError(f"the configs name different output_dirs ({', '.join(places)}): gc works on one at a time")
+    run = RunDir(configs[0].output_dir)
+    if not run.root.exists():
+        raise StorageError(f"output_dir {run.location} does not exist: there is nothing to remove")
+    if dry_run:  # reads only: no claim, like every verb's --dry-run
+        print("\n".join(gc.plan_lines(gc.plan(run, configs, measure_held=True), run.location, dry_run=True)))
+        return 0
+    with DriverClaim(run.root) as claim:
+        run.guard = claim.check
+        planned = gc.plan(run, configs, measure_held=True)
+        gc.collect(run, planned)
+    print("\n".join(gc.plan_lines(planned, run.location, dry_run=False)))
+    return 0
 
 
 def _failed(exc: Exception) -> int:
@@ -222,7 +256,21 @@ def _drive(cfg: Config, run: RunDir, args: argparse.Namespace, stages: list[str]
             pipeline.run_stage(name, cfg, run, force=args.force)
     keys = {name: pipeline.stage_key(name, cfg) for name in pipeline.STAGES}
     print("\n".join(summary_lines(summarize_run(run.read_manifest(), str(run.root), keys))))
+    _print_unreferenced(cfg, run, args)
     return 0
+
+
+def _print_unreferenced(cfg: Config, run: RunDir, args: argparse.Namespace) -> None:
+    """One line on the unit outputs of other configs the run directory holds, and the command that lists them."""
+    from gradfilter_ray import gc
+
+    try:
+        planned = gc.plan(run, [cfg])
+    except OSError:  # a store hiccup here must not fail a finished run: the line is only a pointer
+        return
+    line = gc.unreferenced_line(planned, gc.gc_command(args.config, args.given_overrides))
+    if line:
+        print(line)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -123,7 +123,7 @@ STAGES: dict[str, Stage] = {
     for s in [
         Stage("data", data, (), ("data",), ("data", "rejects.parquet"), lambda c: "Ray Data tasks + 1 task"),
         Stage("tokens", tokens, ("data",), ("proxy",), ("tokens",), lambda c: "Ray Data tasks + 1 task"),
-        Stage("ensemble", ensemble, ("tokens",), ("proxy", "ensemble"), ("ensemble",), _members),
+        Stage("ensemble", ensemble, ("tokens",), ("proxy", "ensemble"), ("ensemble",), _members, resumes=True),
         Stage(
             "gradients",
             gradients,
@@ -171,6 +171,7 @@ STAGES: dict[str, Stage] = {
             ("evaluation", "finetune.max_length", "finetune.template", "finetune.chat_template"),
             ("evaluation",),
             _evaluators,
+            resumes=True,  # its evaluated runs and judged pairs, each with its own key
         ),
     ]
 }
@@ -180,7 +181,7 @@ STAGES: dict[str, Stage] = {
 CLOSING_FIGURES = {
     "data": ("rows_in", "rows_kept", "rows_rejected", "files"),
     "tokens": ("rows", "tokens", "rows_no_response_tokens", "rows_with_tools"),
-    "ensemble": ("members", "epochs", "rows_trained", "batching", "padding_efficiency"),
+    "ensemble": ("members", "members_trained", "epochs", "rows_trained", "batching", "padding_efficiency"),
     "gradients": ("rows", "shards_computed", "shards_resumed", "examples_per_s", "oom_splits"),
     "scoring": ("rows_eligible", "ineligible_by_reason"),
     "selection": ("rows_with_response",),
@@ -209,7 +210,8 @@ def _figure(value: Any) -> str:
 # Bumped when a stage's output gains a column its readers need: older outputs are then rebuilt, never misread.
 # data 2: the `conversation` column; 3: the `tools` column, and a system
 # prompt or tools make a question-and-answer conversation its own example for dedup
-OUTPUT_VERSIONS = {"data": 3}
+# finetune 2: every subset in a folder named by its own key, which finetune/summary.json maps (evaluation reads it)
+OUTPUT_VERSIONS = {"data": 3, "finetune": 2}
 
 
 def stage_key(name: str, cfg: Config, fixed: dict[str, str] | None = None) -> str:

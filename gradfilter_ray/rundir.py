@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from gradfilter_ray.storage import Location, StorageError, open_location
+from gradfilter_ray.units import member_unit
 
 MANIFEST = "manifest.json"
 WRITTEN_BY = "gradfilter-ray"  # in every manifest: a manifest.json without it (or older records) is not ours
@@ -137,8 +138,19 @@ class RunDir:
     def ensemble(self) -> Location:
         return self.at("ensemble")
 
+    def member_folders(self) -> list[Location]:
+        """Each ensemble member's folder, in member order, as the manifest's `ensemble` record maps the members of
+        the config it was written for to their units (`units`: 'member_0' -> 'ensemble/member_seed42-<key>')."""
+        units = (self.stage_record("ensemble") or {}).get("units") or {}
+        missing = [m for m in range(len(units)) if member_unit(m) not in units]
+        if not units or missing:
+            raise StorageError(
+                f"{self.location}: the manifest's ensemble record maps no members: run `ensemble` first"
+            )
+        return [self.at(units[member_unit(m)]) for m in range(len(units))]
+
     def member_epoch(self, member: int, epoch: int) -> Location:
-        return self.ensemble / f"member_{member}" / f"epoch_{epoch}"
+        return self.member_folders()[member] / f"epoch_{epoch}"
 
     @property
     def ensemble_train_state(self) -> Location:
@@ -289,17 +301,6 @@ class RunDir:
             yield where
         finally:
             where.delete()
-
-    def drop_other_trainers(self, train_state: Location, this_config: str) -> list[str]:
-        """Remove the Ray Train folders under `train_state` whose name does not start with `this_config` (the
-        trainer-name prefix of the stage's key): checkpoints of an earlier config, which nothing can resume from
-        any more (a run directory holds one config's outputs; 81 GB a 7B subset under ZeRO-3). Their names."""
-        kind = this_config.split("-", 1)[0]
-        ours = re.compile(rf"{kind}-[0-9a-f]{{6,}}(-.*)?")  # the trainer names this tool gives (stage-key[-subset])
-        others = [n for n in train_state.children() if not n.startswith(this_config) and ours.fullmatch(n)]
-        for name in others:
-            (train_state / name).delete()
-        return others
 
     def clean_scratch(self) -> int:
         """Remove scratch folders left by a killed driver (one driver per output_dir: none is in use); only the

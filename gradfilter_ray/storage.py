@@ -120,6 +120,19 @@ class Location:
         found = self.filesystem.get_file_info(pafs.FileSelector(self.path, recursive=True))
         return sorted(i.path[len(prefix) :] for i in found if i.type == pafs.FileType.File)
 
+    def size(self) -> int:
+        """Bytes this file or folder holds: a file's size, the sum of every file's under a folder (one listing),
+        0 when absent."""
+        import pyarrow.fs as pafs
+
+        info = self.filesystem.get_file_info(self.path)
+        if info.type == pafs.FileType.File:
+            return int(info.size)
+        if info.type == pafs.FileType.NotFound:
+            return 0
+        found = self.filesystem.get_file_info(pafs.FileSelector(self.path, recursive=True))
+        return sum(int(i.size) for i in found if i.type == pafs.FileType.File)
+
     def children(self) -> list[str]:
         import pyarrow.fs as pafs
 

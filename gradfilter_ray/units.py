@@ -11,6 +11,7 @@ them.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from gradfilter_ray.config import Config, keyed_value, section_hash
 
@@ -36,5 +37,28 @@ def member_key(cfg: Config, tokens_key: str, seed: int) -> str:
 
 def member_names(cfg: Config, tokens_key: str) -> list[str]:
     """Each member's folder name under `ensemble/`, in member order: `member_seed{seed}-{key}`."""
+    return [m.folder for m in ensemble_members(cfg, tokens_key)]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One ensemble member of a config: its place in the config's ensemble, its seed and its folder's name."""
+
+    index: int
+    seed: int
+    folder: str
+
+    @property
+    def unit(self) -> str:
+        """Its name in this config's `units` map (the ensemble's manifest record): 'member_0', 'member_1', ..."""
+        return member_unit(self.index)
+
+
+def member_unit(index: int) -> str:
+    return f"member_{index}"
+
+
+def ensemble_members(cfg: Config, tokens_key: str) -> list[Member]:
+    """The config's members in member order, each with its seed and folder name (`member_seed{seed}-{key}`)."""
     seeds = [member_seed(cfg, m) for m in range(cfg.ensemble.members)]
-    return [unit_name(f"member_seed{s}", member_key(cfg, tokens_key, s)) for s in seeds]
+    return [Member(m, s, unit_name(f"member_seed{s}", member_key(cfg, tokens_key, s))) for m, s in enumerate(seeds)]

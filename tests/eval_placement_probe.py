@@ -105,7 +105,7 @@ def evaluate(folder: Path, config_path: str, num_cpus: int) -> dict:
     outputs = {}
     for run, table in tables.items():
         out = folder / "evaluation" / run
-        stage._write_run(out, table)
+        stage.write_run(open_location(str(out)), table, "0123456789abcdef")
         outputs[run] = {name: (out / name).read_text() for name in ("generations.jsonl", "heldout.json")}
     placed = [json.loads(p.read_text()) for p in sorted(folder.glob("actor-*.json"))]
     rows_per_run = tables["gsnr_0.1"].num_rows

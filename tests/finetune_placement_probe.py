@@ -17,7 +17,7 @@ from placement_probe import seen_here
 from ray.cluster_utils import Cluster
 
 from gradfilter_ray.config import load
-from gradfilter_ray.finetune.stage import fit_side_by_side
+from gradfilter_ray.finetune.stage import Subset, fit_side_by_side
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.scoring.scorers import Selection
 
@@ -35,7 +35,7 @@ def probe_finetune_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     facts = seen_here("finetune")
     facts["rank"] = ctx.get_world_rank()
-    facts["subset"] = config["out"].name
+    facts["subset"] = config["name"]
     root = config["out"].parent().parent()
     # Hold the GPU until every worker of every subset has started (or a minute has passed): subsets placed side by
     # side all meet here whatever the machine's load; subsets run one after another never would.
@@ -59,8 +59,8 @@ def main(config_path: str) -> None:
         cluster.add_node(**node)
         ray.init(address=cluster.address, logging_level="ERROR")
         lines = []
-        todo = [Selection.parse(s) for s in SUBSETS]
-        fit_side_by_side(cfg, RunDir(cfg.output_dir), "probe", todo, lines.append, train_fn=probe_finetune_worker)
+        todo = [Subset(Selection.parse(s), "0123456789abcdef") for s in SUBSETS]
+        fit_side_by_side(cfg, RunDir(cfg.output_dir), todo, lines.append, train_fn=probe_finetune_worker)
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -71,7 +71,7 @@ def main(config_path: str, num_cpus: int) -> None:
         trainer = TorchTrainer(
             probe_member,
             train_loop_config={"folder": folder},
-            scaling_config=scaling_config(cfg),
+            scaling_config=scaling_config(cfg, cfg.ensemble.members),
             torch_config=torch_config(),
             run_config=RunConfig(name="placement", storage_path=f"{folder}/train"),
         )

@@ -62,8 +62,11 @@ def test_demo_pipeline_through_the_cli_on_an_object_store(demo):
     assert any(len(s) > 2 for s in spans)
     assert len(manifest["inputs"][0]["sha256"]) == 64
 
-    assert manifest["stages"]["ensemble"]["members"] == 3
+    assert manifest["stages"]["ensemble"]["members"] == 3 == manifest["stages"]["ensemble"]["members_trained"]
+    units = manifest["stages"]["ensemble"]["units"]  # each member's folder, named by its seed and key
+    assert sorted(units) == ["member_0", "member_1", "member_2"] and len(set(units.values())) == 3
     for m in range(3):
+        assert units[f"member_{m}"].startswith(f"ensemble/member_seed{42 + m}-")
         assert (run.member_epoch(m, 2) / "adapter_model.safetensors").exists()
     grads = read(run.gradients)
     assert sorted(grads["id"].to_pylist()) == sorted(data["id"].to_pylist())
@@ -78,13 +81,16 @@ def test_demo_pipeline_through_the_cli_on_an_object_store(demo):
         assert all("conversations" in json.loads(line) for line in lines)  # written back as ShareGPT records
     assert (run.at("report") / "index.html").exists()
 
-    model = run.finetune / "gsnr_0.15" / "model" / "model.safetensors"
-    assert model.exists() and (run.finetune / "gsnr_0.15" / "model" / "chat_template.jinja").exists()
-    assert (run.finetune / "gsnr_0.15" / "train_loss.csv").read_text().startswith("step,loss\n1,")
+    subset = run.at(manifest["stages"]["finetune"]["units"]["gsnr_0.15"])  # finetune/gsnr_0.15-{key}
+    model = subset / "model" / "model.safetensors"
+    assert model.exists() and (subset / "model" / "chat_template.jinja").exists()
+    assert (subset / "train_loss.csv").read_text().startswith("step,loss\n1,")
     rows = {r["run"]: r for r in csv.DictReader(io.StringIO((run.evaluation / "compare.csv").read_text()))}
     assert set(rows) == {"gsnr_0.15"} and all(float(r["heldout_loss"]) > 0 for r in rows.values())
     assert "judge skipped: evaluation.judge.base_url is not set" in stdout
     assert manifest["stages"]["evaluation"]["judge"] == "skipped" and manifest["stages"]["finetune"]["runs"] == 1
+    assert manifest["stages"]["evaluation"]["generated"] == ["gsnr_0.15"]
+    assert (run.at(manifest["stages"]["evaluation"]["units"]["gsnr_0.15"]) / "generations.jsonl").exists()
     assert not run.at(".scratch").files() and not run.at("driver_claim.json").exists()
     assert "rows in: 40" in stdout and str(run.at("report") / "index.html") in stdout  # the closing summary
 
@@ -94,6 +100,7 @@ def test_workers_read_and_write_the_store_themselves(demo):
     and extraction read tokens/, the fine-tuning workers the subset, the evaluation actor the model; checkpoints go
     to .ray_train*."""
     requests = demo["requests"]
+    subset = RunDir(demo["uri"]).read_manifest()["stages"]["finetune"]["units"]["gsnr_0.15"]  # gsnr_0.15-{key}
 
     def fetched(fragment):
         return [r for r in requests if "GET /" in r and fragment in r]
@@ -101,13 +108,13 @@ def test_workers_read_and_write_the_store_themselves(demo):
     assert fetched("/demo/data/part-"), "no worker read data/ from the store"
     assert fetched("/demo/tokens/"), "no worker read tokens/ from the store"
     assert fetched("/demo/selection/gsnr_0.15.parquet"), "the fine-tuning workers did not read the subset"
-    assert fetched("/demo/finetune/gsnr_0.15/model/model.safetensors"), "the evaluation actor did not fetch the model"
+    assert fetched(f"/demo/{subset}/model/model.safetensors"), "the evaluation actor did not fetch the model"
     assert [r for r in requests if "PUT /" in r and "/demo/gradients/" in r]
     assert [r for r in requests if "PUT /" in r and "/demo/.ray_train_finetune/" in r]
     # the checkpoint at epoch 1's end: each rank staged its own shard and uploaded it itself, into the trainer's folder
     checkpoint_puts = [r for r in requests if "PUT /" in r and "/checkpoint_step_0000001/" in r]
     assert checkpoint_puts and any("zero_pp_rank_1" in r for r in checkpoint_puts)
-    summary = json.loads((RunDir(demo["uri"]).finetune / "gsnr_0.15" / "train_summary.json").read_text())
+    summary = json.loads((RunDir(demo["uri"]).at(subset) / "train_summary.json").read_text())
     assert summary["checkpoint_steps"] == [1] and summary["checkpoint_staged_bytes"] > 0
     assert summary["checkpoint_bytes"] >= summary["checkpoint_staged_bytes"]
 
@@ -119,5 +126,6 @@ def test_a_second_driver_finds_every_stage_done_and_compare_leaves_the_weights_i
     assert "[finetune] already done" in again["stdout"] and "[evaluation] already done" in again["stdout"]
     compare = demo["compare"]
     assert compare["rc"] == 0 and "| gsnr_0.15 |" in compare["stdout"], compare["stdout"][-2000:] + compare["stderr"]
-    model = RunDir(demo["uri"]).finetune / "gsnr_0.15" / "model" / "model.safetensors"
+    run = RunDir(demo["uri"])
+    model = run.at(run.read_manifest()["stages"]["finetune"]["units"]["gsnr_0.15"]) / "model" / "model.safetensors"
     assert compare["bytes"] < len(model.read_bytes())  # the weights stayed in the store

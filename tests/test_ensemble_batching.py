@@ -24,6 +24,7 @@ from gradfilter_ray.ensemble.loop import TokenRows, train_member
 from gradfilter_ray.lora import attach_lora
 from gradfilter_ray.models import load_causal_lm
 from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.units import ensemble_members
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny_gpt2.yaml"
 GROUPED = EnsembleConfig(batch_size=8, length_group_batches=4, batching="length_grouped")
@@ -165,15 +166,22 @@ def _write_member_epoch(folder: Path, losses, efficiency):
 
 def test_summary_holds_each_members_padding_and_their_mean(tmp_path):
     run = RunDir(str(tmp_path / "run"))
-    ens = EnsembleConfig(members=2, epochs=2)
+    cfg = load(TINY_CONFIG, [f"output_dir={tmp_path / 'run'}", "ensemble.members=2", "ensemble.epochs=2"])
+    ens = cfg.ensemble
     assert ens.batching == "random"  # the paper's uniformly shuffled batches unless a config opts in
+    members = ensemble_members(cfg, "tokens-key")
     values = {(0, 1): 0.9, (0, 2): 0.8, (1, 1): 0.7, (1, 2): None}  # None: restored from an older checkpoint
     for (m, e), value in values.items():
-        _write_member_epoch(Path(run.member_epoch(m, e).path), [1.0, 0.5], value)
-    summary = ensemble_stage._summary(run.ensemble, ens, {"rows_in": 3}, {"adapter_parameters": 1})
+        _write_member_epoch(Path(run.ensemble.path) / members[m].folder / f"epoch_{e}", [1.0, 0.5], value)
+    trained = {members[1].folder}
+    summary = ensemble_stage._summary(run.ensemble, ens, members, trained, {"rows_in": 3}, {"adapter_parameters": 1})
     assert summary["members"][0]["padding_efficiency"] == {1: 0.9, 2: 0.8}
     assert summary["members"][1]["padding_efficiency"] == {1: 0.7, 2: None}
     assert summary["padding_efficiency"] == pytest.approx(0.8) and summary["batching"] == "random"
+    assert [summary["members"][m]["folder"] for m in (0, 1)] == [m.folder for m in members]
+    assert [summary["members"][m]["seed"] for m in (0, 1)] == [ens.seed, ens.seed + 1]
+    assert [summary["members"][m]["trained_now"] for m in (0, 1)] == [False, True]
+    assert summary["trained_now"] == [1] and summary["reused"] == [0]
 
 
 @pytest.mark.parametrize("gpus", [0.0, 0.2])
@@ -183,11 +191,21 @@ def test_trainer_uses_gloo_and_the_configured_resources_per_member(tmp_path, gpu
         [f"output_dir={tmp_path / 'run'}", "ensemble.members=5", "ensemble.cpus_per_member=0.25"]
         + [f"ensemble.gpus_per_member={gpus}"],
     )
-    trainer = ensemble_stage.build_trainer(cfg, RunDir(str(tmp_path / "run")), "key", ds=None)
+    members = ensemble_members(cfg, "tokens-key")
+    trainer = ensemble_stage.build_trainer(cfg, RunDir(str(tmp_path / "run")), members, ds=None)
     assert trainer.backend_config.backend == "gloo"  # never NCCL, even with GPUs
     scaling = trainer.scaling_config
     assert scaling.num_workers == 5 and scaling.use_gpu == (gpus > 0)
     assert scaling.resources_per_worker == ({"CPU": 0.25, "GPU": 0.2} if gpus else {"CPU": 0.25})
+    # one worker per member still to train, worker r given the r-th of them (seed and folder) and nothing else
+    todo = [members[1], members[4]]
+    trainer = ensemble_stage.build_trainer(cfg, RunDir(str(tmp_path / "run")), todo, ds=None)
+    assert trainer.scaling_config.num_workers == 2
+    assert trainer.train_loop_config["members"] == [
+        {"index": 1, "seed": cfg.ensemble.seed + 1, "folder": members[1].folder},
+        {"index": 4, "seed": cfg.ensemble.seed + 4, "folder": members[4].folder},
+    ]
+    assert trainer.run_config.name == ensemble_stage.trainer_name(todo) != ensemble_stage.trainer_name(members)
 
 
 def test_a_window_never_holds_more_than_a_quarter_of_the_epoch_so_members_batch_differently():

@@ -1,8 +1,12 @@
 """Tokens, ensemble and extraction stages on the session's local Ray with a tiny GPT-2: outputs, resume (a preempted
-attempt is not done, and its re-run replaces every old output), exactly-once, tokens/ equal to tokenising in-process,
-equality with a bare in-process computation and with the batch-size-1 reference, determinism."""
+attempt is not done, and its re-run starts its unfinished members anew from their checkpoint), members as units (a
+member more trains that member alone, fewer members or a shifted seed reuse finished ones), exactly-once, tokens/
+equal to tokenising in-process, equality with a bare in-process computation and with the batch-size-1 reference,
+determinism."""
 
 import json
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +18,13 @@ from gradfilter_ray import pipeline
 from gradfilter_ray.config import load
 from gradfilter_ray.ensemble import stage as ensemble_stage
 from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.units import ensemble_members
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny_gpt2.yaml"
 QUIET = {"log": lambda _: None}
+OTHER_TRAINER = "ensemble-0123abcd0123abcd"
+OTHER_MEMBER = "member_seed7-0123456789abcdef"
 
 
 def tiny_cfg(out, *extra):
@@ -33,35 +40,28 @@ def finished_run(ray_cluster, tmp_path_factory):
     pipeline.run_stage("data", cfg, rundir, **QUIET)
     pipeline.run_stage("tokens", cfg, rundir, **QUIET)
     # A preempted first attempt: the trainer stops after epoch 1, leaving its checkpoint and (written in place)
-    # epoch 1 of each member in ensemble/, but no record: the stage is not done.
+    # epoch 1 of each member in its folder, but no `_done` marker and no record: the stage is not done.
     key = pipeline.stage_key("ensemble", cfg)
-    rundir.begin_stage("ensemble", key, pipeline.STAGES["ensemble"].writes)
+    members = ensemble_members(cfg, rundir.stage_record("tokens")["key"])
+    rundir.begin_stage("ensemble", key, pipeline.STAGES["ensemble"].writes, keep_outputs=True)
     partial = ensemble_stage.build_trainer(
-        cfg, rundir, key, ensemble_stage.token_dataset(rundir), stop_after_epoch=1
+        cfg, rundir, members, ensemble_stage.token_dataset(rundir), stop_after_epoch=1
     ).fit()
     assert partial.error is None and partial.metrics["epoch"] == 1
     with partial.checkpoint.as_directory() as saved:
-        early_before = (Path(saved) / "member_1" / "epoch_1" / "adapter_model.safetensors").read_bytes()
-        assert not (Path(saved) / "member_1" / "epoch_2").exists()
-    assert (rundir.member_epoch(1, 1) / "adapter_model.safetensors").read_bytes() == early_before
-    assert not rundir.member_epoch(1, 2).exists() and not rundir.stage_done("ensemble", key)
-    # A file the preempted attempt left in ensemble/ that the finished stage does not write: the re-run replaces
-    # every old output, so it must be gone afterwards.
-    (rundir.ensemble / "stale-from-the-preempted-attempt.txt").write_text("stale")
-    # An earlier config's trainer folder: removed; this config's (the preempted attempt's) is resumed from.
-    (rundir.ensemble_train_state / "ensemble-0123abcd" / "checkpoint_x" / "state").write_bytes(b"x")
-    drop = RunDir.drop_other_trainers
-    left: list[list[str]] = []
-
-    def drop_and_look(self, train_state, this_config):  # what the trainer finds once other configs' are gone
-        dropped = drop(self, train_state, this_config)
-        left.append(train_state.children())
-        return dropped
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(RunDir, "drop_other_trainers", drop_and_look)
-        record = pipeline.run_stage("ensemble", cfg, rundir, **QUIET)
-    assert left == [[ensemble_stage.trainer_name(key)]]  # the preempted attempt's trainer is kept to resume from
+        early_before = (Path(saved) / members[1].folder / "epoch_1" / "adapter_model.safetensors").read_bytes()
+        assert not (Path(saved) / members[1].folder / "epoch_2").exists()
+    member_1 = rundir.ensemble / members[1].folder
+    assert (member_1 / "epoch_1" / "adapter_model.safetensors").read_bytes() == early_before
+    assert not (member_1 / "epoch_2").exists() and not (member_1 / ensemble_stage.DONE_MARKER).exists()
+    assert not rundir.stage_done("ensemble", key)
+    # A file the preempted attempt left in an unfinished member's folder: the re-run starts that folder anew (from
+    # the checkpoint), so it must be gone afterwards.
+    (rundir.ensemble / members[0].folder / "stale-from-the-preempted-attempt.txt").write_text("stale")
+    # Another config's trainer folder and finished member: the stage leaves both as they are (`gc` removes them).
+    (rundir.ensemble_train_state / OTHER_TRAINER / "checkpoint_x" / "state").write_bytes(b"x")
+    (rundir.ensemble / OTHER_MEMBER / ensemble_stage.DONE_MARKER).write_text("{}")
+    record = pipeline.run_stage("ensemble", cfg, rundir, **QUIET)
     extract = pipeline.run_stage("gradients", cfg, rundir, **QUIET)
     return cfg, rundir, record, extract, early_before
 
@@ -90,7 +90,19 @@ def test_ensemble_writes_every_member_epoch_as_safetensors_with_loss_curves(fini
     cfg, rundir, record, _, _ = finished_run
     assert record["rows_in"] == 24 == record["rows_trained"] + record["rows_no_response_tokens"]
     assert record["adapted_modules"] == 6  # c_attn, attn.c_proj and mlp.c_proj in each of 2 layers
-    assert record["trainers_of_other_configs_removed"] == 1 and not rundir.ensemble_train_state.children()
+    members = ensemble_members(cfg, rundir.stage_record("tokens")["key"])
+    assert record["units"] == {m.unit: f"ensemble/{m.folder}" for m in members}
+    assert record["members_trained"] == 2 and record["members_reused"] == 0
+    # what this key uses is recorded for `gc`: its members' folders and its trainer's state
+    trainer = ensemble_stage.trainer_name(members)
+    assert rundir.references("ensemble", record["key"]) == {*record["units"].values(), f".ray_train/{trainer}"}
+    # another config's trainer and member are left as they are; this config's finished trainer is removed
+    assert rundir.ensemble_train_state.children() == [OTHER_TRAINER]
+    assert (rundir.ensemble / OTHER_MEMBER / ensemble_stage.DONE_MARKER).exists()
+    summary = json.loads((rundir.ensemble / "summary.json").read_text())
+    assert [(f["folder"], f["seed"], f["trained_now"]) for f in summary["members"].values()] == [
+        (m.folder, m.seed, True) for m in members
+    ]
     per_member = rundir.stage_record("ensemble")["padding_efficiency_per_member"]  # as the manifest holds it
     assert sorted(str(m) for m in per_member) == [str(m) for m in range(cfg.ensemble.members)]
     assert all(0 < v <= 1 for epochs in per_member.values() for v in epochs.values())
@@ -101,16 +113,17 @@ def test_ensemble_writes_every_member_epoch_as_safetensors_with_loss_curves(fini
     for m in range(2):
         for e in (1, 2):
             folder = rundir.member_epoch(m, e)
+            assert folder.path == (rundir.ensemble / members[m].folder / f"epoch_{e}").path
             assert Path(folder / "adapter_model.safetensors").stat().st_size > 0
             lines = (folder / "train_loss.csv").read_text().splitlines()
             assert lines[0] == "step,loss" and len(lines) == 1 + int(np.ceil(record["rows_trained"] / 8))
-    # only adapters, curves and the summary are published: no optimiser state, nothing left of the first attempt
+        assert (rundir.ensemble / members[m].folder / ensemble_stage.DONE_MARKER).exists()
+    # only adapters, curves, markers and the summary are published: no optimiser state, nothing left of the first
+    # attempt
     files = rundir.ensemble.files()
     assert not [f for f in files if f.endswith(ensemble_stage.TRAIN_STATE)], files
-    assert "stale-from-the-preempted-attempt.txt" not in files and "summary.json" in files
+    assert not [f for f in files if f.endswith("stale-from-the-preempted-attempt.txt")] and "summary.json" in files
     assert rundir.stage_done("ensemble", pipeline.stage_key("ensemble", cfg))
-    # the finished stage removed its Ray Train run (checkpoints are only for resuming)
-    assert not (rundir.ensemble_train_state / ensemble_stage.trainer_name(record["key"])).exists()
 
 
 def test_resumed_ensemble_equals_an_uninterrupted_one(finished_run, tmp_path):
@@ -132,6 +145,74 @@ def test_resumed_ensemble_equals_an_uninterrupted_one(finished_run, tmp_path):
     m0 = load_file(str(clean.member_epoch(0, 2) / "adapter_model.safetensors"))
     m1 = load_file(str(clean.member_epoch(1, 2) / "adapter_model.safetensors"))
     assert any(not torch.allclose(m0[k], m1[k]) for k in m0)  # members differ
+
+
+def _ensemble_files(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under ensemble/ but the config's summary: relative path -> (mtime in ns, bytes)."""
+    folder = root / "ensemble"
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != "summary.json"
+    }
+
+
+def test_members_are_units_a_new_one_alone_is_trained_and_overlapping_seeds_are_reused(
+    finished_run, tmp_path, monkeypatch
+):
+    from gradfilter_ray.gradients.extract import adapter_name
+    from gradfilter_ray.gradients.stage import adapter_locations
+
+    cfg, rundir, record, _, _ = finished_run
+    out = tmp_path / "run"
+    shutil.copytree(rundir.root.path, out)  # a copy keeps each file's modification time
+    run = RunDir(str(out))
+    before = _ensemble_files(out)
+    fits: list[list[str]] = []
+    build = ensemble_stage.build_trainer
+
+    def build_and_count(cfg, run, todo, *args, **kwargs):  # the real trainer, noting whom it trains
+        fits.append([m.folder for m in todo])
+        return build(cfg, run, todo, *args, **kwargs)
+
+    monkeypatch.setattr(ensemble_stage, "build_trainer", build_and_count)
+
+    three = tiny_cfg(out, "ensemble.members=3")
+    members = ensemble_members(three, run.stage_record("tokens")["key"])
+    started = time.time_ns()
+    grown = pipeline.run_stage("ensemble", three, run, **QUIET)
+    after = _ensemble_files(out)
+    # the first two members: not a byte and not a modification time changed; the third: all new, and finished
+    assert {path: after[path] for path in before} == before
+    new = {path: mtime for path, (mtime, _) in after.items() if path not in before}
+    assert {path.split("/", 1)[0] for path in new} == {members[2].folder}
+    assert all(mtime >= started for mtime in new.values())
+    assert {f"{members[2].folder}/epoch_{e}/adapter_model.safetensors" for e in (1, 2)} <= set(new)
+    assert f"{members[2].folder}/{ensemble_stage.DONE_MARKER}" in new
+    assert fits == [[members[2].folder]]
+    assert grown["members_trained"] == 1 and grown["members_reused"] == 2
+    assert grown["units"] == {**record["units"], "member_2": f"ensemble/{members[2].folder}"}
+    summary = json.loads((run.ensemble / "summary.json").read_text())
+    assert summary["trained_now"] == [2] and summary["reused"] == [0, 1]
+
+    # back to two members: both finished, so no trainer at all, and nothing written but the summary
+    shrunk = pipeline.run_stage("ensemble", cfg, run, **QUIET)
+    assert fits == [[members[2].folder]] and _ensemble_files(out) == after
+    assert shrunk["members_trained"] == 0 and shrunk["members_reused"] == 2 and shrunk["units"] == record["units"]
+    assert [f["folder"] for f in json.loads((run.ensemble / "summary.json").read_text())["members"].values()] == [
+        m.folder for m in members[:2]
+    ]
+
+    # the seed shifted by one: seeds 43 and 44 are the three-member config's members 1 and 2
+    shifted = pipeline.run_stage("ensemble", tiny_cfg(out, "ensemble.seed=43"), run, **QUIET)
+    assert fits == [[members[2].folder]] and _ensemble_files(out) == after
+    assert shifted["units"] == {"member_0": grown["units"]["member_1"], "member_1": grown["units"]["member_2"]}
+    assert shifted["members_reused"] == 2
+    # the extraction reads this config's members through the stage record
+    adapters = adapter_locations(run, 1, 2)
+    assert [adapters[adapter_name(m, "late")].path for m in (0, 1)] == [
+        run.at(f"{grown['units'][unit]}/epoch_2").path for unit in ("member_1", "member_2")
+    ]
 
 
 def test_extraction_has_every_id_once_with_m_values_per_checkpoint(finished_run):

@@ -15,6 +15,7 @@ from gradfilter_ray.evaluation import vllm_engine
 from gradfilter_ray.evaluation.generate import Sampling, decode_answers, prompt_token_ids
 from gradfilter_ray.evaluation.hf_engine import GENERATE, HELDOUT, batch_blocks
 from gradfilter_ray.evaluation.plan import MAX_CPU_ACTORS, choose_engine, cluster_width, plan_waves, share
+from gradfilter_ray.storage import open_location
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "jobs" / "configs"
@@ -266,7 +267,7 @@ def test_vllm_answers_and_hf_losses_merge_into_the_rows_the_hf_pass_writes(tmp_p
     """The vllm engine's two phases (answers, then held-out losses from hf actors) end in the same table, and so
     the same files, as the single hf pass."""
     from gradfilter_ray.evaluation.hf_engine import with_results
-    from gradfilter_ray.evaluation.stage import _write_run, merge, sorted_table
+    from gradfilter_ray.evaluation.stage import merge, sorted_table, write_run
 
     rows = [
         {"kind": GENERATE, "test_set": "vicuna", "id": "v1", "instruction": "Say hi.", "input": "", "output": ""},
@@ -288,7 +289,8 @@ def test_vllm_answers_and_hf_losses_merge_into_the_rows_the_hf_pass_writes(tmp_p
     one_pass = with_results(table, ["hi", "once", None, None], [float("nan")] * 2 + [2.0, 6.0], [0, 0, 1, 2])
     assert merged.schema == one_pass.schema and merged.num_rows == 4
     assert merged.drop(["loss_sum"]).equals(one_pass.drop(["loss_sum"]))
-    written = _write_run(tmp_path / "run", merged)
+    written = write_run(open_location(str(tmp_path / "run")), merged, "0123456789abcdef")
     assert written == {"generations": 2, "heldout_loss": 8.0 / 3, "heldout_examples": 2}
     lines = (tmp_path / "run" / "generations.jsonl").read_text().splitlines()
     assert [line.split('"answer": ')[1] for line in lines] == ['"hi"}', '"once"}']
+    assert (tmp_path / "run" / "_done").read_text() == "0123456789abcdef"  # the run's key, written last

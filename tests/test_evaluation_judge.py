@@ -11,6 +11,7 @@ from gradfilter_ray.evaluation.judge import (
     JudgeClient,
     build_messages,
     chat_completions_url,
+    judge_both_orders,
     judge_pair,
     parse_scores,
 )
@@ -244,3 +245,16 @@ def test_judge_pair(server, make_client, script, expected):
     first, second = (r["body"]["messages"][1]["content"] for r in server.requests)
     assert first.index("answer A") < first.index("answer B")  # A is assistant 1 in the first order
     assert second.index("answer B") < second.index("answer A")
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ([ok("8 6"), ok("5 9")], ("win", True)),
+        ([ok("8 6"), ok("I refuse")], ("invalid", True)),  # the judge's own word: kept
+        ([ok("8 6"), status(400, "bad request")], ("invalid", False)),  # no reply: asked again by a later run
+    ],
+)
+def test_both_orders_say_whether_the_judge_replied_to_both(server, make_client, script, expected):
+    server.script = list(script)
+    assert judge_both_orders(make_client(), "q", "answer A", "answer B") == expected

@@ -13,9 +13,9 @@ import pytest
 import torch
 from cli_runs import ROWS, int_lines, tiny_cfg
 
-from gradfilter_ray import pipeline
 from gradfilter_ray.ensemble import stage as ensemble_stage
 from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.units import ensemble_members
 
 
 @pytest.mark.slow
@@ -43,7 +43,9 @@ def test_the_crashed_group_restarts_from_the_checkpoint_and_matches_the_fault_fr
             assert got.keys() == want.keys()
             for key in got:
                 torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=f"m{m} e{e} {key}")
-    trainer = ensemble_stage.trainer_name(pipeline.stage_key("ensemble", cfg))
+    members = ensemble_members(cfg, rundir.stage_record("tokens")["key"])
+    assert [f.path for f in rundir.member_folders()] == [(rundir.ensemble / m.folder).path for m in members]
+    trainer = ensemble_stage.trainer_name(members)
     assert not (rundir.ensemble_train_state / trainer).exists()  # the finished stage removed its Ray Train run
     # The dead worker's private folder was removed by its successor, the finished workers removed their own, and
     # the extraction actors (one of them killed) left no adapter files: the runs' own TMPDIR holds none of them.
@@ -56,8 +58,8 @@ def test_a_new_member_worker_removes_the_folders_of_dead_workers(tmp_path, monke
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     root = tmp_path / ensemble_stage.WORK_ROOT
-    (root / f"{dead.pid}-member0-x" / "member_0").mkdir(parents=True)
-    (root / f"{os.getppid()}-member1-y").mkdir()  # a live process's folder stays
-    mine = ensemble_stage.member_workdir(3)
-    assert sorted(p.name for p in root.iterdir()) == sorted([f"{os.getppid()}-member1-y", mine.name])
-    assert mine.name.startswith(f"{os.getpid()}-member3-")
+    (root / f"{dead.pid}-seed42-x" / "member_seed42-0123456789abcdef").mkdir(parents=True)
+    (root / f"{os.getppid()}-seed43-y").mkdir()  # a live process's folder stays
+    mine = ensemble_stage.member_workdir(45)
+    assert sorted(p.name for p in root.iterdir()) == sorted([f"{os.getppid()}-seed43-y", mine.name])
+    assert mine.name.startswith(f"{os.getpid()}-seed45-")

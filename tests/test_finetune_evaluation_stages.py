@@ -1,10 +1,14 @@
 """Finetune (DeepSpeed on Ray Train, 2 CPU workers, gloo) and evaluate (Ray Data batch inference, a judge over
 real HTTP) on the bundled tiny LLaMA (stories260K): the loss falls, the model loads back, a preempted run resumes
-to the uninterrupted run's curve, ZeRO-3 trains the same model as ZeRO-2, and the comparison table is right."""
+to the uninterrupted run's curve, ZeRO-3 trains the same model as ZeRO-2, the comparison table is right, and a
+config change redoes exactly the units it changes (a subset added, a judge swapped)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
+import hashlib
 import io
 import json
 import re
@@ -20,10 +24,10 @@ from safetensors.torch import load_file
 from gradfilter_ray import pipeline
 from gradfilter_ray.config import load
 from gradfilter_ray.evaluation import pws
+from gradfilter_ray.evaluation.keys import run_key
 from gradfilter_ray.finetune import stage as finetune_stage
 from gradfilter_ray.finetune import worker as finetune_worker
 from gradfilter_ray.rundir import RunDir
-from gradfilter_ray.scoring.scorers import Selection
 from gradfilter_ray.storage import Location
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # Ray Train (DeepSpeed) runs
@@ -49,20 +53,25 @@ SMALL = [
 ]
 
 
+def write_selected(root: Path, name: str, first: int, n: int) -> None:
+    """A subset of rows [first, first + n) of the sample as the select stage writes it (canonical columns)."""
+    rows = ROWS[first : first + n]
+    table = pa.table(
+        {
+            "id": pa.array(range(first, first + n), pa.int64()),
+            "instruction": pa.array([r["instruction"] for r in rows], pa.string()),
+            "input": pa.array([r["input"] for r in rows], pa.string()),
+            "output": pa.array([r["output"] for r in rows], pa.string()),
+        }
+    )
+    (root / "selection").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, root / "selection" / f"{name}.parquet")
+
+
 def make_selected(root: Path) -> None:
-    """Two 24-row subsets as the select stage writes them (canonical columns)."""
-    (root / "selection").mkdir(parents=True)
-    for name, rows in (("gsnr_0.5", ROWS[:24]), ("random_0.5", ROWS[24:48])):
-        offset = 0 if name.startswith("gsnr") else 24
-        table = pa.table(
-            {
-                "id": list(range(offset, offset + 24)),
-                "instruction": [r["instruction"] for r in rows],
-                "input": [r["input"] for r in rows],
-                "output": [r["output"] for r in rows],
-            }
-        )
-        pq.write_table(table, root / "selection" / f"{name}.parquet")
+    """Two 24-row subsets."""
+    write_selected(root, "gsnr_0.5", 0, 24)
+    write_selected(root, "random_0.5", 24, 24)
 
 
 def small_cfg(out: Path, *extra: str):
@@ -72,13 +81,33 @@ def small_cfg(out: Path, *extra: str):
 QUIET = {"log": lambda _: None}
 
 
+def record_upstream(rundir: RunDir, cfg) -> None:
+    """The stages up to select recorded done for `cfg`."""
+    for stage in ("data", "ensemble", "gradients", "scoring", "selection"):
+        rundir.record_stage(stage, {"status": "done", "key": pipeline.stage_key(stage, cfg)})
+
+
 def selected_run(root: Path, cfg) -> RunDir:
     """`root` with the two subsets of `make_selected` and the stages up to select recorded done for `cfg`."""
     make_selected(root)
     rundir = RunDir(str(root))
-    for stage in ("data", "ensemble", "gradients", "scoring", "selection"):
-        rundir.record_stage(stage, {"status": "done", "key": pipeline.stage_key(stage, cfg)})
+    record_upstream(rundir, cfg)
     return rundir
+
+
+def subset_of(cfg, rundir: RunDir, name: str) -> finetune_stage.Subset:
+    subsets, _ = finetune_stage.plan_subsets(cfg, rundir)
+    return next(s for s in subsets if s.name == name)
+
+
+def files_of(folder: Location) -> dict[str, tuple[str, int]]:
+    """Every file under a folder: its sha256 and its mtime (a file written anew, even alike, has a new one)."""
+    root = Path(folder)
+    return {
+        str(f.relative_to(root)): (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
+        for f in sorted(root.rglob("*"))
+        if f.is_file()
+    }
 
 
 def read_losses(path: Location) -> list[float]:
@@ -108,13 +137,16 @@ class LongerAnswerJudge(ChatServer):
         return len(self.requests)
 
 
+OTHER_TRAINER = "finetune-0123abcd0123abcd-gsnr_0.5"
+
+
 @pytest.fixture(scope="module")
 def finetuned(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("ft") / "run"
     cfg = small_cfg(root)
     rundir = selected_run(root, cfg)
-    # An earlier config's interrupted subset: its checkpoint can never be resumed under this config's key.
-    (rundir.finetune_train_state / "finetune-0123abcd-gsnr_0.5" / "checkpoint_step_0000002" / "x").write_bytes(b"x")
+    # Another config's interrupted subset: it is that config's to resume (or `gc`'s to remove), never this stage's.
+    (rundir.finetune_train_state / OTHER_TRAINER / "checkpoint_step_0000002" / "x").write_bytes(b"x")
     counts = pipeline.run_stage("finetune", cfg, rundir, **QUIET)
     return cfg, rundir, counts
 
@@ -123,11 +155,14 @@ def test_finetune_loss_falls_and_the_model_loads_back(finetuned):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     cfg, rundir, counts = finetuned
-    assert counts["runs"] == 2 and not counts["skipped"]
-    # the earlier config's trainer folder is gone, and this config's own were dropped as each subset finished
-    assert counts["trainers_of_other_configs_removed"] == 1 and rundir.finetune_train_state.children() == []
+    assert counts["runs"] == 2 and not counts["skipped"] and sorted(counts["trained"]) == ["gsnr_0.5", "random_0.5"]
+    # this config's trainer folders were dropped as each subset finished; the other config's stays as it was
+    assert rundir.finetune_train_state.children() == [OTHER_TRAINER]
+    subsets = {s.name: s for s in finetune_stage.plan_subsets(cfg, rundir)[0]}
     for run in ("gsnr_0.5", "random_0.5"):
-        folder = rundir.finetune / run
+        subset = subsets[run]
+        assert counts["units"][run] == f"finetune/{run}-{subset.key}"
+        folder = rundir.at(counts["units"][run])
         losses = read_losses(folder / "train_loss.csv")
         summary = json.loads((folder / "train_summary.json").read_text())
         # global batch 8 (2 workers x 4, no accumulation), 2 epochs of ceil(rows / 8) steps.
@@ -142,11 +177,19 @@ def test_finetune_loss_falls_and_the_model_loads_back(finetuned):
         model = AutoModelForCausalLM.from_pretrained(str(folder / "model"))
         assert isinstance(model, LlamaForCausalLM)
         assert AutoTokenizer.from_pretrained(str(folder / "model")).vocab_size == 512
-        # written last, the subset's marker holds the stage key; its Ray Train run (checkpoints) is removed
-        assert finetune_stage.run_finished(folder, counts["key"])
-        assert not finetune_stage.run_finished(folder, "another-key")
-        assert not (rundir.finetune_train_state / finetune_stage.trainer_name(counts["key"], run)).exists()
-    assert sorted(rundir.finetune.children()) == ["gsnr_0.5", "random_0.5", "summary.json"]
+        # written last, the subset's marker holds its key; its Ray Train run (checkpoints) is removed
+        assert finetune_stage.run_finished(folder, subset.key)
+        assert not finetune_stage.run_finished(folder, counts["key"])  # the subset's key, not the stage's
+        assert not (rundir.finetune_train_state / subset.trainer).exists()
+    assert sorted(rundir.finetune.children()) == sorted(
+        [*(rundir.at(u).name for u in counts["units"].values()), "summary.json"]
+    )
+    # every subset's folder and trainer are referenced by the stage key, for gc
+    referenced = rundir.references("finetune", counts["key"])
+    assert referenced == {*counts["units"].values(), *(f".ray_train_finetune/{s.trainer}" for s in subsets.values())}
+    view = json.loads((rundir.finetune / "summary.json").read_text())["runs"]
+    assert {run: v["folder"] for run, v in view.items()} == counts["units"]
+    assert view["gsnr_0.5"]["train"]["total_steps"] == counts["steps"]["gsnr_0.5"]
 
 
 def test_a_rerun_after_a_crash_keeps_the_finished_subsets(finetuned):
@@ -155,7 +198,7 @@ def test_a_rerun_after_a_crash_keeps_the_finished_subsets(finetuned):
     cfg, rundir, counts = finetuned
 
     def written(run: str) -> dict[str, int]:  # a retrained subset's files are written anew
-        folder = Path(rundir.finetune / run)
+        folder = Path(rundir.at(counts["units"][run]))
         return {f: (folder / f).stat().st_mtime_ns for f in ("model/model.safetensors", finetune_worker.DONE_MARKER)}
 
     before = {run: written(run) for run in counts["steps"]}
@@ -163,9 +206,64 @@ def test_a_rerun_after_a_crash_keeps_the_finished_subsets(finetuned):
     assert not rundir.stage_done("finetune", counts["key"])
     again = pipeline.run_stage("finetune", cfg, rundir, **QUIET)
     assert again["seconds"] < 30 and again["runs"] == 2 and again["steps"] == counts["steps"]
-    assert not rundir.finetune_train_state.exists() or not rundir.finetune_train_state.children()
+    assert again["trained"] == [] and sorted(again["reused"]) == ["gsnr_0.5", "random_0.5"]
+    assert rundir.finetune_train_state.children() == [OTHER_TRAINER]
     assert {run: written(run) for run in counts["steps"]} == before
     assert rundir.stage_done("finetune", counts["key"])
+
+
+def test_a_subset_added_trains_that_subset_alone_and_removed_again_trains_nothing(finetuned, tmp_path):
+    """A ratio added (and its selection files: gsnr's 12 rows, random's none): only gsnr_0.25 trains, counted by a
+    wrapper around the real worker; the two subsets already trained keep every byte (and mtime). Back to the
+    first config, the stage runs again (its key changed twice) and trains nothing."""
+    cfg, rundir, counts = finetuned
+    trained = tmp_path / "trained.txt"
+
+    def counting_worker(config: dict) -> None:
+        import ray.train
+
+        from gradfilter_ray.finetune.worker import finetune_worker
+
+        if ray.train.get_context().get_world_rank() == 0:
+            with open(trained, "a") as fh:
+                fh.write(config["name"] + "\n")
+        finetune_worker(config)
+
+    def run_finetune(config, monkeypatch) -> dict:
+        stage = dataclasses.replace(
+            pipeline.STAGES["finetune"], run=functools.partial(finetune_stage.run, train_fn=counting_worker)
+        )
+        with monkeypatch.context() as patch:
+            patch.setitem(pipeline.STAGES, "finetune", stage)
+            return pipeline.run_stage("finetune", config, rundir, **QUIET)
+
+    kept = {run: files_of(rundir.at(folder)) for run, folder in counts["units"].items()}
+    write_selected(Path(rundir.root), "gsnr_0.25", 48, 12)
+    write_selected(Path(rundir.root), "random_0.25", 60, 0)
+    more = small_cfg(rundir.root, "selection.ratios=[0.5, 0.25]", "finetune.ratios=[0.5, 0.25]")
+    record_upstream(rundir, more)  # the selection stage re-run for the new ratio
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        added = run_finetune(more, monkeypatch)
+        assert trained.read_text().splitlines() == ["gsnr_0.25"]
+        assert added["trained"] == ["gsnr_0.25"] and sorted(added["reused"]) == ["gsnr_0.5", "random_0.5"]
+        assert added["skipped"] == {"random_0.25": "empty selection"} and set(added["steps"]) == {
+            *counts["steps"],
+            "gsnr_0.25",
+        }
+        assert {run: added["units"][run] for run in counts["units"]} == counts["units"]
+        assert {run: files_of(rundir.at(folder)) for run, folder in counts["units"].items()} == kept
+        assert finetune_stage.run_finished(
+            rundir.at(added["units"]["gsnr_0.25"]), subset_of(more, rundir, "gsnr_0.25").key
+        )
+
+        record_upstream(rundir, cfg)
+        back = run_finetune(cfg, monkeypatch)
+    assert trained.read_text().splitlines() == ["gsnr_0.25"]  # no worker started
+    assert back["trained"] == [] and back["units"] == counts["units"] and back["key"] == counts["key"]
+    assert {run: files_of(rundir.at(folder)) for run, folder in counts["units"].items()} == kept
+    # the added subset stays (another config's unit: gc's to remove), outside this config's view
+    assert rundir.at(added["units"]["gsnr_0.25"]).exists()
+    assert set(json.loads((rundir.finetune / "summary.json").read_text())["runs"]) == {"gsnr_0.5", "random_0.5"}
 
 
 def test_preempted_zero3_finetune_resumes_to_the_zero2_curve_and_weights(finetuned, tmp_path):
@@ -179,23 +277,26 @@ def test_preempted_zero3_finetune_resumes_to_the_zero2_curve_and_weights(finetun
         "finetune.zero_stage=3",
     )  # fmt: skip
     rundir = selected_run(root, cfg)
-    key = pipeline.stage_key("finetune", cfg)
-    partial = finetune_stage.build_trainer(cfg, rundir, key, Selection.parse("gsnr_0.5"), stop_after_steps=4).fit()
+    subset = subset_of(cfg, rundir, "gsnr_0.5")
+    # the ZeRO stage and the checkpoint policy change how it trains, not what: the fixture's subset has this key
+    assert subset.key == subset_of(finetuned[0], reference, "gsnr_0.5").key
+    partial = finetune_stage.build_trainer(cfg, rundir, subset, stop_after_steps=4).fit()
     assert partial.error is None and partial.metrics["step"] == 4  # the checkpoint at step 4 is the latest
-    assert not finetune_stage.run_finished(rundir.finetune / "gsnr_0.5", key)  # stopped: no model, no marker
+    folder = rundir.finetune / subset.folder
+    assert not finetune_stage.run_finished(folder, subset.key)  # stopped: no model, no marker
     # the ranks wrote into the trainer's folder; Ray Train kept only the latest checkpoint, beside the shared tokens
-    trainer = rundir.finetune_train_state / finetune_stage.trainer_name(key, "gsnr_0.5")
+    trainer = rundir.finetune_train_state / finetune_stage.trainer_name(subset.key, "gsnr_0.5")
     assert [c for c in trainer.children() if c.startswith("checkpoint_step_")] == ["checkpoint_step_0000004"]
     assert sorted(t for t in (trainer / "tokens").children()) == ["part-00000.parquet", "part-00001.parquet"]
     pipeline.run_stage("finetune", cfg, rundir, **QUIET)
-    resumed = read_losses(rundir.finetune / "gsnr_0.5" / "train_loss.csv")
-    uninterrupted = read_losses(reference.finetune / "gsnr_0.5" / "train_loss.csv")
+    resumed = read_losses(folder / "train_loss.csv")
+    uninterrupted = read_losses(reference.finetune / subset.folder / "train_loss.csv")
     np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5)
     # every 2 steps, never after the last: steps 2 and 4 (written before the stop, and counted on after it)
-    summary = json.loads((rundir.finetune / "gsnr_0.5" / "train_summary.json").read_text())
+    summary = json.loads((folder / "train_summary.json").read_text())
     assert summary["checkpoint_steps"] == [2, 4] and summary["checkpoints"] == 2
-    z3 = load_file(str(rundir.finetune / "gsnr_0.5" / "model" / "model.safetensors"))
-    z2 = load_file(str(reference.finetune / "gsnr_0.5" / "model" / "model.safetensors"))
+    z3 = load_file(str(folder / "model" / "model.safetensors"))
+    z2 = load_file(str(reference.finetune / subset.folder / "model" / "model.safetensors"))
     pretrained = load_file(PRETRAINED)
     assert z3.keys() == z2.keys()
     moved = 0.0
@@ -236,9 +337,8 @@ def test_without_checkpoints_a_failed_worker_group_restarts_the_subset_from_its_
         faults._handler, faults._loaded = handler, True
         finetune_worker(config)
 
-    key = pipeline.stage_key("finetune", cfg)
-    selection = Selection.parse("gsnr_0.5")
-    assert finetune_stage.fit_subset(cfg, rundir, key, selection, train_fn=fails_once_after_step_3) == "gsnr_0.5"
+    subset = subset_of(cfg, rundir, "gsnr_0.5")
+    assert finetune_stage.fit_subset(cfg, rundir, subset, train_fn=fails_once_after_step_3) == "gsnr_0.5"
     records = [json.loads(line) for line in Path(seen).read_text().splitlines()]
     for rank in (0, 1):
         mine = [r for r in records if r["rank"] == rank]
@@ -246,42 +346,84 @@ def test_without_checkpoints_a_failed_worker_group_restarts_the_subset_from_its_
         assert len({r["pid"] for r in mine[:3]} | {r["pid"] for r in mine[3:]}) == 2  # a new worker process
         np.testing.assert_allclose([r["loss"] for r in mine[3:6]], [r["loss"] for r in mine[:3]], rtol=1e-6)
         assert all(r["saved"] == [] for r in mine)  # nothing resumable was ever written
-    losses = read_losses(rundir.finetune / "gsnr_0.5" / "train_loss.csv")
+    folder = rundir.finetune / subset.folder
+    losses = read_losses(folder / "train_loss.csv")
     np.testing.assert_allclose(losses, [r["loss"] for r in records if r["rank"] == 0][3:], rtol=1e-6)
-    np.testing.assert_allclose(losses, read_losses(reference.finetune / "gsnr_0.5" / "train_loss.csv"), rtol=1e-5)
-    summary = json.loads((rundir.finetune / "gsnr_0.5" / "train_summary.json").read_text())
+    np.testing.assert_allclose(losses, read_losses(reference.finetune / subset.folder / "train_loss.csv"), rtol=1e-5)
+    summary = json.loads((folder / "train_summary.json").read_text())
     assert summary["checkpoints"] == 0 and summary["checkpoint_steps"] == [] and summary["total_steps"] == 6
 
 
-def test_evaluate_generates_scores_heldout_judges_and_compares(finetuned, tmp_path):
+def test_evaluate_generates_scores_heldout_judges_and_compares(finetuned):
+    """The stage on the fixture's two runs with a judge; then a judge timeout changed redoes nothing, another judge
+    model re-judges the pair and generates nothing, and the first model again (its pair's file removed) is
+    answered from the judge cache. Answers generated are counted by their files' mtimes, judge calls by the
+    server."""
     from gradfilter_ray.evaluation.testsets import load_test_set
 
-    _, base, _ = finetuned
+    _, base, finetune_counts = finetuned
     garbled = load_test_set("koala")[0]["instruction"]
     judge = LongerAnswerJudge(garbled)
+    ev = base.evaluation
     try:
-        cfg = small_cfg(base.root, f"evaluation.judge.base_url={judge.url}", "evaluation.judge.concurrency=2")
+        judged_by = [f"evaluation.judge.base_url={judge.url}", "evaluation.judge.concurrency=2"]
+        cfg = small_cfg(base.root, *judged_by)
         counts = pipeline.run_stage("evaluation", cfg, base, **QUIET)
         first_calls = judge.calls
-        cached = base.judge_cache.read_text()
-        # a re-run (it removes the stage's old outputs first) is answered from the judge cache, kept in the run
-        # directory beside evaluation/, not in it
-        again = pipeline.run_stage("evaluation", cfg, base, force=True, **QUIET)
-        assert judge.calls == first_calls and again["judge"] == "ran"
-        assert base.judge_cache.read_text() == cached
+        folders = {run: base.at(counts["units"][run]) for run in ("gsnr_0.5", "random_0.5")}
+        answers = {run: files_of(folder) for run, folder in folders.items()}
+        pair = base.at(counts["units"]["gsnr_0.5_vs_random_0.5"])
+        outcomes = pair.read_text()
+
+        # how long to wait for the judge keys nothing: the stage is done, nothing runs
+        slower = pipeline.run_stage(
+            "evaluation", small_cfg(base.root, *judged_by, "evaluation.judge.timeout_s=7"), base, **QUIET
+        )
+        assert slower["key"] == counts["key"] and judge.calls == first_calls
+        assert {run: files_of(folder) for run, folder in folders.items()} == answers
+
+        # another judge model: the runs are kept, only the pair is judged (a new file beside the first)
+        other = pipeline.run_stage(
+            "evaluation", small_cfg(base.root, *judged_by, "evaluation.judge.model=judge-2"), base, **QUIET
+        )
+        assert other["generated"] == [] and other["judged"] == ["gsnr_0.5_vs_random_0.5"]
+        assert judge.calls == 2 * first_calls and {r["body"]["model"] for r in judge.requests[first_calls:]} == {
+            "judge-2"
+        }
+        assert {run: files_of(folder) for run, folder in folders.items()} == answers
+        assert other["units"]["gsnr_0.5_vs_random_0.5"] != pair_path(counts) and pair.read_text() == outcomes
+
+        # the first model again, its pair's file gone: judged again from the cache, no request paid twice
+        pair.delete()
+        again = pipeline.run_stage("evaluation", cfg, base, **QUIET)
+        assert (
+            again["key"] == counts["key"]
+            and again["generated"] == []
+            and again["judged"] == ["gsnr_0.5_vs_random_0.5"]
+        )
+        assert judge.calls == 2 * first_calls and pair.read_text() == outcomes
+        assert {run: files_of(folder) for run, folder in folders.items()} == answers
     finally:
         judge.close()
+    assert sorted(counts["generated"]) == ["gsnr_0.5", "random_0.5"] and counts["judged"] == ["gsnr_0.5_vs_random_0.5"]
     assert counts["prompts"] == 6 and counts["heldout_examples"] == 10 and counts["judge"] == "ran"
     assert first_calls == 2 * 6  # one pair (gsnr vs random) per prompt, both answer orders
+    # each run's folder is keyed by its subset's key (its model) and the generation settings
+    for run, folder in folders.items():
+        assert folder.name == f"{run}-{run_key(cfg, finetune_subset_key(finetune_counts, run))}"
+    assert base.references("evaluation", counts["key"]) == set(counts["units"].values())
+    assert sorted((ev / "judge").children()) == sorted(
+        [base.at(pair_path(counts)).name, base.at(other["units"]["gsnr_0.5_vs_random_0.5"]).name]
+    )
 
-    ev = base.evaluation
     gens = {}
-    for run in ("gsnr_0.5", "random_0.5"):
-        rows = [json.loads(line) for line in (ev / "runs" / run / "generations.jsonl").read_text().splitlines()]
+    for run, folder in folders.items():
+        rows = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]
         assert len(rows) == 6 and all(isinstance(r["answer"], str) for r in rows)
         gens[run] = {(r["test_set"], r["id"]): r for r in rows}
-        heldout = json.loads((ev / "runs" / run / "heldout.json").read_text())
+        heldout = json.loads((folder / "heldout.json").read_text())
         assert heldout["examples"] == 10 and heldout["tokens"] > 0 and 0 < heldout["loss"] < 20
+        assert (folder / "_done").read_text() == folder.name.rsplit("-", 1)[1]
 
     # Expected outcomes, computed here from the answers and the judge's scripted rule.
     expected = []
@@ -292,6 +434,7 @@ def test_evaluate_generates_scores_heldout_judges_and_compares(finetuned, tmp_pa
         else:
             a, b = len(ours["answer"]), len(theirs)
             expected.append("win" if a > b else "lose" if a < b else "tie")
+    assert sorted(json.loads(line)["outcome"] for line in outcomes.splitlines()) == sorted(expected)
     want = pws.summarise(expected)
     table = {r["run"]: r for r in csv.DictReader(io.StringIO((ev / "compare.csv").read_text()))}
     assert set(table) == {"gsnr_0.5", "random_0.5"}
@@ -299,7 +442,7 @@ def test_evaluate_generates_scores_heldout_judges_and_compares(finetuned, tmp_pa
     assert row["judged_against"] == "random_0.5" and int(row["n_train"]) > 0
     assert float(row["pws_all"]) == pytest.approx(want["pws"], abs=1e-4)
     assert float(row["heldout_loss"]) == pytest.approx(
-        json.loads((ev / "runs" / "gsnr_0.5" / "heldout.json").read_text())["loss"], abs=1e-4
+        json.loads((folders["gsnr_0.5"] / "heldout.json").read_text())["loss"], abs=1e-4
     )
     assert table["random_0.5"]["pws_all"] == ""  # the reference is not judged against itself
     judged = json.loads((ev / "judge.json").read_text())["runs"]["gsnr_0.5"]["overall"]
@@ -307,3 +450,11 @@ def test_evaluate_generates_scores_heldout_judges_and_compares(finetuned, tmp_pa
     assert "| gsnr_0.5 |" in (ev / "compare.md").read_text()
     for png in ("train_loss.png", "heldout_loss.png"):
         assert len((ev / png).read_bytes()) > 1000
+
+
+def pair_path(counts: dict) -> str:
+    return counts["units"]["gsnr_0.5_vs_random_0.5"]
+
+
+def finetune_subset_key(finetune_counts: dict, run: str) -> str:
+    return finetune_counts["units"][run].rsplit("-", 1)[1]

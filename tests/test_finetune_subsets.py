@@ -181,3 +181,82 @@ def test_a_subset_of_conversations_with_tools_is_trained_with_them_in_context(tm
     header = tokenizer("<|im_start|>system\nFunctions:", add_special_tokens=False)["input_ids"]
     starts = [got.input_ids[i][: len(header)].tolist() == header for i in range(len(rows))]
     assert starts == [r["tools"] is not None for r in rows] and any(starts) and not all(starts)
+
+
+# ----- a subset's key: what its training computes from, and nothing else -----
+
+
+def _subset_rows(texts: list[str], **extra_columns) -> pa.Table:
+    n = len(texts)
+    columns = {
+        "id": list(range(100, 100 + n)),
+        "instruction": [f"do {t}" for t in texts],
+        "input": [""] * n,
+        "output": texts,
+        "conversation": [None] * (n - 1) + ['[{"role": "user", "content": "hi"}]'],
+        "tools": [None] * n,
+        "source_file": ["a.json"] * n,
+        "gsnr": np.linspace(0, 1, n),
+    }
+    return pa.table({**columns, **extra_columns})
+
+
+def _key(table: pa.Table, *overrides: str) -> str:
+    from gradfilter_ray.finetune.keys import rows_digest, subset_key
+
+    return subset_key(load(None, list(overrides)), rows_digest(table.to_batches(max_chunksize=3)))
+
+
+def test_the_subset_key_changes_with_the_recipe_the_base_model_and_the_rows():
+    table = _subset_rows([f"answer {i}" for i in range(10)])
+    base = _key(table)
+    assert _key(table, "finetune.learning_rate=0.001") != base
+    assert _key(table, "finetune.micro_batch_size=2") != base
+    assert _key(table, "finetune.model.name_or_path=bundled:stories260K") != base
+    assert _key(table, "finetune.num_workers=3") != base  # 4 x 3 x 11: 132 rows a step, not 128
+    edited = table.set_column(3, "output", pa.array([f"answer {i}" for i in range(9)] + ["answer 9!"]))
+    assert _key(edited) != base
+    assert _key(table.slice(0, 9)) != base  # a row fewer
+    reordered = pa.concat_tables([table.slice(5), table.slice(0, 5)])
+    assert _key(reordered) != base  # the training reads its rows in this order
+    conversation = table.set_column(4, "conversation", pa.array([None] * 10, pa.string()))
+    assert _key(conversation) != base  # a null conversation is not the text of one
+
+
+def test_the_subset_key_ignores_what_only_picks_or_places_subsets_and_the_metadata_columns():
+    table = _subset_rows([f"answer {i}" for i in range(10)])
+    base = _key(table)
+    for override in [
+        "finetune.num_workers=4",  # 4 x 4 x 8: still 128 rows a step
+        "finetune.parallel_subsets=2",
+        "finetune.checkpoint=none",
+        "finetune.max_failures=5",
+        "finetune.placement_strategy=PACK",
+        "finetune.scorers=[gsnr]",
+        "finetune.ratios=[0.05, 0.1]",
+        "finetune.full=true",
+        "selection.ratios=[0.2]",
+        "evaluation.max_new_tokens=3",
+    ]:
+        assert _key(table, override) == base, override
+    relabelled = table.set_column(6, "source_file", pa.array(["b.json"] * 10)).set_column(
+        7, "gsnr", pa.array(np.zeros(10))
+    )
+    assert _key(relabelled.append_column("loo_selected", pa.array([1] * 10))) == base
+
+
+def test_the_rows_digest_streams_the_same_over_any_batches_and_files(tmp_path):
+    """The digest is a function of the rows alone: the same whatever the batch size, the files the rows are cut
+    into, and string or large string columns; it reads the files batch by batch."""
+    from gradfilter_ray.finetune.keys import rows_digest
+    from gradfilter_ray.parquet_stream import stream_batches
+
+    table = _subset_rows([f"answer {i} " * (i % 4) for i in range(50)])
+    whole = rows_digest([table])
+    assert rows_digest(table.to_batches(max_chunksize=7)) == whole
+    assert rows_digest([table.cast(table.schema.set(3, pa.field("output", pa.large_string())))]) == whole
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    for k, (lo, hi) in enumerate([(0, 13), (13, 14), (14, 50)]):
+        pq.write_table(table.slice(lo, hi - lo), folder / f"part-{k}.parquet", row_group_size=5)
+    assert rows_digest(stream_batches(open_location(str(folder)), batch_rows=4)) == whole

@@ -17,6 +17,7 @@ from gradfilter_ray.config import load
 from gradfilter_ray.ensemble import stage as ensemble_stage
 from gradfilter_ray.finetune import stage as finetune_stage
 from gradfilter_ray.rundir import RunDir
+from gradfilter_ray.units import ensemble_members
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "jobs" / "configs" / "demo.yaml"
@@ -140,6 +141,9 @@ def test_stage_keys_change_exactly_for_the_stages_a_config_field_affects(tmp_pat
         "ensemble.lora_rank=2": {"ensemble", "audit"},
         "ensemble.seed=1": {"ensemble", "audit"},
         "audit.seed=3": {"audit", "report"},  # the report shows the audit's results
+        # only selection and the report read the scorer list: scoring writes every scorer's columns
+        "scoring.scorers=[gsnr, random]": {"selection", "audit"},
+        "evaluation.judge.model=judge-2": {"evaluation"},
         "data.limit=10": {"data"},
         "data.max_field_chars=100": {"data"},
         # knobs that change how fast, not what: nothing is re-run
@@ -148,6 +152,15 @@ def test_stage_keys_change_exactly_for_the_stages_a_config_field_affects(tmp_pat
         "gradients.shard_rows=64": set(),
         "gradients.torch_threads=2": set(),
         "ray.num_cpus=1": set(),
+        # timeouts, retries, concurrency and checkpointing never re-key
+        "evaluation.judge.timeout_s=5": set(),
+        "evaluation.judge.concurrency=1": set(),
+        "evaluation.judge.max_retries=0": set(),
+        "finetune.checkpoint=none": set(),
+        # resolved values key, not settings: on CPU, auto is float32, and the head's float32 is a no-op in float32
+        "gradients.precision=auto": set(),
+        "gradients.head_precision=model": set(),
+        "ensemble.precision=float32": set(),
         "ray.progress_bars=true": set(),
         f"output_dir={tmp_path / 'moved'}": set(),  # a run directory can move
     }
@@ -161,8 +174,12 @@ def test_raising_max_failures_does_not_invalidate_the_ensemble(tmp_path):
     more = tiny_cfg(tmp_path, "ensemble.max_failures=5")
     key = pipeline.stage_key("ensemble", base)
     assert pipeline.stage_key("ensemble", more) == key
-    # Ray Train's run is named from the key alone, so the resumed trainer finds the old run's checkpoints
-    assert ensemble_stage.trainer_name(pipeline.stage_key("ensemble", more)) == ensemble_stage.trainer_name(key)
+    # Ray Train's run is named from the members it trains, whose keys leave it out: the resumed trainer finds the old
+    # run's checkpoints
+    tokens_key = pipeline.stage_key("tokens", base)
+    assert ensemble_stage.trainer_name(ensemble_members(more, tokens_key)) == (
+        ensemble_stage.trainer_name(ensemble_members(base, tokens_key))
+    )
     target_more = tiny_cfg(tmp_path, "finetune.max_failures=5")
     target_key = pipeline.stage_key("finetune", base)
     assert pipeline.stage_key("finetune", target_more) == target_key

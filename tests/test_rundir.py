@@ -120,21 +120,6 @@ def test_scratch_is_removed_after_the_stage_and_left_overs_by_the_next_driver(ou
     assert run.clean_scratch() == 1 and run.at(".scratch").children() == ["my_notes.txt"]
 
 
-def test_trainer_folders_of_other_configs_are_dropped_and_this_configs_kept(output_dir):
-    run = RunDir(output_dir)
-    run.ensure_exists()
-    state = run.finetune_train_state
-    new, old = "finetune-5e1f0a2b3c4d", "finetune-0a1b2c3d4e5f"
-    for name in (f"{new}-gsnr_0.1", f"{new}-random_0.1", f"{old}-gsnr_0.1", "my-own-run"):
-        (state / name / "checkpoint_step_0000004" / "ds" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(
-            b"x"
-        )
-    assert run.drop_other_trainers(state, f"{new}-") == [f"{old}-gsnr_0.1"]
-    assert state.children() == [f"{new}-gsnr_0.1", f"{new}-random_0.1", "my-own-run"]  # a name it never gives: kept
-    assert (state / f"{new}-gsnr_0.1" / "checkpoint_step_0000004" / "ds").children()  # kept whole
-    assert run.drop_other_trainers(run.ensemble_train_state, "ensemble-5e1f0a2b3c4d") == []  # none yet
-
-
 def test_a_missing_bucket_is_a_clear_error_before_any_work(s3_server):
     run = RunDir(s3_server.uri().replace("&allow_bucket_creation=true", ""))
     with pytest.raises(StorageError, match="cannot create or reach it"):

@@ -243,12 +243,17 @@ def random_lora(spec: ModelSpec, seed: int):
 
 def write_run_dir(root: Path, spec: ModelSpec, rows: list[dict], rows_per_file: int) -> None:
     """A run directory as the stages before extraction leave it: `data/` (canonical rows), `tokens/` (those rows
-    tokenised as the `tokens` stage does) and every member's early and late adapter in `ensemble/`."""
+    tokenised as the `tokens` stage does), every member's early and late adapter in its folder under `ensemble/`, and
+    the `ensemble` record that maps the members to their folders (`units`), which the extraction reads them through."""
     from gradfilter_ray.data.formats import CANONICAL_COLUMNS
     from gradfilter_ray.lora import save_adapter
     from gradfilter_ray.rundir import RunDir
+    from gradfilter_ray.units import ensemble_members
 
     rundir = RunDir(str(root))
+    members = ensemble_members(make_config(root, spec, batch_size=1, bucket_rows=1), tokens_key="synthetic")
+    units = {m.unit: f"{rundir.ensemble.name}/{m.folder}" for m in members}
+    rundir.record_stage("ensemble", {"status": "done", "key": "synthetic", "units": units})
     for m in range(MEMBERS):
         for e in (EARLY, LATE):
             save_adapter(random_lora(spec, seed=100 * m + e), Path(rundir.member_epoch(m, e)))

@@ -31,7 +31,7 @@ def bare_extract(cfg: Config, root: Path, out_file: Path, limit: int | None = No
 
     rundir = RunDir(str(root))
     ens, grads = cfg.ensemble, cfg.gradients
-    adapters = adapter_locations(rundir.ensemble, ens.members, ens.early_epoch, ens.late_epoch)
+    adapters = adapter_locations(rundir, ens.early_epoch, ens.late_epoch)
     extractor = ShardExtractor(dataclasses.asdict(cfg.proxy), dataclasses.asdict(grads), ens.members, adapters)
     table = pq.read_table(rundir.tokens, columns=TOKEN_COLUMNS)
     if limit is not None:

@@ -53,7 +53,7 @@ def scaling_child(spec_file: str) -> None:
     spec = small_spec(Path(job["tokenizer"]), job["vocab"])
     cfg = make_config(Path(job["root"]), spec, job["batch_size"], job["bucket_rows"])
     ens, grads = cfg.ensemble, cfg.gradients
-    adapters = adapter_locations(RunDir(job["root"]).ensemble, ens.members, ens.early_epoch, ens.late_epoch)
+    adapters = adapter_locations(RunDir(job["root"]), ens.early_epoch, ens.late_epoch)
     extractor = ShardExtractor(dataclasses.asdict(cfg.proxy), dataclasses.asdict(grads), ens.members, adapters)
     source = pq.ParquetFile(job["tokens"])
     columns = TOKEN_COLUMNS

@@ -1,9 +1,11 @@
-"""The comparison of fine-tuned runs: a table (CSV + Markdown) and plots, built only from files on disk.
+"""The comparison of fine-tuned runs: a table (CSV + Markdown) and plots, built only from small files on disk.
 
-Reads ``finetune/{run}/train_loss.csv`` and ``train_summary.json`` plus the evaluation stage's ``runs.json`` and
-``judge.json``; writes ``compare.csv`` (one row per run: run, scorer, ratio, n_train, heldout_loss, final
-train loss, and ``pws_<testset>`` / ``pws_all`` when a judge ran), ``compare.md``, ``train_loss.png`` (every
-run's training-loss curve on one plot, the paper's Figure 3) and ``heldout_loss.png``.
+This config's view of the evaluation: reads the evaluation stage's ``runs.json`` and ``judge.json`` and each run's
+``train_loss.csv`` in its fine-tuned subset's folder (``runs.json`` names it: ``finetune/{run}-{key}/``); writes
+``compare.csv`` (one row per run: run, scorer, ratio, n_train, heldout_loss, final train loss, and
+``pws_<testset>`` / ``pws_all`` when a judge ran), ``compare.md``, ``train_loss.png`` (every run's training-loss
+curve on one plot, the paper's Figure 3) and ``heldout_loss.png``. `rebuild_comparison` rebuilds them in a run
+directory from its view files alone (`gradfilter-ray compare`): no answer file or model is read.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import csv
 import io
 import json
 import math
+import tempfile
 from pathlib import Path
 
 from gradfilter_ray.storage import Location
 
+VIEW_INPUTS = ("runs.json", "judge.json")  # what the evaluation stage writes for this config
+COMPARISON = ("compare.csv", "compare.md", "train_loss.png", "heldout_loss.png")  # built from them here
 BASE_COLUMNS = ["run", "scorer", "ratio", "n_train", "heldout_loss", "final_train_loss", "judged_against"]
 
 
@@ -24,13 +29,22 @@ def read_loss_curve(path: Path | Location) -> tuple[list[int], list[float]]:
     return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
 
 
-def comparison_rows(runs: dict[str, dict], judge: dict, finetune_dir: Path | Location) -> tuple[list[str], list[dict]]:
+def loss_curve_of(root: Path | Location, name: str, info: dict) -> Path | Location:
+    """A run's training-loss file: in the subset folder `runs.json` names (`finetune/{name}` in older run
+    directories, whose runs.json names none)."""
+    return root / info.get("finetune", f"finetune/{name}") / "train_loss.csv"
+
+
+def comparison_rows(
+    runs: dict[str, dict], judge: dict, curves: dict[str, tuple[list[int], list[float]]]
+) -> tuple[list[str], list[dict]]:
+    """The table's columns and rows: one row per run, by ratio then scorer (`curves`: each run's loss curve)."""
     judged = judge.get("runs", {}) if judge.get("status") == "ran" else {}
     test_sets = sorted({s for r in judged.values() for s in r["per_set"]})
     columns = BASE_COLUMNS + [f"pws_{s}" for s in test_sets] + (["pws_all"] if judged else [])
     rows = []
     for name, info in sorted(runs.items(), key=lambda kv: (kv[1]["ratio"], kv[1]["scorer"])):
-        _, losses = read_loss_curve(finetune_dir / name / "train_loss.csv")
+        _, losses = curves[name]
         row = {
             "run": name,
             "scorer": info["scorer"],
@@ -57,10 +71,13 @@ def _fmt(value, digits: int | None = None) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def write_comparison(eval_dir: Path, finetune_dir: Path | Location) -> list[dict]:
+def write_comparison(eval_dir: Path, root: Path | Location) -> list[dict]:
+    """The comparison files in the local folder `eval_dir`, from its runs.json and judge.json and the loss curves
+    under the run directory `root`; the table's rows."""
     runs = json.loads((eval_dir / "runs.json").read_text())
     judge = json.loads((eval_dir / "judge.json").read_text())
-    columns, rows = comparison_rows(runs, judge, finetune_dir)
+    curves = {name: read_loss_curve(loss_curve_of(root, name, info)) for name, info in runs.items()}
+    columns, rows = comparison_rows(runs, judge, curves)
     with (eval_dir / "compare.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
@@ -76,11 +93,31 @@ def write_comparison(eval_dir: Path, finetune_dir: Path | Location) -> list[dict
         "# Fine-tuned runs compared\n\n" + "\n".join(lines) + "\n\nheldout_loss: mean response-token loss on the "
         "AlpacaEval reference answers (lower is better).\n" + note + "\n"
     )
-    _plots(eval_dir, finetune_dir, rows)
+    _plots(eval_dir, rows, curves)
     return rows
 
 
-def _plots(eval_dir: Path, finetune_dir: Path | Location, rows: list[dict]) -> None:
+def publish(local: Path, evaluation: Path | Location, names: tuple[str, ...]) -> None:
+    """Each named file of `local` written to `evaluation/` on its own (the folder also holds every config's evaluated
+    runs and judged pairs: it is never replaced whole)."""
+    for name in names:
+        if (local / name).exists():
+            (evaluation / name).write_bytes((local / name).read_bytes())
+
+
+def rebuild_comparison(evaluation: Path | Location, root: Path | Location) -> tuple[list[dict], str]:
+    """Rebuild the comparison files in a run directory's `evaluation/` from its runs.json and judge.json (the view
+    of the config that ran the stage last); the table's rows and compare.md's text."""
+    with tempfile.TemporaryDirectory(prefix="gfr-compare-") as tmp:
+        local = Path(tmp)
+        for name in VIEW_INPUTS:
+            (local / name).write_bytes((evaluation / name).read_bytes())
+        rows = write_comparison(local, root)
+        publish(local, evaluation, COMPARISON)
+        return rows, (local / "compare.md").read_text()
+
+
+def _plots(eval_dir: Path, rows: list[dict], curves: dict[str, tuple[list[int], list[float]]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,7 +125,7 @@ def _plots(eval_dir: Path, finetune_dir: Path | Location, rows: list[dict]) -> N
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for row in rows:
-        steps, losses = read_loss_curve(finetune_dir / row["run"] / "train_loss.csv")
+        steps, losses = curves[row["run"]]
         ax.plot(steps, losses, label=row["run"], linewidth=1.2)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("training loss")

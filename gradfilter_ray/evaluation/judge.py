@@ -44,6 +44,13 @@ USER_TEMPLATE = (
     "were presented does not affect your judgment.\n\n"
 )
 
+# What a judged pair's key takes of the prompt: the prompt's text, the request's sampling, and the both-orders rule
+# (pws.outcome; bump RULE_VERSION when it changes). A pair judged under another prompt is judged again.
+TEMPERATURE, MAX_TOKENS, RULE_VERSION = 0.0, 512, 1
+JUDGE_PROMPT = hashlib.sha256(
+    json.dumps([SYSTEM_PROMPT, USER_TEMPLATE, TEMPERATURE, MAX_TOKENS, RULE_VERSION]).encode("utf-8")
+).hexdigest()[:16]
+
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _OUT_OF_TEN = re.compile(r"\s*/\s*10(?![\d.])")  # "8/10": the denominator is not a score
 
@@ -118,8 +125,8 @@ class JudgeClient:
         max_retries: int = 5,
         backoff_s: float = 1.0,
         cache_path: Path | None = None,
-        temperature: float = 0.0,
-        max_tokens: int = 512,
+        temperature: float = TEMPERATURE,
+        max_tokens: int = MAX_TOKENS,
         sleep: Callable[[float], None] = time.sleep,
         max_wait_s: float = 60.0,
     ) -> None:
@@ -285,9 +292,16 @@ def _retry_after(headers: Any) -> float | None:
     return seconds if seconds is not None and seconds >= 0 else None
 
 
+def judge_both_orders(client: JudgeClient, question: str, answer_a: str, answer_b: str) -> tuple[str, bool]:
+    """(outcome, answered): the outcome of `judge_pair`, and whether the judge replied in both orders (False when a
+    request failed: the outcome is then "invalid" for want of a reply, not by the judge's word)."""
+    a_first = client.rate(question, answer_a, answer_b)
+    a_second = client.rate(question, answer_b, answer_a)
+    answered = a_first.error is None and a_second.error is None
+    return pws.outcome(a_first.scores, a_second.scores), answered
+
+
 def judge_pair(client: JudgeClient, question: str, answer_a: str, answer_b: str) -> str:
     """ "win"/"tie"/"lose" for answer A against B by the both-orders rule (see pws.outcome), or "invalid" when
     either order's reply was unparseable or its request failed."""
-    a_first = client.rate(question, answer_a, answer_b)
-    a_second = client.rate(question, answer_b, answer_a)
-    return pws.outcome(a_first.scores, a_second.scores)
+    return judge_both_orders(client, question, answer_a, answer_b)[0]

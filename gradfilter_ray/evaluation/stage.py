@@ -3,30 +3,37 @@ reference answers, all runs at once on actor pools as wide as the cluster allows
 configured, pairwise judging of every run against the reference scorer's run at the same ratio; finally the
 comparison table and plots (compare.py).
 
-Concurrency: one Ray Data dataset (and actor pool) per run, the runs of a wave consumed side by side from driver
-threads (plan.py shares the actors out and cuts the waves). Not one dataset keyed by run: an actor holds one model
-(a 7B model fills most of a GPU, loading another per batch would cost minutes) and Ray Data cannot route a row to
-the actor that holds its run's model. The datasets are built in the driver's main thread, only their streaming runs
-in the threads.
+Units: an evaluated run and a judged pair each have a key of their own (keys.py), so a config change redoes exactly
+the units it changes. ``evaluation/runs/{run}-{key}/`` holds a run's ``generations.jsonl`` (test_set, id,
+instruction, input, answer), ``heldout.json`` and, written last, a ``_done`` marker holding its key: a run with it
+is not evaluated again (a new judge, or a subset added beside it, reuses it). ``evaluation/judge/{run}_vs_{reference}
+-{key}.jsonl`` holds a judged pair's outcome per prompt, written once the judge has replied to every prompt of the
+pair: a pair with that file is not judged again. The judge's cache lives at ``output_dir/.judge_cache.jsonl``, so
+a pair judged again (a request that failed, answers that changed) pays for no reply twice. The comparison
+(``runs.json``, ``judge.json``, ``compare.csv`` / ``.md``, the plots) is this config's view, rebuilt from the
+unit folders' small files every time the stage runs; every file is written on its own, and other configs' units
+in ``evaluation/`` are never touched (`RunDir.add_references` records this config's, for `gc`).
+
+Concurrency: one Ray Data dataset (and actor pool) per run to evaluate, the runs of a wave consumed side by side
+from driver threads (plan.py shares the actors out and cuts the waves). Not one dataset keyed by run: an actor holds
+one model (a 7B model fills most of a GPU, loading another per batch would cost minutes) and Ray Data cannot route a
+row to the actor that holds its run's model. The datasets are built in the driver's main thread, only their
+streaming runs in the threads. With every run already evaluated, no Ray Data work starts.
 
 Engines (plan.choose_engine): `hf` runs generation and held-out scoring in one pass of `hf_engine.ModelEvaluator`
-actors, as before; `vllm` generates through Ray Data's vLLM processor (vllm_engine.py) and then scores the held-out
-answers with `hf` actors (a forward pass; vLLM is not used for it), one phase after the other so the two never hold
-a GPU at once.
-
-Outputs under ``output_dir/evaluation/``: ``runs/{run}/generations.jsonl`` (test_set, id, instruction, input, answer),
-``runs/{run}/heldout.json``, ``runs/{run}/judge_vs_{reference}.jsonl`` (per prompt outcome) and the comparison
-files, built by the driver in a local folder and written to ``output_dir/evaluation/`` at the end (they are small); the
-models are read by the actors. The judge's cache lives at ``output_dir/.judge_cache.jsonl`` so a re-run pays for no
-pair twice.
+actors; `vllm` generates through Ray Data's vLLM processor (vllm_engine.py) and then scores the held-out answers
+with `hf` actors (a forward pass; vLLM is not used for it), one phase after the other so the two never hold a GPU at
+once. The models are read by the actors; the driver writes the runs' answers and the view (small files).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +49,74 @@ from gradfilter_ray.evaluation.hf_engine import (
     hf_dataset,
     with_results,
 )
+from gradfilter_ray.evaluation.keys import pair_file, pair_key, run_key
 from gradfilter_ray.evaluation.plan import choose_engine, cluster_width, plan_waves
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import ALLOC_CONF, ALLOC_CONF_ENV, allocator_env
 from gradfilter_ray.scoring.scorers import FULL, Selection
 from gradfilter_ray.storage import Location
+from gradfilter_ray.units import unit_name
 
 JUDGE_CACHE = ".judge_cache.jsonl"
+RUNS, PAIRS = "runs", "judge"  # under evaluation/: the evaluated runs' folders and the judged pairs' files
+GENERATIONS, HELDOUT_FILE, DONE_MARKER = "generations.jsonl", "heldout.json", "_done"
+
+
+@dataclass(frozen=True)
+class EvaluatedRun:
+    """One fine-tuned run as the evaluation sees it: its name, the subset folder it was trained into, the rows it
+    trained on, and its own key (`keys.run_key`)."""
+
+    name: str
+    subset: str  # its fine-tuned subset's folder, relative to the run directory (finetune/{name}-{subset key})
+    n_train: int
+    key: str
+
+    @property
+    def folder(self) -> str:
+        """Its folder, relative to the run directory."""
+        return f"evaluation/{RUNS}/{unit_name(self.name, self.key)}"
+
+
+@dataclass(frozen=True)
+class JudgedPair:
+    """A run judged against its reference, under the pair's key (`keys.pair_key`)."""
+
+    run: str
+    reference: str
+    key: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.run}_vs_{self.reference}"
+
+    @property
+    def file(self) -> str:
+        """Its outcomes' file, relative to the run directory."""
+        return f"evaluation/{PAIRS}/{pair_file(self.run, self.reference, self.key)}"
+
+
+def evaluated_runs(cfg: Config, finetuned: dict[str, dict]) -> dict[str, EvaluatedRun]:
+    """This config's runs (`finetuned`: the runs of finetune/summary.json, each with its folder and key)."""
+    return {
+        name: EvaluatedRun(name, info["folder"], info["train"]["rows_trained"], run_key(cfg, info["key"]))
+        for name, info in finetuned.items()
+    }
+
+
+def reference_of(name: str, reference_scorer: str, names) -> str | None:
+    """The run `name` is judged against: the reference scorer's run at the same ratio (`full` against `full`, so
+    never), or None when it is the reference itself or the reference was not fine-tuned."""
+    selection = Selection.parse(name)
+    reference = FULL if selection.scorer == FULL else Selection(reference_scorer, selection.ratio).name
+    if selection.scorer == reference_scorer or reference not in names or reference == name:
+        return None
+    return reference
+
+
+def run_finished(folder: Location, key: str) -> bool:
+    marker = folder / DONE_MARKER
+    return marker.exists() and marker.read_text().strip() == key
 
 
 def evaluation_rows(ev: EvaluationConfig) -> list[dict]:
@@ -192,13 +260,16 @@ def merge(gen: pa.Table, answers: list[str] | None, scored: pa.Table | None) -> 
     return pa.concat_tables(parts).sort_by(POSITION)
 
 
-def _write_run(out: Path, table: pa.Table) -> dict:
-    out.mkdir(parents=True)
+def write_run(out: Location, table: pa.Table, key: str) -> dict:
+    """An evaluated run's files, each written on its own, the `_done` marker (its key) last."""
+    out.delete()  # this run's own folder, cut short before its marker
     kinds = np.asarray(table["kind"].to_pylist())
     gen = table.filter(pa.array(kinds == GENERATE))
-    with (out / "generations.jsonl").open("w", encoding="utf-8") as fh:
-        for r in gen.select(["test_set", "id", "instruction", "input", "answer"]).to_pylist():
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    lines = [
+        json.dumps(r, ensure_ascii=False) + "\n"
+        for r in gen.select(["test_set", "id", "instruction", "input", "answer"]).to_pylist()
+    ]
+    (out / GENERATIONS).write_text("".join(lines))
     ref = table.filter(pa.array(kinds == HELDOUT))
     total_tokens = int(np.sum(ref["n_tokens"].to_numpy())) if ref.num_rows else 0
     heldout = {
@@ -206,24 +277,35 @@ def _write_run(out: Path, table: pa.Table) -> dict:
         "tokens": total_tokens,
         "loss": float(np.sum(ref["loss_sum"].to_numpy()) / total_tokens) if total_tokens else None,
     }
-    (out / "heldout.json").write_text(json.dumps(heldout, indent=2))
+    (out / HELDOUT_FILE).write_text(json.dumps(heldout, indent=2))
+    (out / DONE_MARKER).write_text(key)
     return {"generations": gen.num_rows, "heldout_loss": heldout["loss"], "heldout_examples": ref.num_rows}
 
 
-def _read_generations(path: Path) -> dict[tuple[str, str], dict]:
-    with path.open(encoding="utf-8") as fh:
-        return {(r["test_set"], r["id"]): r for r in map(json.loads, fh)}
+def _generations(payload: bytes) -> dict[tuple[str, str], dict]:
+    return {(r["test_set"], r["id"]): r for r in map(json.loads, payload.decode("utf-8").splitlines())}
 
 
-def judge_runs(cfg: Config, cache: Path, eval_dir: Path, runs: dict[str, dict], log=say) -> dict:
-    """Judge every run against the reference scorer's run at the same ratio, both answer orders per prompt."""
-    from gradfilter_ray.evaluation import pws
-    from gradfilter_ray.evaluation.judge import JudgeClient, judge_pair
+def judged_pairs(cfg: Config, run: RunDir, runs: dict[str, EvaluatedRun]) -> tuple[list[JudgedPair], dict]:
+    """Every pair this config judges, keyed by the judge model and prompt and both answer files (read here: their
+    sha256), and the answers of the runs in a pair."""
+    j = cfg.evaluation.judge
+    references = {name: reference_of(name, j.reference, runs) for name in runs}
+    in_pairs = sorted({side for name, ref in references.items() if ref for side in (name, ref)})
+    answers = {name: (run.at(runs[name].folder) / GENERATIONS).read_bytes() for name in in_pairs}
+    digest = {name: hashlib.sha256(payload).hexdigest() for name, payload in answers.items()}
+    pairs = [
+        JudgedPair(name, ref, pair_key(j.model, digest[name], digest[ref])) for name, ref in references.items() if ref
+    ]
+    return pairs, answers
+
+
+def judge_pairs(cfg: Config, cache: Path, pairs: list[JudgedPair], answers: dict[str, bytes]) -> dict:
+    """Judge each pair, both answer orders per prompt: {pair name: (outcomes by (test_set, id), whether the judge
+    replied to every request)}."""
+    from gradfilter_ray.evaluation.judge import JudgeClient, judge_both_orders
 
     j = cfg.evaluation.judge
-    if not j.base_url:
-        log("[evaluation] judge skipped: evaluation.judge.base_url is not set (held-out loss and curves still run)")
-        return {"status": "skipped", "reason": "evaluation.judge.base_url is not set"}
     client = JudgeClient(
         j.base_url,
         j.model,
@@ -232,68 +314,141 @@ def judge_runs(cfg: Config, cache: Path, eval_dir: Path, runs: dict[str, dict], 
         max_retries=j.max_retries,
         cache_path=cache,
     )
-    results = {}
-    for run, info in runs.items():
-        reference = FULL if info["scorer"] == FULL else Selection(j.reference, info["ratio"]).name
-        if info["scorer"] == j.reference or reference not in runs or reference == run:
-            continue
-        ours = _read_generations(eval_dir / "runs" / run / "generations.jsonl")
-        theirs = _read_generations(eval_dir / "runs" / reference / "generations.jsonl")
+    judged = {}
+    for pair in pairs:
+        ours, theirs = _generations(answers[pair.run]), _generations(answers[pair.reference])
         keys = sorted(ours.keys() & theirs.keys())
 
         def one(key, ours=ours, theirs=theirs):
             row = ours[key]
             question = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
-            return judge_pair(client, question, row["answer"], theirs[key]["answer"])
+            return judge_both_orders(client, question, row["answer"], theirs[key]["answer"])
 
         with ThreadPoolExecutor(max_workers=j.concurrency) as pool:
-            outcomes = list(pool.map(one, keys))
-        with (eval_dir / "runs" / run / f"judge_vs_{j.reference}.jsonl").open("w", encoding="utf-8") as fh:
-            for (test_set, pid), outcome in zip(keys, outcomes):
-                fh.write(json.dumps({"test_set": test_set, "id": pid, "outcome": outcome}) + "\n")
-        per_set: dict[str, list[str]] = {}
-        for (test_set, _), outcome in zip(keys, outcomes):
-            per_set.setdefault(test_set, []).append(outcome)
-        results[run] = {
-            "reference": reference,
-            "per_set": {s: pws.summarise(o) for s, o in sorted(per_set.items())},
-            "overall": pws.summarise(outcomes),
-        }
-        log(f"[evaluation] judge {run} vs {reference}: " + json.dumps(results[run]["overall"]))
-    return {"status": "ran", "model": j.model, "runs": results}
+            results = list(pool.map(one, keys))
+        judged[pair.name] = (dict(zip(keys, (outcome for outcome, _ in results))), all(ok for _, ok in results))
+    return judged
+
+
+def pair_lines(outcomes: dict[tuple[str, str], str]) -> str:
+    return "".join(
+        json.dumps({"test_set": test_set, "id": pid, "outcome": outcome}) + "\n"
+        for (test_set, pid), outcome in sorted(outcomes.items())
+    )
+
+
+def read_pair(payload: str) -> dict[tuple[str, str], str]:
+    return {(r["test_set"], r["id"]): r["outcome"] for r in map(json.loads, payload.splitlines())}
+
+
+def pair_summary(pair: JudgedPair, outcomes: dict[tuple[str, str], str]) -> dict:
+    from gradfilter_ray.evaluation import pws
+
+    per_set: dict[str, list[str]] = {}
+    for (test_set, _), outcome in sorted(outcomes.items()):
+        per_set.setdefault(test_set, []).append(outcome)
+    return {
+        "reference": pair.reference,
+        "file": pair.file,
+        "per_set": {s: pws.summarise(o) for s, o in sorted(per_set.items())},
+        "overall": pws.summarise([o for _, o in sorted(outcomes.items())]),
+    }
+
+
+def judge_runs(cfg: Config, run: RunDir, key: str, runs: dict[str, EvaluatedRun], log=say) -> dict:
+    """Judge every run against the reference scorer's run at the same ratio (the pairs without a file yet), and
+    summarise every pair; the judge view (judge.json) with, besides, the pairs judged now and those kept."""
+    j = cfg.evaluation.judge
+    if not j.base_url:
+        log("[evaluation] judge skipped: evaluation.judge.base_url is not set (held-out loss and curves still run)")
+        return {"status": "skipped", "reason": "evaluation.judge.base_url is not set"}
+    pairs, answers = judged_pairs(cfg, run, runs)
+    run.add_references("evaluation", key, [pair.file for pair in pairs])  # before judging: a pair cut short counts
+    todo = [pair for pair in pairs if not run.at(pair.file).exists()]
+    judged = {}
+    if todo:
+        with tempfile.TemporaryDirectory(prefix="gfr-judge-") as tmp:
+            cache = Path(tmp) / JUDGE_CACHE
+            if run.judge_cache.exists():
+                run.judge_cache.get(cache)
+            try:
+                judged = judge_pairs(cfg, cache, todo, answers)
+            finally:  # judgements are paid for: keep those made before a crash too (one whole-object write)
+                if cache.exists():
+                    run.judge_cache.write_bytes(cache.read_bytes())
+    summaries, incomplete = {}, []
+    for pair in pairs:
+        if pair.name in judged:
+            outcomes, answered = judged[pair.name]
+            if answered:
+                run.at(pair.file).write_text(pair_lines(outcomes))
+            else:
+                incomplete.append(pair.name)
+        else:
+            outcomes = read_pair(run.at(pair.file).read_text())
+        summaries[pair.run] = pair_summary(pair, outcomes)
+        log(f"[evaluation] judge {pair.run} vs {pair.reference}: " + json.dumps(summaries[pair.run]["overall"]))
+    if incomplete:
+        log(
+            f"[evaluation] the judge did not reply to every request of {', '.join(incomplete)} (counted invalid): "
+            "not kept, so the next run of this stage asks again for those replies only"
+        )
+    return {
+        "status": "ran",
+        "model": j.model,
+        "runs": summaries,
+        "judged": [pair.name for pair in todo],
+        "incomplete": incomplete,
+        "pairs": {pair.name: pair.file for pair in pairs},
+    }
 
 
 def run(cfg: Config, run: RunDir, key: str, log=say) -> dict:
-    from gradfilter_ray.evaluation.compare import write_comparison
+    """Evaluate this config's runs that no finished folder holds yet, judge the pairs not judged yet, and write this
+    config's view (runs.json, judge.json and the comparison)."""
+    from gradfilter_ray.evaluation.compare import COMPARISON, VIEW_INPUTS, publish, write_comparison
 
     summary = json.loads((run.finetune / "summary.json").read_text())
     rows = evaluation_rows(cfg.evaluation)
-    with tempfile.TemporaryDirectory(prefix="gfr-eval-") as tmp:
-        eval_dir = Path(tmp) / "evaluation"
-        eval_dir.mkdir()
-        models = {name: run.finetune / name / "model" for name in summary["runs"]}
+    runs = evaluated_runs(cfg, summary["runs"])
+    run.add_references("evaluation", key, [r.folder for r in runs.values()])  # before the work: a cut run counts
+    todo = {name: r for name, r in runs.items() if not run_finished(run.at(r.folder), r.key)}
+    if len(todo) < len(runs):
+        kept = sorted(set(runs) - set(todo))
+        log(f"[evaluation] {len(kept)} run(s) already evaluated under the same key: {', '.join(kept)}")
+    if todo:
+        models = {name: run.at(r.subset) / "model" for name, r in todo.items()}
         tables = evaluate_runs(cfg, models, rows, log=log)
-        runs = {}
-        for run_name, train in summary["runs"].items():
-            selection = Selection.parse(run_name)
-            info = {"scorer": selection.scorer, "ratio": selection.ratio, "n_train": train["rows_trained"]}
-            runs[run_name] = {**info, **_write_run(eval_dir / "runs" / run_name, tables[run_name])}
-        cache = Path(tmp) / JUDGE_CACHE
-        if cfg.evaluation.judge.base_url and run.judge_cache.exists():
-            run.judge_cache.get(cache)
-        try:
-            judge = judge_runs(cfg, cache, eval_dir, runs, log=log)
-        finally:  # judgements are paid for: keep those made before a crash too (one whole-object write)
-            if cache.exists():
-                run.judge_cache.write_bytes(cache.read_bytes())
-        (eval_dir / "judge.json").write_text(json.dumps(judge, indent=2))
-        (eval_dir / "runs.json").write_text(json.dumps(runs, indent=2))
-        write_comparison(eval_dir, run.finetune)
-        run.evaluation.put(eval_dir)
+        for name, r in todo.items():
+            write_run(run.at(r.folder), tables[name], r.key)
+    view = {}
+    for name, r in runs.items():
+        heldout = json.loads((run.at(r.folder) / HELDOUT_FILE).read_text())
+        selection = Selection.parse(name)
+        view[name] = {
+            "scorer": selection.scorer,
+            "ratio": selection.ratio,
+            "n_train": r.n_train,
+            "generations": sum(row["kind"] == GENERATE for row in rows),
+            "heldout_loss": heldout["loss"],
+            "heldout_examples": heldout["examples"],
+            "folder": r.folder,
+            "finetune": r.subset,
+        }
+    judge = judge_runs(cfg, run, key, runs, log=log)
+    with tempfile.TemporaryDirectory(prefix="gfr-eval-") as tmp:
+        local = Path(tmp)
+        (local / "judge.json").write_text(json.dumps(judge, indent=2))
+        (local / "runs.json").write_text(json.dumps(view, indent=2))
+        write_comparison(local, run.root)
+        publish(local, run.evaluation, VIEW_INPUTS + COMPARISON)
     return {
         "runs": len(runs),
+        "units": {**{name: r.folder for name, r in runs.items()}, **judge.get("pairs", {})},
+        "generated": sorted(todo),
+        "judged": judge.get("judged", []),
         "prompts": sum(r["kind"] == GENERATE for r in rows),
         "heldout_examples": sum(r["kind"] == HELDOUT for r in rows),
         "judge": judge["status"],
-        "heldout_loss": {k: v["heldout_loss"] for k, v in runs.items()},
+        "heldout_loss": {k: v["heldout_loss"] for k, v in view.items()},
     }

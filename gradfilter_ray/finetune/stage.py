@@ -1,34 +1,43 @@
 """Finetune stage (Ray shell): one Ray Train TorchTrainer per subset, whose workers run DeepSpeed
 (`worker.finetune_worker`); subsets side by side, as many at once as the cluster holds.
 
-For each selection (scorer x ratio, plus the whole dataset `full` when asked) a trainer reads the rows from
-``selection/{name}.parquet`` (output_dir must be reachable from every node). Each trainer's fit() runs in a Ray
-task of its own, so up to `placement.subsets_side_by_side` trainers train at once, each on its own GPUs
-(STRICT_PACK: one node per subset by default); the others wait for a free slot. Under ``finetune.checkpoint``
+Every subset is a unit with a key of its own (`keys.subset_key`: the training fields and a digest of its rows), so a
+config change trains exactly the subsets it changes: adding a ratio trains that ratio's subsets, and a subset whose
+rows and recipe are the same as another config's is that config's, reused. For each selection (scorer x ratio, plus
+the whole dataset `full` when asked) a trainer reads the rows from ``selection/{name}.parquet`` (``data/`` for
+`full`; output_dir must be reachable from every node) and writes ``finetune/{name}-{key}/``. Each trainer's fit()
+runs in a Ray task of its own, so up to `placement.subsets_side_by_side` trainers train at once, each on its own
+GPUs (STRICT_PACK: one node per subset by default); the others wait for a free slot. Under ``finetune.checkpoint``
 (`ds_config.checkpoint_due`) every rank writes its part of a resumable DeepSpeed checkpoint straight into the
-trainer's storage at each epoch's end (epoch) or every ``checkpoint_every_steps`` steps (steps), never after the
-last step; their steps, bytes and seconds land in the subset's summary. A re-run with the same key resumes from the
-latest one, and a failed worker group is restarted from it (FailureConfig); with ``none`` both start the subset
-again from its first step. Rank 0 writes the consolidated model (``model/``, safetensors),
-``train_loss.csv`` and ``train_summary.json`` straight to ``output_dir/finetune/{subset}/`` (no copy through the
-driver) and, last, a ``_done`` marker holding the stage key: a subset with that marker is finished, so a crash
-loses at most the subsets in flight.
+trainer's storage (``.ray_train_finetune/finetune-{key}-{name}/``) at each epoch's end (epoch) or every
+``checkpoint_every_steps`` steps (steps), never after the last step; their steps, bytes and seconds land in the
+subset's summary. A re-run resumes a subset from its latest checkpoint, and a failed worker group is restarted from
+it (FailureConfig); with ``none`` both start the subset again from its first step. Rank 0 writes the consolidated
+model (``model/``, safetensors), ``train_loss.csv`` and ``train_summary.json`` straight to the subset's folder (no
+copy through the driver) and, last, a ``_done`` marker holding the subset's key: a subset with that marker is
+finished, so a crash loses at most the subsets in flight. Other configs' subsets and trainer folders are never
+touched here (`RunDir.add_references` records this config's, for `gc`); ``finetune/summary.json`` is this config's
+view: each of its subsets' folder and training summary.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+
+import pyarrow.parquet as pq
 
 from gradfilter_ray.config import Config
 from gradfilter_ray.console import say
+from gradfilter_ray.finetune.keys import DIGEST_COLUMNS, rows_digest, subset_key
 from gradfilter_ray.finetune.placement import subset_demand, subsets_side_by_side
 from gradfilter_ray.finetune.worker import SUMMARY, finetune_worker, run_finished
-from gradfilter_ray.parquet_stream import parquet_files, row_counts
+from gradfilter_ray.parquet_stream import parquet_files, row_counts, stream_batches
 from gradfilter_ray.rundir import RunDir
-from gradfilter_ray.runtime import at_most_in_flight, sigint_restored, train_logging
+from gradfilter_ray.runtime import at_most_in_flight, run_as_task, sigint_restored, train_logging
 from gradfilter_ray.scoring.scorers import FULL, Selection
 from gradfilter_ray.storage import Location
+from gradfilter_ray.units import unit_name
 
 
 def selections(cfg: Config) -> list[Selection]:
@@ -39,12 +48,56 @@ def selections(cfg: Config) -> list[Selection]:
 
 
 def trainer_name(key: str, name: str) -> str:
+    """The Ray Train run of the subset `name` under its key: a re-run of the same subset resumes from it."""
     return f"finetune-{key}-{name}"
 
 
 def training_rows(run: RunDir, selection: Selection) -> Location:
     """What a run trains on: its selection's rows, or for `full` the whole dataset."""
     return run.data if selection.scorer == FULL else run.selection / f"{selection.name}.parquet"
+
+
+@dataclass(frozen=True)
+class Subset:
+    """One fine-tuned subset: its selection and its key (`keys.subset_key`)."""
+
+    selection: Selection
+    key: str
+
+    @property
+    def name(self) -> str:
+        return self.selection.name
+
+    @property
+    def folder(self) -> str:
+        """Its folder under `finetune/`."""
+        return unit_name(self.name, self.key)
+
+    @property
+    def trainer(self) -> str:
+        """Its Ray Train run under `.ray_train_finetune/`."""
+        return trainer_name(self.key, self.name)
+
+
+def digest_rows(rows: Location) -> str:
+    """The digest of a subset's rows (`keys.RowsDigest`), read batch by batch in the order the training reads them."""
+    files = parquet_files(rows)
+    with files[0].open_input() as handle:
+        present = set(pq.ParquetFile(handle).schema_arrow.names)
+    return rows_digest(stream_batches(rows, [c for c in DIGEST_COLUMNS if c in present]))
+
+
+def plan_subsets(cfg: Config, run: RunDir) -> tuple[list[Subset], dict[str, str]]:
+    """This config's subsets with their keys, and the selections skipped (with why): it reads every subset's rows
+    once (a Ray task runs it, next to the data)."""
+    subsets, skipped = [], {}
+    for selection in selections(cfg):
+        rows = training_rows(run, selection)
+        if sum(row_counts(parquet_files(rows))) == 0:
+            skipped[selection.name] = "empty selection"
+            continue
+        subsets.append(Subset(selection, subset_key(cfg, digest_rows(rows))))
+    return subsets, skipped
 
 
 def scaling_config(cfg: Config):
@@ -71,8 +124,7 @@ def torch_config(cfg: Config):
 def build_trainer(
     cfg: Config,
     run: RunDir,
-    key: str,
-    selection: Selection,
+    subset: Subset,
     stop_after_steps: int | None = None,
     train_fn=finetune_worker,
 ):
@@ -82,22 +134,22 @@ def build_trainer(
 
     t = cfg.finetune
     storage = run.finetune_train_state
-    name = trainer_name(key, selection.name)
     return TorchTrainer(
         train_fn,
         train_loop_config={
             "finetune": asdict(t),
-            "rows": training_rows(run, selection),
-            "out": run.finetune / selection.name,
-            "train_state": storage / name,
-            "key": key,
+            "name": subset.name,
+            "rows": training_rows(run, subset.selection),
+            "out": run.finetune / subset.folder,
+            "train_state": storage / subset.trainer,
+            "key": subset.key,
             "torch_threads": max(1, int(t.cpus_per_worker)),
             "stop_after_steps": stop_after_steps,
         },
         scaling_config=scaling_config(cfg),
         torch_config=torch_config(cfg),
         run_config=ray.train.RunConfig(
-            name=name,
+            name=subset.trainer,
             storage_path=storage.path,
             storage_filesystem=storage.filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
@@ -107,19 +159,19 @@ def build_trainer(
     )
 
 
-def fit_subset(cfg: Config, run: RunDir, key: str, selection: Selection, train_fn=finetune_worker) -> str:
+def fit_subset(cfg: Config, run: RunDir, subset: Subset, train_fn=finetune_worker) -> str:
     """Train one subset to its `_done` marker (in a Ray task: one per subset in flight), then drop its trainer's
     storage (checkpoints, shared tokens); returns the subset's name."""
-    out = run.finetune / selection.name
-    out.delete()  # left by a run under another key, or cut short
+    out = run.finetune / subset.folder
+    out.delete()  # this subset's own folder, cut short before its marker
     with sigint_restored():
-        result = build_trainer(cfg, run, key, selection, train_fn=train_fn).fit()
+        result = build_trainer(cfg, run, subset, train_fn=train_fn).fit()
     if result.error is not None:
         raise result.error
-    if not run_finished(out, key):
-        raise RuntimeError(f"fine-tuning {selection.name} ended without writing its model to {out}")
-    (run.finetune_train_state / trainer_name(key, selection.name)).delete()
-    return selection.name
+    if not run_finished(out, subset.key):
+        raise RuntimeError(f"fine-tuning {subset.name} ended without writing its model to {out}")
+    (run.finetune_train_state / subset.trainer).delete()
+    return subset.name
 
 
 def side_by_side_width(cfg: Config, log=say) -> int:
@@ -136,7 +188,7 @@ def side_by_side_width(cfg: Config, log=say) -> int:
     return max(1, width)
 
 
-def fit_side_by_side(cfg: Config, run: RunDir, key: str, todo: list[Selection], log=say, train_fn=finetune_worker):
+def fit_side_by_side(cfg: Config, run: RunDir, todo: list[Subset], log=say, train_fn=finetune_worker):
     """Up to `side_by_side_width` subsets in flight at once, each trainer launched from its own zero-CPU task (a
     task holds no resources its trainer needs); after a failure the subsets in flight finish, no new one starts, and
     the failure stops the stage."""
@@ -152,41 +204,42 @@ def fit_side_by_side(cfg: Config, run: RunDir, key: str, todo: list[Selection], 
     at_most_in_flight(
         width,
         todo,
-        lambda selection: launch.remote(cfg, run, key, selection, train_fn),
+        lambda subset: launch.remote(cfg, run, subset, train_fn),
         lambda _, name: log(f"[finetune] {name} done"),
     )
 
 
-def run(cfg: Config, run: RunDir, key: str, log=say) -> dict:
-    skipped, todo, names = {}, [], []
+def run(cfg: Config, run: RunDir, key: str, log=say, train_fn=finetune_worker) -> dict:
+    """Train this config's subsets that no finished folder holds yet; write this config's view
+    (`finetune/summary.json`). `train_fn`: the worker loop (tests wrap it to count the subsets trained)."""
     for selection in selections(cfg):
         rows = training_rows(run, selection)
         if not rows.exists():
             raise FileNotFoundError(f"{rows} does not exist: is '{selection.scorer}' among scoring.scorers?")
-        if sum(row_counts(parquet_files(rows))) == 0:
-            skipped[selection.name] = "empty selection"
-            continue
-        names.append(selection.name)
-        if not run_finished(run.finetune / selection.name, key):
-            todo.append(selection)
-    dropped = run.drop_other_trainers(run.finetune_train_state, trainer_name(key, ""))
-    if dropped:
-        log(f"[finetune] removed {len(dropped)} trainer folder(s) of an earlier config: {', '.join(dropped)}")
+    subsets, skipped = run_as_task(plan_subsets, cfg, run)
+    units = {s.name: f"{run.finetune.name}/{s.folder}" for s in subsets}
+    trainers = [f"{run.finetune_train_state.name}/{s.trainer}" for s in subsets]
+    run.add_references("finetune", key, [*units.values(), *trainers])  # before training: a subset cut short counts
+    todo = [s for s in subsets if not run_finished(run.finetune / s.folder, s.key)]
+    reused = [s.name for s in subsets if s not in todo]
+    if reused:
+        log(f"[finetune] {len(reused)} subset(s) already trained under the same key: {', '.join(reused)}")
     if todo:
         if cfg.finetune.checkpoint == "none" and cfg.finetune.max_failures > 0:
             log(
                 f"[finetune] checkpoint: none: a failed worker group restarts its subset from the first step (up to "
                 f"{cfg.finetune.max_failures} time(s))"
             )
-        fit_side_by_side(cfg, run, key, todo, log)
-    runs = {name: json.loads((run.finetune / name / SUMMARY).read_text()) for name in names}
-    for stale in set(run.finetune.children()) - set(runs) - {"summary.json"}:
-        (run.finetune / stale).delete()  # runs of an earlier config: not this stage's output
-    (run.finetune / "summary.json").write_text(json.dumps({"runs": runs, "skipped": skipped}, indent=2))
+        fit_side_by_side(cfg, run, todo, log, train_fn)
+    trained = {s.name: json.loads((run.finetune / s.folder / SUMMARY).read_text()) for s in subsets}
+    view = {s.name: {"folder": units[s.name], "key": s.key, "train": trained[s.name]} for s in subsets}
+    (run.finetune / "summary.json").write_text(json.dumps({"runs": view, "skipped": skipped}, indent=2))
     return {
-        "runs": len(runs),
+        "runs": len(subsets),
+        "units": units,
+        "trained": [s.name for s in todo],
+        "reused": reused,
         "skipped": skipped,
-        "trainers_of_other_configs_removed": len(dropped),
-        "steps": {s: r["total_steps"] for s, r in runs.items()},
-        "last_loss": {s: r["last_loss"] for s, r in runs.items()},
+        "steps": {name: r["total_steps"] for name, r in trained.items()},
+        "last_loss": {name: r["last_loss"] for name, r in trained.items()},
     }

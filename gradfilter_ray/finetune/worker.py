@@ -5,7 +5,7 @@ checkpoints; every rank then reads all shares (`subset_tokens`). Checkpoints (`f
 steps): every rank writes its own shard straight into the trainer's storage (`checkpoints`), and Ray Train
 registers the folder without copying it; a restarted worker group resumes from the latest, or from the first step
 when there is none. The final model: rank 0 writes it from the consolidated state straight to
-``output_dir/finetune/{subset}/``; nothing passes through the driver.
+its folder ``output_dir/finetune/{subset}-{key}/``; nothing passes through the driver.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from gradfilter_ray.storage import Location
 LOSS_CSV = "train_loss.csv"
 MODEL_DIR = "model"
 SUMMARY = "train_summary.json"
-DONE_MARKER = "_done"  # written after a subset's last file; holds the stage key it was trained under
+DONE_MARKER = "_done"  # written after a subset's last file; holds the subset's key (finetune/keys.py)
 TOKENS_DIR = "tokens"  # under the trainer's storage folder: removed with it once the subset is done
 
 

@@ -52,13 +52,14 @@ SHARD_STATS = ("rows", "seconds", "batches", "oom_splits", "real_tokens", "padde
 # part and marker are whole-object writes, so a retry replaces them. The driver counts every planned shard back.
 
 
-def adapter_locations(ensemble: Location, members: int, early: int, late: int) -> dict[str, Location]:
-    """adapter name -> its folder under `ensemble/` (member m's early and late epochs)."""
+def adapter_locations(run: RunDir, early: int, late: int) -> dict[str, Location]:
+    """adapter name -> its folder: member m's early and late epochs, in the member folders the manifest's `ensemble`
+    record maps this config's members to (`RunDir.member_folders`)."""
     from gradfilter_ray.gradients.extract import adapter_name  # torch and peft: not at the CLI's start-up
 
     return {
-        adapter_name(m, checkpoint): ensemble / f"member_{m}" / f"epoch_{epoch}"
-        for m in range(members)
+        adapter_name(m, checkpoint): folder / f"epoch_{epoch}"
+        for m, folder in enumerate(run.member_folders())
         for checkpoint, epoch in (("early", early), ("late", late))
     }
 
@@ -230,7 +231,7 @@ def extraction_dataset(cfg: Config, todo: list[Shard], extractor: type, **constr
 
 def run(cfg: Config, run: RunDir, key: str, log=say) -> dict:
     ens, grads = cfg.ensemble, cfg.gradients
-    adapters = adapter_locations(run.ensemble, ens.members, ens.early_epoch, ens.late_epoch)
+    adapters = adapter_locations(run, ens.early_epoch, ens.late_epoch)
     tokens, out = run.tokens, run.gradients
     key = commit_key(run, key)
     out.make_dir()

@@ -34,8 +34,8 @@ def check_scorer(name: str) -> str:
 @dataclass(frozen=True)
 class Selection:
     """The top `ratio` of the rows with a response token, ranked by `scorer`: `selection/{name}.jsonl`, the run
-    fine-tuned on it `finetune/{name}/`, and its evaluation `evaluation/runs/{name}/`. The whole dataset is
-    `Selection.full()`, named `full`."""
+    fine-tuned on it `finetune/{name}-{key}/`, and its evaluation `evaluation/runs/{name}-{key}/` (each under its own
+    unit key). The whole dataset is `Selection.full()`, named `full`."""
 
     scorer: str
     ratio: float
