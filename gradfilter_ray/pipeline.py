@@ -22,6 +22,16 @@ from gradfilter_ray.evaluation.stage import run as evaluation
 from gradfilter_ray.finetune.stage import run as finetune
 from gradfilter_ray.gradients.stage import run as gradients
 from gradfilter_ray.report import run as report
+from gradfilter_ray.resources import (
+    Request,
+    audit_tasks,
+    data_tasks,
+    evaluation_actors,
+    extraction_actors,
+    member_trainers,
+    one_task,
+    subset_trainers,
+)
 from gradfilter_ray.rundir import RunDir, StageTimer
 from gradfilter_ray.runtime import run_as_task
 from gradfilter_ray.scoring.stage import run_score as scoring
@@ -41,38 +51,13 @@ class Stage:
     reads: tuple[str, ...]  # stages whose outputs it reads
     keyed_by: tuple[str, ...]  # config fields (dotted) whose values key its outputs
     writes: tuple[str, ...]  # its outputs, relative to output_dir
-    resources: Callable[[Config], str]
+    resources: Callable[[Config], Request]  # what it asks Ray for: the table shows it, its shell asks for it
     resumes: bool = False  # its outputs keep finished units (each with its own marker) across an interruption
+    # Its outputs are units of every config run here, side by side, each named by its own key and recorded in the
+    # manifest's references: never removed wholesale (`gc` reclaims them); --force redoes this config's units only.
+    side_by_side: bool = False
     units: Callable[[Config], list[str]] = lambda c: []  # keys of the units it runs, added to its own key
     in_run: Callable[[Config], bool] = lambda c: True  # whether `run` runs it (its verb runs it either way)
-
-
-def _members(c: Config) -> str:
-    e = c.ensemble
-    return f"{e.members} Ray Train workers x ({e.cpus_per_member} CPU, {e.gpus_per_member} GPU)"
-
-
-def _actors(c: Config) -> str:
-    g = c.gradients
-    return f"{g.num_actors} Ray Data actors x ({g.cpus_per_actor} CPU, {g.gpus_per_actor} GPU)"
-
-
-def _trainers(c: Config) -> str:
-    t = c.finetune
-    each = f"({t.cpus_per_worker} CPU, {t.gpus_per_worker} GPU)"
-    side = t.parallel_subsets or "as many as the cluster holds"
-    workers = f"{t.num_workers} Ray Train workers x {each}, {t.placement_strategy}"
-    return f"per subset {workers}, ZeRO-{t.zero_stage}; subsets side by side: {side}"
-
-
-def _evaluators(c: Config) -> str:
-    e = c.evaluation
-    count = f"{e.num_actors} Ray Data actors" if e.num_actors else "Ray Data actors (as many as the cluster holds)"
-    return f"{count} x ({e.cpus_per_actor} CPU, {e.gpus_per_actor} GPU) shared over the runs, engine {e.engine}"
-
-
-def _audit_resources(c: Config) -> str:
-    return f"its own tokens, ensemble ({_members(c)}), gradients and scoring on {c.audit.rows} sampled rows"
 
 
 # The stages the audit runs again on its own sample, in its own run directory (`audit/`).
@@ -121,17 +106,19 @@ def audit(cfg: Config, run: RunDir, key: str) -> dict:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
-        Stage("data", data, (), ("data",), ("data", "rejects.parquet"), lambda c: "Ray Data tasks + 1 task"),
-        Stage("tokens", tokens, ("data",), ("proxy",), ("tokens",), lambda c: "Ray Data tasks + 1 task"),
-        Stage("ensemble", ensemble, ("tokens",), ("proxy", "ensemble"), ("ensemble",), _members, resumes=True),
+        Stage("data", data, (), ("data",), ("data", "rejects.parquet"), data_tasks),
+        Stage("tokens", tokens, ("data",), ("proxy",), ("tokens",), data_tasks),
+        Stage(
+            "ensemble", ensemble, ("tokens",), ("proxy", "ensemble"), ("ensemble",), member_trainers, side_by_side=True
+        ),
         Stage(
             "gradients",
             gradients,
             ("tokens", "ensemble"),
             ("proxy", "gradients"),
             ("gradients",),
-            _actors,
-            resumes=True,
+            extraction_actors,
+            side_by_side=True,
         ),
         # Scoring writes every scorer's column whichever are configured: only selection and the report read the list.
         Stage(
@@ -140,7 +127,7 @@ STAGES: dict[str, Stage] = {
             ("gradients",),
             ("scoring.eps", "scoring.random_seed"),
             ("scoring",),
-            lambda c: "1 Ray task",
+            one_task,
         ),
         Stage(
             "selection",
@@ -148,7 +135,7 @@ STAGES: dict[str, Stage] = {
             ("data", "scoring"),
             ("selection", "scoring.scorers"),
             ("selection",),
-            lambda c: "1 Ray task",
+            one_task,
         ),
         Stage(
             "audit",
@@ -156,22 +143,30 @@ STAGES: dict[str, Stage] = {
             ("data",),
             ("audit", "scoring.scorers", "selection.ratios"),
             ("audit",),
-            _audit_resources,
+            audit_tasks,
             resumes=True,  # its inner stages keep their own records in audit/manifest.json
             units=_audit_units,
             in_run=lambda c: c.audit.enabled,
         ),
         # Keyed by the audit section: the report shows the audit's results when there are any.
-        Stage("report", report, ("data", "scoring", "selection"), ("audit",), ("report",), lambda c: "1 Ray task"),
-        Stage("finetune", finetune, ("data", "selection"), ("finetune",), ("finetune",), _trainers, resumes=True),
+        Stage("report", report, ("data", "scoring", "selection"), ("audit",), ("report",), one_task),
+        Stage(
+            "finetune",
+            finetune,
+            ("data", "selection"),
+            ("finetune",),
+            ("finetune",),
+            subset_trainers,
+            side_by_side=True,
+        ),
         Stage(
             "evaluation",
             evaluation,
             ("finetune",),
             ("evaluation", "finetune.max_length", "finetune.template", "finetune.chat_template"),
             ("evaluation",),
-            _evaluators,
-            resumes=True,  # its evaluated runs and judged pairs, each with its own key
+            evaluation_actors,
+            side_by_side=True,  # its evaluated runs and judged pairs, each with its own key
         ),
     ]
 }
@@ -245,7 +240,10 @@ def run_stage(
     log(f"[{name}] running ({stage.resources(cfg)})")
     timer = StageTimer()
     try:
-        run.begin_stage(name, key, stage.writes, keep_outputs=stage.resumes and not force)
+        if force and stage.side_by_side:
+            for rel in sorted(run.references(name, key)):  # this config's units only: other configs keep theirs
+                run.at(rel).delete()
+        run.begin_stage(name, key, stage.writes, keep_outputs=stage.side_by_side or (stage.resumes and not force))
         counts = stage.run(cfg, run, key)
     except BaseException as exc:
         CONSOLE.keep_line()
@@ -284,8 +282,14 @@ def plan(cfg: Config, names: list[str]) -> list[str]:
         s = STAGES[name]
         lines.append(f"{name:<10} key {stage_key(name, cfg)}  {s.resources(cfg)}")
         lines.append(f"{'':<10} reads [{', '.join(s.reads)}]  keyed by [{', '.join(s.keyed_by)}]")
-        lines.append(f"{'':<10} writes [{', '.join(s.writes)}]" + ("  (keeps finished units)" if s.resumes else ""))
+        lines.append(f"{'':<10} writes [{', '.join(s.writes)}]" + _keeps(s))
     return lines
+
+
+def _keeps(stage: Stage) -> str:
+    if stage.side_by_side:
+        return "  (units of every config side by side, each keyed)"
+    return "  (keeps finished units)" if stage.resumes else ""
 
 
 def _short(value: Any) -> bool:

@@ -31,6 +31,7 @@ from gradfilter_ray.units import member_unit
 
 MANIFEST = "manifest.json"
 WRITTEN_BY = "gradfilter-ray"  # in every manifest: a manifest.json without it (or older records) is not ours
+GRADIENTS = "gradients"  # every config's extraction, each in its own folder named by its stage key
 SCRATCH = ".scratch"  # per-stage intermediate files, removed when the stage ends (and by the next driver)
 SCRATCH_NAME = re.compile(r"[a-z_]+-[0-9a-f]{8}")  # one stage's scratch folder (`RunDir.scratch`)
 
@@ -159,7 +160,18 @@ class RunDir:
 
     @property
     def gradients(self) -> Location:
-        return self.at("gradients")
+        """This config's extraction: the folder the manifest's `gradients` record maps (`units`: 'gradients' ->
+        'gradients/<stage key>'; every config's extraction sits beside the others under its own stage key).
+        `gradients/` itself when the record has no map: a run directory whose gradients were written there (the
+        tests' synthetic run directories record the stage done without a map), or a stage still running, whose
+        shell writes to `gradients_unit(key)`, never through this property."""
+        units = (self.stage_record("gradients") or {}).get("units") or {}
+        return self.at(units.get("gradients", GRADIENTS))
+
+    @staticmethod
+    def gradients_unit(key: str) -> str:
+        """The extraction folder of the `gradients` stage key `key`, relative to the run directory."""
+        return f"{GRADIENTS}/{key}"
 
     @property
     def scores(self) -> Location:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from gradfilter_ray.config import RayConfig
 from gradfilter_ray.console import WORKER_SETUP_HOOK, is_quiet, quiet_process
 from gradfilter_ray.faults import fault_env
+from gradfilter_ray.resources import ONE_TASK, Request
 
 TRAIN_TICK_ENV, EMBEDDED_TRAIN_TICK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 # Ray Train starts a PreemptionWatcher actor per worker group to follow node drains (spot preemption); the embedded
@@ -153,11 +154,12 @@ def cluster_summary() -> dict:
 IO_REMOTE_ARGS = {"num_cpus": 0.25}
 
 
-def run_as_task(fn, *args, num_cpus: float = 1, max_retries: int = 2):
-    """Run `fn(*args)` as one Ray task (on a worker, next to the data rather than on the driver); its result."""
+def run_as_task(fn, *args, request: Request = ONE_TASK, max_retries: int = 2):
+    """Run `fn(*args)` as one Ray task asking for `request` (`resources.one_task`, what the stage table shows), on a
+    worker next to the data rather than on the driver; its result."""
     import ray
 
-    return ray.get(ray.remote(fn).options(num_cpus=num_cpus, max_retries=max_retries).remote(*args))
+    return ray.get(ray.remote(fn).options(**request.remote_args(), max_retries=max_retries).remote(*args))
 
 
 def at_most_in_flight(width: int, items: list, launch, on_done=lambda item, result: None) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from gradfilter_ray.config import Config, keyed_value, section_hash
 
+MEMBER_DONE = "_done"  # in a member's folder, written after its last epoch: the member is finished
 UNIT_NAME = re.compile(r"(?P<name>.+)-(?P<key>[0-9a-f]{16})")
 
 

@@ -35,6 +35,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gradfilter_ray import pipeline
 from gradfilter_ray.config import load
 from gradfilter_ray.driver_claim import CLAIM_FILE
 from gradfilter_ray.rundir import SCRATCH, RunDir
@@ -81,10 +82,10 @@ S3_DEMO = (
     "evaluation.heldout_limit=8",
 )
 
-# Left in the run directory after the kill, as a killed driver can leave them: a partial extraction file (a write
-# task that finished before the kill; Ray's own file names never start with "stale") holding an id no input has,
-# and a scratch folder of a stage in flight. The resumed run must remove both.
-STALE_GRADIENTS = "gradients/stale-part-of-the-killed-run.parquet"
+# Left in the run directory after the kill, as a killed driver can leave them: a partial extraction file in the
+# config's extraction folder (a write task that finished before the kill; Ray's own file names never start with
+# "stale") holding an id no input has, and a scratch folder of a stage in flight. The resumed run must remove both.
+STALE_GRADIENTS = "stale-part-of-the-killed-run.parquet"  # in `extraction_folder`
 STALE_SCRATCH = f"{SCRATCH}/data-deadbeef/normalized/part-0.parquet"
 
 
@@ -95,6 +96,11 @@ def set_args(*overrides: str) -> list[str]:
 
 def tiny_cfg(out: Path, *extra: str):
     return load(TINY, [f"output_dir={out}", *TINY_RUN, *extra])
+
+
+def extraction_folder(out: Path) -> Path:
+    """The tiny run's extraction folder, `gradients/<its stage key>/` (written there before its record maps it)."""
+    return out / RunDir.gradients_unit(pipeline.stage_key("gradients", tiny_cfg(out)))
 
 
 def cli_args(out: Path, verb: str = "run") -> list[str]:
@@ -315,11 +321,11 @@ def run_faulted(p: Pipeline) -> dict:
     facts["claim_after_kill"] = json.loads((out / CLAIM_FILE).read_text())
     facts["exited_by_themselves"], facts["killed_by_pid"] = reap(ray_tmp1, wait_s=45)
     facts["left_after_kill"] = [describe(proc) for proc in processes_of(ray_tmp1)]
-    facts["gradients_after_kill"] = files_under(out / "gradients")  # no process of run 1 writes any more
+    facts["gradients_after_kill"] = files_under(extraction_folder(out))  # no process of run 1 writes any more
     stale = pa.table({"id": pa.array([-1], pa.int64())})
-    for rel in (STALE_GRADIENTS, STALE_SCRATCH):
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(stale, out / rel)
+    for where in (extraction_folder(out) / STALE_GRADIENTS, out / STALE_SCRATCH):
+        where.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(stale, where)
 
     # Run 2: the same command; its extraction actor is SIGKILLed by the test in the middle of its second shard.
     second = start_cli(out, cli_env(ray_tmp2, TMPDIR=str(tmp), **fault_handlers.fault_env(second_dir)), log2)
@@ -335,7 +341,8 @@ def run_faulted(p: Pipeline) -> dict:
     finally:
         kill_group(second)
     facts["second_log"] = log2.read_text()
-    facts["gradients_after_second"] = files_under(out / "gradients")
+    facts["gradients_after_second"] = files_under(extraction_folder(out))
+    facts["gradients_folders"] = sorted(p.name for p in (out / "gradients").iterdir())
     facts["left_after_second"] = reap(ray_tmp2, wait_s=30)[1]
     facts["tmpdir_after"] = files_under(tmp) + sorted(str(d.relative_to(tmp)) for d in tmp.rglob("*") if d.is_dir())
     return facts

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -53,14 +54,14 @@ def finished_run(ray_cluster, tmp_path_factory):
         assert not (Path(saved) / members[1].folder / "epoch_2").exists()
     member_1 = rundir.ensemble / members[1].folder
     assert (member_1 / "epoch_1" / "adapter_model.safetensors").read_bytes() == early_before
-    assert not (member_1 / "epoch_2").exists() and not (member_1 / ensemble_stage.DONE_MARKER).exists()
+    assert not (member_1 / "epoch_2").exists() and not (member_1 / ensemble_stage.MEMBER_DONE).exists()
     assert not rundir.stage_done("ensemble", key)
     # A file the preempted attempt left in an unfinished member's folder: the re-run starts that folder anew (from
     # the checkpoint), so it must be gone afterwards.
     (rundir.ensemble / members[0].folder / "stale-from-the-preempted-attempt.txt").write_text("stale")
     # Another config's trainer folder and finished member: the stage leaves both as they are (`gc` removes them).
     (rundir.ensemble_train_state / OTHER_TRAINER / "checkpoint_x" / "state").write_bytes(b"x")
-    (rundir.ensemble / OTHER_MEMBER / ensemble_stage.DONE_MARKER).write_text("{}")
+    (rundir.ensemble / OTHER_MEMBER / ensemble_stage.MEMBER_DONE).write_text("{}")
     record = pipeline.run_stage("ensemble", cfg, rundir, **QUIET)
     extract = pipeline.run_stage("gradients", cfg, rundir, **QUIET)
     return cfg, rundir, record, extract, early_before
@@ -98,7 +99,7 @@ def test_ensemble_writes_every_member_epoch_as_safetensors_with_loss_curves(fini
     assert rundir.references("ensemble", record["key"]) == {*record["units"].values(), f".ray_train/{trainer}"}
     # another config's trainer and member are left as they are; this config's finished trainer is removed
     assert rundir.ensemble_train_state.children() == [OTHER_TRAINER]
-    assert (rundir.ensemble / OTHER_MEMBER / ensemble_stage.DONE_MARKER).exists()
+    assert (rundir.ensemble / OTHER_MEMBER / ensemble_stage.MEMBER_DONE).exists()
     summary = json.loads((rundir.ensemble / "summary.json").read_text())
     assert [(f["folder"], f["seed"], f["trained_now"]) for f in summary["members"].values()] == [
         (m.folder, m.seed, True) for m in members
@@ -117,7 +118,7 @@ def test_ensemble_writes_every_member_epoch_as_safetensors_with_loss_curves(fini
             assert Path(folder / "adapter_model.safetensors").stat().st_size > 0
             lines = (folder / "train_loss.csv").read_text().splitlines()
             assert lines[0] == "step,loss" and len(lines) == 1 + int(np.ceil(record["rows_trained"] / 8))
-        assert (rundir.ensemble / members[m].folder / ensemble_stage.DONE_MARKER).exists()
+        assert (rundir.ensemble / members[m].folder / ensemble_stage.MEMBER_DONE).exists()
     # only adapters, curves, markers and the summary are published: no optimiser state, nothing left of the first
     # attempt
     files = rundir.ensemble.files()
@@ -188,7 +189,7 @@ def test_members_are_units_a_new_one_alone_is_trained_and_overlapping_seeds_are_
     assert {path.split("/", 1)[0] for path in new} == {members[2].folder}
     assert all(mtime >= started for mtime in new.values())
     assert {f"{members[2].folder}/epoch_{e}/adapter_model.safetensors" for e in (1, 2)} <= set(new)
-    assert f"{members[2].folder}/{ensemble_stage.DONE_MARKER}" in new
+    assert f"{members[2].folder}/{ensemble_stage.MEMBER_DONE}" in new
     assert fits == [[members[2].folder]]
     assert grown["members_trained"] == 1 and grown["members_reused"] == 2
     assert grown["units"] == {**record["units"], "member_2": f"ensemble/{members[2].folder}"}
@@ -268,6 +269,64 @@ def test_extraction_is_deterministic(finished_run):
         np.testing.assert_allclose(
             np.array(first[column].to_pylist()), np.array(second[column].to_pylist()), rtol=1e-6
         )
+
+
+def _stamped_files(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under `folder`: relative path -> (mtime in ns, bytes)."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_each_config_extracts_into_its_own_folder_and_switching_back_extracts_nothing(finished_run, tmp_path):
+    from gradfilter_ray.gradients.shards import PLAN
+    from gradfilter_ray.scoring.passes import score_gradients
+
+    cfg, rundir, _, extract, _ = finished_run
+    out = tmp_path / "run"
+    shutil.copytree(rundir.root.path, out)  # a copy keeps each file's modification time
+    run = RunDir(str(out))
+    key_a = pipeline.stage_key("gradients", cfg)
+    folder_a = out / "gradients" / key_a
+    assert extract["units"] == {"gradients": f"gradients/{key_a}"} and Path(run.gradients.path) == folder_a
+    a_before = _stamped_files(folder_a)
+
+    # another gradients key: its own folder, every shard computed; A's folder keeps every byte and timestamp
+    other = tiny_cfg(out, "gradients.precision=float64")
+    key_b = pipeline.stage_key("gradients", other)
+    folder_b = out / "gradients" / key_b
+    b = pipeline.run_stage("gradients", other, run, **QUIET)
+    assert key_b != key_a and b["units"] == {"gradients": f"gradients/{key_b}"}
+    assert b["shards_computed"] == b["shards"] >= 1 and b["shards_resumed"] == 0 and b["rows"] == 24
+    assert sorted(p.name for p in (out / "gradients").iterdir()) == sorted([key_a, key_b])
+    assert _stamped_files(folder_a) == a_before
+    assert Path(run.gradients.path) == folder_b
+    assert run.references("gradients") == {f"gradients/{key_a}", f"gradients/{key_b}"}
+    b_after = _stamped_files(folder_b)
+
+    # back to A: every shard already committed, none computed (no part or marker rewritten), B's folder untouched
+    back = pipeline.run_stage("gradients", cfg, run, **QUIET)
+    assert back["shards_computed"] == 0 and back["shards_resumed"] == back["shards"] and back["rows"] == 24
+    assert back["units"] == extract["units"] and Path(run.gradients.path) == folder_a
+    a_again = _stamped_files(folder_a)
+    assert a_again[PLAN][1] == a_before[PLAN][1]  # the plan is rewritten with the same content
+    assert {k: v for k, v in a_again.items() if k != PLAN} == {k: v for k, v in a_before.items() if k != PLAN}
+    assert _stamped_files(folder_b) == b_after
+
+    # scoring reads A's folder: its scores are those of A's gradients, not B's
+    pipeline.run_stage("scoring", cfg, run, **QUIET)
+    scores = pq.read_table(run.scores).sort_by("id")
+    s = cfg.scoring
+    for name, folder in (("a", folder_a), ("b", folder_b)):
+        score_gradients(run.at(f"gradients/{folder.name}"), run.at(f"check_{name}.parquet"), s.eps, s.random_seed)
+    scores_a = pq.read_table(run.at("check_a.parquet")).sort_by("id")
+    scores_b = pq.read_table(run.at("check_b.parquet")).sort_by("id")
+    assert scores.column_names == scores_a.column_names and scores["id"].equals(scores_a["id"])
+    floats = [c for c in scores.column_names if pa.types.is_floating(scores.schema.field(c).type)]
+    assert "gsnr" in floats
+    for column in floats:
+        np.testing.assert_array_equal(scores[column].to_numpy(), scores_a[column].to_numpy(), err_msg=column)
+    assert not np.array_equal(scores["gsnr"].to_numpy(), scores_b["gsnr"].to_numpy(), equal_nan=True)
 
 
 def test_ifd_losses_match_the_frozen_base_computed_directly(finished_run):

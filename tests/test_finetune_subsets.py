@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gradfilter_ray.config import FinetuneConfig, ModelSpec, load
+from gradfilter_ray.config import Config, FinetuneConfig, ModelSpec, load
 from gradfilter_ray.finetune.checkpoints import CheckpointWrites
 from gradfilter_ray.finetune.ds_config import deepspeed_config, plan_training, use_cpu_adam
 from gradfilter_ray.finetune.loop import tokenize_subset
@@ -112,22 +112,23 @@ def _nodes(*gpus: int, cpus: int = 64) -> list[dict]:
 def test_subsets_side_by_side_on_the_shipped_7b_config():
     """8 workers of 1 GPU per subset, one node each (STRICT_PACK): two 8-GPU nodes train two subsets at once; a
     node of 4 GPUs holds none of them (and a 12-GPU cluster of 3 such nodes still none: no subset spans nodes)."""
-    finetune = load(CONFIGS / "alpaca_llama2_7b.yaml").finetune
+    cfg = load(CONFIGS / "alpaca_llama2_7b.yaml")
+    finetune = cfg.finetune
     assert (finetune.num_workers, finetune.gpus_per_worker, finetune.placement_strategy) == (8, 1, "STRICT_PACK")
-    assert subsets_side_by_side(finetune, _nodes(8)) == 1
-    assert subsets_side_by_side(finetune, _nodes(8, 8)) == 2
-    assert subsets_side_by_side(finetune, _nodes(8, 8, 4)) == 2
-    assert subsets_side_by_side(finetune, _nodes(4, 4, 4)) == 0
-    assert subsets_side_by_side(finetune, _nodes(16)) == 2
-    assert subsets_side_by_side(finetune, _nodes(0)) == 0  # a CPU-only head node adds nothing
+    assert subsets_side_by_side(cfg, _nodes(8)) == 1
+    assert subsets_side_by_side(cfg, _nodes(8, 8)) == 2
+    assert subsets_side_by_side(cfg, _nodes(8, 8, 4)) == 2
+    assert subsets_side_by_side(cfg, _nodes(4, 4, 4)) == 0
+    assert subsets_side_by_side(cfg, _nodes(16)) == 2
+    assert subsets_side_by_side(cfg, _nodes(0)) == 0  # a CPU-only head node adds nothing
 
 
 def test_side_by_side_spans_nodes_only_when_asked_and_counts_cpus_on_cpu():
-    packed = FinetuneConfig(num_workers=8, gpus_per_worker=1, placement_strategy="PACK")
+    packed = Config(finetune=FinetuneConfig(num_workers=8, gpus_per_worker=1, placement_strategy="PACK"))
     assert subsets_side_by_side(packed, _nodes(4, 4, 4)) == 1
-    on_cpu = FinetuneConfig(num_workers=2, gpus_per_worker=0, cpus_per_worker=1)
+    on_cpu = Config(finetune=FinetuneConfig(num_workers=2, gpus_per_worker=0, cpus_per_worker=1))
     assert subsets_side_by_side(on_cpu, [{"CPU": 2}]) == 1 and subsets_side_by_side(on_cpu, [{"CPU": 5}]) == 2
-    assert subsets_side_by_side(FinetuneConfig(parallel_subsets=3), _nodes(8)) == 3  # the user's word
+    assert subsets_side_by_side(Config(finetune=FinetuneConfig(parallel_subsets=3)), _nodes(8)) == 3  # the user's word
 
 
 @pytest.mark.parametrize(

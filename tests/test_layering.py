@@ -20,6 +20,7 @@ CORE_MODULES = [
     "gradfilter_ray.driver_claim",
     "gradfilter_ray.models",
     "gradfilter_ray.pipeline",
+    "gradfilter_ray.resources",
     "gradfilter_ray.gc",
     "gradfilter_ray.data.formats",
     "gradfilter_ray.data.sources",

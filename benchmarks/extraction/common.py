@@ -3,6 +3,7 @@ whole process tree), and the proxies, adapters, rows and run directories the sec
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import statistics
@@ -248,7 +249,7 @@ def write_run_dir(root: Path, spec: ModelSpec, rows: list[dict], rows_per_file: 
     from gradfilter_ray.data.formats import CANONICAL_COLUMNS
     from gradfilter_ray.lora import save_adapter
     from gradfilter_ray.rundir import RunDir
-    from gradfilter_ray.units import ensemble_members
+    from gradfilter_ray.units import MEMBER_DONE, ensemble_members
 
     rundir = RunDir(str(root))
     members = ensemble_members(make_config(root, spec, batch_size=1, bucket_rows=1), tokens_key="synthetic")
@@ -257,6 +258,7 @@ def write_run_dir(root: Path, spec: ModelSpec, rows: list[dict], rows_per_file: 
     for m in range(MEMBERS):
         for e in (EARLY, LATE):
             save_adapter(random_lora(spec, seed=100 * m + e), Path(rundir.member_epoch(m, e)))
+        (rundir.member_folders()[m] / MEMBER_DONE).write_text(json.dumps({"trained": f"synthetic-{m}"}))
     write_rows(Path(rundir.data), rows, rows_per_file)
     assert set(pq.read_schema(next(Path(rundir.data).glob("*.parquet"))).names) == set(CANONICAL_COLUMNS)
     tokenizer, proxy = load_tokenizer_for(spec), ProxyConfig(model=spec, max_length=MAX_LENGTH)

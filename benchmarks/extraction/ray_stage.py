@@ -122,8 +122,8 @@ def timed_ray_stage(cfg: Config, root: Path, log_path: Path) -> tuple[float, Tre
     try:
         if original is not None:
             stage.ShardExtractor = timed_extractor_class(str(log_path))
-        # as the pipeline runs it: the previous run's gradients/ removed first, then written in place
-        # keep_outputs left False: every timed run computes every shard
+        # keep_outputs left False: the previous timed run's gradients/ is removed first (the pipeline keeps it), so
+        # every timed run computes every shard
         rundir.begin_stage("gradients", key, pipeline.STAGES["gradients"].writes)
         with TreeCPU() as tc:
             began = time.time()
@@ -131,7 +131,7 @@ def timed_ray_stage(cfg: Config, root: Path, log_path: Path) -> tuple[float, Tre
             counts = stage.run(cfg, rundir, key, log=lambda line: None)
             wall = time.perf_counter() - w0
             ended = time.time()
-        table = pq.read_table(rundir.gradients)
+        table = pq.read_table(rundir.at(counts["units"]["gradients"]))  # the record is not written here
     finally:
         if original is not None:
             stage.ShardExtractor = original

@@ -35,6 +35,8 @@ import json
 import os
 import shutil
 import tempfile
+import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -45,15 +47,15 @@ from gradfilter_ray.driver_claim import pid_alive
 from gradfilter_ray.ensemble.batching import PaddingStats
 from gradfilter_ray.faults import fault_point
 from gradfilter_ray.progress import board_progress
+from gradfilter_ray.resources import member_trainers
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import IO_REMOTE_ARGS, sigint_restored, train_logging
 from gradfilter_ray.storage import Location
-from gradfilter_ray.units import Member, ensemble_members
+from gradfilter_ray.units import MEMBER_DONE, Member, ensemble_members
 
 TRAIN_STATE = "train_state.pt"
 LOSS_CSV = "train_loss.csv"
 PADDING_JSON = "padding.json"
-DONE_MARKER = "_done"  # in a member's folder, written after its last epoch: the member is finished
 WORK_ROOT = "gfr-member-work"
 # Ray Train V2 writes this file into its run folder (the "ensemble.epoch_end" fault point's `train_dir`) when the
 # controller registers a checkpoint: a fault handler polls it to know the epoch is safely recorded.
@@ -188,8 +190,11 @@ def train_member_worker(config: dict) -> None:
             on_rows_done=progress.advance,
         )
     if last_published[0] == ens.epochs:  # written last: the member's every epoch is in place
-        marker = {"folder": member.folder, "seed": member_seed, "epochs": ens.epochs}
-        (published / DONE_MARKER).write_text(json.dumps(marker))
+        # `trained` tells one training of this member from another (a forced retrain): the extraction keys its
+        # shards by it, so norms of replaced adapters are never mixed with new ones.
+        trained = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        marker = {"folder": member.folder, "seed": member_seed, "epochs": ens.epochs, "trained": trained}
+        (published / MEMBER_DONE).write_text(json.dumps(marker))
     shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -275,17 +280,18 @@ def trainer_name(todo: list[Member]) -> str:
 
 
 def is_finished(ensemble_dir: Location, member: Member) -> bool:
-    return (ensemble_dir / member.folder / DONE_MARKER).exists()
+    return (ensemble_dir / member.folder / MEMBER_DONE).exists()
 
 
 def scaling_config(cfg: Config, workers: int):
-    """One worker per member in training, each with the CPUs and (fractional) GPUs the config gives a member."""
+    """`resources.member_trainers` for `workers` members (those in training): one worker each, with the CPUs and
+    (fractional) GPUs the config gives a member."""
     import ray.train
 
-    ens = cfg.ensemble
-    use_gpu = ens.gpus_per_member > 0
-    resources = {"CPU": ens.cpus_per_member, **({"GPU": ens.gpus_per_member} if use_gpu else {})}
-    return ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources)
+    request = member_trainers(cfg).with_count(workers)
+    return ray.train.ScalingConfig(
+        num_workers=request.count, use_gpu=request.use_gpu, resources_per_worker=request.ray_resources()
+    )
 
 
 def torch_config():

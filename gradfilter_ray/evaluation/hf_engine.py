@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from gradfilter_ray.config import EvaluationConfig, build
+from gradfilter_ray.resources import Request
 from gradfilter_ray.storage import Location
 
 GENERATE, HELDOUT = "generate", "heldout"
@@ -102,12 +103,13 @@ def hf_dataset(
     model: Location,
     ev: EvaluationConfig,
     max_length: int,
-    actors: int,
+    pool: Request,
     evaluator: type,
     prompt_format: str = "alpaca",
 ):
-    """`table`'s rows (sorted, with their positions) through a pool of `actors` `evaluator`s of `model`, prompted in
-    `prompt_format` (the format the model was fine-tuned in)."""
+    """`table`'s rows (sorted, with their positions) through a pool of `evaluator`s of `model` (`pool`: the
+    evaluation's `resources.evaluation_actors` with this run's width as its count), prompted in `prompt_format` (the
+    format the model was fine-tuned in)."""
     from dataclasses import asdict
 
     import ray.data
@@ -122,9 +124,18 @@ def hf_dataset(
         },
         batch_size=ev.batch_size,
         batch_format="pyarrow",
+        **actor_pool_args(pool),
+    )
+
+
+def actor_pool_args(pool: Request) -> dict:
+    """How a run's evaluators ask Ray for their actors: `pool.count` of them, each with the request's CPUs and GPUs,
+    one batch in flight per actor."""
+    import ray.data
+
+    return {
         # One batch at a time per actor: a generate call holds its device until done, and batches queued on the
         # first actor ready would leave the later ones idle while it works through them (the rows move cheaply).
-        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-        num_cpus=ev.cpus_per_actor,
-        num_gpus=ev.gpus_per_actor,
-    )
+        "compute": ray.data.ActorPoolStrategy(size=pool.count, max_tasks_in_flight_per_actor=1),
+        **pool.remote_args(),
+    }

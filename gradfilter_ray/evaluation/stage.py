@@ -51,6 +51,7 @@ from gradfilter_ray.evaluation.hf_engine import (
 )
 from gradfilter_ray.evaluation.keys import pair_file, pair_key, run_key
 from gradfilter_ray.evaluation.plan import choose_engine, cluster_width, plan_waves
+from gradfilter_ray.resources import evaluation_actors
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import ALLOC_CONF, ALLOC_CONF_ENV, allocator_env
 from gradfilter_ray.scoring.scorers import FULL, Selection
@@ -172,15 +173,22 @@ def evaluate_runs(
     from gradfilter_ray.evaluation.vllm_engine import vllm_installed
 
     ev = cfg.evaluation
+    evaluators = evaluation_actors(cfg)
     table = sorted_table(rows)
     local = all(m.is_local for m in models.values())
-    engine, why = choose_engine(ev.engine, ev.gpus_per_actor, vllm_installed(), local)
-    actors = ev.num_actors or cluster_width(ray.cluster_resources(), ev.cpus_per_actor, ev.gpus_per_actor)
+    engine, why = choose_engine(ev.engine, evaluators.gpus, vllm_installed(), local)
+    actors = evaluators.count or cluster_width(ray.cluster_resources(), evaluators.cpus, evaluators.gpus)
     log(f"[evaluation] engine {engine} ({why}); {len(models)} runs on up to {actors} actors")
 
     def hf_build(part: pa.Table):
         return lambda run, width: hf_dataset(
-            part, models[run], ev, cfg.finetune.max_length, width, evaluator, cfg.finetune.template
+            part,
+            models[run],
+            ev,
+            cfg.finetune.max_length,
+            evaluators.with_count(width),
+            evaluator,
+            cfg.finetune.template,
         )
 
     def waves(part: pa.Table, phase: str) -> list[dict[str, int]]:
@@ -214,6 +222,7 @@ def vllm_answers(
     from gradfilter_ray.evaluation.generate import Sampling, decode_answers, prompt_token_ids
 
     ev = cfg.evaluation
+    evaluators = evaluation_actors(cfg)
     sampling = Sampling(
         ev.max_new_tokens, ev.do_sample, ev.temperature, ev.top_p, cfg.finetune.max_length, cfg.finetune.template
     )
@@ -228,8 +237,8 @@ def vllm_answers(
             models[run].path,
             actors=width,
             batch_size=ev.batch_size,
-            cpus_per_actor=ev.cpus_per_actor,
-            gpus_per_actor=ev.gpus_per_actor,
+            cpus_per_actor=evaluators.cpus,
+            gpus_per_actor=evaluators.gpus,
             sampling=sampling,
             model_max_len=model_config.get("max_position_embeddings"),
             extra_engine_kwargs=ev.vllm_engine_kwargs,

@@ -33,6 +33,7 @@ from gradfilter_ray.finetune.keys import DIGEST_COLUMNS, rows_digest, subset_key
 from gradfilter_ray.finetune.placement import subset_demand, subsets_side_by_side
 from gradfilter_ray.finetune.worker import SUMMARY, finetune_worker, run_finished
 from gradfilter_ray.parquet_stream import parquet_files, row_counts, stream_batches
+from gradfilter_ray.resources import subset_trainers
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import at_most_in_flight, run_as_task, sigint_restored, train_logging
 from gradfilter_ray.scoring.scorers import FULL, Selection
@@ -101,16 +102,16 @@ def plan_subsets(cfg: Config, run: RunDir) -> tuple[list[Subset], dict[str, str]
 
 
 def scaling_config(cfg: Config):
+    """One subset's workers as `resources.subset_trainers` asks for them: their count, CPUs and GPUs each, and the
+    placement strategy of the group."""
     import ray.train
 
-    t = cfg.finetune
-    use_gpu = t.gpus_per_worker > 0
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if use_gpu else {})}
+    trainers = subset_trainers(cfg)
     return ray.train.ScalingConfig(
-        num_workers=t.num_workers,
-        use_gpu=use_gpu,
-        resources_per_worker=resources,
-        placement_strategy=t.placement_strategy,
+        num_workers=trainers.count,
+        use_gpu=trainers.use_gpu,
+        resources_per_worker=trainers.ray_resources(),
+        placement_strategy=trainers.placement,
     )
 
 
@@ -178,11 +179,12 @@ def side_by_side_width(cfg: Config, log=say) -> int:
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    width = subsets_side_by_side(cfg.finetune, nodes)
+    width = subsets_side_by_side(cfg, nodes)
     if width == 0:
-        resource, need = subset_demand(cfg.finetune)
+        trainers = subset_trainers(cfg)
+        resource, need = subset_demand(trainers)
         log(
-            f"[finetune] no node holds a subset's {need:g} {resource} now ({cfg.finetune.placement_strategy}): "
+            f"[finetune] no node holds a subset's {need:g} {resource} now ({trainers.placement}): "
             "one subset at a time, waiting for the autoscaler to add a node"
         )
     return max(1, width)

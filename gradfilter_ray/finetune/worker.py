@@ -170,6 +170,11 @@ def finetune_worker(config: dict) -> None:
     if finetune.template == "chat" and finetune.chat_template:
         tokenizer.chat_template = finetune.chat_template  # saved with the model: evaluation and users answer in it
     rows = shared_subset_rows(tokenizer, config["rows"], train_state / TOKENS_DIR, finetune, rank, world)
+    if len(rows) == 0:
+        raise ValueError(
+            f"{out.name}: none of its {rows.rows_in} rows keeps a response token at finetune.max_length="
+            f"{finetune.max_length} (the prompt fills it): raise finetune.max_length"
+        )
     plan = plan_training(len(rows), finetune, world)
     cpu_adam = use_cpu_adam(finetune, cpu_adam_prebuilt())
     ds_config = deepspeed_config(finetune, plan, bf16=dtype == torch.bfloat16, cpu_adam=cpu_adam)

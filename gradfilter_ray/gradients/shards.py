@@ -5,13 +5,13 @@ The plan cuts the rows into the fewest shards that is a multiple of the actor co
 another's second wave. Shards are kept as large as `shard_rows` allows because rows are sorted by length within a
 shard only: smaller shards pad more (docs/scale.md, "Shards and progress").
 
-A shard's rows land in ``gradients/part-{index}.parquet`` (one whole-object write) and then its marker in
-``gradients/_shards/part-{index}.json`` (the stage key and the shard's row range): a shard is done only when its
-marker names this stage key and this range. The plan itself is recorded in ``gradients/_shards/plan.json``: a re-run
-with the same key over the same `tokens/` files keeps that plan even where the actor count changed (the width of a
-stage never redoes finished work), keeps its committed shards and computes the rest; anything else in `gradients/`
-(a part without a marker, a shard of another key or layout, a stray file) is removed first. Pure: plans and names,
-no I/O.
+A config's shards live in its own folder, ``gradients/<stage key>/``. A shard's rows land in its
+``part-{index}.parquet`` (one whole-object write) and then its marker in ``_shards/part-{index}.json`` (the commit
+key and the shard's row range): a shard is done only when its marker names this commit key and this range. The plan
+itself is recorded in ``_shards/plan.json``: a re-run with the same key over the same `tokens/` files keeps that plan
+even where the actor count changed (the width of a stage never redoes finished work), keeps its committed shards and
+computes the rest; anything else in the folder (a part without a marker, a shard of another commit key, as after
+the adapters were retrained, or of another layout, a stray file) is removed first. Pure: plans and names, no I/O.
 """
 
 from __future__ import annotations
@@ -127,9 +127,9 @@ def _tiles(shards: list[Shard], file_rows: list[tuple[str, int]]) -> bool:
 
 
 def keep_and_clear(shards: list[Shard], markers: dict[str, dict], files: list[str], key: str):
-    """(shards already committed for `key`, shards to compute, files of `gradients/` to delete).
+    """(shards already committed for `key`, shards to compute, files of the config's folder to delete).
 
-    `markers`: marker path -> its record; `files`: every file under `gradients/` (relative paths). A marker whose
+    `markers`: marker path -> its record; `files`: every file under the folder (relative paths). A marker whose
     part is gone (a lifecycle rule, a partial copy of the run) commits nothing. PLAN stays: the driver rewrites it."""
     present = set(files)
     done = [s for s in shards if s.part in present and s.committed_by(markers.get(s.marker), key)]

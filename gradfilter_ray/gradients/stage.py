@@ -1,15 +1,22 @@
 """Extraction stage (Ray shell): `tokens/` through per-example LoRA gradient norms, committed shard by shard.
 
+Each config's extraction is a unit of its own, in ``gradients/<stage key>/`` beside the other configs' (switching
+between two configs extracts neither again); the stage records that folder in the manifest's references before any
+work (`RunDir.add_references`, so only `gradfilter-ray gc` removes it) and maps it in its record (``units``:
+'gradients' -> 'gradients/<stage key>'), through which `RunDir.gradients` finds it. It never touches another
+config's folder.
+
 The driver cuts `tokens/` into shards (`shards.plan_shards`: row ranges of its files, a multiple of
 `gradients.num_actors` of them, none over `gradients.shard_rows`; an interrupted run's recorded plan when there is
-one), keeps the shards that run already committed for this stage key, removes everything else in `gradients/`, and
+one), keeps the shards that run already committed for this stage key and these upstream outputs (`commit_key`),
+removes everything else in this config's folder (shards of adapters retrained with the same config included), and
 streams the remaining shard descriptors through a Ray Data actor pool, one shard in flight per actor. Each
 `ShardExtractor` actor loads the frozen proxy once and all 2M adapters (M members x early/late, read by the actor
-itself from ``output_dir/ensemble/``), reads its shard's rows itself, runs `extract.extract_block` (the Ray-free
-core), writes ``gradients/part-{index}.parquet`` and then the shard's marker. The driver only sees one small row per
-shard, which it turns into progress (rows done of total, rate, time left). A Ray task finally checks that every row
-of `tokens/` came out exactly once. Each shard starts at the fault point "gradients.shard" (a no-op unless a test
-configures a handler).
+itself from the members' folders under ``output_dir/ensemble/``), reads its shard's rows itself, runs
+`extract.extract_block` (the Ray-free core), writes ``part-{index}.parquet`` in the folder and then the shard's
+marker. The driver only sees one small row per shard, which it turns into progress (rows done of total, rate, time
+left). A Ray task finally checks that every row of `tokens/` came out of the folder exactly once. Each shard starts
+at the fault point "gradients.shard" (a no-op unless a test configures a handler).
 """
 
 from __future__ import annotations
@@ -38,10 +45,12 @@ from gradfilter_ray.gradients.shards import (
 )
 from gradfilter_ray.parquet_stream import parquet_files, read_rows, row_counts, write_whole
 from gradfilter_ray.progress import RowProgress
+from gradfilter_ray.resources import extraction_actors
 from gradfilter_ray.row_accounting import account_token_rows
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import run_as_task
 from gradfilter_ray.storage import Location
+from gradfilter_ray.units import MEMBER_DONE
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TOKEN_COLUMNS = ["id", "input_ids", "loss_spans", "response_input_ids", "response_label_start"]
@@ -193,25 +202,26 @@ def committed_markers(out: Location, files: list[str]) -> dict[str, dict]:
 
 def commit_key(run: RunDir, stage_key: str) -> str:
     """What a shard's marker must name to be kept: the stage key and the exact upstream outputs it was computed from
-    (the records of the `tokens` and `ensemble` runs that wrote them), so shards of adapters retrained with the same
-    config (`ensemble --force`) are recomputed, never mixed with new ones."""
-    upstream = json.dumps([run.stage_record(stage) for stage in ("tokens", "ensemble")], sort_keys=True, default=str)
+    (the `tokens` run that wrote them, and each member's `_done` marker, which names that training of the member),
+    so shards of adapters retrained with the same config (`ensemble --force`) are recomputed, never mixed with new
+    ones, while an ensemble run that reused every member changes nothing."""
+    members = [(folder / MEMBER_DONE).read_text() for folder in run.member_folders()]
+    upstream = json.dumps([run.stage_record("tokens"), members], sort_keys=True, default=str)
     return f"{stage_key}-{hashlib.sha256(upstream.encode()).hexdigest()[:12]}"
 
 
 def actor_pool_args(cfg: Config, actors: int) -> dict:
-    """How the extraction asks Ray for its actors: `actors` of (cpus_per_actor, gpus_per_actor) each, one shard in
-    flight per actor."""
+    """How the extraction asks Ray for its actors: `resources.extraction_actors` for `actors` of them, each with
+    (cpus_per_actor, gpus_per_actor), one shard in flight per actor."""
     import ray.data
 
-    grads = cfg.gradients
+    pool = extraction_actors(cfg).with_count(actors)
     return {
         # Ray Data queues 2 tasks per actor by default: the first actor to load its model would take a second shard
         # while another actor, still loading, ends up with none. An actor reads its own shard, so a queued
         # descriptor prefetches nothing.
-        "compute": ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-        "num_cpus": grads.cpus_per_actor,
-        **({"num_gpus": grads.gpus_per_actor} if grads.gpus_per_actor > 0 else {}),
+        "compute": ray.data.ActorPoolStrategy(size=pool.count, max_tasks_in_flight_per_actor=1),
+        **pool.remote_args(),
     }
 
 
@@ -225,23 +235,26 @@ def extraction_dataset(cfg: Config, todo: list[Shard], extractor: type, **constr
         fn_constructor_kwargs=constructor_kwargs,
         batch_size=1,
         batch_format="pyarrow",
-        **actor_pool_args(cfg, min(cfg.gradients.num_actors, len(todo))),
+        **actor_pool_args(cfg, min(extraction_actors(cfg).count, len(todo))),
     )
 
 
 def run(cfg: Config, run: RunDir, key: str, log=say) -> dict:
     ens, grads = cfg.ensemble, cfg.gradients
     adapters = adapter_locations(run, ens.early_epoch, ens.late_epoch)
-    tokens, out = run.tokens, run.gradients
-    key = commit_key(run, key)
+    # This config's folder, written here directly: while the stage runs its record maps nothing yet.
+    folder = run.gradients_unit(key)
+    run.add_references("gradients", key, [folder])  # before the work: an interrupted extraction is referenced too
+    tokens, out = run.tokens, run.at(folder)
+    commit = commit_key(run, key)
     out.make_dir()
     files = out.files()  # one listing serves the plan, the markers and the clean-up
     file_rows = token_files(tokens)
-    shards = shard_plan(grads, file_rows, read_plan(out, files), key)
-    done, todo, stale = keep_and_clear(shards, committed_markers(out, files), files, key)
+    shards = shard_plan(grads, file_rows, read_plan(out, files), commit)
+    done, todo, stale = keep_and_clear(shards, committed_markers(out, files), files, commit)
     for rel in stale:
         (out / rel).delete()
-    (out / PLAN).write_text(json.dumps(plan_record(key, file_rows, shards)))
+    (out / PLAN).write_text(json.dumps(plan_record(commit, file_rows, shards)))
     total_rows = sum(s.rows for s in shards)
     progress = RowProgress(
         "[gradients] extracted",
@@ -264,7 +277,7 @@ def run(cfg: Config, run: RunDir, key: str, log=say) -> dict:
             adapters=adapters,
             tokens=tokens,
             out=out,
-            key=key,
+            key=commit,
         )
         for facts in ds.iter_rows():
             computed.append(facts)
@@ -277,6 +290,7 @@ def run(cfg: Config, run: RunDir, key: str, log=say) -> dict:
     rows_computed = sum(int(f["rows"]) for f in computed)
     real, padded = (sum(int(f[k]) for f in computed) for k in ("real_tokens", "padded_tokens"))
     return {
+        "units": {"gradients": folder},
         "rows": accounting["rows"],
         "rows_no_response_tokens": accounting["rows_no_response_tokens"],
         "adapters": len(adapters),
