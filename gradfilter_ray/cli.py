@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import subprocess
 import sys
 import traceback
@@ -76,17 +77,29 @@ def _dry_run(cfg: Config, stages: list[str]) -> None:
     print("\n".join(pipeline.plan(cfg, stages)))
 
 
-def _compare(run: RunDir) -> int:
-    """Rebuild evaluation/compare.* and the plots from what the run directory holds (whatever config produced it)."""
+def _compare(cfg: Config, run: RunDir, config: str | None, overrides: list[str]) -> int:
+    """Rebuild evaluation/compare.* and the plots from this config's view (runs.json, judge.json), which only a
+    finished evaluation of this config wrote: another config's view is never shown as this one's."""
     from gradfilter_ray.evaluation.compare import rebuild_comparison
 
-    if not (run.evaluation / "runs.json").exists():
-        print(f"error: {run.location} has no evaluated runs: run `gradfilter-ray evaluation` first", file=sys.stderr)
+    if not run.stage_done("evaluation", pipeline.stage_key("evaluation", cfg)):
+        command = shlex.join(
+            ["gradfilter-ray", "evaluation", *(["--config", config] if config else []), *_set_args(overrides)]
+        )
+        print(
+            f"error: {run.location} holds no finished evaluation of this config: run `{command}` first (it reuses "
+            "every evaluated run and judged pair already there)",
+            file=sys.stderr,
+        )
         return EXIT_ORDER
     rows, table = rebuild_comparison(run.evaluation, run.root)
     print(f"compared {len(rows)} runs: {run.evaluation / 'compare.md'}")
     print(table)
     return 0
+
+
+def _set_args(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,7 +252,7 @@ def _failed(exc: Exception) -> int:
 
 def _drive(cfg: Config, run: RunDir, args: argparse.Namespace, stages: list[str], argv: list[str]) -> int:
     if args.command == "compare":
-        return _compare(run)
+        return _compare(cfg, run, args.config, args.given_overrides)
 
     from gradfilter_ray.console import filter_native_stderr, is_quiet
     from gradfilter_ray.report import summarize_run, summary_lines

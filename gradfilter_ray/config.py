@@ -763,15 +763,22 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str]]:
 # What keys outputs: each section's fields filtered by their declared class, resolved fields by their resolved value.
 
 
-def _dtype(precision: str, on_gpu: bool) -> str:
-    """The dtype a precision setting computes in: 'auto' is bf16 on a GPU, fp32 on CPU (`models.resolve_dtype`)."""
+def resolved_dtype(precision: str, on_gpu: bool) -> str:
+    """The dtype a precision setting computes in: 'auto' is bf16 on a GPU, fp32 on CPU. The one rule: the keys use
+    it, and `models.resolve_dtype` turns it into the torch dtype the stages compute in."""
     return ("bfloat16" if on_gpu else "float32") if precision == "auto" else precision
+
+
+def accumulation_steps(effective_batch_size: int, micro_batch_size: int, workers: int) -> int:
+    """Gradient accumulation: rounded up, so the effective batch is met or exceeded, never undershot. The one rule:
+    the keys use it, and `finetune.ds_config.plan_training` plans the training with it."""
+    return max(1, -(-effective_batch_size // (micro_batch_size * workers)))
 
 
 def _extraction_head(cfg: Config) -> str:
     """The LM head's logits dtype in extraction: float32 is promoted with the extraction dtype (a no-op in float32
     and float64), 'model' keeps the extraction dtype."""
-    body = _dtype(cfg.gradients.precision, cfg.gradients.gpus_per_actor > 0)
+    body = resolved_dtype(cfg.gradients.precision, cfg.gradients.gpus_per_actor > 0)
     if cfg.gradients.head_precision == "model" or body == "float64":
         return body
     return "float32"
@@ -782,8 +789,8 @@ def _finetune_rows_per_step(cfg: Config) -> int:
     (`ds_config.plan_training`). The micro-batches are the same consecutive runs of each epoch's order however they
     are spread over workers and accumulation, so this (with the micro-batch size) is what the training computes."""
     t = cfg.finetune
-    accumulation = max(1, -(-t.effective_batch_size // (t.micro_batch_size * t.num_workers)))
-    return t.micro_batch_size * t.num_workers * accumulation
+    workers = t.num_workers
+    return t.micro_batch_size * workers * accumulation_steps(t.effective_batch_size, t.micro_batch_size, workers)
 
 
 def _evaluation_engine(cfg: Config) -> str:
@@ -795,13 +802,14 @@ def _evaluation_engine(cfg: Config) -> str:
 
 # dotted field -> the value it keys as. A field declared RESOLVED must have one (tests/test_config_keys.py).
 RESOLVED_VALUES: dict[str, Any] = {
-    "ensemble.precision": lambda c: _dtype(c.ensemble.precision, c.ensemble.gpus_per_member > 0),
-    "gradients.precision": lambda c: _dtype(c.gradients.precision, c.gradients.gpus_per_actor > 0),
+    "ensemble.precision": lambda c: resolved_dtype(c.ensemble.precision, c.ensemble.gpus_per_member > 0),
+    "gradients.precision": lambda c: resolved_dtype(c.gradients.precision, c.gradients.gpus_per_actor > 0),
     "gradients.head_precision": _extraction_head,
     "finetune.effective_batch_size": _finetune_rows_per_step,
     "finetune.num_workers": _finetune_rows_per_step,
-    "finetune.gpus_per_worker": lambda c: "bfloat16" if c.finetune.gpus_per_worker > 0 else "float32",
-    "evaluation.gpus_per_actor": lambda c: "bfloat16" if c.evaluation.gpus_per_actor > 0 else "float32",
+    # the target trains and evaluates in bf16 on GPUs, fp32 on CPU (`models.resolve_dtype("auto", device)`)
+    "finetune.gpus_per_worker": lambda c: resolved_dtype("auto", c.finetune.gpus_per_worker > 0),
+    "evaluation.gpus_per_actor": lambda c: resolved_dtype("auto", c.evaluation.gpus_per_actor > 0),
     "evaluation.engine": _evaluation_engine,
 }
 

@@ -6,8 +6,13 @@ keeps every path a stage key of the kept configs references and removes the othe
 manifest proves this tool wrote, so a user's own file beside them is never touched. The audit's run directory
 (`audit/`) has its own manifest and keys and is planned the same way.
 
+A stage record left "done" over units `gc` removed would make the next run of its config skip the stage: `collect`
+marks every done record whose key references a removed path "collected" (not done; the record and the outputs it
+lists stay), so that run redoes the stage, which redoes only the missing units.
+
 `removable` is the rule (paths only, no I/O); `plan` reads the manifests and measures what the rule removes;
-`collect` removes it and drops every recorded path that no longer exists from the manifests.
+`collect` removes it, drops every recorded path that no longer exists from the manifests and marks the records it
+affected (`collected_records`, pure).
 """
 
 from __future__ import annotations
@@ -77,6 +82,11 @@ def _in_run(where: str, path: str) -> str | None:
     return None if rel is None else f"{where}/{rel}" if where else rel
 
 
+def _relative_to(where: str, paths: Iterable[str]) -> list[str]:
+    """The paths (relative to the run directory) inside the run directory `where`, relative to it."""
+    return list(paths) if not where else [p[len(where) + 1 :] for p in paths if p.startswith(f"{where}/")]
+
+
 def referenced(run: RunDir, configs: Iterable[Config]) -> tuple[set[str], set[str]]:
     """(every path the manifests record, the paths the configs' stage keys reference), relative to `run`."""
     keys = [stage_keys(cfg) for cfg in configs]
@@ -105,13 +115,35 @@ def plan(run: RunDir, configs: Iterable[Config], measure_held: bool = False) -> 
     return Plan(remove, tuple(sorted(kept)), held)
 
 
+def collected_records(manifest: dict, removed: Iterable[str]) -> dict[str, dict]:
+    """The manifest's done stage records whose key references a removed path (the path itself, one inside it or one
+    holding it; paths relative to the manifest's run directory), each as it becomes: the same record (its key and
+    outputs kept), "collected", with the reason."""
+    removed = sorted(set(removed))
+    references = manifest.get("references") or {}
+    collected = {}
+    for stage, record in (manifest.get("stages") or {}).items():
+        if (record or {}).get("status") != "done":
+            continue
+        used = [rel for p in (references.get(stage) or {}).get(record.get("key"), []) if (rel := _recorded_path(p))]
+        gone = [p for p in removed if any(inside(p, u) or inside(u, p) for u in used)]
+        if gone:
+            shown = ", ".join(gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
+            reason = f"gc removed unit outputs it references ({shown}): its next run redoes them"
+            collected[stage] = {**record, "status": "collected", "reason": reason}
+    return collected
+
+
 def collect(run: RunDir, planned: Plan) -> None:
-    """Remove the planned paths, then drop every recorded path that no longer exists from the manifests (written
-    through the run's claim, like every manifest change)."""
+    """Remove the planned paths, mark every done stage record whose key referenced one of them "collected" (not
+    done: the next run of its config redoes its missing units), then drop every recorded path that no longer exists
+    from the manifests (written through the run's claim, like every manifest change)."""
     for path in planned.remove:
         run.at(path).delete()
-    for _, inner in _run_dirs(run):
+    for where, inner in _run_dirs(run):
         manifest = inner.read_manifest()
+        stages = manifest.get("stages") or {}
+        marked = {**stages, **collected_records(manifest, _relative_to(where, planned.remove))}
         recorded = manifest.get("references") or {}
         existing: dict[str, dict[str, list[str]]] = {}
         for stage, by_key in recorded.items():
@@ -119,8 +151,10 @@ def collect(run: RunDir, planned: Plan) -> None:
                 there = [p for p in paths if (rel := _recorded_path(p)) is not None and inner.at(rel).exists()]
                 if there:
                     existing.setdefault(stage, {})[key] = there
-        if existing != recorded:
+        if existing != recorded or marked != stages:
             manifest["references"] = existing
+            if marked:
+                manifest["stages"] = marked
             inner.write_manifest(manifest)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from gradfilter_ray.bundled import resolve
-from gradfilter_ray.config import ModelSpec, Precision
+from gradfilter_ray.config import ModelSpec, Precision, resolved_dtype
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -34,9 +34,7 @@ def load_tokenizer(spec: ModelSpec):
 
 
 def resolve_dtype(precision: Precision, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[precision]
+    return getattr(torch, resolved_dtype(precision, device.type == "cuda"))
 
 
 def instantiate(spec: ModelSpec, dtype: torch.dtype = torch.float32):

@@ -37,7 +37,8 @@ from gradfilter_ray.runtime import run_as_task
 from gradfilter_ray.scoring.stage import run_score as scoring
 from gradfilter_ray.scoring.stage import run_select as selection
 
-StageFn = Callable[[Config, RunDir, str], dict[str, Any]]
+# Called as (cfg, run, key); a side-by-side stage also takes `force=True`: it then redoes every unit of this config.
+StageFn = Callable[..., dict[str, Any]]
 
 
 class StageOrderError(RuntimeError):
@@ -52,9 +53,9 @@ class Stage:
     keyed_by: tuple[str, ...]  # config fields (dotted) whose values key its outputs
     writes: tuple[str, ...]  # its outputs, relative to output_dir
     resources: Callable[[Config], Request]  # what it asks Ray for: the table shows it, its shell asks for it
-    resumes: bool = False  # its outputs keep finished units (each with its own marker) across an interruption
     # Its outputs are units of every config run here, side by side, each named by its own key and recorded in the
-    # manifest's references: never removed wholesale (`gc` reclaims them); --force redoes this config's units only.
+    # manifest's references: the runner never removes them (`gc` reclaims them); under --force the stage itself
+    # redoes this config's units, and only those.
     side_by_side: bool = False
     units: Callable[[Config], list[str]] = lambda c: []  # keys of the units it runs, added to its own key
     in_run: Callable[[Config], bool] = lambda c: True  # whether `run` runs it (its verb runs it either way)
@@ -78,13 +79,14 @@ def _audit_units(cfg: Config) -> list[str]:
     return [fixed["data"], *(stage_key(name, cfg, fixed) for name in AUDIT_STAGES)]
 
 
-def audit(cfg: Config, run: RunDir, key: str) -> dict:
+def audit(cfg: Config, run: RunDir, key: str, force: bool = False) -> dict:
     """Planted-noise audit: a seeded sample of `data/` with planted rows in `audit/data/`, then the same tokens,
     ensemble, gradients and scoring code on it in `audit/` (its own manifest and keys: the main run never sees a
-    planted row), then how many planted rows each scorer's selections keep (`audit/recovery.*`)."""
+    planted row), then how many planted rows each scorer's selections keep (`audit/recovery.*`). `force`: the sample
+    is planted again and every inner stage redone, each side-by-side one for this config's units only."""
     inner = run.subdir("audit")
     data_key = audit_data_key(cfg)
-    if not inner.stage_done("data", data_key):
+    if force or not inner.stage_done("data", data_key):
         timer = StageTimer()
         try:
             inner.begin_stage("data", data_key, ("data",))
@@ -97,10 +99,15 @@ def audit(cfg: Config, run: RunDir, key: str) -> dict:
     records = {"data": inner.stage_record("data")}
     with prefixed("[audit] "):
         for name in AUDIT_STAGES:
-            records[name] = run_stage(name, cfg, inner, fixed={"data": data_key})
+            records[name] = run_stage(name, cfg, inner, force=force, fixed={"data": data_key})
     scorers, ratios = list(cfg.scoring.scorers), list(cfg.selection.ratios)
     summary = run_as_task(write_recovery, inner.scores, inner.data, run.audit, scorers, ratios, cfg.audit)
     return {**summary, "seconds_by_stage": {name: r.get("seconds") for name, r in records.items()}}
+
+
+def _report(cfg: Config, run: RunDir, key: str) -> dict:
+    """The report, shown this config's audit only (an audit of another config may have run last)."""
+    return report(cfg, run, key, audit_key=stage_key("audit", cfg))
 
 
 STAGES: dict[str, Stage] = {
@@ -144,12 +151,13 @@ STAGES: dict[str, Stage] = {
             ("audit", "scoring.scorers", "selection.ratios"),
             ("audit",),
             audit_tasks,
-            resumes=True,  # its inner stages keep their own records in audit/manifest.json
+            # `audit/` is a run directory of its own (its manifest and its inner stages' units, every config's)
+            side_by_side=True,
             units=_audit_units,
             in_run=lambda c: c.audit.enabled,
         ),
         # Keyed by the audit section: the report shows the audit's results when there are any.
-        Stage("report", report, ("data", "scoring", "selection"), ("audit",), ("report",), one_task),
+        Stage("report", _report, ("data", "scoring", "selection"), ("audit",), ("report",), one_task),
         Stage(
             "finetune",
             finetune,
@@ -240,11 +248,10 @@ def run_stage(
     log(f"[{name}] running ({stage.resources(cfg)})")
     timer = StageTimer()
     try:
-        if force and stage.side_by_side:
-            for rel in sorted(run.references(name, key)):  # this config's units only: other configs keep theirs
-                run.at(rel).delete()
-        run.begin_stage(name, key, stage.writes, keep_outputs=stage.side_by_side or (stage.resumes and not force))
-        counts = stage.run(cfg, run, key)
+        # Outputs side by side hold other configs' units: the runner removes none. Forced, the stage itself redoes
+        # every unit of this config (each recorded before it is removed), once this record says "running".
+        run.begin_stage(name, key, stage.writes, keep_outputs=stage.side_by_side)
+        counts = stage.run(cfg, run, key, force=True) if force and stage.side_by_side else stage.run(cfg, run, key)
     except BaseException as exc:
         CONSOLE.keep_line()
         run.fail_stage(name, key, exc)
@@ -287,9 +294,7 @@ def plan(cfg: Config, names: list[str]) -> list[str]:
 
 
 def _keeps(stage: Stage) -> str:
-    if stage.side_by_side:
-        return "  (units of every config side by side, each keyed)"
-    return "  (keeps finished units)" if stage.resumes else ""
+    return "  (units of every config side by side, each keyed)" if stage.side_by_side else ""
 
 
 def _short(value: Any) -> bool:

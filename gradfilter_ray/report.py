@@ -882,14 +882,24 @@ def audit_plot(audit: dict) -> bytes:
 # ----- the stage (I/O) -----
 
 
-def audit_stage_done(manifest: dict) -> bool:
-    """The audit's results belong on the page only when its stage is done (a half-written audit/ is not shown) and
-    the config audits (`run` then ran the audit, with this config's key, before the report)."""
-    return ((manifest.get("stages") or {}).get("audit") or {}).get("status") == "done"
+def audit_stage_done(manifest: dict, audit_key: str | None = None) -> bool:
+    """The audit's results belong on the page only when its stage is done (a half-written audit/ is not shown) and,
+    given `audit_key` (this config's audit key), done under it: `audit/` holds the last audit run in the run
+    directory, which may be another config's."""
+    record = (manifest.get("stages") or {}).get("audit") or {}
+    return record.get("status") == "done" and (audit_key is None or record.get("key") == audit_key)
 
 
-def build_report(run: RunDir, scorers: list[str], ratios: list[float], manifest: dict, audited: bool = False) -> dict:
-    """Read scores, selections and a few example rows; write `report/` (PNGs and index.html); return counts."""
+def build_report(
+    run: RunDir,
+    scorers: list[str],
+    ratios: list[float],
+    manifest: dict,
+    audited: bool = False,
+    audit_key: str | None = None,
+) -> dict:
+    """Read scores, selections and a few example rows; write `report/` (PNGs and index.html); return counts. The
+    audit's results are shown when the config audits (`audited`) and its audit is done (under `audit_key`)."""
     out = run.at("report")
     scores = read_columns(run.scores, PLOT_COLUMNS)
     selected = {
@@ -906,11 +916,14 @@ def build_report(run: RunDir, scorers: list[str], ratios: list[float], manifest:
         columns=[c for c in ("id", "instruction", "input", "output", "conversation") if c in data.schema.names],
         filter=pc.is_in(pc.field("id"), value_set=pa.array([e["id"] for e in examples], pa.int64())),
     )
+    audit_file = run.audit / RECOVERY_JSON
+    ours = audit_stage_done(manifest, audit_key)
+    shown = audited and ours and audit_file.exists()
+    if not ours:  # nor another config's headline in the summary, which reads the audit's record
+        manifest = {**manifest, "stages": {k: v for k, v in (manifest.get("stages") or {}).items() if k != "audit"}}
     summary = summarize_run(manifest, str(run.root))
     stability_file = run.selection / STABILITY_FILE
     stability = json.loads(stability_file.read_text()) if stability_file.exists() else None
-    audit_file = run.audit / RECOVERY_JSON
-    shown = audited and audit_stage_done(manifest) and audit_file.exists()
     audit = json.loads(audit_file.read_text()) if shown else None
     if audit:
         pngs[AUDIT_FIGURE] = audit_plot(audit)
@@ -922,7 +935,9 @@ def build_report(run: RunDir, scorers: list[str], ratios: list[float], manifest:
     return {"figures": len(pngs), "selections": len(selected)}
 
 
-def run(cfg: Config, run: RunDir, key: str) -> dict:
-    """A Ray task builds the report next to the data: the driver reads no table."""
+def run(cfg: Config, run: RunDir, key: str, audit_key: str | None = None) -> dict:
+    """A Ray task builds the report next to the data: the driver reads no table. `audit_key`: this config's audit
+    stage key, which the runner computes (a stage shell does not import the pipeline): only an audit done under it
+    is shown (None: any audit done)."""
     scorers, ratios = list(cfg.scoring.scorers), list(cfg.selection.ratios)
-    return run_as_task(build_report, run, scorers, ratios, run.read_manifest(), cfg.audit.enabled)
+    return run_as_task(build_report, run, scorers, ratios, run.read_manifest(), cfg.audit.enabled, audit_key)

@@ -34,6 +34,7 @@ WRITTEN_BY = "gradfilter-ray"  # in every manifest: a manifest.json without it (
 GRADIENTS = "gradients"  # every config's extraction, each in its own folder named by its stage key
 SCRATCH = ".scratch"  # per-stage intermediate files, removed when the stage ends (and by the next driver)
 SCRATCH_NAME = re.compile(r"[a-z_]+-[0-9a-f]{8}")  # one stage's scratch folder (`RunDir.scratch`)
+STAGE_KEY = re.compile(r"[0-9a-f]{16}")  # a stage key (`config.section_hash`): a folder of `gradients/` so named
 
 
 class ForeignOutput(StorageError):
@@ -162,11 +163,21 @@ class RunDir:
     def gradients(self) -> Location:
         """This config's extraction: the folder the manifest's `gradients` record maps (`units`: 'gradients' ->
         'gradients/<stage key>'; every config's extraction sits beside the others under its own stage key).
-        `gradients/` itself when the record has no map: a run directory whose gradients were written there (the
-        tests' synthetic run directories record the stage done without a map), or a stage still running, whose
-        shell writes to `gradients_unit(key)`, never through this property."""
+        `gradients/` itself when the record has no map and `gradients/` holds no stage key's folder: gradients
+        written there directly (the tests' synthetic run directories, which record the stage done without a map).
+        With keyed folders there and no map, which one is this config's is unknown (and `gradients/` read whole
+        would mix every config's): a `StorageError` says to run `gradients`. A stage still running writes to
+        `gradients_unit(key)`, never through this property."""
         units = (self.stage_record("gradients") or {}).get("units") or {}
-        return self.at(units.get("gradients", GRADIENTS))
+        if "gradients" in units:
+            return self.at(units["gradients"])
+        top = self.at(GRADIENTS)
+        if any(STAGE_KEY.fullmatch(name) for name in top.children()):
+            raise StorageError(
+                f"{self.location}: the manifest's gradients record maps no extraction folder among those in "
+                f"{GRADIENTS}/: run `gradients` (or `run`) again"
+            )
+        return top
 
     @staticmethod
     def gradients_unit(key: str) -> str:

@@ -5,17 +5,23 @@ it, and `RunDir.add_references` records it for `gc`.
 
 The ensemble's members are keyed here (the ensemble writes them and the extraction reads them, and neither package
 imports the other); the keys of fine-tuned subsets, evaluated runs and judged pairs live with the stages that write
-them.
+them. `unit_finished` (the one function here that reads storage) tells whether a unit's folder holds its finished
+output under a given key.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gradfilter_ray.config import Config, keyed_value, section_hash
 
+if TYPE_CHECKING:
+    from gradfilter_ray.storage import Location
+
 MEMBER_DONE = "_done"  # in a member's folder, written after its last epoch: the member is finished
+DONE_MARKER = "_done"  # in a fine-tuned subset's or an evaluated run's folder, written last: holds the unit's key
 UNIT_NAME = re.compile(r"(?P<name>.+)-(?P<key>[0-9a-f]{16})")
 
 
@@ -24,15 +30,28 @@ def unit_name(name: str, key: str) -> str:
     return f"{name}-{key}"
 
 
+def unit_finished(folder: Location, key: str) -> bool:
+    """Whether `folder` holds a finished unit of this key: its `DONE_MARKER`, written after the unit's last file,
+    names the key (a folder cut short has no marker; one of another key was written for other inputs)."""
+    marker = folder / DONE_MARKER
+    return marker.exists() and marker.read_text().strip() == key
+
+
 def member_seed(cfg: Config, member: int) -> int:
     return cfg.ensemble.seed + member
 
 
+# Ensemble fields that key the ensemble stage but not a member: how many members, the base seed (each member's own
+# seed stands for both) and the epochs the extraction reads (every epoch is saved; the `gradients` key carries them).
+NOT_MEMBER_FIELDS = ("members", "seed", "early_epoch", "late_epoch")
+
+
 def member_key(cfg: Config, tokens_key: str, seed: int) -> str:
     """A member's key: the proxy, every ensemble field that changes a member's training (not how many members there
-    are, nor the base seed: the member's own seed stands for both), its seed, and the tokens it trains on (the
-    `tokens` stage's key). Two configs whose seeds overlap share those members."""
-    fields = {k: v for k, v in keyed_value(cfg, "ensemble").items() if k not in ("members", "seed")}
+    are, nor the base seed: the member's own seed stands for both; nor which epochs the extraction reads, since every
+    epoch is saved), its seed, and the tokens it trains on (the `tokens` stage's key). Two configs whose seeds overlap
+    share those members."""
+    fields = {k: v for k, v in keyed_value(cfg, "ensemble").items() if k not in NOT_MEMBER_FIELDS}
     return section_hash("ensemble-member", keyed_value(cfg, "proxy"), fields, seed, tokens_key)
 
 

@@ -377,10 +377,10 @@ def run_s3_demo(p: Pipeline, s3_server) -> dict:
         return facts
     # A second driver (a new pod) on the same output_dir.
     facts["again"] = drive("again", args, p.ray_tmp("s3b"))
-    # `compare` rebuilds the comparison from the store (no Ray).
+    # `compare` rebuilds the comparison of the same config from the store (no Ray).
     s3_server.bytes.reset()
     compare = [sys.executable, "-m", "gradfilter_ray", "compare", "--config", CHAT_DEMO]
-    compare += set_args(f"output_dir={uri}")
+    compare += set_args(f"output_dir={uri}", *S3_DEMO)
     facts["compare"] = drive("compare", compare, p.ray_tmp("s3c"))
     facts["compare"]["bytes"] = sum(s3_server.bytes.by_pid.get(facts["compare"]["pid"], [0, 0]))
     return facts

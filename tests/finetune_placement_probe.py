@@ -17,7 +17,7 @@ from placement_probe import seen_here
 from ray.cluster_utils import Cluster
 
 from gradfilter_ray.config import load
-from gradfilter_ray.finetune.stage import Subset, fit_side_by_side
+from gradfilter_ray.finetune.stage import Subset, fit_side_by_side, trainer_name
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.scoring.scorers import Selection
 
@@ -29,7 +29,7 @@ def probe_finetune_worker(config: dict) -> None:
     then marks the subset done as rank 0 of the real worker does."""
     import ray.train
 
-    from gradfilter_ray.finetune.worker import DONE_MARKER
+    from gradfilter_ray.units import DONE_MARKER
 
     started = time.time()
     ctx = ray.train.get_context()
@@ -59,7 +59,8 @@ def main(config_path: str) -> None:
         cluster.add_node(**node)
         ray.init(address=cluster.address, logging_level="ERROR")
         lines = []
-        todo = [Subset(Selection.parse(s), "0123456789abcdef") for s in SUBSETS]
+        key = "0123456789abcdef"
+        todo = [Subset(Selection.parse(s), key, trainer_name(cfg, key, s)) for s in SUBSETS]
         fit_side_by_side(cfg, RunDir(cfg.output_dir), todo, lines.append, train_fn=probe_finetune_worker)
     finally:
         ray.shutdown()

@@ -265,6 +265,7 @@ def test_extraction_is_deterministic(finished_run):
     again = pipeline.run_stage("gradients", cfg, rundir, force=True, **QUIET)
     second = pq.read_table(rundir.gradients).sort_by("id")
     assert again["rows"] == first.num_rows
+    assert again["shards_computed"] == again["shards"] >= 1 and again["shards_resumed"] == 0  # forced: every shard
     for column in ("sq_norm_early", "sq_norm_late", "loss_late"):
         np.testing.assert_allclose(
             np.array(first[column].to_pylist()), np.array(second[column].to_pylist()), rtol=1e-6

@@ -4,14 +4,16 @@ judged again for another judge model or other answers, never for a timeout."""
 
 from __future__ import annotations
 
+import pytest
+
 from gradfilter_ray.config import load
 from gradfilter_ray.evaluation.keys import pair_file, pair_key, run_key
 
 SUBSET = "0123456789abcdef"
 
 
-def _run_key(*overrides: str, subset: str = SUBSET) -> str:
-    return run_key(load(None, list(overrides)), subset)
+def _run_key(*overrides: str, subset: str = SUBSET, engine: str = "hf") -> str:
+    return run_key(load(None, list(overrides)), subset, engine)
 
 
 def test_an_evaluated_run_is_keyed_by_its_answers_inputs_and_its_model():
@@ -21,6 +23,18 @@ def test_an_evaluated_run_is_keyed_by_its_answers_inputs_and_its_model():
     assert _run_key("finetune.max_length=512") != base
     assert _run_key("finetune.template=chat") != base
     assert _run_key(subset="fedcba9876543210") != base  # another model
+
+
+def test_an_evaluated_run_is_keyed_by_the_engine_that_answers_it_not_by_the_setting():
+    # auto on GPUs resolves to vllm in the stage's key; where vllm is missing hf answers, and the run says so
+    on_gpu = "evaluation.gpus_per_actor=1"
+    assert _run_key(on_gpu, "evaluation.engine=auto", engine="vllm") != _run_key(on_gpu, "evaluation.engine=auto")
+    assert _run_key(on_gpu, "evaluation.engine=auto") == _run_key(on_gpu, "evaluation.engine=hf")
+    assert _run_key(on_gpu, "evaluation.engine=auto", engine="vllm") == _run_key(
+        on_gpu, "evaluation.engine=vllm", engine="vllm"
+    )
+    with pytest.raises(ValueError, match="auto"):
+        _run_key(engine="auto")
 
 
 def test_an_evaluated_run_is_not_keyed_by_the_judge_or_the_evaluations_width():

@@ -261,3 +261,124 @@ def test_the_rows_digest_streams_the_same_over_any_batches_and_files(tmp_path):
     for k, (lo, hi) in enumerate([(0, 13), (13, 14), (14, 50)]):
         pq.write_table(table.slice(lo, hi - lo), folder / f"part-{k}.parquet", row_group_size=5)
     assert rows_digest(stream_batches(open_location(str(folder)), batch_rows=4)) == whole
+
+
+def test_a_text_column_the_tokenisation_reads_is_digested(monkeypatch):
+    """The digest reads what the tokenisation reads (data.tokenized.TEXT_COLUMNS): a column added there changes
+    the key of rows that differ in it alone."""
+    from gradfilter_ray.data import tokenized
+
+    table = _subset_rows([f"answer {i}" for i in range(10)])
+    plain = table.append_column("system", pa.array(["be brief"] * 10))
+    other = table.append_column("system", pa.array(["be long"] * 10))
+    assert _key(plain) == _key(other)  # not read by the tokenisation: not digested
+    monkeypatch.setattr(tokenized, "TEXT_COLUMNS", [*tokenized.TEXT_COLUMNS, "system"])
+    assert _key(plain) != _key(other)
+
+
+# ----- a subset's trainer: named by its key and the shape its resumable state depends on -----
+
+
+def test_the_trainer_is_named_by_the_subset_key_and_the_shape_its_state_depends_on():
+    from gradfilter_ray.finetune.keys import trainer_name
+
+    def trainer(*overrides: str) -> str:
+        return trainer_name(load(None, list(overrides)), "0123456789abcdef", "gsnr_0.1")
+
+    base = trainer()
+    assert base.startswith("finetune-0123456789abcdef-") and base.endswith("-gsnr_0.1")
+    assert trainer_name(load(None, []), "fedcba9876543210", "gsnr_0.1") != base
+    assert trainer_name(load(None, []), "0123456789abcdef", "gsnr_0.2") != base
+    # the same rows per step (the same subset key) on half the workers: other token shares, another partitioning
+    table = _subset_rows([f"answer {i}" for i in range(10)])
+    assert _key(table, "finetune.num_workers=4") == _key(table)
+    assert trainer("finetune.num_workers=4") != base
+    assert trainer("finetune.zero_stage=2") != base  # the default is 3
+    assert trainer("finetune.offload_optimizer=true") != base
+    offloaded = trainer("finetune.offload_optimizer=true")
+    assert trainer("finetune.offload_optimizer=true", "finetune.cpu_adam=never") != offloaded
+    assert trainer("finetune.gpus_per_worker=0") != base
+    for override in [
+        "finetune.cpu_adam=never",  # without offload no step runs on CPU: the same optimiser either way
+        "finetune.max_failures=5",
+        "finetune.checkpoint=none",
+        "finetune.parallel_subsets=2",
+        "finetune.placement_strategy=PACK",
+        "finetune.cpus_per_worker=4",
+        "finetune.gpus_per_worker=0.5",
+    ]:
+        assert trainer(override) == base, override
+    assert trainer("finetune.checkpoint=steps", "finetune.checkpoint_every_steps=3") == base
+
+
+def test_shares_are_this_worlds_only_one_per_rank_each_its_share_of_the_rows():
+    from gradfilter_ray.finetune.subset_tokens import share_file, share_rank, shares_mismatch
+
+    def shares(n: int, world: int) -> dict[int, int]:
+        return {r: stop - start for r, (start, stop) in enumerate(share_bounds(n, world, r) for r in range(world))}
+
+    assert shares_mismatch(shares(10, 4), 10, 4) is None
+    assert shares_mismatch(shares(10, 1), 10, 1) is None
+    assert shares_mismatch(shares(0, 2), 0, 2) is None
+    assert shares_mismatch(shares(10, 8), 10, 4) is not None  # 8 -> 4 workers: parts 0-3 hold half the rows
+    assert shares_mismatch({r: n for r, n in shares(10, 8).items() if r < 4}, 10, 4) is not None
+    # 4 -> 8 workers: ranks 0-3 find their parts of the 4-rank trainer (a quarter each), ranks 4-7 write theirs
+    assert shares_mismatch({**shares(80, 8), **shares(80, 4)}, 80, 8) is not None
+    assert shares_mismatch({0: 6, 1: 4}, 10, 2) is not None  # every row, but not split as this world splits it
+    assert shares_mismatch({0: 5}, 10, 2) is not None  # a rank's share missing
+    assert shares_mismatch(shares(12, 4), 10, 4) is not None  # shares of other rows
+    assert [share_rank(share_file(r)) for r in (0, 7, 123)] == [0, 7, 123]
+    assert share_rank(".part-00000.parquet.1a2b3c4d.tmp") is None and share_rank("checkpoint_step_0000002") is None
+
+
+def test_stale_shares_of_another_world_are_tokenised_again(tmp_path):
+    """A tokens folder holding the two shares a 2-rank trainer wrote, read by a 1-rank one: the rank finds a part of
+    its own name, sees that it covers half the rows, and trains on the whole subset tokenised again (no Ray: one
+    rank)."""
+    import json
+
+    from gradfilter_ray.finetune.subset_tokens import share_file
+    from gradfilter_ray.finetune.worker import shared_subset_rows, shares_found
+
+    data = json.loads((REPO / "gradfilter_ray" / "assets" / "data" / "alpaca_sample_1k.json").read_text())
+    table = pa.table({k: [r[k] for r in data[:20]] for k in ("instruction", "input", "output")})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    rows_at, tokens_at = open_location(str(tmp_path / "rows.parquet")), open_location(str(tmp_path / "tokens"))
+    spec = ModelSpec(name_or_path="bundled:stories260K")
+    finetune = FinetuneConfig(model=spec, max_length=128)
+    tokenizer = load_tokenizer(spec)
+    (tmp_path / "tokens").mkdir()
+    for rank in range(2):
+        half = tokenize_subset(tokenizer, table.slice(10 * rank, 10), finetune)
+        stale = rows_to_table(half.input_ids, half.labels_at, half.rows_in, half.rows_no_response_tokens)
+        pq.write_table(stale, tmp_path / "tokens" / share_file(rank))
+    assert shares_found(tokens_at) == {0: 10, 1: 10}
+    rows = shared_subset_rows(tokenizer, rows_at, tokens_at, finetune, 0, 1)
+    whole = tokenize_subset(tokenizer, table, finetune)
+    assert rows.rows_in == 20 and shares_found(tokens_at) == {0: 20}
+    assert [rows.input_ids[i].tolist() for i in range(len(rows))] == [list(x) for x in whole.input_ids]
+
+
+def test_a_forced_run_trains_every_subset_from_its_first_step_and_leaves_other_trainers(tmp_path):
+    """Unforced, the subsets to train are those without a finished folder, and nothing is deleted; forced, every
+    subset of the config, its folder and its trainer (checkpoints, tokens) deleted first; another config's trainer
+    of the same subset stays."""
+    from gradfilter_ray.finetune.stage import Subset, subsets_to_train
+    from gradfilter_ray.rundir import RunDir
+    from gradfilter_ray.scoring.scorers import Selection
+    from gradfilter_ray.units import DONE_MARKER
+
+    run = RunDir(str(tmp_path / "run"))
+    done = Subset(Selection("gsnr", 0.1), "0123456789abcdef", "finetune-0123456789abcdef-aaaaaaaa-gsnr_0.1")
+    cut_short = Subset(Selection("gsnr", 0.2), "fedcba9876543210", "finetune-fedcba9876543210-aaaaaaaa-gsnr_0.2")
+    (run.finetune / done.folder / DONE_MARKER).write_text(done.key)
+    (run.finetune / cut_short.folder / "train_loss.csv").write_text("step,loss\n")
+    for trainer in (done.trainer, cut_short.trainer, "finetune-fedcba9876543210-bbbbbbbb-gsnr_0.2"):
+        (run.finetune_train_state / trainer / "tokens" / "part-00000.parquet").write_bytes(b"x")
+    everything = sorted(Path(tmp_path).rglob("*"))
+
+    assert subsets_to_train(run, [done, cut_short]) == [cut_short]
+    assert sorted(Path(tmp_path).rglob("*")) == everything
+    assert subsets_to_train(run, [done, cut_short], force=True) == [done, cut_short]
+    assert not (run.finetune / done.folder).exists() and not (run.finetune / cut_short.folder).exists()
+    assert run.finetune_train_state.children() == ["finetune-fedcba9876543210-bbbbbbbb-gsnr_0.2"]

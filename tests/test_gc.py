@@ -122,6 +122,41 @@ def test_gc_keeps_what_the_kept_configs_reference_and_removes_the_rest_with_exac
     assert gc.plan(stored, [a]).remove == {}
 
 
+def test_gc_marks_the_stage_records_over_units_it_removed_not_done_and_keeps_the_kept_configs_done(tmp_path):
+    output_dir = str(tmp_path / "run")
+    a, b = (load(path) for path in write_configs(tmp_path, output_dir))
+    made = synthetic_run(output_dir, a, b)  # B ran last: the finetune record is B's
+    run = RunDir(output_dir)
+    ka, kb = gc.stage_keys(a), gc.stage_keys(b)
+    run.record_stage("evaluation", {"status": "done", "key": kb[""]["evaluation"], "outputs": ["evaluation"]})
+    run.record_stage("ensemble", {"status": "done", "key": ka[""]["ensemble"], "outputs": ["ensemble"]})  # A's and B's
+    gradients_a = f"gradients/{ka['']['gradients']}"
+    put(run, f"{gradients_a}/part-0.parquet", 9)
+    run.add_references("gradients", ka[""]["gradients"], [gradients_a])
+    run.record_stage("gradients", {"status": "done", "key": ka[""]["gradients"], "outputs": ["gradients"]})
+    inner = run.subdir("audit")
+    inner.record_stage("ensemble", {"status": "done", "key": ka["audit"]["ensemble"], "outputs": ["ensemble"]})
+    inner.record_stage("gradients", {"status": "done", "key": STALE, "outputs": ["gradients"]})  # an older config's
+    inner.add_references("gradients", STALE, ["gradients/" + STALE])
+    put(inner, f"gradients/{STALE}/part-0.parquet", 4)
+    before = run.read_manifest()["stages"]
+
+    gc.collect(run, gc.plan(run, [a]))
+    stored = RunDir(output_dir)
+    for stage in ("finetune", "evaluation"):
+        record = stored.stage_record(stage)
+        assert not stored.stage_done(stage, kb[""][stage]), stage  # B's next run redoes the stage (its missing units)
+        assert record["status"] == "collected" and "gc removed unit outputs" in record["reason"]
+        assert {**record, "status": "done", "reason": None} == {**before[stage], "reason": None}  # the rest as it was
+    assert any(p in stored.stage_record("finetune")["reason"] for p in made["b_only"])
+    assert stored.stage_done("ensemble", ka[""]["ensemble"]) and stored.stage_done("gradients", ka[""]["gradients"])
+    audit = stored.subdir("audit")
+    assert audit.stage_done("ensemble", ka["audit"]["ensemble"])  # A's audit member is kept
+    assert audit.stage_record("gradients")["status"] == "collected"  # the older config's folder went
+    assert audit.stage_record("gradients")["outputs"] == ["gradients"]
+    assert gc.collected_records(stored.read_manifest(), made["b_only"]) == {}  # collected records stay as they are
+
+
 def test_gc_on_an_object_store(s3_server):
     run = RunDir(s3_server.uri())
     run.ensure_exists()

@@ -80,6 +80,39 @@ def test_a_crashing_stage_is_not_done_and_its_rerun_replaces_every_old_output(tm
     assert run.stage_done("data", pipeline.stage_key("data", cfg))
 
 
+def test_a_forced_side_by_side_stage_redoes_its_units_itself_once_its_record_says_running(tmp_path, monkeypatch):
+    cfg = demo_cfg(tmp_path)
+    run = RunDir(cfg.output_dir)
+    run.record_stage("tokens", {"status": "done", "key": pipeline.stage_key("tokens", cfg)})
+    key = pipeline.stage_key("ensemble", cfg)
+    ours, theirs = "ensemble/member_seed42-1111111111111111", "ensemble/member_seed7-2222222222222222"
+    for rel in (ours, theirs):
+        (run.at(rel) / "_done").write_text("{}")
+    run.add_references("ensemble", key, [ours])
+    run.record_stage("ensemble", {"status": "done", "key": key, "outputs": ["ensemble"]})
+    seen = []
+
+    def ensemble(cfg, run, key, **kwargs):
+        status = run.stage_record("ensemble")["status"]
+        seen.append((kwargs, status, run.at(ours).exists(), run.at(theirs).exists()))
+        return {"members": 1}
+
+    monkeypatch.setitem(pipeline.STAGES, "ensemble", replace(pipeline.STAGES["ensemble"], run=ensemble))
+    quiet = {"log": lambda _: None}
+    pipeline.run_stage("ensemble", cfg, run, **quiet)
+    assert seen == []  # done: skipped
+    pipeline.run_stage("ensemble", cfg, run, force=True, **quiet)
+    # The runner removed nothing (the stage redoes this config's units), and the stage began after the record left
+    # "done": a kill inside the stage leaves it not done.
+    assert seen == [({"force": True}, "running", True, True)]
+    assert run.stage_done("ensemble", key)
+    first_time = demo_cfg(tmp_path, "ensemble.members=2")  # a key never run: forced, its stage is told so too
+    pipeline.run_stage("ensemble", first_time, run, force=True, **quiet)
+    pipeline.run_stage("ensemble", cfg, run, **quiet)  # not forced: called as (cfg, run, key)
+    assert [kwargs for kwargs, *_ in seen] == [{"force": True}, {"force": True}, {}]
+    assert all(s.side_by_side for name, s in pipeline.STAGES.items() if name in ("ensemble", "gradients", "audit"))
+
+
 def test_a_stage_refuses_to_run_before_its_inputs_exist(tmp_path):
     cfg = demo_cfg(tmp_path)
     first_input = pipeline.STAGES["ensemble"].reads[0]
@@ -183,8 +216,8 @@ def test_raising_max_failures_does_not_invalidate_the_ensemble(tmp_path):
     target_more = tiny_cfg(tmp_path, "finetune.max_failures=5")
     target_key = pipeline.stage_key("finetune", base)
     assert pipeline.stage_key("finetune", target_more) == target_key
-    assert finetune_stage.trainer_name(pipeline.stage_key("finetune", target_more), "gsnr_0.1") == (
-        finetune_stage.trainer_name(target_key, "gsnr_0.1")
+    assert finetune_stage.trainer_name(target_more, target_key, "gsnr_0.1") == (
+        finetune_stage.trainer_name(base, target_key, "gsnr_0.1")
     )
 
 

@@ -9,7 +9,9 @@ written after its last epoch. The stage records the folders this config uses and
 `RunDir.add_references` before it trains, then trains the unfinished members only: one TorchTrainer, named after them
 (``ensemble-<hash of their folder names>``), whose worker of rank r trains the r-th of them (its seed and folder come
 in the loop config; nothing else depends on the rank). With every member finished it trains nothing and only
-rewrites ``ensemble/summary.json``. It never removes another config's members or trainers.
+rewrites ``ensemble/summary.json``. Forced (`--force`), it retrains every member of this config from scratch: their
+folders and their trainer's state are removed (after they are recorded) and one trainer, named after all of them,
+trains them. It never removes another config's members or trainers.
 
 Every worker receives the whole tokenised corpus (``output_dir/tokens/``, written once by the `tokens` stage, read as
 is: ``DataConfig(datasets_to_split=[])``), attaches a LoRA adapter seeded with its member's seed to the frozen proxy
@@ -352,10 +354,10 @@ def token_counts(ds) -> dict:
     }
 
 
-def run(cfg: Config, run: RunDir, key: str) -> dict:
+def run(cfg: Config, run: RunDir, key: str, force: bool = False) -> dict:
     ens = cfg.ensemble
     members = ensemble_members(cfg, run.stage_record("tokens")["key"])
-    todo = [m for m in members if not is_finished(run.ensemble, m)]
+    todo = list(members) if force else [m for m in members if not is_finished(run.ensemble, m)]
     units = {m.unit: f"{run.ensemble.name}/{m.folder}" for m in members}  # paths relative to the run directory
     trainer_state = [f"{run.ensemble_train_state.name}/{trainer_name(todo)}"] if todo else []
     run.add_references("ensemble", key, [*units.values(), *trainer_state])  # before training: an interrupted one too
@@ -365,6 +367,8 @@ def run(cfg: Config, run: RunDir, key: str) -> dict:
         raise RuntimeError("no row has a response token left after tokenisation: raise proxy.max_length")
 
     if todo:
+        if force:  # trained from scratch, not resumed from an earlier trainer of the same members
+            (run.ensemble_train_state / trainer_name(todo)).delete()
         for member in todo:  # an unfinished member's leftovers: its trainer's checkpoint restores what it had done
             (run.ensemble / member.folder).delete()
         with sigint_restored(), board_progress(f"[ensemble] {len(todo)} members trained") as board:

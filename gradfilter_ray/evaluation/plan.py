@@ -19,7 +19,9 @@ MAX_CPU_ACTORS = 8
 
 def choose_engine(requested: str, gpus_per_actor: float, vllm_installed: bool, models_local: bool) -> tuple[str, str]:
     """(engine, why) for evaluation.engine = `requested` (auto, vllm or hf). An explicit vllm that cannot run
-    raises rather than silently becoming hf; auto says why it chose what it chose."""
+    raises rather than silently becoming hf; auto says why it chose what it chose. The engine chosen keys every
+    evaluated run (`keys.run_key`); `config.RESOLVED_VALUES` resolves `auto` from the config alone, for the stage's
+    key, and cannot see whether vllm is installed or the models are local."""
     if requested == "hf":
         return "hf", "evaluation.engine is hf"
     if requested == "vllm":

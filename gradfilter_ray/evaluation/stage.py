@@ -3,16 +3,19 @@ reference answers, all runs at once on actor pools as wide as the cluster allows
 configured, pairwise judging of every run against the reference scorer's run at the same ratio; finally the
 comparison table and plots (compare.py).
 
-Units: an evaluated run and a judged pair each have a key of their own (keys.py), so a config change redoes exactly
-the units it changes. ``evaluation/runs/{run}-{key}/`` holds a run's ``generations.jsonl`` (test_set, id,
-instruction, input, answer), ``heldout.json`` and, written last, a ``_done`` marker holding its key: a run with it
-is not evaluated again (a new judge, or a subset added beside it, reuses it). ``evaluation/judge/{run}_vs_{reference}
--{key}.jsonl`` holds a judged pair's outcome per prompt, written once the judge has replied to every prompt of the
-pair: a pair with that file is not judged again. The judge's cache lives at ``output_dir/.judge_cache.jsonl``, so
-a pair judged again (a request that failed, answers that changed) pays for no reply twice. The comparison
-(``runs.json``, ``judge.json``, ``compare.csv`` / ``.md``, the plots) is this config's view, rebuilt from the
-unit folders' small files every time the stage runs; every file is written on its own, and other configs' units
-in ``evaluation/`` are never touched (`RunDir.add_references` records this config's, for `gc`).
+Units: an evaluated run and a judged pair each have a key of their own (keys.py; a run's carries the engine that
+answers it), so a config change redoes exactly the units it changes. ``evaluation/runs/{run}-{key}/`` holds a run's
+``generations.jsonl`` (test_set, id, instruction, input, answer), ``heldout.json`` and, written last, a ``_done``
+marker holding its key: a run with it is not evaluated again (a new judge, or a subset added beside it, reuses it).
+Each run's folder is written as soon as its wave is over, so a crash loses only the wave in flight.
+``evaluation/judge/{run}_vs_{reference}-{key}.jsonl`` holds a judged pair's outcome per prompt, written once the judge
+has replied to every prompt of the pair: a pair with that file is not judged again. The judge's cache lives at
+``output_dir/.judge_cache.jsonl``, so a pair judged again (a request that failed, answers that changed) pays for no
+reply twice. The comparison (``runs.json``, ``judge.json``, ``compare.csv`` / ``.md``, the plots) is this config's
+view, rebuilt from the unit folders' small files every time the stage runs; every file is written on its own, and other
+configs' units in ``evaluation/`` are never touched (`RunDir.add_references` records this config's, for `gc`). Forced
+(``--force``), every run and pair of this config is removed and done again; the judge's cache is kept (a reply is paid
+for once).
 
 Concurrency: one Ray Data dataset (and actor pool) per run to evaluate, the runs of a wave consumed side by side
 from driver threads (plan.py shares the actors out and cuts the waves). Not one dataset keyed by run: an actor holds
@@ -22,8 +25,9 @@ streaming runs in the threads. With every run already evaluated, no Ray Data wor
 
 Engines (plan.choose_engine): `hf` runs generation and held-out scoring in one pass of `hf_engine.ModelEvaluator`
 actors; `vllm` generates through Ray Data's vLLM processor (vllm_engine.py) and then scores the held-out answers
-with `hf` actors (a forward pass; vLLM is not used for it), one phase after the other so the two never hold a GPU at
-once. The models are read by the actors; the driver writes the runs' answers and the view (small files).
+with `hf` actors (a forward pass; vLLM is not used for it), wave by wave: a wave's runs are answered, then scored,
+so the two never hold a GPU at once and a wave's runs are finished before the next wave starts. The models are read
+by the actors; the driver writes the runs' answers and the view (small files).
 """
 
 from __future__ import annotations
@@ -56,11 +60,11 @@ from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import ALLOC_CONF, ALLOC_CONF_ENV, allocator_env
 from gradfilter_ray.scoring.scorers import FULL, Selection
 from gradfilter_ray.storage import Location
-from gradfilter_ray.units import unit_name
+from gradfilter_ray.units import DONE_MARKER, unit_finished, unit_name
 
 JUDGE_CACHE = ".judge_cache.jsonl"
 RUNS, PAIRS = "runs", "judge"  # under evaluation/: the evaluated runs' folders and the judged pairs' files
-GENERATIONS, HELDOUT_FILE, DONE_MARKER = "generations.jsonl", "heldout.json", "_done"
+GENERATIONS, HELDOUT_FILE = "generations.jsonl", "heldout.json"
 
 
 @dataclass(frozen=True)
@@ -97,12 +101,22 @@ class JudgedPair:
         return f"evaluation/{PAIRS}/{pair_file(self.run, self.reference, self.key)}"
 
 
-def evaluated_runs(cfg: Config, finetuned: dict[str, dict]) -> dict[str, EvaluatedRun]:
-    """This config's runs (`finetuned`: the runs of finetune/summary.json, each with its folder and key)."""
+def evaluated_runs(cfg: Config, finetuned: dict[str, dict], engine: str) -> dict[str, EvaluatedRun]:
+    """This config's runs (`finetuned`: the runs of finetune/summary.json, each with its folder and key), answered
+    by `engine`."""
     return {
-        name: EvaluatedRun(name, info["folder"], info["train"]["rows_trained"], run_key(cfg, info["key"]))
+        name: EvaluatedRun(name, info["folder"], info["train"]["rows_trained"], run_key(cfg, info["key"], engine))
         for name, info in finetuned.items()
     }
+
+
+def answering_engine(cfg: Config, models: dict[str, Location]) -> tuple[str, str]:
+    """(engine, why) as `plan.choose_engine` picks them for these models, on the evaluation's actors, with vllm
+    installed here or not."""
+    from gradfilter_ray.evaluation.vllm_engine import vllm_installed
+
+    local = all(m.is_local for m in models.values())
+    return choose_engine(cfg.evaluation.engine, evaluation_actors(cfg).gpus, vllm_installed(), local)
 
 
 def reference_of(name: str, reference_scorer: str, names) -> str | None:
@@ -113,11 +127,6 @@ def reference_of(name: str, reference_scorer: str, names) -> str | None:
     if selection.scorer == reference_scorer or reference not in names or reference == name:
         return None
     return reference
-
-
-def run_finished(folder: Location, key: str) -> bool:
-    marker = folder / DONE_MARKER
-    return marker.exists() and marker.read_text().strip() == key
 
 
 def evaluation_rows(ev: EvaluationConfig) -> list[dict]:
@@ -152,31 +161,48 @@ def collect(ds) -> pa.Table:
     return table.sort_by(POSITION)
 
 
-def run_waves(waves: list[dict[str, int]], build) -> dict[str, pa.Table]:
+def run_waves(waves: list[dict[str, int]], build, finished) -> None:
     """Each wave's runs evaluated side by side: `build(run, actors)` makes a run's dataset (main thread), a thread
-    per run streams it. A wave ends when all its runs have; a failed run fails the stage once its wave is over."""
-    results: dict[str, pa.Table] = {}
+    per run streams it. A wave ends when all its runs have; then `finished(run, table)` takes each of its runs that
+    streamed to the end, in the wave's order, and only after that does the wave's first failed run, in the same
+    order (its dataset, its stream or its `finished` raised), stop the waves: a run that fails never costs its
+    wave-mates their results."""
     for wave in waves:
-        datasets = {run: build(run, actors) for run, actors in wave.items()}
-        with ThreadPoolExecutor(max_workers=len(datasets), thread_name_prefix="gfr-eval") as pool:
+        datasets, failures = {}, {}
+        for run, actors in wave.items():
+            try:
+                datasets[run] = build(run, actors)
+            except Exception as exc:  # noqa: BLE001 - raised below, once the wave's other runs are finished
+                failures[run] = exc
+        with ThreadPoolExecutor(max_workers=max(1, len(datasets)), thread_name_prefix="gfr-eval") as pool:
             futures = {run: pool.submit(collect, ds) for run, ds in datasets.items()}
-        results.update({run: future.result() for run, future in futures.items()})
-    return results
+        for run, future in futures.items():
+            try:
+                finished(run, future.result())
+            except Exception as exc:  # noqa: BLE001 - as above
+                failures[run] = exc
+        if failures:
+            raise failures[next(run for run in wave if run in failures)]
 
 
 def evaluate_runs(
-    cfg: Config, models: dict[str, Location], rows: list[dict], log=say, evaluator: type = ModelEvaluator
+    cfg: Config,
+    models: dict[str, Location],
+    rows: list[dict],
+    log=say,
+    evaluator: type = ModelEvaluator,
+    engine: tuple[str, str] | None = None,
+    finished=None,
 ) -> dict[str, pa.Table]:
-    """Every run's rows with their answers and held-out losses (one table per run, rows in sorted order)."""
+    """Every run's rows with their answers and held-out losses (one table per run, rows in sorted order).
+    `engine`: (engine, why) as `answering_engine` gives them (None: chosen here). `finished(run, table)` takes each
+    run as soon as its wave is over (before a failed run of that wave stops the evaluation)."""
     import ray
-
-    from gradfilter_ray.evaluation.vllm_engine import vllm_installed
 
     ev = cfg.evaluation
     evaluators = evaluation_actors(cfg)
     table = sorted_table(rows)
-    local = all(m.is_local for m in models.values())
-    engine, why = choose_engine(ev.engine, evaluators.gpus, vllm_installed(), local)
+    engine, why = engine or answering_engine(cfg, models)
     actors = evaluators.count or cluster_width(ray.cluster_resources(), evaluators.cpus, evaluators.gpus)
     log(f"[evaluation] engine {engine} ({why}); {len(models)} runs on up to {actors} actors")
 
@@ -197,25 +223,73 @@ def evaluate_runs(
             log(f"[evaluation] {phase}: actors per run, by wave: " + " then ".join(json.dumps(w) for w in planned))
         return planned
 
-    if engine == "hf":
-        results = run_waves(waves(table, "answers and held-out losses (hf)"), hf_build(table))
-    else:
-        kinds = np.asarray(table["kind"].to_pylist())
-        gen, ref = table.filter(pa.array(kinds == GENERATE)), table.filter(pa.array(kinds == HELDOUT))
-        answered = vllm_answers(cfg, models, gen, waves(gen, "answers (vllm)")) if gen.num_rows else {}
-        scored = run_waves(waves(ref, "held-out losses (hf)"), hf_build(ref)) if ref.num_rows else {}
-        results = {run: merge(gen, answered.get(run), scored.get(run)) for run in models}
-    for run, result in results.items():
+    results: dict[str, pa.Table] = {}
+
+    def done(run: str, result: pa.Table) -> None:
         if result.num_rows != table.num_rows or result[POSITION].to_pylist() != list(range(table.num_rows)):
             raise RuntimeError(f"evaluation of {run} returned {result.num_rows} rows for {table.num_rows} inputs")
+        results[run] = result
+        if finished is not None:
+            finished(run, result)
+
+    if engine == "hf":
+        run_waves(waves(table, "answers and held-out losses (hf)"), hf_build(table), done)
+        return results
+    kinds = np.asarray(table["kind"].to_pylist())
+    gen, ref = table.filter(pa.array(kinds == GENERATE)), table.filter(pa.array(kinds == HELDOUT))
+    answer_then_score(
+        waves(gen, "answers (vllm)") if gen.num_rows else [],
+        waves(ref, "held-out losses (hf)") if ref.num_rows else [],
+        lambda wave, answered: vllm_answers(cfg, models, gen, [wave], answered),
+        lambda wave, scored: run_waves([wave], hf_build(ref), scored),
+        lambda run, answers, scored: done(run, merge(gen, answers, scored)),
+    )
     return results
 
 
+def answer_then_score(
+    answer_waves: list[dict[str, int]], score_waves: list[dict[str, int]], answer, score, finished
+) -> None:
+    """The vllm engine's two phases, wave by wave: a wave's runs answered (`answer(wave, answered)` calls
+    `answered(run, answers)` per run), then the runs answered scored (`score(wave, scored)`, likewise with a
+    table), then each run handed to `finished(run, answers, scored)` (None for a phase without rows, whose waves are
+    []), all before the next wave starts. Both phases cut the runs into the same waves (`plan.plan_waves` groups
+    them by the actors, in run order, whatever their batches). A run that fails in either phase stops the waves
+    once its wave-mates are finished."""
+    for index in range(max(len(answer_waves), len(score_waves))):
+        answers: dict[str, list[str]] = {}
+
+        def answered(run: str, answer_list: list[str], answers=answers) -> None:
+            answers[run] = answer_list
+            if not score_waves:
+                finished(run, answer_list, None)
+
+        def scored(run: str, table: pa.Table, answers=answers) -> None:
+            finished(run, answers.get(run), table)
+
+        failure = None
+        if answer_waves:
+            try:
+                answer(answer_waves[index], answered)
+            except Exception as exc:  # noqa: BLE001 - raised once the runs answered are scored and finished
+                failure = exc
+        if score_waves:
+            wave = {run: width for run, width in score_waves[index].items() if not answer_waves or run in answers}
+            try:
+                if wave:
+                    score(wave, scored)
+            except Exception as exc:  # noqa: BLE001 - as above
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+
 def vllm_answers(
-    cfg: Config, models: dict[str, Location], gen: pa.Table, waves: list[dict[str, int]]
-) -> dict[str, list[str]]:
-    """Every run's answers to the generation rows (in their order), through vLLM; the driver tokenizes and decodes
-    with the run's own tokenizer (the same functions the HF path uses)."""
+    cfg: Config, models: dict[str, Location], gen: pa.Table, waves: list[dict[str, int]], finished
+) -> None:
+    """The answers of the waves' runs to the generation rows (in their order), through vLLM, each run's handed to
+    `finished(run, answers)` as `run_waves` finishes it; the driver tokenizes and decodes with the run's own
+    tokenizer (the same functions the HF path uses)."""
     from transformers import AutoTokenizer
 
     from gradfilter_ray.evaluation import vllm_engine
@@ -227,7 +301,7 @@ def vllm_answers(
         ev.max_new_tokens, ev.do_sample, ev.temperature, ev.top_p, cfg.finetune.max_length, cfg.finetune.template
     )
     instructions, inputs = gen["instruction"].to_pylist(), gen["input"].to_pylist()
-    tokenizers = {run: AutoTokenizer.from_pretrained(model.path) for run, model in models.items()}
+    tokenizers = {run: AutoTokenizer.from_pretrained(models[run].path) for wave in waves for run in wave}
 
     job_allocator = allocator_env()
 
@@ -249,13 +323,11 @@ def vllm_answers(
         )
         return vllm_engine.generation_dataset(config, ids, sampling)
 
-    generated = run_waves(waves, build)
-    return {
-        run: decode_answers(
-            tokenizers[run], vllm_engine.in_order(table.to_pylist(), gen.num_rows), sampling.prompt_format
-        )
-        for run, table in generated.items()
-    }
+    def decoded(run: str, table: pa.Table) -> None:
+        rows = vllm_engine.in_order(table.to_pylist(), gen.num_rows)
+        finished(run, decode_answers(tokenizers[run], rows, sampling.prompt_format))
+
+    run_waves(waves, build, decoded)
 
 
 def merge(gen: pa.Table, answers: list[str] | None, scored: pa.Table | None) -> pa.Table:
@@ -364,15 +436,21 @@ def pair_summary(pair: JudgedPair, outcomes: dict[tuple[str, str], str]) -> dict
     }
 
 
-def judge_runs(cfg: Config, run: RunDir, key: str, runs: dict[str, EvaluatedRun], log=say) -> dict:
-    """Judge every run against the reference scorer's run at the same ratio (the pairs without a file yet), and
-    summarise every pair; the judge view (judge.json) with, besides, the pairs judged now and those kept."""
+def judge_runs(
+    cfg: Config, run: RunDir, key: str, runs: dict[str, EvaluatedRun], log=say, force: bool = False
+) -> dict:
+    """Judge every run against the reference scorer's run at the same ratio (the pairs without a file yet; `force`:
+    every pair, its file removed first), and summarise every pair; the judge view (judge.json) with, besides, the
+    pairs judged now and those kept."""
     j = cfg.evaluation.judge
     if not j.base_url:
         log("[evaluation] judge skipped: evaluation.judge.base_url is not set (held-out loss and curves still run)")
         return {"status": "skipped", "reason": "evaluation.judge.base_url is not set"}
     pairs, answers = judged_pairs(cfg, run, runs)
     run.add_references("evaluation", key, [pair.file for pair in pairs])  # before judging: a pair cut short counts
+    if force:
+        for pair in pairs:  # recorded above; the judge's cache stays, so no reply is paid for twice
+            run.at(pair.file).delete()
     todo = [pair for pair in pairs if not run.at(pair.file).exists()]
     judged = {}
     if todo:
@@ -412,24 +490,37 @@ def judge_runs(cfg: Config, run: RunDir, key: str, runs: dict[str, EvaluatedRun]
     }
 
 
-def run(cfg: Config, run: RunDir, key: str, log=say) -> dict:
-    """Evaluate this config's runs that no finished folder holds yet, judge the pairs not judged yet, and write this
-    config's view (runs.json, judge.json and the comparison)."""
+def run(cfg: Config, run: RunDir, key: str, log=say, force: bool = False) -> dict:
+    """Evaluate this config's runs that no finished folder holds yet, judge the pairs not judged yet (`force`: every
+    run and pair of this config, removed first), and write this config's view (runs.json, judge.json and the
+    comparison)."""
     from gradfilter_ray.evaluation.compare import COMPARISON, VIEW_INPUTS, publish, write_comparison
 
     summary = json.loads((run.finetune / "summary.json").read_text())
     rows = evaluation_rows(cfg.evaluation)
-    runs = evaluated_runs(cfg, summary["runs"])
+    models = {name: run.at(info["folder"]) / "model" for name, info in summary["runs"].items()}
+    # The run keys carry the engine that answers. An explicit one keys as set: whether it can run here is asked
+    # only when a run needs answers, so a run directory evaluated elsewhere can still be judged and compared.
+    chosen = answering_engine(cfg, models) if cfg.evaluation.engine == "auto" else None
+    runs = evaluated_runs(cfg, summary["runs"], chosen[0] if chosen else cfg.evaluation.engine)
     run.add_references("evaluation", key, [r.folder for r in runs.values()])  # before the work: a cut run counts
-    todo = {name: r for name, r in runs.items() if not run_finished(run.at(r.folder), r.key)}
+    if force:
+        log(f"[evaluation] forced: {len(runs)} run(s) evaluated and judged again")
+        for r in runs.values():  # recorded above, so a forced run cut short leaves nothing unreferenced
+            run.at(r.folder).delete()
+    todo = {name: r for name, r in runs.items() if not unit_finished(run.at(r.folder), r.key)}
     if len(todo) < len(runs):
         kept = sorted(set(runs) - set(todo))
         log(f"[evaluation] {len(kept)} run(s) already evaluated under the same key: {', '.join(kept)}")
     if todo:
-        models = {name: run.at(r.subset) / "model" for name, r in todo.items()}
-        tables = evaluate_runs(cfg, models, rows, log=log)
-        for name, r in todo.items():
-            write_run(run.at(r.folder), tables[name], r.key)
+        todo_models = {name: models[name] for name in todo}
+
+        def finished(name: str, table: pa.Table) -> None:
+            write_run(run.at(todo[name].folder), table, todo[name].key)
+            log(f"[evaluation] {name} evaluated: {todo[name].folder}")
+
+        engine = chosen or answering_engine(cfg, todo_models)
+        evaluate_runs(cfg, todo_models, rows, log=log, engine=engine, finished=finished)
     view = {}
     for name, r in runs.items():
         heldout = json.loads((run.at(r.folder) / HELDOUT_FILE).read_text())
@@ -444,7 +535,7 @@ def run(cfg: Config, run: RunDir, key: str, log=say) -> dict:
             "folder": r.folder,
             "finetune": r.subset,
         }
-    judge = judge_runs(cfg, run, key, runs, log=log)
+    judge = judge_runs(cfg, run, key, runs, log=log, force=force)
     with tempfile.TemporaryDirectory(prefix="gfr-eval-") as tmp:
         local = Path(tmp)
         (local / "judge.json").write_text(json.dumps(judge, indent=2))

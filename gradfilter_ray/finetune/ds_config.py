@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gradfilter_ray.config import FinetuneConfig
+from gradfilter_ray.config import FinetuneConfig, accumulation_steps
 
 TEMPLATES = {2: Path(__file__).with_name("zero2.json"), 3: Path(__file__).with_name("zero3.json")}
 
@@ -49,7 +49,7 @@ def plan_training(n_examples: int, cfg: FinetuneConfig, world_size: int) -> Trai
         raise ValueError("cannot plan training on an empty subset")
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    accumulation = max(1, math.ceil(cfg.effective_batch_size / (cfg.micro_batch_size * world_size)))
+    accumulation = accumulation_steps(cfg.effective_batch_size, cfg.micro_batch_size, world_size)
     global_batch = cfg.micro_batch_size * world_size * accumulation
     steps_per_epoch = math.ceil(n_examples / global_batch)
     total = steps_per_epoch * cfg.epochs

@@ -1,4 +1,5 @@
-"""A fine-tuned subset's key (pure: no Ray, no I/O): what its training computes from, and nothing else.
+"""A fine-tuned subset's key and its trainer's name (pure: no Ray, no I/O): what its training computes from, and
+nothing else.
 
 The key hashes the keyed `finetune` fields (the base model, the recipe, the resolved rows per optimiser step and
 dtype) less the ones that only pick which subsets exist (`scorers`, `ratios`, `full`), and a digest of the rows the
@@ -8,6 +9,11 @@ one (and a folder of its own, `finetune/{name}-{key}/`).
 
 The digest streams: it is fed one record batch at a time and does not depend on how the rows are cut into batches
 or files, so it costs one read of the text columns and constant memory whatever the subset's size.
+
+A subset's trainer (its resumable state under `.ray_train_finetune/`: each rank's token share and the DeepSpeed
+checkpoints) depends on more than the key: on how many ranks share the subset, the ZeRO stage and where the
+optimiser steps. `trainer_name` adds a short hash of those to the key, so a subset trained again at another shape
+starts in a trainer of its own, from its first step, instead of resuming state it cannot load.
 """
 
 from __future__ import annotations
@@ -22,7 +28,14 @@ import pyarrow.compute as pc
 from gradfilter_ray.config import Config, keyed_value, section_hash
 
 SUBSET_CHOICE = ("scorers", "ratios", "full")  # which subsets exist, not how any one of them is trained
-DIGEST_COLUMNS = ("id", "instruction", "input", "output", "conversation", "tools")  # what the training reads
+
+
+def digest_columns() -> list[str]:
+    """The columns the digest reads: what the training tokenises (`data.tokenized.TEXT_COLUMNS`, the ids and every
+    text column), so a text column added there is digested too."""
+    from gradfilter_ray.data.tokenized import TEXT_COLUMNS  # here: that module loads torch, which drivers do without
+
+    return list(TEXT_COLUMNS)
 
 
 def training_fields(cfg: Config) -> dict:
@@ -33,6 +46,28 @@ def training_fields(cfg: Config) -> dict:
 def subset_key(cfg: Config, rows_digest: str) -> str:
     """A subset's key: its training fields and the digest of its rows (`RowsDigest`)."""
     return section_hash("finetune-subset", training_fields(cfg), rows_digest)
+
+
+def trainer_state_fields(cfg: Config) -> dict:
+    """What a subset trainer's resumable state depends on beyond the subset's key (which holds the micro-batch size
+    and the rows per step already): the ranks (each one's token share, DeepSpeed's partitioning), the ZeRO stage,
+    the optimiser's placement and kind (a checkpoint loads only into the same), and whether it trains on GPUs."""
+    t = cfg.finetune
+    return {
+        "num_workers": t.num_workers,
+        "zero_stage": t.zero_stage,
+        "offload_optimizer": t.offload_optimizer,
+        "cpu_adam": t.cpu_adam if t.offload_optimizer else None,  # only the offloaded step uses it
+        "on_gpu": t.gpus_per_worker > 0,
+    }
+
+
+def trainer_name(cfg: Config, key: str, name: str) -> str:
+    """The Ray Train run of the subset `name` with key `key` under `.ray_train_finetune/`:
+    `finetune-{key}-{8 hex of trainer_state_fields}-{name}`. A re-run at the same shape resumes from it; at another
+    shape it names a fresh trainer."""
+    shape = section_hash("finetune-trainer", trainer_state_fields(cfg))[:8]
+    return f"finetune-{key}-{shape}-{name}"
 
 
 class _ColumnDigest:
@@ -73,19 +108,20 @@ class _ColumnDigest:
 
 class RowsDigest:
     """The digest of a subset's rows: `update` with each record batch (or table) in reading order, then `hexdigest`.
-    Only `DIGEST_COLUMNS` count (metadata and score columns do not); a column absent from the rows counts as
+    Only `digest_columns` count (metadata and score columns do not); a column absent from the rows counts as
     absent."""
 
     def __init__(self) -> None:
+        self._names = digest_columns()
         self._columns: dict[str, _ColumnDigest] = {}
 
     def update(self, batch: pa.RecordBatch | pa.Table) -> None:
-        for name in DIGEST_COLUMNS:
+        for name in self._names:
             if name in batch.schema.names:
                 self._columns.setdefault(name, _ColumnDigest()).update(batch.column(name))
 
     def hexdigest(self) -> str:
-        summary = {name: self._columns[name].summary() for name in DIGEST_COLUMNS if name in self._columns}
+        summary = {name: self._columns[name].summary() for name in self._names if name in self._columns}
         return section_hash("finetune-rows", summary)
 
 

@@ -9,15 +9,18 @@ the whole dataset `full` when asked) a trainer reads the rows from ``selection/{
 runs in a Ray task of its own, so up to `placement.subsets_side_by_side` trainers train at once, each on its own
 GPUs (STRICT_PACK: one node per subset by default); the others wait for a free slot. Under ``finetune.checkpoint``
 (`ds_config.checkpoint_due`) every rank writes its part of a resumable DeepSpeed checkpoint straight into the
-trainer's storage (``.ray_train_finetune/finetune-{key}-{name}/``) at each epoch's end (epoch) or every
+trainer's storage (``.ray_train_finetune/finetune-{key}-{shape}-{name}/``) at each epoch's end (epoch) or every
 ``checkpoint_every_steps`` steps (steps), never after the last step; their steps, bytes and seconds land in the
 subset's summary. A re-run resumes a subset from its latest checkpoint, and a failed worker group is restarted from
-it (FailureConfig); with ``none`` both start the subset again from its first step. Rank 0 writes the consolidated
-model (``model/``, safetensors), ``train_loss.csv`` and ``train_summary.json`` straight to the subset's folder (no
-copy through the driver) and, last, a ``_done`` marker holding the subset's key: a subset with that marker is
-finished, so a crash loses at most the subsets in flight. Other configs' subsets and trainer folders are never
-touched here (`RunDir.add_references` records this config's, for `gc`); ``finetune/summary.json`` is this config's
-view: each of its subsets' folder and training summary.
+it (FailureConfig); with ``none`` both start the subset again from its first step. The trainer's folder is named by
+the subset's key and the shape its state depends on (`keys.trainer_name`: workers, ZeRO stage, optimiser placement),
+so a re-run at another shape starts the subset from its first step in a trainer of its own. Rank 0 writes the
+consolidated model (``model/``, safetensors), ``train_loss.csv`` and ``train_summary.json`` straight to the subset's
+folder (no copy through the driver) and, last, a ``_done`` marker holding the subset's key: a subset with that
+marker is finished, so a crash loses at most the subsets in flight. Other configs' subsets and trainer folders are
+never touched here (`RunDir.add_references` records this config's, for `gc`); ``finetune/summary.json`` is this
+config's view: each of its subsets' folder and training summary. Forced (`run(..., force=True)`), every subset of
+this config is trained again from its first step, its folder and trainer deleted first, finished or not.
 """
 
 from __future__ import annotations
@@ -29,16 +32,16 @@ import pyarrow.parquet as pq
 
 from gradfilter_ray.config import Config
 from gradfilter_ray.console import say
-from gradfilter_ray.finetune.keys import DIGEST_COLUMNS, rows_digest, subset_key
+from gradfilter_ray.finetune.keys import digest_columns, rows_digest, subset_key, trainer_name
 from gradfilter_ray.finetune.placement import subset_demand, subsets_side_by_side
-from gradfilter_ray.finetune.worker import SUMMARY, finetune_worker, run_finished
+from gradfilter_ray.finetune.worker import SUMMARY, finetune_worker
 from gradfilter_ray.parquet_stream import parquet_files, row_counts, stream_batches
 from gradfilter_ray.resources import subset_trainers
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.runtime import at_most_in_flight, run_as_task, sigint_restored, train_logging
 from gradfilter_ray.scoring.scorers import FULL, Selection
 from gradfilter_ray.storage import Location
-from gradfilter_ray.units import unit_name
+from gradfilter_ray.units import unit_finished, unit_name
 
 
 def selections(cfg: Config) -> list[Selection]:
@@ -48,11 +51,6 @@ def selections(cfg: Config) -> list[Selection]:
     return runs + ([Selection.full()] if cfg.finetune.full else [])
 
 
-def trainer_name(key: str, name: str) -> str:
-    """The Ray Train run of the subset `name` under its key: a re-run of the same subset resumes from it."""
-    return f"finetune-{key}-{name}"
-
-
 def training_rows(run: RunDir, selection: Selection) -> Location:
     """What a run trains on: its selection's rows, or for `full` the whole dataset."""
     return run.data if selection.scorer == FULL else run.selection / f"{selection.name}.parquet"
@@ -60,10 +58,12 @@ def training_rows(run: RunDir, selection: Selection) -> Location:
 
 @dataclass(frozen=True)
 class Subset:
-    """One fine-tuned subset: its selection and its key (`keys.subset_key`)."""
+    """One fine-tuned subset: its selection, its key (`keys.subset_key`) and its Ray Train run under
+    `.ray_train_finetune/` (`keys.trainer_name`)."""
 
     selection: Selection
     key: str
+    trainer: str
 
     @property
     def name(self) -> str:
@@ -74,18 +74,13 @@ class Subset:
         """Its folder under `finetune/`."""
         return unit_name(self.name, self.key)
 
-    @property
-    def trainer(self) -> str:
-        """Its Ray Train run under `.ray_train_finetune/`."""
-        return trainer_name(self.key, self.name)
-
 
 def digest_rows(rows: Location) -> str:
     """The digest of a subset's rows (`keys.RowsDigest`), read batch by batch in the order the training reads them."""
     files = parquet_files(rows)
     with files[0].open_input() as handle:
         present = set(pq.ParquetFile(handle).schema_arrow.names)
-    return rows_digest(stream_batches(rows, [c for c in DIGEST_COLUMNS if c in present]))
+    return rows_digest(stream_batches(rows, [c for c in digest_columns() if c in present]))
 
 
 def plan_subsets(cfg: Config, run: RunDir) -> tuple[list[Subset], dict[str, str]]:
@@ -97,7 +92,8 @@ def plan_subsets(cfg: Config, run: RunDir) -> tuple[list[Subset], dict[str, str]
         if sum(row_counts(parquet_files(rows))) == 0:
             skipped[selection.name] = "empty selection"
             continue
-        subsets.append(Subset(selection, subset_key(cfg, digest_rows(rows))))
+        key = subset_key(cfg, digest_rows(rows))
+        subsets.append(Subset(selection, key, trainer_name(cfg, key, selection.name)))
     return subsets, skipped
 
 
@@ -169,10 +165,21 @@ def fit_subset(cfg: Config, run: RunDir, subset: Subset, train_fn=finetune_worke
         result = build_trainer(cfg, run, subset, train_fn=train_fn).fit()
     if result.error is not None:
         raise result.error
-    if not run_finished(out, subset.key):
+    if not unit_finished(out, subset.key):
         raise RuntimeError(f"fine-tuning {subset.name} ended without writing its model to {out}")
     (run.finetune_train_state / subset.trainer).delete()
     return subset.name
+
+
+def subsets_to_train(run: RunDir, subsets: list[Subset], force: bool = False) -> list[Subset]:
+    """The subsets to train: those no finished folder holds; forced, every one, its folder and trainer deleted first
+    (so it starts from its first step)."""
+    if not force:
+        return [s for s in subsets if not unit_finished(run.finetune / s.folder, s.key)]
+    for subset in subsets:
+        (run.finetune / subset.folder).delete()
+        (run.finetune_train_state / subset.trainer).delete()
+    return list(subsets)
 
 
 def side_by_side_width(cfg: Config, log=say) -> int:
@@ -211,9 +218,10 @@ def fit_side_by_side(cfg: Config, run: RunDir, todo: list[Subset], log=say, trai
     )
 
 
-def run(cfg: Config, run: RunDir, key: str, log=say, train_fn=finetune_worker) -> dict:
-    """Train this config's subsets that no finished folder holds yet; write this config's view
-    (`finetune/summary.json`). `train_fn`: the worker loop (tests wrap it to count the subsets trained)."""
+def run(cfg: Config, run: RunDir, key: str, log=say, train_fn=finetune_worker, force: bool = False) -> dict:
+    """Train this config's subsets that no finished folder holds yet (`force`: every one of them, from its first
+    step); write this config's view (`finetune/summary.json`). `train_fn`: the worker loop (tests wrap it to count
+    the subsets trained)."""
     for selection in selections(cfg):
         rows = training_rows(run, selection)
         if not rows.exists():
@@ -222,7 +230,9 @@ def run(cfg: Config, run: RunDir, key: str, log=say, train_fn=finetune_worker) -
     units = {s.name: f"{run.finetune.name}/{s.folder}" for s in subsets}
     trainers = [f"{run.finetune_train_state.name}/{s.trainer}" for s in subsets]
     run.add_references("finetune", key, [*units.values(), *trainers])  # before training: a subset cut short counts
-    todo = [s for s in subsets if not run_finished(run.finetune / s.folder, s.key)]
+    if force:  # the folders it deletes are recorded above: a forced run cut short leaves none unreferenced
+        log(f"[finetune] forced: {len(subsets)} subset(s) trained again from their first step")
+    todo = subsets_to_train(run, subsets, force)
     reused = [s.name for s in subsets if s not in todo]
     if reused:
         log(f"[finetune] {len(reused)} subset(s) already trained under the same key: {', '.join(reused)}")

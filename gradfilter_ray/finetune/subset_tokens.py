@@ -3,19 +3,23 @@
 Each rank tokenises one contiguous share of the subset (`share_bounds`), writes it as one Arrow table
 (`rows_to_table`), and every rank reads all shares back in rank order (`rows_from_tables`): the subset is
 tokenised once in total, not once per rank, and a resumed or restarted trainer reads the tokens instead of
-tokenising again. Token rows are held packed (one int32 array and offsets), not as Python lists: at 150k rows of
-512 tokens that is 0.3 GB instead of several GB per rank.
+tokenising again. Before training, `shares_mismatch` checks that the shares read back are this world's: exactly
+one per rank, each of its `share_bounds` size (so together exactly the subset's rows); shares left by a trainer of
+another world size would otherwise train half the rows, or some twice. Token rows are held packed (one int32 array
+and offsets), not as Python lists: at 150k rows of 512 tokens that is 0.3 GB instead of several GB per rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 ROWS_IN, NO_RESPONSE = b"rows_in", b"rows_no_response_tokens"
+SHARE_FILE = re.compile(r"part-(?P<rank>\d{5})\.parquet")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,35 @@ class PackedRows:
 def share_bounds(n_rows: int, world_size: int, rank: int) -> tuple[int, int]:
     """Rank `rank`'s contiguous share [start, stop) of n rows; shares differ in size by at most one row."""
     return n_rows * rank // world_size, n_rows * (rank + 1) // world_size
+
+
+def share_file(rank: int) -> str:
+    """The file holding rank `rank`'s share, in the trainer's tokens folder."""
+    return f"part-{rank:05d}.parquet"
+
+
+def share_rank(file_name: str) -> int | None:
+    """The rank whose share `file_name` holds, or None for any other file."""
+    found = SHARE_FILE.fullmatch(file_name)
+    return int(found["rank"]) if found else None
+
+
+def rows_in_share(schema: pa.Schema) -> int:
+    """The subset rows a share was tokenised from, from its schema's metadata (`rows_to_table`)."""
+    return int(schema.metadata[ROWS_IN])
+
+
+def shares_mismatch(rows_in: Mapping[int, int], n_rows: int, world_size: int) -> str | None:
+    """Why the shares found (rank -> the rows it was tokenised from) are not this world's shares of n rows, or None
+    when they are: one per rank 0..world_size-1, none beyond, each `share_bounds` rows."""
+    ranks = set(rows_in)
+    if ranks != set(range(world_size)):
+        return f"shares of ranks {sorted(ranks)} found for a world of {world_size}"
+    expected = [stop - start for start, stop in (share_bounds(n_rows, world_size, r) for r in range(world_size))]
+    off = [r for r in range(world_size) if rows_in[r] != expected[r]]
+    if off:
+        return f"shares of {sum(rows_in.values())} rows for a subset of {n_rows} (ranks {off} off their share)"
+    return None
 
 
 def _large_lists(rows: Sequence, dtype) -> pa.Array:

@@ -1,7 +1,8 @@
 """The Ray Train worker of the finetune stage: DeepSpeed on this rank's share of one subset.
 
 Tokens: each rank tokenises its contiguous share of the subset once and writes it beside the trainer's
-checkpoints; every rank then reads all shares (`subset_tokens`). Checkpoints (`finetune.checkpoint`: none, epoch or
+checkpoints; every rank then reads all shares (`subset_tokens`), once they are checked to be this world's (shares of
+another world size are tokenised again). Checkpoints (`finetune.checkpoint`: none, epoch or
 steps): every rank writes its own shard straight into the trainer's storage (`checkpoints`), and Ray Train
 registers the folder without copying it; a restarted worker group resumes from the latest, or from the first step
 when there is none. The final model: rank 0 writes it from the consolidated state straight to
@@ -23,17 +24,12 @@ from pathlib import Path
 from gradfilter_ray.config import FinetuneConfig, build
 from gradfilter_ray.faults import fault_point
 from gradfilter_ray.storage import Location
+from gradfilter_ray.units import DONE_MARKER, unit_finished
 
 LOSS_CSV = "train_loss.csv"
 MODEL_DIR = "model"
 SUMMARY = "train_summary.json"
-DONE_MARKER = "_done"  # written after a subset's last file; holds the subset's key (finetune/keys.py)
 TOKENS_DIR = "tokens"  # under the trainer's storage folder: removed with it once the subset is done
-
-
-def run_finished(out: Location, key: str) -> bool:
-    marker = out / DONE_MARKER
-    return marker.exists() and marker.read_text().strip() == key
 
 
 def _write_loss_csv(path: Path, losses: list[list[float]]) -> None:
@@ -61,34 +57,75 @@ def final_folder(out: Location) -> Iterator[Path]:
         out.put(Path(tmp))
 
 
+def shares_found(tokens_at: Location) -> dict[int, int]:
+    """The shares in a trainer's tokens folder: rank -> the subset rows its share was tokenised from."""
+    import pyarrow.parquet as pq
+
+    from gradfilter_ray.finetune.subset_tokens import rows_in_share, share_rank
+
+    found = {}
+    for name in tokens_at.children():
+        rank = share_rank(name)
+        if rank is not None:
+            where = tokens_at / name
+            found[rank] = rows_in_share(pq.read_schema(where.path, filesystem=where.filesystem))
+    return found
+
+
 def shared_subset_rows(
     tokenizer, rows_at: Location, tokens_at: Location, finetune: FinetuneConfig, rank: int, world: int
 ):
-    """This rank tokenises its share (unless a restarted trainer already wrote it), then reads every share."""
+    """This rank tokenises its share (unless a restarted trainer already wrote it), then reads every share. Shares
+    that are not this world's (`subset_tokens.shares_mismatch`) are removed and every rank tokenises its share again;
+    still not this world's after that, it raises."""
     import pyarrow.parquet as pq
     import torch
 
     from gradfilter_ray.data.tokenized import TEXT_COLUMNS
     from gradfilter_ray.finetune.loop import SubsetRows, tokenize_subset
-    from gradfilter_ray.finetune.subset_tokens import rows_from_tables, rows_to_table, share_bounds
+    from gradfilter_ray.finetune.subset_tokens import (
+        rows_from_tables,
+        rows_to_table,
+        share_bounds,
+        share_file,
+        shares_mismatch,
+    )
     from gradfilter_ray.parquet_stream import parquet_files, read_row_range, row_counts, write_whole
 
-    part = tokens_at / f"part-{rank:05d}.parquet"
-    if not part.exists():
-        files = parquet_files(rows_at)
+    files = parquet_files(rows_at)
+    n_rows = sum(row_counts(files))
+
+    def tokenise_share() -> None:
         with files[0].open_input() as handle:
             present = set(pq.ParquetFile(handle).schema_arrow.names)
-        n_rows = sum(row_counts(files))
         start, stop = share_bounds(n_rows, world, rank)
         columns = [c for c in TEXT_COLUMNS if c in present]  # conversation, tools: absent in older runs
         share = tokenize_subset(tokenizer, read_row_range(rows_at, start, stop, columns), finetune)
         table = rows_to_table(share.input_ids, share.labels_at, share.rows_in, share.rows_no_response_tokens)
-        write_whole(part, table)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        write_whole(tokens_at / share_file(rank), table)
+
+    def every_rank_here() -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    if not (tokens_at / share_file(rank)).exists():
+        tokenise_share()
+    every_rank_here()
+    # Every rank lists the same folder, complete after the barrier, and so takes the same branch.
+    stale = shares_mismatch(shares_found(tokens_at), n_rows, world)
+    if stale is not None:
+        every_rank_here()  # every rank has listed the stale shares before they go
+        if rank == 0:
+            tokens_at.delete()
+        every_rank_here()
+        tokenise_share()
+        every_rank_here()
+        still = shares_mismatch(shares_found(tokens_at), n_rows, world)
+        if still is not None:
+            raise RuntimeError(f"{tokens_at}: {still}, tokenised again after finding {stale}")
     tables = []
     for r in range(world):
-        where = tokens_at / f"part-{r:05d}.parquet"
+        where = tokens_at / share_file(r)
         tables.append(pq.read_table(where.path, filesystem=where.filesystem))
     packed, labels_at, rows_in, dropped = rows_from_tables(tables)
     return SubsetRows(packed, labels_at, rows_in, dropped)
@@ -162,7 +199,7 @@ def finetune_worker(config: dict) -> None:
 
     out: Location = config["out"]
     train_state: Location = config["train_state"]
-    if run_finished(out, config["key"]):
+    if unit_finished(out, config["key"]):
         return  # finished before a restart
     checkpoint = ray.train.get_checkpoint()
 

@@ -3,8 +3,8 @@
 Each config's extraction is a unit of its own, in ``gradients/<stage key>/`` beside the other configs' (switching
 between two configs extracts neither again); the stage records that folder in the manifest's references before any
 work (`RunDir.add_references`, so only `gradfilter-ray gc` removes it) and maps it in its record (``units``:
-'gradients' -> 'gradients/<stage key>'), through which `RunDir.gradients` finds it. It never touches another
-config's folder.
+'gradients' -> 'gradients/<stage key>'), through which `RunDir.gradients` finds it. Forced (`--force`), it
+removes that folder (after recording it) and extracts every shard anew. It never touches another config's folder.
 
 The driver cuts `tokens/` into shards (`shards.plan_shards`: row ranges of its files, a multiple of
 `gradients.num_actors` of them, none over `gradients.shard_rows`; an interrupted run's recorded plan when there is
@@ -200,13 +200,24 @@ def committed_markers(out: Location, files: list[str]) -> dict[str, dict]:
     return markers
 
 
+# A stage record's fields that say when it ran, not what it wrote.
+TIMING_FIELDS = ("started", "finished", "seconds", "failed")
+
+
 def commit_key(run: RunDir, stage_key: str) -> str:
-    """What a shard's marker must name to be kept: the stage key and the exact upstream outputs it was computed from
-    (the `tokens` run that wrote them, and each member's `_done` marker, which names that training of the member),
-    so shards of adapters retrained with the same config (`ensemble --force`) are recomputed, never mixed with new
-    ones, while an ensemble run that reused every member changes nothing."""
+    """What a shard's marker must name to be kept (`shard_commit_key` of this run's `tokens` record and members)."""
     members = [(folder / MEMBER_DONE).read_text() for folder in run.member_folders()]
-    upstream = json.dumps([run.stage_record("tokens"), members], sort_keys=True, default=str)
+    return shard_commit_key(stage_key, run.stage_record("tokens") or {}, members)
+
+
+def shard_commit_key(stage_key: str, tokens_record: dict, member_markers: list[str]) -> str:
+    """The stage key and the exact upstream outputs a shard was computed from: the `tokens` record without its timing
+    (its key and counts say what `tokens/` holds, so tokenising the same rows again keeps every shard) and each
+    member's `_done` marker, which names that training of the member, so shards of adapters retrained with the same
+    config (`ensemble --force`) are recomputed, never mixed with new ones, while an ensemble run that reused every
+    member changes nothing."""
+    tokens = {k: v for k, v in tokens_record.items() if k not in TIMING_FIELDS}
+    upstream = json.dumps([tokens, member_markers], sort_keys=True, default=str)
     return f"{stage_key}-{hashlib.sha256(upstream.encode()).hexdigest()[:12]}"
 
 
@@ -239,13 +250,15 @@ def extraction_dataset(cfg: Config, todo: list[Shard], extractor: type, **constr
     )
 
 
-def run(cfg: Config, run: RunDir, key: str, log=say) -> dict:
+def run(cfg: Config, run: RunDir, key: str, log=say, force: bool = False) -> dict:
     ens, grads = cfg.ensemble, cfg.gradients
     adapters = adapter_locations(run, ens.early_epoch, ens.late_epoch)
     # This config's folder, written here directly: while the stage runs its record maps nothing yet.
     folder = run.gradients_unit(key)
     run.add_references("gradients", key, [folder])  # before the work: an interrupted extraction is referenced too
     tokens, out = run.tokens, run.at(folder)
+    if force:  # every shard extracted anew, its plan included
+        out.delete()
     commit = commit_key(run, key)
     out.make_dir()
     files = out.files()  # one listing serves the plan, the markers and the clean-up
