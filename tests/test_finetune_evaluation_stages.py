@@ -1,13 +1,12 @@
 """Finetune (DeepSpeed on Ray Train, 2 CPU workers, gloo) and evaluate (Ray Data batch inference, a judge over
 real HTTP) on the bundled tiny LLaMA (stories260K): the loss falls, the model loads back, a preempted run resumes
 to the uninterrupted run's curve, ZeRO-3 trains the same model as ZeRO-2, the comparison table is right, and a
-config change redoes exactly the units it changes (a subset added, a judge swapped)."""
+judge swapped redoes exactly the verdicts it changes. A subset added (through the CLI, end to end):
+tests/test_rerun_units.py."""
 
 from __future__ import annotations
 
 import csv
-import dataclasses
-import functools
 import hashlib
 import io
 import json
@@ -29,6 +28,7 @@ from gradfilter_ray.finetune import stage as finetune_stage
 from gradfilter_ray.finetune import worker as finetune_worker
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.storage import Location
+from gradfilter_ray.units import unit_finished
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # Ray Train (DeepSpeed) runs
 REPO = Path(__file__).resolve().parents[1]
@@ -178,8 +178,8 @@ def test_finetune_loss_falls_and_the_model_loads_back(finetuned):
         assert isinstance(model, LlamaForCausalLM)
         assert AutoTokenizer.from_pretrained(str(folder / "model")).vocab_size == 512
         # written last, the subset's marker holds its key; its Ray Train run (checkpoints) is removed
-        assert finetune_stage.run_finished(folder, subset.key)
-        assert not finetune_stage.run_finished(folder, counts["key"])  # the subset's key, not the stage's
+        assert unit_finished(folder, subset.key)
+        assert not unit_finished(folder, counts["key"])  # the subset's key, not the stage's
         assert not (rundir.finetune_train_state / subset.trainer).exists()
     assert sorted(rundir.finetune.children()) == sorted(
         [*(rundir.at(u).name for u in counts["units"].values()), "summary.json"]
@@ -212,60 +212,6 @@ def test_a_rerun_after_a_crash_keeps_the_finished_subsets(finetuned):
     assert rundir.stage_done("finetune", counts["key"])
 
 
-def test_a_subset_added_trains_that_subset_alone_and_removed_again_trains_nothing(finetuned, tmp_path):
-    """A ratio added (and its selection files: gsnr's 12 rows, random's none): only gsnr_0.25 trains, counted by a
-    wrapper around the real worker; the two subsets already trained keep every byte (and mtime). Back to the
-    first config, the stage runs again (its key changed twice) and trains nothing."""
-    cfg, rundir, counts = finetuned
-    trained = tmp_path / "trained.txt"
-
-    def counting_worker(config: dict) -> None:
-        import ray.train
-
-        from gradfilter_ray.finetune.worker import finetune_worker
-
-        if ray.train.get_context().get_world_rank() == 0:
-            with open(trained, "a") as fh:
-                fh.write(config["name"] + "\n")
-        finetune_worker(config)
-
-    def run_finetune(config, monkeypatch) -> dict:
-        stage = dataclasses.replace(
-            pipeline.STAGES["finetune"], run=functools.partial(finetune_stage.run, train_fn=counting_worker)
-        )
-        with monkeypatch.context() as patch:
-            patch.setitem(pipeline.STAGES, "finetune", stage)
-            return pipeline.run_stage("finetune", config, rundir, **QUIET)
-
-    kept = {run: files_of(rundir.at(folder)) for run, folder in counts["units"].items()}
-    write_selected(Path(rundir.root), "gsnr_0.25", 48, 12)
-    write_selected(Path(rundir.root), "random_0.25", 60, 0)
-    more = small_cfg(rundir.root, "selection.ratios=[0.5, 0.25]", "finetune.ratios=[0.5, 0.25]")
-    record_upstream(rundir, more)  # the selection stage re-run for the new ratio
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        added = run_finetune(more, monkeypatch)
-        assert trained.read_text().splitlines() == ["gsnr_0.25"]
-        assert added["trained"] == ["gsnr_0.25"] and sorted(added["reused"]) == ["gsnr_0.5", "random_0.5"]
-        assert added["skipped"] == {"random_0.25": "empty selection"} and set(added["steps"]) == {
-            *counts["steps"],
-            "gsnr_0.25",
-        }
-        assert {run: added["units"][run] for run in counts["units"]} == counts["units"]
-        assert {run: files_of(rundir.at(folder)) for run, folder in counts["units"].items()} == kept
-        assert finetune_stage.run_finished(
-            rundir.at(added["units"]["gsnr_0.25"]), subset_of(more, rundir, "gsnr_0.25").key
-        )
-
-        record_upstream(rundir, cfg)
-        back = run_finetune(cfg, monkeypatch)
-    assert trained.read_text().splitlines() == ["gsnr_0.25"]  # no worker started
-    assert back["trained"] == [] and back["units"] == counts["units"] and back["key"] == counts["key"]
-    assert {run: files_of(rundir.at(folder)) for run, folder in counts["units"].items()} == kept
-    # the added subset stays (another config's unit: gc's to remove), outside this config's view
-    assert rundir.at(added["units"]["gsnr_0.25"]).exists()
-    assert set(json.loads((rundir.finetune / "summary.json").read_text())["runs"]) == {"gsnr_0.5", "random_0.5"}
-
-
 def test_preempted_zero3_finetune_resumes_to_the_zero2_curve_and_weights(finetuned, tmp_path):
     """One run checks two things: resuming from a mid-run checkpoint, and ZeRO-3 (partitioned parameters) training
     the same model as ZeRO-2; the uninterrupted ZeRO-2 run of the fixture is the reference for both."""
@@ -278,14 +224,16 @@ def test_preempted_zero3_finetune_resumes_to_the_zero2_curve_and_weights(finetun
     )  # fmt: skip
     rundir = selected_run(root, cfg)
     subset = subset_of(cfg, rundir, "gsnr_0.5")
-    # the ZeRO stage and the checkpoint policy change how it trains, not what: the fixture's subset has this key
-    assert subset.key == subset_of(finetuned[0], reference, "gsnr_0.5").key
+    # the ZeRO stage and the checkpoint policy change how it trains, not what: the fixture's subset has this key;
+    # its trainer is another (a ZeRO-2 checkpoint does not load into ZeRO-3)
+    reference_subset = subset_of(finetuned[0], reference, "gsnr_0.5")
+    assert subset.key == reference_subset.key and subset.trainer != reference_subset.trainer
     partial = finetune_stage.build_trainer(cfg, rundir, subset, stop_after_steps=4).fit()
     assert partial.error is None and partial.metrics["step"] == 4  # the checkpoint at step 4 is the latest
     folder = rundir.finetune / subset.folder
-    assert not finetune_stage.run_finished(folder, subset.key)  # stopped: no model, no marker
+    assert not unit_finished(folder, subset.key)  # stopped: no model, no marker
     # the ranks wrote into the trainer's folder; Ray Train kept only the latest checkpoint, beside the shared tokens
-    trainer = rundir.finetune_train_state / finetune_stage.trainer_name(subset.key, "gsnr_0.5")
+    trainer = rundir.finetune_train_state / subset.trainer
     assert [c for c in trainer.children() if c.startswith("checkpoint_step_")] == ["checkpoint_step_0000004"]
     assert sorted(t for t in (trainer / "tokens").children()) == ["part-00000.parquet", "part-00001.parquet"]
     pipeline.run_stage("finetune", cfg, rundir, **QUIET)
@@ -403,6 +351,20 @@ def test_evaluate_generates_scores_heldout_judges_and_compares(finetuned):
         )
         assert judge.calls == 2 * first_calls and pair.read_text() == outcomes
         assert {run: files_of(folder) for run, folder in folders.items()} == answers
+
+        # forced: this config's runs answered and its pair judged again, all written anew; greedy answers come out
+        # alike, so the judge's cache replies; the other judge model's pair stays as it is
+        other_pair = base.at(other["units"]["gsnr_0.5_vs_random_0.5"])
+        other_outcomes = other_pair.read_text()
+        forced = pipeline.run_stage("evaluation", cfg, base, force=True, **QUIET)
+        assert sorted(forced["generated"]) == ["gsnr_0.5", "random_0.5"]
+        assert forced["judged"] == ["gsnr_0.5_vs_random_0.5"] and forced["units"] == counts["units"]
+        assert judge.calls == 2 * first_calls and pair.read_text() == outcomes
+        assert other_pair.read_text() == other_outcomes
+        for run, folder in folders.items():
+            now, before = files_of(folder), answers[run]
+            assert {name: sha for name, (sha, _) in now.items()} == {name: sha for name, (sha, _) in before.items()}
+            assert all(now[name][1] != before[name][1] for name in now)  # written anew
     finally:
         judge.close()
     assert sorted(counts["generated"]) == ["gsnr_0.5", "random_0.5"] and counts["judged"] == ["gsnr_0.5_vs_random_0.5"]
@@ -410,7 +372,7 @@ def test_evaluate_generates_scores_heldout_judges_and_compares(finetuned):
     assert first_calls == 2 * 6  # one pair (gsnr vs random) per prompt, both answer orders
     # each run's folder is keyed by its subset's key (its model) and the generation settings
     for run, folder in folders.items():
-        assert folder.name == f"{run}-{run_key(cfg, finetune_subset_key(finetune_counts, run))}"
+        assert folder.name == f"{run}-{run_key(cfg, finetune_subset_key(finetune_counts, run), 'hf')}"
     assert base.references("evaluation", counts["key"]) == set(counts["units"].values())
     assert sorted((ev / "judge").children()) == sorted(
         [base.at(pair_path(counts)).name, base.at(other["units"]["gsnr_0.5_vs_random_0.5"]).name]

@@ -1,49 +1,56 @@
 """One run directory through `gradfilter-ray run` (in this process, on the session's Ray) under one config after
 another, then `gradfilter-ray gc`: a config change pays for exactly the units it changes.
 
-Config A fine-tunes gsnr and random at one ratio (the tiny GPT-2 proxy, the bundled tiny LLaMA target) and judges
-them over real HTTP; B adds a ratio; then A again, A with how the judge is waited for changed, A with another judge
-model, A with a scorer dropped, A again, `gc` dry for A and B, `gc --config A`, and A once more.
+The run directory starts as a copy of the suite's finished tiny CLI run (conftest's `reference_run`: data to report,
+then `gradfilter-ray audit`). Config A is that run's config (tests/cli_runs.py: the tiny GPT-2 config with
+`TINY_RUN`) that also fine-tunes gsnr and random at one ratio (the bundled tiny LLaMA target) and judges them over
+real HTTP: its first run finds every stage up to the report done and runs fine-tuning and evaluation only. B adds a
+ratio; then A again, A with how the judge is waited for changed, A with another judge model, A with a scorer
+dropped, A again, `gc` dry for A and B, `gc --config A`, and A once more.
 
 What each run did is read off the run directory, not off the stages' own counts: subsets trained are the `_done`
-markers (and training summaries) written during the run, answers generated the lines of the answer files written
-during it, judge calls the requests the judge server received; a unit left alone keeps every byte and mtime."""
+markers (and training summaries) written during the run, checked against the fine-tuning workers started (a wrapper
+around the real worker loop counts them), answers generated the lines of the answer files written during it, judge
+calls the requests the judge server received; a unit left alone keeps every byte and mtime."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import functools
 import hashlib
 import io
 import json
 import os
 import re
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
+from cli_runs import TINY, TINY_RUN, tiny_cfg
 from conftest import ChatServer, reply
 
-from gradfilter_ray import cli
+from gradfilter_ray import cli, gc, pipeline
+from gradfilter_ray.config import load, parse_override
+from gradfilter_ray.finetune import stage as finetune_stage
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.scoring.scorers import SCORERS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "jobs" / "configs" / "tiny_gpt2.yaml"
 PROMPTS = 2
 A_RUNS = ("gsnr_0.25", "random_0.25")
 B_ONLY_RUNS = ("gsnr_0.5", "random_0.5")
 UPSTREAM = ("data", "tokens", "ensemble", "gradients", "scoring")
-# The tiny GPT-2 proxy on 24 rows; the bundled tiny LLaMA trained one epoch by one worker (one or two steps of 8
-# rows); two vicuna prompts, a few new tokens and four held-out answers.
-OVERRIDES = {
-    "data": {"limit": 24},
-    "ensemble": {"members": 2},
-    "gradients": {"shard_rows": 24},
-    "selection": {"ratios": [0.25, 0.5]},
+REFERENCE_DONE = (*UPSTREAM, "selection", "report")  # the reference run's stages: done before A's first run
+# On top of the reference run's config (16 rows, selections at 0.25 and 0.5: subsets of 4 and 8 rows): the bundled
+# tiny LLaMA trained one epoch by one worker (one step of 8 rows; 256 tokens leave every selected row response
+# tokens); two vicuna prompts, a few new tokens and four held-out answers.
+SCENARIO = {
     "finetune": {
         "model": {"name_or_path": "bundled:stories260K"},
         "max_length": 256,
@@ -70,7 +77,6 @@ OVERRIDES = {
         "gpus_per_actor": 0,
         "judge": {"model": "judge-1", "reference": "random", "concurrency": 2},
     },
-    "ray": {"progress_bars": False},
 }
 JUDGE_WAIT = ("evaluation.judge.timeout_s=7", "evaluation.judge.concurrency=3")
 OTHER_JUDGE = ("evaluation.judge.model=judge-2",)
@@ -86,12 +92,27 @@ def merged(base: dict, extra: dict) -> dict:
     return out
 
 
+def overrides_tree(overrides: tuple[str, ...]) -> dict:
+    """`--set` overrides ("section.field=value", the value parsed as YAML) as a nested mapping."""
+    tree: dict = {}
+    for override in overrides:
+        dotted, value = parse_override(override)
+        *sections, name = dotted.split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    return tree
+
+
 def write_config(path: Path, output_dir: Path, judge_url: str, finetune_ratios: list[float]) -> Path:
-    tiny = yaml.safe_load(TINY.read_text())
+    """The reference run's config (the tiny config with `TINY_RUN`), the scenario's fine-tuning and evaluation on
+    top, fine-tuned at `finetune_ratios`."""
+    reference = merged(yaml.safe_load(TINY.read_text()), overrides_tree(TINY_RUN))
     extra = merged(
-        OVERRIDES, {"finetune": {"ratios": finetune_ratios}, "evaluation": {"judge": {"base_url": judge_url}}}
+        SCENARIO, {"finetune": {"ratios": finetune_ratios}, "evaluation": {"judge": {"base_url": judge_url}}}
     )
-    path.write_text(yaml.safe_dump(merged(tiny, {**extra, "output_dir": str(output_dir)}), sort_keys=False))
+    path.write_text(yaml.safe_dump(merged(reference, {**extra, "output_dir": str(output_dir)}), sort_keys=False))
     return path
 
 
@@ -115,8 +136,8 @@ def is_unit_file(path: str) -> bool:
 
 @dataclass
 class Step:
-    """One command on the run directory: the files and the manifest's stage records before and after it, and the
-    judge requests it made."""
+    """One command on the run directory: the files and the manifest's stage records before and after it, the
+    judge requests it made, the fine-tuning workers it started and what it printed."""
 
     code: int
     before: Files
@@ -127,6 +148,9 @@ class Step:
     answers: dict[str, str]  # every answer file after the step: path -> its text
     out: str = ""
     seconds: float = 0.0
+    references_before: dict = field(default_factory=dict)  # the manifest's references before the step
+    fits: list[str] = field(default_factory=list)  # subsets whose fine-tuning worker loop started, by name
+    finetune_view: dict = field(default_factory=dict)  # finetune/summary.json after the step
 
     @property
     def new(self) -> set[str]:
@@ -158,27 +182,54 @@ class Step:
         return all(self.after.get(p) == v for p, v in kept.items())
 
 
+def fits_counted(fits: Path):
+    """The real fine-tuning worker loop, which first appends its subset's name to `fits` (rank 0 only)."""
+
+    def counting_worker(config: dict) -> None:
+        import ray.train
+
+        from gradfilter_ray.finetune.worker import finetune_worker
+
+        if ray.train.get_context().get_world_rank() == 0:
+            with open(fits, "a") as fh:
+                fh.write(config["name"] + "\n")
+        finetune_worker(config)
+
+    return counting_worker
+
+
 class Scenario:
-    def __init__(self, root: Path, judge: ChatServer) -> None:
+    def __init__(self, root: Path, judge: ChatServer, fits: Path) -> None:
         self.root = root
         self.run = RunDir(str(root))
         self.judge = judge
+        self.fits = fits  # what `fits_counted` appends to
 
-    def records(self) -> dict:
+    def fits_so_far(self) -> list[str]:
+        return self.fits.read_text().splitlines() if self.fits.exists() else []
+
+    def records(self, part: str = "stages") -> dict:
         manifest = self.run.root / "manifest.json"
-        return copy.deepcopy(json.loads(manifest.read_text()).get("stages", {})) if manifest.exists() else {}
+        return copy.deepcopy(json.loads(manifest.read_text()).get(part, {})) if manifest.exists() else {}
 
-    def step(self, argv: list[str], quiet: bool = False) -> Step:
-        before, records, calls = (
+    def step(self, argv: list[str]) -> Step:
+        before, records, references, calls, fits = (
             files_under(self.root) if self.root.exists() else {},
             self.records(),
+            self.records("references"),
             len(self.judge.requests),
+            len(self.fits_so_far()),
         )
         out = io.StringIO()
         started = time.perf_counter()
-        with contextlib.redirect_stdout(out) if quiet else contextlib.nullcontext():
-            code = cli.main(argv)
+        try:
+            with contextlib.redirect_stdout(out):
+                code = cli.main(argv)
+        except BaseException:
+            print(out.getvalue())
+            raise
         seconds = time.perf_counter() - started
+        view = self.root / "finetune" / "summary.json"
         return Step(
             code,
             before,
@@ -189,6 +240,9 @@ class Scenario:
             {str(p.relative_to(self.root)): p.read_text() for p in self.root.glob(f"evaluation/runs/*/{ANSWERS}")},
             out.getvalue(),
             seconds,
+            references,
+            self.fits_so_far()[fits:],
+            json.loads(view.read_text()) if view.exists() else {},
         )
 
     def gfr(self, config: Path, *overrides: str) -> Step:
@@ -220,17 +274,24 @@ def session_kept():
 
 
 @pytest.fixture(scope="module")
-def scenario(ray_cluster, tmp_path_factory):
-    """A, B, A, A (judge waits), A (judge model), A (no length scorer), gc A and B dry, gc A, A: every step's facts."""
+def scenario(ray_cluster, reference_run, tmp_path_factory):
+    """On a copy of the reference run: A, B, A, A (judge waits), A (judge model), A (no length scorer), gc A and B
+    dry, gc A, A: every step's facts. Every fine-tuning runs the real worker loop through `fits_counted`."""
+    assert reference_run["rc"] == 0, reference_run["log"][-4000:]
+    assert reference_run["audit_rc"] == 0, reference_run["audit_log"][-4000:]
     base = tmp_path_factory.mktemp("rerun")
     root = base / "run"
+    shutil.copytree(reference_run["out"], root)  # the reference run itself is only read
     judge = judge_server()
     config_a = write_config(base / "a.yaml", root, judge.url, [0.25])
     config_b = write_config(base / "b.yaml", root, judge.url, [0.25, 0.5])
+    fits = base / "fits.txt"
+    counted = functools.partial(finetune_stage.run, train_fn=fits_counted(fits))
     steps: dict[str, Step] = {}
     try:
-        with session_kept():
-            s = Scenario(root, judge)
+        with session_kept(), pytest.MonkeyPatch.context() as patch:
+            patch.setitem(pipeline.STAGES, "finetune", dataclasses.replace(pipeline.STAGES["finetune"], run=counted))
+            s = Scenario(root, judge, fits)
             steps["a"] = s.gfr(config_a)
             steps["b"] = s.gfr(config_b)
             steps["a_again"] = s.gfr(config_a)
@@ -238,13 +299,19 @@ def scenario(ray_cluster, tmp_path_factory):
             steps["judge_model"] = s.gfr(config_a, *OTHER_JUDGE)
             steps["no_length"] = s.gfr(config_a, *NO_LENGTH)
             steps["a_restored"] = s.gfr(config_a)
-            steps["gc_dry_ab"] = s.step(["gc", "-c", str(config_a), "-c", str(config_b), "--dry-run"], quiet=True)
-            steps["gc_a"] = s.step(["gc", "--config", str(config_a)], quiet=True)
+            steps["gc_dry_ab"] = s.step(["gc", "-c", str(config_a), "-c", str(config_b), "--dry-run"])
+            steps["gc_a"] = s.step(["gc", "--config", str(config_a)])
             steps["a_after_gc"] = s.gfr(config_a)
     finally:
         judge.close()
     print("seconds by step:", {name: round(step.seconds, 1) for name, step in steps.items()})
-    return {"steps": steps, "run": RunDir(str(root))}
+    return {
+        "steps": steps,
+        "run": RunDir(str(root)),
+        "root": root,
+        "config_a": load(config_a),
+        "reference": tiny_cfg(reference_run["out"]),
+    }
 
 
 def answers_of(text: str) -> dict[str, str]:
@@ -275,13 +342,31 @@ def units_of(step: Step, stage: str) -> dict[str, str]:
     return step.records_after[stage]["units"]
 
 
-def test_a_runs_every_stage_and_trains_evaluates_and_judges_its_own_units(scenario):
+def test_a_keys_the_reference_runs_stages_and_audit_as_the_reference_config_did(scenario):
+    a_cfg, reference = scenario["config_a"], scenario["reference"]
+    assert {s: pipeline.stage_key(s, a_cfg) for s in (*REFERENCE_DONE, "audit")} == {
+        s: pipeline.stage_key(s, reference) for s in (*REFERENCE_DONE, "audit")
+    }
+    audit_keys = gc.stage_keys(a_cfg)[gc.AUDIT]
+    assert audit_keys == gc.stage_keys(reference)[gc.AUDIT]
+    # after the whole scenario (gc included), the copied audit is still done under those keys
+    run = scenario["run"]
+    assert run.stage_done("audit", pipeline.stage_key("audit", a_cfg))
+    assert all(run.subdir(gc.AUDIT).stage_done(stage, key) for stage, key in audit_keys.items())
+
+
+def test_a_reuses_the_reference_run_and_trains_evaluates_and_judges_its_own_units(scenario):
     a = scenario["steps"]["a"]
-    assert a.code == 0
-    assert all(
-        a.records_after[s]["status"] == "done" for s in (*UPSTREAM, "selection", "report", "finetune", "evaluation")
-    )
-    assert a.trained() == sorted(A_RUNS)
+    assert a.code == 0, a.out[-4000:]
+    for stage in REFERENCE_DONE:  # the CLI run's outputs, found done: records and files as it left them
+        assert f"[{stage}] already done (key {a.records_before[stage]['key']})" in a.out, stage
+        assert a.records_after[stage] == a.records_before[stage], stage
+    assert not {p for p in a.written if p.split("/")[0] in (*REFERENCE_DONE, "audit", "rejects.parquet")}
+    assert {a.records_after[s]["status"] for s in ("finetune", "evaluation")} == {"done"}
+    assert a.trained() == sorted(A_RUNS) and sorted(a.fits) == sorted(A_RUNS)
+    assert sorted(a.finetune_view["runs"]) == sorted(A_RUNS) and a.finetune_view["skipped"] == {}
+    # every selected subset trained on rows with response tokens at finetune.max_length
+    assert all(run["train"]["rows_trained"] > 0 for run in a.finetune_view["runs"].values())
     assert a.answered() == dict.fromkeys(A_RUNS, PROMPTS)
     # one pair (gsnr against random): both answer orders per prompt
     assert sorted(map(asked, a.requests)) == both_orders(a, A_RUNS) and len(a.requests) == 2 * PROMPTS
@@ -292,14 +377,24 @@ def test_a_runs_every_stage_and_trains_evaluates_and_judges_its_own_units(scenar
 
 def test_b_trains_evaluates_and_judges_only_the_added_ratio(scenario):
     a, b = scenario["steps"]["a"], scenario["steps"]["b"]
-    assert b.code == 0
-    for stage in (*UPSTREAM, "selection", "report"):  # already done: their records as A left them
+    assert b.code == 0, b.out[-4000:]
+    for stage in REFERENCE_DONE:  # already done: their records as A left them
         assert b.records_after[stage] == a.records_after[stage], stage
-    assert b.trained() == sorted(B_ONLY_RUNS)
+    assert b.trained() == sorted(B_ONLY_RUNS) and sorted(b.fits) == sorted(B_ONLY_RUNS)
     assert b.answered() == dict.fromkeys(B_ONLY_RUNS, PROMPTS)
     assert b.units_unchanged()  # A's subsets, answers and pair: every byte and mtime
     new_units = {p.split("/")[1] for p in b.new if p.startswith("finetune/") and p.count("/") > 1}
     assert sorted(UNIT.fullmatch(u).group("name") for u in new_units) == sorted(B_ONLY_RUNS)
+    # the stage's own counts say the same: A's subsets reused from their folders, the new ones finished under the
+    # keys its view gives them (their `_done` markers hold them)
+    finetune, a_units = b.records_after["finetune"], units_of(a, "finetune")
+    assert sorted(finetune["trained"]) == sorted(B_ONLY_RUNS) and sorted(finetune["reused"]) == sorted(A_RUNS)
+    assert {run: finetune["units"][run] for run in A_RUNS} == a_units and finetune["skipped"] == {}
+    assert sorted(finetune["steps"]) == sorted(b.finetune_view["runs"]) == sorted((*A_RUNS, *B_ONLY_RUNS))
+    for run in B_ONLY_RUNS:
+        key = b.finetune_view["runs"][run]["key"]
+        assert finetune["units"][run] == f"finetune/{run}-{key}"
+        assert b.after[f"finetune/{run}-{key}/_done"][2] == hashlib.sha256(key.encode()).hexdigest()
     # the judge was asked about the new pair only: both orders of each prompt, with the new runs' answers
     assert sorted(map(asked, b.requests)) == both_orders(b, B_ONLY_RUNS) and len(b.requests) == 2 * PROMPTS
     assert [Path(p).name.split("-")[0] for p in b.new if p.startswith("evaluation/judge/")] == [
@@ -312,14 +407,42 @@ def test_a_again_trains_generates_and_judges_nothing(scenario):
     for name in ("a_again", "a_restored", "a_after_gc"):
         step = steps[name]
         assert step.code == 0, name
-        assert step.trained() == [] and step.answered() == {} and step.requests == [], name
+        assert step.trained() == [] and step.fits == [] and step.answered() == {} and step.requests == [], name
         assert step.units_unchanged() and not step.gone, name
     assert steps["a_again"].new == set()
+    # back from B, the finetune stage runs again (its key changed twice) and maps A's subsets as A's run did; B's
+    # subsets stay (not gone, above), outside A's view
+    again, a = steps["a_again"], steps["a"]
+    assert "[finetune] running" in again.out
+    assert again.records_after["finetune"]["key"] == a.records_after["finetune"]["key"]
+    assert again.records_after["finetune"]["units"] == units_of(a, "finetune")
+    assert again.records_after["finetune"]["trained"] == [] and again.finetune_view == a.finetune_view
     # back from the config without the length scorer: its selections are written again, nothing else is new
     assert {Path(p).stem for p in steps["a_restored"].new} == {"length_0.25", "length_0.5"}
     assert all(p.startswith("selection/") for p in steps["a_restored"].new)
     after_gc = steps["a_after_gc"]  # A's records were A's already: every stage is skipped
     assert after_gc.records_after == after_gc.records_before and after_gc.written <= {"manifest.json"}
+
+
+def test_every_step_started_the_fine_tuning_workers_of_exactly_the_subsets_it_trained(scenario):
+    for name, step in scenario["steps"].items():
+        assert sorted(step.fits) == step.trained(), name
+    assert sum(len(step.fits) for step in scenario["steps"].values()) == len(A_RUNS) + len(B_ONLY_RUNS)
+
+
+def test_an_empty_selection_is_skipped_and_the_others_keep_the_subset_keys_a_trained(scenario, tmp_path):
+    """A's selections as a run directory of their own, random's emptied: no subset for it ("empty selection", which
+    the stage records and shows in its view), and gsnr's subset is the one A trained."""
+    (tmp_path / "selection").mkdir()
+    selected = scenario["root"] / "selection"
+    shutil.copy(selected / "gsnr_0.25.parquet", tmp_path / "selection")
+    random_rows = pq.read_table(selected / "random_0.25.parquet")
+    assert random_rows.num_rows > 0
+    pq.write_table(random_rows.slice(0, 0), tmp_path / "selection" / "random_0.25.parquet")
+    subsets, skipped = finetune_stage.plan_subsets(scenario["config_a"], RunDir(str(tmp_path)))
+    assert skipped == {"random_0.25": "empty selection"}
+    a_units = units_of(scenario["steps"]["a"], "finetune")
+    assert [f"finetune/{s.folder}" for s in subsets] == [a_units["gsnr_0.25"]]
 
 
 def test_how_the_judge_is_waited_for_redoes_nothing(scenario):
@@ -365,6 +488,11 @@ def gc_paths(out: str) -> list[str]:
     return [] if lines[0].startswith("nothing to remove") else [line.split()[-1] for line in lines[:-1]]
 
 
+def audit_outputs(files: Files) -> Files:
+    """The audit's files (its run directory, `audit/`) but its manifest."""
+    return {p: v for p, v in files.items() if p.startswith("audit/") and p != "audit/manifest.json"}
+
+
 def test_gc_keeps_every_kept_configs_unit_and_removes_exactly_the_rest(scenario):
     steps = scenario["steps"]
     a, b, other_judge = steps["a_restored"], steps["b"], steps["judge_model"]
@@ -392,5 +520,17 @@ def test_gc_keeps_every_kept_configs_unit_and_removes_exactly_the_rest(scenario)
     assert gc_a.gone == {p for p in gc_a.before if any(p.startswith(r + "/") or p == r for r in removed)}
     freed = sum(gc_a.before[p][0] for p in gc_a.gone)
     assert f"({freed} of " in gc_a.out.strip().splitlines()[-1] and f"{len(removed)} paths)" in gc_a.out
-    assert gc_a.written <= {"manifest.json"}  # A's outputs intact
+    # A's outputs intact; the manifests (the run's and the audit's) drop the recorded paths that no longer exist
+    # (a finished ensemble's Ray Train state, for one)
+    assert gc_a.written <= {"manifest.json", "audit/manifest.json"}
+    # the reference run's audit, which A and B key alike: every file kept, bytes and mtimes (its stage records
+    # stay done: test_a_keys_the_reference_runs_stages_and_audit_as_the_reference_config_did)
+    audit = audit_outputs(steps["a"].before)
+    assert audit and audit_outputs(steps["a_after_gc"].after) == audit
     assert all(scenario["run"].at(p).exists() for p in a_units)
+    # A ran last: its records reference nothing removed and stay done. B's records, had B run last, would now say
+    # "collected" (not done), so B's next run redoes its finetune and evaluation stages, not skips them.
+    assert gc_a.records_after == gc_a.records_before
+    b_records = {"stages": {s: b.records_after[s] for s in ("finetune", "evaluation")}}
+    collected = gc.collected_records({**b_records, "references": gc_a.references_before}, removed)
+    assert {s: r["status"] for s, r in collected.items()} == {"finetune": "collected", "evaluation": "collected"}
