@@ -66,10 +66,9 @@ def _recorded_path(path: str) -> str | None:
 def stage_keys(cfg: Config) -> dict[str, dict[str, str]]:
     """`cfg`'s stage -> key, per run directory: "" the run's own, `AUDIT` the audit's (its planted sample's key
     stands for `data`)."""
-    fixed = {"data": pipeline.audit_data_key(cfg)}
     return {
         "": {name: pipeline.stage_key(name, cfg) for name in pipeline.STAGES},
-        AUDIT: {name: pipeline.stage_key(name, cfg, fixed) for name in ("data", *pipeline.AUDIT_STAGES)},
+        AUDIT: pipeline.audit_stage_keys(cfg),
     }
 
 

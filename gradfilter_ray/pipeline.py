@@ -72,11 +72,16 @@ def audit_data_key(cfg: Config) -> str:
     return section_hash("audit-data", stage_key("data", cfg), sample, keyed_value(cfg, "proxy"), PLANT_VERSION)
 
 
+def audit_stage_keys(cfg: Config) -> dict[str, str]:
+    """The keys of the stages the audit runs in its own run directory: its planted sample's key stands for `data`."""
+    fixed = {"data": audit_data_key(cfg)}
+    return {name: stage_key(name, cfg, fixed) for name in ("data", *AUDIT_STAGES)}
+
+
 def _audit_units(cfg: Config) -> list[str]:
     """What the audit stage's key adds to its own fields: the keys of the stages it runs on its sample, so it is
     redone whenever one of them would be (their fields and output versions included)."""
-    fixed = {"data": audit_data_key(cfg)}
-    return [fixed["data"], *(stage_key(name, cfg, fixed) for name in AUDIT_STAGES)]
+    return list(audit_stage_keys(cfg).values())
 
 
 def audit(cfg: Config, run: RunDir, key: str, force: bool = False) -> dict:

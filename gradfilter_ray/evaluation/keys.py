@@ -18,6 +18,7 @@ from __future__ import annotations
 from gradfilter_ray.config import Config, keyed_value, section_hash
 from gradfilter_ray.evaluation.judge import JUDGE_PROMPT
 from gradfilter_ray.evaluation.plan import ENGINES
+from gradfilter_ray.units import unit_name
 
 PROMPT_FORMAT = ("finetune.max_length", "finetune.template", "finetune.chat_template")
 
@@ -45,4 +46,4 @@ def pair_key(judge_model: str, answers_sha256: str, reference_sha256: str) -> st
 
 def pair_file(run: str, reference: str, key: str) -> str:
     """A judged pair's file name under `evaluation/judge/`."""
-    return f"{run}_vs_{reference}-{key}.jsonl"
+    return f"{unit_name(f'{run}_vs_{reference}', key)}.jsonl"
