@@ -67,10 +67,11 @@ RUN_TIMEOUT_S = 900
 # The multi-turn chat demo end to end on an object store (test_cli_e2e.py): one small fine-tuning run and a tiny
 # evaluation, so every stage runs for real, through the chat template, in a couple of minutes. (The Alpaca path
 # goes through the CLI in the tiny runs, and through fine-tuning and evaluation in test_finetune_evaluation_stages.)
+S3_DEMO_ROWS, S3_DEMO_MEMBERS = 20, 2
 S3_DEMO = (
-    "data.limit=40",
+    f"data.limit={S3_DEMO_ROWS}",
     "audit.enabled=false",  # the tiny runs audit end to end (an audit is an ensemble more: not on the critical path)
-    "ensemble.members=3",
+    f"ensemble.members={S3_DEMO_MEMBERS}",
     "selection.ratios=[0.05, 0.1, 0.15]",
     "ray.progress_bars=false",
     "finetune.scorers=[gsnr]",
@@ -122,8 +123,6 @@ def ray_tmpdir(tag: str) -> str:
 
 def cli_env(ray_tmp: str, **extra: str) -> dict:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": ray_tmp}
-    # The suite's runs start together on a shared machine: give Ray Train's worker groups time to come up.
-    env.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     for name in [k for k in env if k.startswith("GFR_FAULT")] + ["RAY_ADDRESS"]:
         env.pop(name, None)
     return {**env, **extra}

@@ -23,9 +23,17 @@ ASSETS = REPO / "gradfilter_ray" / "assets"
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The session's processes (this one, its CLI runs, probes and every Ray worker, which inherit it) share 2 cores: an
+# OpenMP thread that waits for work sleeps instead of spinning, which on oversubscribed cores burns several times
+# the CPU of the tiny models' work itself (measured: 3 processes of 64x64 matmuls, 4.8 CPU-s each spinning, 0.5
+# sleeping). Set before torch loads its OpenMP runtime; results are the same.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The embedded Ray's Ray Train tick (runtime.init_kwargs sets it for the CLI) for the session's own Ray and probes too.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# The session's CLI runs and probes start processes beside the in-process tests on 2 cores: give Ray Train's worker
+# groups (the session's, the probes' and the CLI runs') time to come up.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 # The object-store tests talk to a local S3 server (moto), which accepts any key. Set before any Ray worker starts
 # so workers inherit them; never real credentials, and the metadata service is not asked for any.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "gfr-test-key")
@@ -322,25 +330,38 @@ def _before_probes(item) -> bool:
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(config, items):
-    """Run the tests that read the CLI runs of tests/cli_runs.py first (in their order): those runs start together
-    in the background when the first of them is needed, and so finish before the rest of the session runs (nothing
-    else then competes with them for the 2 cores, and they with nothing else). The probe modules (tests/probes.py)
-    run last: their probes run in the background meanwhile; the modules that must not run beside them
-    (probes.BEFORE_PROBES) run right after the CLI runs, before the probes start."""
-    first = [item for item in items if _reads_cli_runs(item)]
-    first += [item for item in items if _before_probes(item) and item not in first]
-    last = [item for item in items if _probe_of(item) and item not in first]
-    items[:] = first + [item for item in items if item not in first and item not in last] + last
+    """Order the session so that its background work keeps both cores busy from start to end: the CLI runs of
+    tests/cli_runs.py and the probes of tests/probes.py (process-bound: they mostly start processes and wait for
+    them) run in background threads while the in-process tests run in this one. First the modules that must run with
+    nothing beside them (probes.BEFORE_PROBES); then, with the CLI runs and the probes started, every test that reads
+    neither: the quick ones (one core, beside the background work) before the slow ones (Ray Train runs, which use
+    both cores, best once the background work is done); then the tests that read the CLI runs (in their order),
+    when those runs have finished; the probe modules last."""
+    first = [item for item in items if _before_probes(item)]
+    last = [item for item in items if _reads_cli_runs(item) and item not in first]
+    last += [item for item in items if _probe_of(item) and item not in first and item not in last]
+    middle = [item for item in items if item not in first and item not in last]
+    quick = [item for item in middle if item.get_closest_marker("slow") is None]
+    items[:] = first + quick + [item for item in middle if item not in quick] + last
+
+
+def pytest_collection_finish(session):
+    """The first test after the BEFORE_PROBES modules starts the CLI runs (conftest's `_cli_runs`, session-scoped):
+    chosen once `-m` and `-k` have deselected, so that it is a test that runs."""
+    items = session.items
+    after = [item for item in items if not _before_probes(item)]
+    if after and any(_reads_cli_runs(item) for item in items):
+        after[0].fixturenames.append("_cli_runs")
 
 
 _probes_queued = False
 
 
 def pytest_runtest_setup(item):
-    """Once the CLI runs and the BEFORE_PROBES modules are done, queue every probe this session's tests read on the
-    background thread: they run while the other in-process tests do."""
+    """Once the BEFORE_PROBES modules are done, queue every probe this session's tests read on the background
+    thread: they run beside the CLI runs and the in-process tests."""
     global _probes_queued
-    if not _probes_queued and not _reads_cli_runs(item) and not _before_probes(item):
+    if not _probes_queued and not _before_probes(item):
         import probes
 
         probes.start(dict.fromkeys(p for p in map(_probe_of, item.session.items) if p))

@@ -2,8 +2,8 @@
 one JSON line of facts for its test module.
 
 They spend most of their time starting processes, so the session runs them one after another in a background
-thread while the in-process tests run (conftest: started once the CLI-run tests and the BEFORE_PROBES modules are done;
-their modules run last and wait for their results). Run alone, a probe module starts its probe itself."""
+thread beside the CLI runs and the in-process tests (conftest: started once the BEFORE_PROBES modules are done; their
+modules run last and read their results). Run alone, a probe module starts its probe itself."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ MODULES = {
     "test_shared_output_dir": "multinode",
 }
 
-# test modules that must not run beside the probes: they run before the probes start (`ray job submit`'s job server
-# on a busy machine drops the submission's connection: seen once with the probes beside it)
+# test modules that must run with no probe or CLI run beside them: they run first, before either starts (`ray job
+# submit`'s job server on a busy machine drops the submission's connection: seen once with the probes beside it)
 BEFORE_PROBES = {"test_ray_job_submit"}
 
 _lock = threading.Lock()

@@ -1,8 +1,9 @@
-"""Tokens, ensemble and extraction stages on the session's local Ray with a tiny GPT-2: outputs, resume (a preempted
-attempt is not done, and its re-run starts its unfinished members anew from their checkpoint), members as units (a
-member more trains that member alone, fewer members or a shifted seed reuse finished ones), exactly-once, tokens/
-equal to tokenising in-process, equality with a bare in-process computation and with the batch-size-1 reference,
-determinism."""
+"""Tokens, ensemble and extraction stages on the session's local Ray with a tiny GPT-2, on the config of the suite's
+reference CLI run (tests/cli_runs.py): outputs, resume (a preempted attempt is not done, and its re-run starts its
+unfinished members anew from their checkpoint, ending where the uninterrupted reference run's members did), members
+as units (a member more trains that member alone, fewer members or a shifted seed reuse finished ones),
+exactly-once, tokens/ equal to tokenising in-process, equality with a bare in-process computation and with the
+batch-size-1 reference, determinism."""
 
 import json
 import shutil
@@ -14,27 +15,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_runs import ROWS, tiny_cfg
 
 from gradfilter_ray import pipeline
-from gradfilter_ray.config import load
 from gradfilter_ray.ensemble import stage as ensemble_stage
+from gradfilter_ray.ensemble.batching import epoch_batches, padding_stats
 from gradfilter_ray.rundir import RunDir
 from gradfilter_ray.units import ensemble_members
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny_gpt2.yaml"
 QUIET = {"log": lambda _: None}
 OTHER_TRAINER = "ensemble-0123abcd0123abcd"
 OTHER_MEMBER = "member_seed7-0123456789abcdef"
 
 
-def tiny_cfg(out, *extra):
-    return load(TINY, [f"output_dir={out}", "data.limit=24", "ensemble.members=2", *extra])
-
-
 @pytest.fixture(scope="module")
-def finished_run(ray_cluster, tmp_path_factory):
-    """ingest -> tokens -> ensemble (interrupted after epoch 1, then resumed) -> extract, once for the module."""
+def finished_run(ray_cluster, reference_run, tmp_path_factory):
+    """ingest -> tokens -> ensemble (interrupted after epoch 1, then resumed) -> extract, once for the module, on the
+    reference run's config (so the whole module runs in the session's CLI-run group, see conftest)."""
     out = tmp_path_factory.mktemp("tiny") / "run"
     cfg = tiny_cfg(out)
     rundir = RunDir(str(out))
@@ -75,13 +73,13 @@ def test_tokens_stage_equals_tokenizing_in_process_token_by_token(finished_run):
     written = pq.read_table(rundir.tokens).sort_by("id")
     data = pq.read_table(rundir.data).sort_by("id")
     expected = tokenize_table(data, load_tokenizer(cfg.proxy.model), cfg.proxy)
-    assert written.schema.remove_metadata() == TOKEN_SCHEMA and written.num_rows == data.num_rows == 24
+    assert written.schema.remove_metadata() == TOKEN_SCHEMA and written.num_rows == data.num_rows == ROWS
     for column in TOKEN_SCHEMA.names:
         assert written[column].to_pylist() == expected[column].to_pylist(), column
     # every row is accounted for the same way by tokens, ensemble and gradients
     tokens = rundir.stage_record("tokens")
     no_response = int(np.sum(expected["n_response_tokens"].to_numpy() == 0))
-    assert tokens["rows"] == record["rows_in"] == extract["rows"] == 24
+    assert tokens["rows"] == record["rows_in"] == extract["rows"] == ROWS
     assert tokens["rows_no_response_tokens"] == record["rows_no_response_tokens"] == no_response
     assert extract["rows_no_response_tokens"] == no_response
     assert tokens["tokens"] == int(np.sum(expected["n_tokens"].to_numpy()))
@@ -89,7 +87,7 @@ def test_tokens_stage_equals_tokenizing_in_process_token_by_token(finished_run):
 
 def test_ensemble_writes_every_member_epoch_as_safetensors_with_loss_curves(finished_run):
     cfg, rundir, record, _, _ = finished_run
-    assert record["rows_in"] == 24 == record["rows_trained"] + record["rows_no_response_tokens"]
+    assert record["rows_in"] == ROWS == record["rows_trained"] + record["rows_no_response_tokens"]
     assert record["adapted_modules"] == 6  # c_attn, attn.c_proj and mlp.c_proj in each of 2 layers
     members = ensemble_members(cfg, rundir.stage_record("tokens")["key"])
     assert record["units"] == {m.unit: f"ensemble/{m.folder}" for m in members}
@@ -106,8 +104,15 @@ def test_ensemble_writes_every_member_epoch_as_safetensors_with_loss_curves(fini
     ]
     per_member = rundir.stage_record("ensemble")["padding_efficiency_per_member"]  # as the manifest holds it
     assert sorted(str(m) for m in per_member) == [str(m) for m in range(cfg.ensemble.members)]
-    assert all(0 < v <= 1 for epochs in per_member.values() for v in epochs.values())
-    assert len({json.dumps(epochs, sort_keys=True) for epochs in per_member.values()}) > 1  # each its own order
+    # the padding each member recorded is that of its own seed's batches, computed anew from the tokens (trainable
+    # rows in id order) and the batching core (that seeds give different batches: tests/test_ensemble_batching.py)
+    tokens = pq.read_table(rundir.tokens).sort_by("id")
+    response = tokens["n_response_tokens"].to_numpy()
+    lengths = np.array([len(ids) for ids in tokens["input_ids"].to_pylist()])[response > 0]
+    recorded = {str(m): {str(e): v for e, v in epochs.items()} for m, epochs in per_member.items()}
+    for m, member in enumerate(members):
+        batches = {e: epoch_batches(lengths, cfg.ensemble, member.seed, e) for e in (1, 2)}
+        assert recorded[str(m)] == {str(e): round(padding_stats(lengths, b).efficiency, 4) for e, b in batches.items()}
     assert record["padding_efficiency"] == pytest.approx(
         np.mean([v for epochs in per_member.values() for v in epochs.values()]), abs=1e-4
     )
@@ -127,17 +132,18 @@ def test_ensemble_writes_every_member_epoch_as_safetensors_with_loss_curves(fini
     assert rundir.stage_done("ensemble", pipeline.stage_key("ensemble", cfg))
 
 
-def test_resumed_ensemble_equals_an_uninterrupted_one(finished_run, tmp_path):
+def test_resumed_ensemble_equals_an_uninterrupted_one(finished_run, reference_run):
     from safetensors.torch import load_file
 
     cfg, rundir, _, _, early_before = finished_run
     # epoch 1 was not redone: the committed epoch-1 adapter is byte for byte the preempted run's
     assert (rundir.member_epoch(1, 1) / "adapter_model.safetensors").read_bytes() == early_before
 
-    clean = RunDir(str(tmp_path / "clean"))
-    clean_cfg = tiny_cfg(clean.root)
-    for stage in ("data", "tokens", "ensemble"):
-        pipeline.run_stage(stage, clean_cfg, clean, **QUIET)
+    # The reference CLI run trained the same members (same config, seeds and tokens: same member keys) without
+    # interruption, in another process.
+    assert reference_run["rc"] == 0, reference_run["log"][-3000:]
+    clean = RunDir(str(reference_run["out"]))
+    assert [f.name for f in clean.member_folders()] == [f.name for f in rundir.member_folders()]
     for m in range(2):
         a = load_file(str(rundir.member_epoch(m, 2) / "adapter_model.safetensors"))
         b = load_file(str(clean.member_epoch(m, 2) / "adapter_model.safetensors"))
@@ -298,7 +304,7 @@ def test_each_config_extracts_into_its_own_folder_and_switching_back_extracts_no
     folder_b = out / "gradients" / key_b
     b = pipeline.run_stage("gradients", other, run, **QUIET)
     assert key_b != key_a and b["units"] == {"gradients": f"gradients/{key_b}"}
-    assert b["shards_computed"] == b["shards"] >= 1 and b["shards_resumed"] == 0 and b["rows"] == 24
+    assert b["shards_computed"] == b["shards"] >= 1 and b["shards_resumed"] == 0 and b["rows"] == ROWS
     assert sorted(p.name for p in (out / "gradients").iterdir()) == sorted([key_a, key_b])
     assert _stamped_files(folder_a) == a_before
     assert Path(run.gradients.path) == folder_b
@@ -307,7 +313,7 @@ def test_each_config_extracts_into_its_own_folder_and_switching_back_extracts_no
 
     # back to A: every shard already committed, none computed (no part or marker rewritten), B's folder untouched
     back = pipeline.run_stage("gradients", cfg, run, **QUIET)
-    assert back["shards_computed"] == 0 and back["shards_resumed"] == back["shards"] and back["rows"] == 24
+    assert back["shards_computed"] == 0 and back["shards_resumed"] == back["shards"] and back["rows"] == ROWS
     assert back["units"] == extract["units"] and Path(run.gradients.path) == folder_a
     a_again = _stamped_files(folder_a)
     assert a_again[PLAN][1] == a_before[PLAN][1]  # the plan is rewritten with the same content
