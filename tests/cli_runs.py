@@ -2,7 +2,7 @@
 RAY_TMPDIR (so the leak guard and the tests can find every process of it by that folder).
 
 Two runs of one config serve every test that needs a finished pipeline (conftest's `reference_run` and
-`faulted_run`, started together in the background when the session first needs either):
+`faulted_run`, started together in the background early in the session, see conftest's `_cli_runs`):
 
 - the reference run: uninterrupted, with canary secrets in its environment (the security test scans everything it
   wrote, printed and logged);

@@ -377,8 +377,9 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def _cli_runs(request, tmp_path_factory):
     """The CLI runs of tests/cli_runs.py that this session's selected tests use, started together in background
-    threads the first time a test asks for one (concurrent runs share the 2 cores better than one after the other);
-    stopped (if still running) and their Ray temp dirs removed at the end of the session."""
+    threads by the first test after the BEFORE_PROBES modules (pytest_collection_finish), or by the first test that
+    asks for one when run on its own; stopped (if still running) and their Ray temp dirs removed at the end of the
+    session."""
     from concurrent.futures import ThreadPoolExecutor
 
     from cli_runs import PIPELINES, Pipeline
