@@ -83,9 +83,7 @@ def _compare(cfg: Config, run: RunDir, config: str | None, overrides: list[str])
     from gradfilter_ray.evaluation.compare import rebuild_comparison
 
     if not run.stage_done("evaluation", pipeline.stage_key("evaluation", cfg)):
-        command = shlex.join(
-            ["gradfilter-ray", "evaluation", *(["--config", config] if config else []), *_set_args(overrides)]
-        )
+        command = command_line("evaluation", config, overrides)
         print(
             f"error: {run.location} holds no finished evaluation of this config: run `{command}` first (it reuses "
             "every evaluated run and judged pair already there)",
@@ -98,8 +96,10 @@ def _compare(cfg: Config, run: RunDir, config: str | None, overrides: list[str])
     return 0
 
 
-def _set_args(overrides: list[str]) -> list[str]:
-    return [arg for item in overrides for arg in ("--set", item)]
+def command_line(verb: str, config: str | None, overrides: list[str], *extra: str) -> str:
+    """The shell command that runs `verb` on the same config and overrides as this one (for messages to the user)."""
+    args = ["gradfilter-ray", verb, *(["--config", config] if config else [])]
+    return shlex.join([*args, *(arg for item in overrides for arg in ("--set", item)), *extra])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,7 +281,7 @@ def _print_unreferenced(cfg: Config, run: RunDir, args: argparse.Namespace) -> N
         planned = gc.plan(run, [cfg])
     except OSError:  # a store hiccup here must not fail a finished run: the line is only a pointer
         return
-    line = gc.unreferenced_line(planned, gc.gc_command(args.config, args.given_overrides))
+    line = gc.unreferenced_line(planned, command_line("gc", args.config, args.given_overrides, "--dry-run"))
     if line:
         print(line)
 

@@ -17,7 +17,6 @@ affected (`collected_records`, pure).
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -184,14 +183,6 @@ def plan_lines(planned: Plan, location: str, dry_run: bool) -> list[str]:
         f"({planned.freed} of {held} bytes, {len(planned.remove)} paths)"
     )
     return lines
-
-
-def gc_command(config: str | None, overrides: Iterable[str]) -> str:
-    """The `gradfilter-ray gc --dry-run` command line for one config (and its overrides)."""
-    args = ["gradfilter-ray", "gc", *(["--config", config] if config else [])]
-    for item in overrides:
-        args += ["--set", item]
-    return shlex.join([*args, "--dry-run"])
 
 
 def unreferenced_line(planned: Plan, command: str) -> str | None:
