@@ -34,6 +34,7 @@ import fault_handlers
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+from conftest import yield_to_the_session
 
 from gradfilter_ray import pipeline
 from gradfilter_ray.config import load
@@ -136,7 +137,7 @@ def start_cli(out: Path, env: dict, log: Path, args: list[str] | None = None, er
     """The CLI (`run` on the tiny config unless `args`) in its own session (so the test can kill its whole process
     group), stdout to `log` and stderr to `err` (or `log` too)."""
     with log.open("w") as out_fh, (err or Path(os.devnull)).open("w") as err_fh:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             args or cli_args(out),
             cwd=REPO,
             env=env,
@@ -144,6 +145,8 @@ def start_cli(out: Path, env: dict, log: Path, args: list[str] | None = None, er
             stderr=err_fh if err else subprocess.STDOUT,
             start_new_session=True,
         )
+    yield_to_the_session(proc.pid)  # the session's background work: the in-process tests go first
+    return proc
 
 
 def wait_exit(proc: subprocess.Popen, timeout: float, abort: threading.Event) -> int:
@@ -306,7 +309,9 @@ def run_faulted(p: Pipeline) -> dict:
     env1 = cli_env(ray_tmp1, TMPDIR=str(tmp), **fault_handlers.fault_env(first_dir, crash_after_epoch=1))
     first = start_cli(out, env1, log1)
     try:
-        actor = wait_for(lambda: held_actor(first_dir), 600, "run 1's actor in shard 2", first, log1, p.abort)
+        actor = wait_for(
+            lambda: held_actor(first_dir), RUN_TIMEOUT_S, "run 1's actor in shard 2", first, log1, p.abort
+        )
         facts["manifest_at_kill"] = RunDir(str(out)).read_manifest()
         at_kill = processes_of(ray_tmp1)
         facts["ray_processes_at_kill"] = len(at_kill)
@@ -329,7 +334,9 @@ def run_faulted(p: Pipeline) -> dict:
     # Run 2: the same command; its extraction actor is SIGKILLed by the test in the middle of its second shard.
     second = start_cli(out, cli_env(ray_tmp2, TMPDIR=str(tmp), **fault_handlers.fault_env(second_dir)), log2)
     try:
-        victim = wait_for(lambda: held_actor(second_dir), 300, "run 2's actor in shard 2", second, log2, p.abort)
+        victim = wait_for(
+            lambda: held_actor(second_dir), RUN_TIMEOUT_S, "run 2's actor in shard 2", second, log2, p.abort
+        )
         [actor] = [proc for proc in processes_of(ray_tmp2) if proc.pid == victim] or [None]
         assert actor is not None, f"the held actor {victim} is not a process of our Ray"
         actor.kill()  # by its psutil handle: never another process that took the pid over
@@ -385,7 +392,8 @@ def run_s3_demo(p: Pipeline, s3_server) -> dict:
     return facts
 
 
-# name of the fixture -> (what runs it, the fixtures it needs besides its Pipeline)
+# name of the fixture -> (what runs it, the fixtures it needs besides its Pipeline), in the order the runs finish
+# (the session runs their readers in that order: conftest.pytest_collection_modifyitems)
 PIPELINES = {
     "reference_run": (run_reference, ()),
     "faulted_run": (run_faulted, ()),

@@ -29,11 +29,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # sleeping). Set before torch loads its OpenMP runtime; results are the same.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# The embedded Ray's Ray Train tick (runtime.init_kwargs sets it for the CLI) for the session's own Ray and probes too.
+# No idle workers started ahead of a driver's first task: the suite starts over a dozen local Rays (its own, the CLI
+# runs', the probes'), and a worker nobody asks for costs its start-up (~2 CPU-s) on cores every test shares.
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+# The embedded Ray's Ray Train tick and no preemption watcher (runtime.init_kwargs sets both for the CLI) for the
+# session's own Ray and the probes too.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-# The session's CLI runs and probes start processes beside the in-process tests on 2 cores: give Ray Train's worker
-# groups (the session's, the probes' and the CLI runs') time to come up.
-os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# The session's CLI runs and probes start processes beside the in-process tests on 2 cores, at a lower priority
+# (yield_to_the_session): give Ray Train's worker groups (the session's, the probes', the CLI runs') time to come up.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 # The object-store tests talk to a local S3 server (moto), which accepts any key. Set before any Ray worker starts
 # so workers inherit them; never real credentials, and the metadata service is not asked for any.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "gfr-test-key")
@@ -212,25 +217,58 @@ class S3Server:
         self._thread.join()
 
 
-def run_probe(script: Path, *args: str, tag: str, timeout: int, env: dict | None = None) -> dict:
+# The session's background work (its CLI runs and probes) runs at a lower priority than the in-process tests: the
+# tests' own gaps (a Ray Train start, a judge reply, one thread of Python) are filled with background work instead of
+# the tests waiting for a share of the cores, and the background, read only at the end, finishes in what is left.
+BACKGROUND_NICE = 10
+
+
+def yield_to_the_session(pid: int, nice: int = BACKGROUND_NICE) -> None:
+    """Lower the priority of a process started in a session of its own (`start_new_session`) and of what it starts:
+    its session's autogroup (with autogroup on, Linux shares the cores between sessions first) and the process
+    itself (with autogroup off). Best effort: where neither can be set it runs at the session's priority."""
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+    except OSError:
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+    except OSError:
+        pass
+
+
+def run_probe(
+    script: Path, *args: str, tag: str, timeout: int, env: dict | None = None, background: bool = False
+) -> dict:
     """Run a probe script (a local Ray of its own) in a subprocess with a fresh Ray temp dir, removed once it exits
-    (leak_guard finds leaked processes by their environment, not by the folder); the JSON of its last line."""
+    (leak_guard finds leaked processes by their environment, not by the folder); the JSON of its last line.
+    `background`: in a session of its own, at the background's priority (killed with its session on timeout)."""
+    import signal
     import subprocess
     import sys
 
     ray_tmp = tempfile.mkdtemp(prefix=f"gfr-{tag}-", dir="/tmp")  # short: Ray's socket paths must fit
     try:
-        done = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, str(script), *args],
             env={**os.environ, **(env or {}), "RAY_TMPDIR": ray_tmp},
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout,
+            start_new_session=background,
         )
+        if background:
+            yield_to_the_session(proc.pid)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL) if background else proc.kill()
+            proc.communicate()
+            raise
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, stderr[-4000:]
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def reply(content: str) -> tuple:
@@ -322,49 +360,47 @@ def _probe_of(item) -> str | None:
     return MODULES.get(getattr(item.module, "__name__", ""))
 
 
-def _before_probes(item) -> bool:
-    from probes import BEFORE_PROBES
-
-    return getattr(item.module, "__name__", "") in BEFORE_PROBES
-
-
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(config, items):
     """Order the session so that its background work keeps both cores busy from start to end: the CLI runs of
-    tests/cli_runs.py and the probes of tests/probes.py (process-bound: they mostly start processes and wait for
-    them) run in background threads while the in-process tests run in this one. First the modules that must run with
-    nothing beside them (probes.BEFORE_PROBES); then, with the CLI runs and the probes started, every test that reads
-    neither: the quick ones (one core, beside the background work) before the slow ones (Ray Train runs, which use
-    both cores, best once the background work is done); then the tests that read the CLI runs (in their order),
-    when those runs have finished; the probe modules last."""
-    first = [item for item in items if _before_probes(item)]
-    last = [item for item in items if _reads_cli_runs(item) and item not in first]
-    last += [item for item in items if _probe_of(item) and item not in first and item not in last]
-    middle = [item for item in items if item not in first and item not in last]
+    tests/cli_runs.py and the probes of tests/probes.py run in background threads, at a lower priority
+    (`yield_to_the_session`), while the in-process tests run in this one. First every test that reads neither: the
+    quick ones before the slow ones; then the tests that read the CLI runs, a module once the last run it reads has
+    finished; the probe modules last."""
+    from cli_runs import PIPELINES
+
+    last = [item for item in items if _reads_cli_runs(item)]
+    # a module's readers once the last run it reads has finished (PIPELINES is in the order the runs finish)
+    module_waits: dict = {}
+    for item in last:
+        runs = [list(PIPELINES).index(name) for name in item.fixturenames if name in PIPELINES]
+        module_waits[item.module] = max(module_waits.get(item.module, 0), *runs)
+    last.sort(key=lambda item: module_waits[item.module])
+    last += [item for item in items if _probe_of(item) and item not in last]
+    middle = [item for item in items if item not in last]
     quick = [item for item in middle if item.get_closest_marker("slow") is None]
-    items[:] = first + quick + [item for item in middle if item not in quick] + last
+    items[:] = quick + [item for item in middle if item not in quick] + last
 
 
 def pytest_collection_finish(session):
-    """The first test after the BEFORE_PROBES modules starts the CLI runs (conftest's `_cli_runs`, session-scoped):
-    chosen once `-m` and `-k` have deselected, so that it is a test that runs."""
+    """The session's first test starts the CLI runs (conftest's `_cli_runs`, session-scoped): chosen once `-m` and
+    `-k` have deselected, so that it is a test that runs."""
     items = session.items
-    after = [item for item in items if not _before_probes(item)]
-    if after and any(_reads_cli_runs(item) for item in items):
-        after[0].fixturenames.append("_cli_runs")
+    if items and any(_reads_cli_runs(item) for item in items):
+        items[0].fixturenames.append("_cli_runs")
 
 
 _probes_queued = False
 
 
 def pytest_runtest_setup(item):
-    """Once the BEFORE_PROBES modules are done, queue every probe this session's tests read on the background
-    thread: they run beside the CLI runs and the in-process tests."""
+    """With the session's first test, queue every probe this session's tests read on the background thread: they
+    run beside the CLI runs and the in-process tests."""
     global _probes_queued
-    if not _probes_queued and not _before_probes(item):
+    if not _probes_queued:
         import probes
 
-        probes.start(dict.fromkeys(p for p in map(_probe_of, item.session.items) if p))
+        probes.start({p for p in map(_probe_of, item.session.items) if p})
         _probes_queued = True
 
 
@@ -377,8 +413,8 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def _cli_runs(request, tmp_path_factory):
     """The CLI runs of tests/cli_runs.py that this session's selected tests use, started together in background
-    threads by the first test after the BEFORE_PROBES modules (pytest_collection_finish), or by the first test that
-    asks for one when run on its own; stopped (if still running) and their Ray temp dirs removed at the end of the
+    threads by the session's first test (pytest_collection_finish), or by the first test that asks for one when run
+    on its own; stopped (if still running) and their Ray temp dirs removed at the end of the
     session."""
     from concurrent.futures import ThreadPoolExecutor
 

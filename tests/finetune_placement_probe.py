@@ -37,11 +37,12 @@ def probe_finetune_worker(config: dict) -> None:
     facts["rank"] = ctx.get_world_rank()
     facts["subset"] = config["name"]
     root = config["out"].parent().parent()
-    # Hold the GPU until every worker of every subset has started (or a minute has passed): subsets placed side by
-    # side all meet here whatever the machine's load; subsets run one after another never would.
+    # Hold the GPU until every worker of every subset has started (or four minutes have passed: the probe runs at
+    # the background's priority beside the suite): subsets placed side by side all meet here whatever the machine's
+    # load; subsets run one after another never would.
     (root / "started" / f"{facts['subset']}-{facts['rank']}").write_text("")
     everyone = len(SUBSETS) * ctx.get_world_size()
-    while len((root / "started").children()) < everyone and time.time() - started < 60:
+    while len((root / "started").children()) < everyone and time.time() - started < 240:
         time.sleep(0.2)
     facts["span"] = [started, time.time()]
     (root / "placement" / f"{facts['subset']}-{facts['rank']}.json").write_text(json.dumps(facts))

@@ -20,6 +20,11 @@ from gradfilter_ray.gradients.shards import plan_shards
 from gradfilter_ray.gradients.stage import extraction_dataset
 
 SEEN_ENV = "GFR_PLACEMENT_DIR"
+GPUS = 8
+# How long an extraction actor waits for the others to start before it takes shards (the probe runs at the suite's
+# background priority, where an actor can take seconds to start): a pool that starts them all meets within it; one
+# that starts fewer never would.
+MEET_S = 240
 
 
 def seen_here(role: str) -> dict:
@@ -43,9 +48,15 @@ class ProbeExtractor:
 
     def __init__(self, folder: str) -> None:
         self.facts = seen_here("extraction")
-        Path(folder, f"extraction-{os.getpid()}.json").write_text(json.dumps(self.facts))
+        self.folder = Path(folder)
+        (self.folder / f"extraction-{os.getpid()}.json").write_text(json.dumps(self.facts))
+        self.started = time.time()
 
     def __call__(self, shards: pa.Table) -> pa.Table:
+        # every actor the pool starts is up before any shard is taken: the first ones cannot finish the 16 shards
+        # while the last are still starting
+        while len(list(self.folder.glob("extraction-*.json"))) < GPUS and time.time() - self.started < MEET_S:
+            time.sleep(0.2)
         time.sleep(0.2)
         return pa.table({"index": shards["index"], "pid": [self.facts["pid"]] * shards.num_rows})
 
@@ -64,7 +75,7 @@ def main(config_path: str, num_cpus: int) -> None:
 
     folder = tempfile.mkdtemp(prefix="placement-")
     cfg = load(config_path, [f"output_dir={folder}/out"])
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=8, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=GPUS, include_dashboard=False, logging_level="ERROR")
     try:
         shards = plan_shards([("tokens.parquet", 16 * 4096)], 4096)
         done = list(extraction_dataset(cfg, shards, ProbeExtractor, folder=folder).iter_rows())

@@ -2,8 +2,8 @@
 one JSON line of facts for its test module.
 
 They spend most of their time starting processes, so the session runs them one after another in a background
-thread beside the CLI runs and the in-process tests (conftest: started once the BEFORE_PROBES modules are done; their
-modules run last and read their results). Run alone, a probe module starts its probe itself."""
+thread beside the CLI runs and the in-process tests, at a lower priority (conftest: queued with the session's first
+test; their modules run last and read their results). Run alone, a probe module starts its probe itself."""
 
 from __future__ import annotations
 
@@ -31,11 +31,13 @@ class Probe:
     output_dir: bool = False  # the probe's first argument is a fresh folder
 
 
+# in the order the session queues them: the quickest first; last the one with the most processes of its own, which
+# keeps both cores busy once the in-process tests are done
 PROBES = {
-    "finetune_placement": Probe("finetune_placement_probe.py", (SEVEN_B,), "ftgpus", 400, TESTS_ON_PATH),
-    "gpu_placement": Probe("placement_probe.py", (SEVEN_B, "64"), "gpus", 400),
-    "eval_placement": Probe("eval_placement_probe.py", (SEVEN_B, "8"), "evgpu", 300),
-    "multinode": Probe("multinode_probe.py", (), "nodes", 300, output_dir=True),
+    "multinode": Probe("multinode_probe.py", (), "nodes", 600, output_dir=True),
+    "eval_placement": Probe("eval_placement_probe.py", (SEVEN_B, "8"), "evgpu", 600),
+    "gpu_placement": Probe("placement_probe.py", (SEVEN_B, "64"), "gpus", 600),
+    "finetune_placement": Probe("finetune_placement_probe.py", (SEVEN_B,), "ftgpus", 600, TESTS_ON_PATH),
 }
 # the test modules that read each probe (run last in a session, see conftest.pytest_collection_modifyitems)
 MODULES = {
@@ -44,10 +46,6 @@ MODULES = {
     "test_evaluation_placement": "eval_placement",
     "test_shared_output_dir": "multinode",
 }
-
-# test modules that must run with no probe or CLI run beside them: they run first, before either starts (`ray job
-# submit`'s job server on a busy machine drops the submission's connection: seen once with the probes beside it)
-BEFORE_PROBES = {"test_ray_job_submit"}
 
 _lock = threading.Lock()
 _futures: dict[str, Future] = {}
@@ -63,16 +61,18 @@ def run(name: str) -> dict:
     try:
         if scratch:
             args = (str(Path(scratch) / "out"), *args)
-        return run_probe(TESTS / probe.script, *args, tag=probe.tag, timeout=probe.timeout, env=probe.env)
+        return run_probe(
+            TESTS / probe.script, *args, tag=probe.tag, timeout=probe.timeout, env=probe.env, background=True
+        )
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
 def start(names) -> None:
-    """Queue these probes on the background thread (each once per session), in the given order."""
+    """Queue these probes on the background thread (each once per session), in PROBES' order."""
     with _lock:
-        for name in names:
+        for name in sorted(names, key=list(PROBES).index):
             if name not in _futures:
                 _futures[name] = _pool.submit(run, name)
 
