@@ -135,7 +135,8 @@ class Aborted(RuntimeError):
 
 def start_cli(out: Path, env: dict, log: Path, args: list[str] | None = None, err: Path | None = None):
     """The CLI (`run` on the tiny config unless `args`) in its own session (so the test can kill its whole process
-    group), stdout to `log` and stderr to `err` (or `log` too)."""
+    group), stdout to `log` and stderr to `err` (or `log` too), at the background's priority
+    (conftest.yield_to_the_session)."""
     with log.open("w") as out_fh, (err or Path(os.devnull)).open("w") as err_fh:
         proc = subprocess.Popen(
             args or cli_args(out),
@@ -145,7 +146,7 @@ def start_cli(out: Path, env: dict, log: Path, args: list[str] | None = None, er
             stderr=err_fh if err else subprocess.STDOUT,
             start_new_session=True,
         )
-    yield_to_the_session(proc.pid)  # the session's background work: the in-process tests go first
+    yield_to_the_session(proc.pid)
     return proc
 
 
@@ -269,8 +270,8 @@ class Pipeline:
 
 
 def run_reference(p: Pipeline) -> dict:
-    """The uninterrupted run, with canary secrets in its environment. Its Ray temp dir is kept (the security test
-    scans Ray's session files for the secrets) until the end of the session."""
+    """The uninterrupted run, with canary secrets in its environment, then its audit. Its Ray temp dir is kept (the
+    security test scans Ray's session files for the secrets) until the end of the session."""
     out, log = p.base / "run", p.base / "run.log"
     ray_tmp = p.ray_tmp("ref")
     proc = start_cli(out, cli_env(ray_tmp, **CANARY_SECRETS), log)

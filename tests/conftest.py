@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -218,19 +219,30 @@ class S3Server:
 
 
 # The session's background work (its CLI runs and probes) runs at a lower priority than the in-process tests: the
-# tests' own gaps (a Ray Train start, a judge reply, one thread of Python) are filled with background work instead of
-# the tests waiting for a share of the cores, and the background, read only at the end, finishes in what is left.
-BACKGROUND_NICE = 10
+# tests' own gaps (a Ray Train start, a judge's reply, one thread of Python) are filled with background work instead
+# of the tests waiting for a share of the cores, and the background, read only at the end, finishes in what is left.
+# Not lower: a starved Ray fails to start (ray.init gives its raylet 30 s; seen at nice 10 beside two busy sessions).
+BACKGROUND_NICE = 5
+_autogroup_lock = threading.Lock()
+_background_probes: set = set()  # the probes running in sessions of their own (Popen), killed if the session ends
 
 
 def yield_to_the_session(pid: int, nice: int = BACKGROUND_NICE) -> None:
     """Lower the priority of a process started in a session of its own (`start_new_session`) and of what it starts:
     its session's autogroup (with autogroup on, Linux shares the cores between sessions first) and the process
-    itself (with autogroup off). Best effort: where neither can be set it runs at the session's priority."""
-    try:
-        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
-    except OSError:
-        pass
+    itself (where autogroup is off, or the process is outside the root CPU cgroup, where only its own nice counts).
+    Best effort: where neither can be set it runs at the session's priority."""
+    autogroup = Path(f"/proc/{pid}/autogroup")
+    with _autogroup_lock:
+        # without CAP_SYS_ADMIN Linux takes one autogroup nice per 100 ms machine-wide (EAGAIN otherwise)
+        for _ in range(12):
+            try:
+                autogroup.write_text(str(nice))
+                break
+            except BlockingIOError:
+                time.sleep(0.1)
+            except OSError:
+                break
     try:
         os.setpriority(os.PRIO_PROCESS, pid, nice)
     except OSError:
@@ -238,12 +250,12 @@ def yield_to_the_session(pid: int, nice: int = BACKGROUND_NICE) -> None:
 
 
 def run_probe(
-    script: Path, *args: str, tag: str, timeout: int, env: dict | None = None, background: bool = False
+    script: Path, *args: str, tag: str, timeout: int, env: dict | None = None, low_priority: bool = False
 ) -> dict:
     """Run a probe script (a local Ray of its own) in a subprocess with a fresh Ray temp dir, removed once it exits
     (leak_guard finds leaked processes by their environment, not by the folder); the JSON of its last line.
-    `background`: in a session of its own, at the background's priority (killed with its session on timeout)."""
-    import signal
+    `low_priority`: in a session of its own at the background's priority (yield_to_the_session), its process group
+    killed on timeout or when the test session ends first (stop_background_probes)."""
     import subprocess
     import sys
 
@@ -255,20 +267,44 @@ def run_probe(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            start_new_session=background,
+            start_new_session=low_priority,
         )
-        if background:
+        if low_priority:
+            _background_probes.add(proc)
             yield_to_the_session(proc.pid)
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL) if background else proc.kill()
-            proc.communicate()
-            raise
+            _kill_probe(proc, low_priority)
+            try:
+                _, stderr = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                stderr = ""
+            raise AssertionError(f"{script.name} ran over {timeout} s:\n{(stderr or '')[-4000:]}") from None
+        finally:
+            _background_probes.discard(proc)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, stderr[-4000:]
     return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _kill_probe(proc, own_group: bool) -> None:
+    """SIGKILL a probe (its own process group when it has one: only processes it started)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL) if own_group else proc.kill()
+    except ProcessLookupError:
+        pass
+
+
+def stop_background_probes() -> None:
+    """At the session's end (an interrupted one: a probe in a session of its own gets no Ctrl-C): kill the probes
+    still running."""
+    for proc in list(_background_probes):
+        if proc.poll() is None:
+            _kill_probe(proc, own_group=True)
 
 
 def reply(content: str) -> tuple:
@@ -374,7 +410,7 @@ def pytest_collection_modifyitems(config, items):
     module_waits: dict = {}
     for item in last:
         runs = [list(PIPELINES).index(name) for name in item.fixturenames if name in PIPELINES]
-        module_waits[item.module] = max(module_waits.get(item.module, 0), *runs)
+        module_waits[item.module] = max([module_waits.get(item.module, 0), *runs])
     last.sort(key=lambda item: module_waits[item.module])
     last += [item for item in items if _probe_of(item) and item not in last]
     middle = [item for item in items if item not in last]

@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import ray
+from placement_probe import GPUS, meet, set_meeting_deadline
 
 from gradfilter_ray.config import load
 from gradfilter_ray.evaluation import stage
@@ -28,11 +29,6 @@ from gradfilter_ray.evaluation.hf_engine import ModelEvaluator
 from gradfilter_ray.storage import open_location
 
 SEEN_ENV = "GFR_EVAL_PLACEMENT_DIR"
-GPUS = 8
-# How long an evaluator waits for the others to start before it answers (the probe runs at the suite's background
-# priority, where an actor can take seconds to start): pools that start all their actors at once meet within it;
-# runs evaluated one after another never would.
-MEET_S = 240
 TINY = Path(__file__).resolve().parents[1] / "gradfilter_ray" / "assets" / "models" / "stories260K"
 RUNS = {"gsnr_0.1": "base", "ifd_0.1": "perturbed", "random_0.1": "base"}
 SHRUNK = [
@@ -66,10 +62,7 @@ class PlacedEvaluator(ModelEvaluator):
     def __call__(self, table):
         # every run's actors are up before any batch is answered: the first ones cannot answer every row while the
         # last are still starting
-        while (
-            len(list(self.record.parent.glob("actor-*.json"))) < GPUS and time.time() - self.facts["started"] < MEET_S
-        ):
-            time.sleep(0.2)
+        meet(lambda: len(list(self.record.parent.glob("actor-*.json"))), GPUS)
         begun = time.time()
         out = super().__call__(table)
         positions = table[stage.POSITION].to_pylist()
@@ -102,6 +95,7 @@ def evaluate(folder: Path, config_path: str, num_cpus: int) -> dict:
     models = make_models(folder / "finetune")
     lines: list[str] = []
     os.environ[SEEN_ENV] = str(folder)  # the local Ray's workers inherit this process's environment
+    set_meeting_deadline()
     ray.init(address="local", num_cpus=num_cpus, num_gpus=GPUS, include_dashboard=False, logging_level="ERROR")
     seconds = {"ray_init": time.perf_counter() - began}
     try:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import ray
-from placement_probe import seen_here
+from placement_probe import meet, seen_here, set_meeting_deadline
 from ray.cluster_utils import Cluster
 
 from gradfilter_ray.config import load
@@ -37,13 +37,10 @@ def probe_finetune_worker(config: dict) -> None:
     facts["rank"] = ctx.get_world_rank()
     facts["subset"] = config["name"]
     root = config["out"].parent().parent()
-    # Hold the GPU until every worker of every subset has started (or four minutes have passed: the probe runs at
-    # the background's priority beside the suite): subsets placed side by side all meet here whatever the machine's
-    # load; subsets run one after another never would.
+    # Hold the GPU until every worker of every subset has started (placement_probe.meet): subsets placed side by
+    # side all meet here whatever the machine's load; subsets run one after another never would.
     (root / "started" / f"{facts['subset']}-{facts['rank']}").write_text("")
-    everyone = len(SUBSETS) * ctx.get_world_size()
-    while len((root / "started").children()) < everyone and time.time() - started < 240:
-        time.sleep(0.2)
+    meet(lambda: len((root / "started").children()), len(SUBSETS) * ctx.get_world_size())
     facts["span"] = [started, time.time()]
     (root / "placement" / f"{facts['subset']}-{facts['rank']}.json").write_text(json.dumps(facts))
     if facts["rank"] == 0:
@@ -55,6 +52,7 @@ def main(config_path: str) -> None:
     # Fake GPUs cannot run NCCL: the one override of the shipped config.
     cfg = load(config_path, [f"output_dir={folder}/out", "finetune.backend=gloo"])
     node = {"num_cpus": 8, "num_gpus": 8}
+    set_meeting_deadline()
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     try:
         cluster.add_node(**node)

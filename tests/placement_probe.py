@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,10 +22,23 @@ from gradfilter_ray.gradients.stage import extraction_dataset
 
 SEEN_ENV = "GFR_PLACEMENT_DIR"
 GPUS = 8
-# How long an extraction actor waits for the others to start before it takes shards (the probe runs at the suite's
-# background priority, where an actor can take seconds to start): a pool that starts them all meets within it; one
-# that starts fewer never would.
+# The probes' actors and workers wait for each other before they take work (a probe runs at the suite's background
+# priority, where one can take seconds to start): everything started at once meets; a pool that starts fewer, or
+# pools started one after another, never would. One deadline for the whole probe, set before its Ray starts (every
+# worker inherits it), so pools started one after another do not each wait it out.
 MEET_S = 240
+MEET_BY_ENV = "GFR_PROBE_MEET_BY"
+
+
+def set_meeting_deadline() -> None:
+    os.environ[MEET_BY_ENV] = str(time.time() + MEET_S)
+
+
+def meet(started: Callable[[], int], everyone: int) -> None:
+    """Wait until `started()` counts `everyone` or the probe's meeting deadline has passed."""
+    deadline = float(os.environ[MEET_BY_ENV])
+    while started() < everyone and time.time() < deadline:
+        time.sleep(0.2)
 
 
 def seen_here(role: str) -> dict:
@@ -50,13 +64,11 @@ class ProbeExtractor:
         self.facts = seen_here("extraction")
         self.folder = Path(folder)
         (self.folder / f"extraction-{os.getpid()}.json").write_text(json.dumps(self.facts))
-        self.started = time.time()
 
     def __call__(self, shards: pa.Table) -> pa.Table:
         # every actor the pool starts is up before any shard is taken: the first ones cannot finish the 16 shards
         # while the last are still starting
-        while len(list(self.folder.glob("extraction-*.json"))) < GPUS and time.time() - self.started < MEET_S:
-            time.sleep(0.2)
+        meet(lambda: len(list(self.folder.glob("extraction-*.json"))), GPUS)
         time.sleep(0.2)
         return pa.table({"index": shards["index"], "pid": [self.facts["pid"]] * shards.num_rows})
 
@@ -75,6 +87,7 @@ def main(config_path: str, num_cpus: int) -> None:
 
     folder = tempfile.mkdtemp(prefix="placement-")
     cfg = load(config_path, [f"output_dir={folder}/out"])
+    set_meeting_deadline()
     ray.init(address="local", num_cpus=num_cpus, num_gpus=GPUS, include_dashboard=False, logging_level="ERROR")
     try:
         shards = plan_shards([("tokens.parquet", 16 * 4096)], 4096)

@@ -35,7 +35,7 @@ class Probe:
 # keeps both cores busy once the in-process tests are done
 PROBES = {
     "multinode": Probe("multinode_probe.py", (), "nodes", 600, output_dir=True),
-    "eval_placement": Probe("eval_placement_probe.py", (SEVEN_B, "8"), "evgpu", 600),
+    "eval_placement": Probe("eval_placement_probe.py", (SEVEN_B, "8"), "evgpu", 600, TESTS_ON_PATH),
     "gpu_placement": Probe("placement_probe.py", (SEVEN_B, "64"), "gpus", 600),
     "finetune_placement": Probe("finetune_placement_probe.py", (SEVEN_B,), "ftgpus", 600, TESTS_ON_PATH),
 }
@@ -62,7 +62,7 @@ def run(name: str) -> dict:
         if scratch:
             args = (str(Path(scratch) / "out"), *args)
         return run_probe(
-            TESTS / probe.script, *args, tag=probe.tag, timeout=probe.timeout, env=probe.env, background=True
+            TESTS / probe.script, *args, tag=probe.tag, timeout=probe.timeout, env=probe.env, low_priority=True
         )
     finally:
         if scratch:
@@ -84,8 +84,12 @@ def result(name: str) -> dict:
 
 
 def stop() -> None:
-    """At the session's end: drop the probes not yet started, wait for the one running (bounded by its timeout)."""
+    """At the session's end: drop the probes not yet started, kill the one still running (an interrupted session)
+    and wait for its thread."""
+    from conftest import stop_background_probes
+
     with _lock:
         for future in _futures.values():
             future.cancel()
+    stop_background_probes()
     _pool.shutdown(wait=True)
