@@ -162,7 +162,8 @@ def wait_exit(proc: subprocess.Popen, timeout: float, abort: threading.Event) ->
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the CLI's own process group (only processes this test started), if it still runs."""
+    """SIGKILL the process group of a process started in a session of its own (a CLI run, a probe: only processes
+    this test session started), if it still runs."""
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

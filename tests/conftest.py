@@ -259,6 +259,8 @@ def run_probe(
     import subprocess
     import sys
 
+    from cli_runs import kill_group
+
     ray_tmp = tempfile.mkdtemp(prefix=f"gfr-{tag}-", dir="/tmp")  # short: Ray's socket paths must fit
     try:
         proc = subprocess.Popen(
@@ -275,7 +277,7 @@ def run_probe(
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_probe(proc, low_priority)
+            kill_group(proc) if low_priority else proc.kill()
             try:
                 _, stderr = proc.communicate(timeout=30)
             except subprocess.TimeoutExpired:
@@ -289,22 +291,13 @@ def run_probe(
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def _kill_probe(proc, own_group: bool) -> None:
-    """SIGKILL a probe (its own process group when it has one: only processes it started)."""
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGKILL) if own_group else proc.kill()
-    except ProcessLookupError:
-        pass
-
-
 def stop_background_probes() -> None:
     """At the session's end (an interrupted one: a probe in a session of its own gets no Ctrl-C): kill the probes
     still running."""
+    from cli_runs import kill_group
+
     for proc in list(_background_probes):
-        if proc.poll() is None:
-            _kill_probe(proc, own_group=True)
+        kill_group(proc)
 
 
 def reply(content: str) -> tuple:
@@ -450,8 +443,7 @@ def pytest_sessionfinish(session, exitstatus):
 def _cli_runs(request, tmp_path_factory):
     """The CLI runs of tests/cli_runs.py that this session's selected tests use, started together in background
     threads by the session's first test (pytest_collection_finish), or by the first test that asks for one when run
-    on its own; stopped (if still running) and their Ray temp dirs removed at the end of the
-    session."""
+    on its own; stopped (if still running) and their Ray temp dirs removed at the end of the session."""
     from concurrent.futures import ThreadPoolExecutor
 
     from cli_runs import PIPELINES, Pipeline
