@@ -9,6 +9,7 @@ Ray session, run the stage table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import shlex
 import subprocess
@@ -263,8 +264,11 @@ def _drive(cfg: Config, run: RunDir, args: argparse.Namespace, stages: list[str]
     _record_run(cfg, run, argv)
     if args.own_process and is_quiet(cfg.ray.log_level):
         filter_native_stderr()
-    with ray_session(cfg.ray):
-        check_output_dir_shared(run.root)
+    todo = [name for name in stages if args.force or not run.stage_done(name, pipeline.stage_key(name, cfg))]
+    # With every stage done for this config there is nothing to run: no Ray is started (or joined) to say so.
+    with ray_session(cfg.ray) if todo else contextlib.nullcontext():
+        if todo:
+            check_output_dir_shared(run.root)
         for name in stages:
             pipeline.run_stage(name, cfg, run, force=args.force)
     keys = {name: pipeline.stage_key(name, cfg) for name in pipeline.STAGES}

@@ -371,7 +371,10 @@ def run_s3_demo(p: Pipeline, s3_server) -> dict:
             rc = wait_exit(proc, RUN_TIMEOUT_S, p.abort)
         finally:
             kill_group(proc)
-        return {"rc": rc, "pid": proc.pid, "stdout": out.read_text(), "stderr": err.read_text()}
+        # Ray's session folders under the run's temp dir: what tells whether the CLI started a Ray at all
+        sessions = sorted(d.name for d in Path(ray_tmp).rglob("session_*") if d.is_dir())
+        stdout, stderr = out.read_text(), err.read_text()
+        return {"rc": rc, "pid": proc.pid, "stdout": stdout, "stderr": stderr, "ray_sessions": sessions}
 
     seen = len(s3_server.requests)
     s3_server.bytes.reset()

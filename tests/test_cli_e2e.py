@@ -122,11 +122,13 @@ def test_workers_read_and_write_the_store_themselves(demo):
     assert summary["checkpoint_bytes"] >= summary["checkpoint_staged_bytes"]
 
 
-def test_a_second_driver_finds_every_stage_done_and_compare_leaves_the_weights_in_the_store(demo):
+def test_a_second_driver_finds_every_stage_done_starts_no_ray_and_compare_leaves_the_weights_in_the_store(demo):
     again = demo["again"]
     assert again["rc"] == 0, again["stdout"][-3000:] + again["stderr"][-3000:]
     assert "[gradients] already done" in again["stdout"] and "] running (" not in again["stdout"]
     assert "[finetune] already done" in again["stdout"] and "[evaluation] already done" in again["stdout"]
+    # with nothing to run it started no Ray (the first driver's Ray left its session folder in the same kind of place)
+    assert demo["first"]["ray_sessions"] and again["ray_sessions"] == []
     compare = demo["compare"]
     assert compare["rc"] == 0 and "| gsnr_0.15 |" in compare["stdout"], compare["stdout"][-2000:] + compare["stderr"]
     run = RunDir(demo["uri"])

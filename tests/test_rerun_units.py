@@ -35,7 +35,7 @@ import yaml
 from cli_runs import TINY, TINY_RUN, tiny_cfg
 from conftest import ChatServer, reply
 
-from gradfilter_ray import cli, gc, pipeline
+from gradfilter_ray import cli, gc, pipeline, runtime
 from gradfilter_ray.config import load, parse_override
 from gradfilter_ray.finetune import stage as finetune_stage
 from gradfilter_ray.rundir import RunDir
@@ -151,6 +151,7 @@ class Step:
     references_before: dict = field(default_factory=dict)  # the manifest's references before the step
     fits: list[str] = field(default_factory=list)  # subsets whose fine-tuning worker loop started, by name
     finetune_view: dict = field(default_factory=dict)  # finetune/summary.json after the step
+    ray_sessions: int = 0  # times the CLI opened its Ray session (runtime.ray_session) during the step
 
     @property
     def new(self) -> set[str]:
@@ -198,12 +199,25 @@ def fits_counted(fits: Path):
     return counting_worker
 
 
+def sessions_counted(ray_session, opened: list):
+    """The real `runtime.ray_session`, which first appends to `opened`."""
+
+    @contextlib.contextmanager
+    def counting_session(cfg):
+        opened.append(cfg)
+        with ray_session(cfg):
+            yield
+
+    return counting_session
+
+
 class Scenario:
-    def __init__(self, root: Path, judge: ChatServer, fits: Path) -> None:
+    def __init__(self, root: Path, judge: ChatServer, fits: Path, sessions: list) -> None:
         self.root = root
         self.run = RunDir(str(root))
         self.judge = judge
         self.fits = fits  # what `fits_counted` appends to
+        self.sessions = sessions  # what `sessions_counted` appends to
 
     def fits_so_far(self) -> list[str]:
         return self.fits.read_text().splitlines() if self.fits.exists() else []
@@ -220,6 +234,7 @@ class Scenario:
             len(self.judge.requests),
             len(self.fits_so_far()),
         )
+        sessions = len(self.sessions)
         out = io.StringIO()
         started = time.perf_counter()
         try:
@@ -243,6 +258,7 @@ class Scenario:
             references,
             self.fits_so_far()[fits:],
             json.loads(view.read_text()) if view.exists() else {},
+            len(self.sessions) - sessions,
         )
 
     def gfr(self, config: Path, *overrides: str) -> Step:
@@ -287,11 +303,13 @@ def scenario(ray_cluster, reference_run, tmp_path_factory):
     config_b = write_config(base / "b.yaml", root, judge.url, [0.25, 0.5])
     fits = base / "fits.txt"
     counted = functools.partial(finetune_stage.run, train_fn=fits_counted(fits))
+    sessions: list = []
     steps: dict[str, Step] = {}
     try:
         with session_kept(), pytest.MonkeyPatch.context() as patch:
             patch.setitem(pipeline.STAGES, "finetune", dataclasses.replace(pipeline.STAGES["finetune"], run=counted))
-            s = Scenario(root, judge, fits)
+            patch.setattr(runtime, "ray_session", sessions_counted(runtime.ray_session, sessions))
+            s = Scenario(root, judge, fits, sessions)
             steps["a"] = s.gfr(config_a)
             steps["b"] = s.gfr(config_b)
             steps["a_again"] = s.gfr(config_a)
@@ -422,6 +440,8 @@ def test_a_again_trains_generates_and_judges_nothing(scenario):
     assert all(p.startswith("selection/") for p in steps["a_restored"].new)
     after_gc = steps["a_after_gc"]  # A's records were A's already: every stage is skipped
     assert after_gc.records_after == after_gc.records_before and after_gc.written <= {"manifest.json"}
+    # a stage to run opens the Ray session; with none, no Ray is started or joined
+    assert [steps[name].ray_sessions for name in ("a_again", "a_restored", "a_after_gc")] == [1, 1, 0]
 
 
 def test_every_step_started_the_fine_tuning_workers_of_exactly_the_subsets_it_trained(scenario):
@@ -450,6 +470,7 @@ def test_how_the_judge_is_waited_for_redoes_nothing(scenario):
     assert step.code == 0
     assert step.records_after == step.records_before  # every stage already done
     assert step.requests == [] and step.new == set() and step.written <= {"manifest.json"}
+    assert step.ray_sessions == 0
 
 
 def test_another_judge_model_pays_for_verdicts_only(scenario):
