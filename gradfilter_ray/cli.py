@@ -3,7 +3,7 @@ selection, audit, report, finetune, evaluation; `run` runs the audit only when `
 outputs no given config references).
 
 One code path for `make run`, `ray job submit` and a KubeRay RayJob: parse, load and validate the config, open a
-Ray session, run the stage table.
+Ray session when a stage has work to do, run the stage table.
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def _drive(cfg: Config, run: RunDir, args: argparse.Namespace, stages: list[str]
     _record_run(cfg, run, argv)
     if args.own_process and is_quiet(cfg.ray.log_level):
         filter_native_stderr()
-    todo = [name for name in stages if args.force or not run.stage_done(name, pipeline.stage_key(name, cfg))]
+    todo = [name for name in stages if pipeline.has_work(name, cfg, run, args.force)]
     # With every stage done for this config there is nothing to run: no Ray is started (or joined) to say so.
     with ray_session(cfg.ray) if todo else contextlib.nullcontext():
         if todo:

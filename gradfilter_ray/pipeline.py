@@ -247,7 +247,7 @@ def run_stage(
     for up in stage.reads:
         if not run.stage_done(up, stage_key(up, cfg, fixed)):
             raise order_error(name, up, run)
-    if not force and run.stage_done(name, key):
+    if not has_work(name, cfg, run, force, fixed):
         log(f"[{name}] already done (key {key}), skipping")
         return run.stage_record(name) or {}
     log(f"[{name}] running ({stage.resources(cfg)})")
@@ -267,6 +267,11 @@ def run_stage(
     return record
 
 
+def has_work(name: str, cfg: Config, run: RunDir, force: bool = False, fixed: dict[str, str] | None = None) -> bool:
+    """Whether `run_stage` runs this stage rather than skipping it: forced, or not done for this config's key."""
+    return force or not run.stage_done(name, stage_key(name, cfg, fixed))
+
+
 def order_error(name: str, up: str, run: RunDir) -> StageOrderError:
     return StageOrderError(
         f"stage '{name}' needs the output of '{up}' for this config in {run.location}: run "
@@ -283,7 +288,7 @@ def check_ready(cfg: Config, names: list[str], run: RunDir, force: bool = False)
         for up in stage.reads:
             if up not in names[:position] and not run.stage_done(up, stage_key(up, cfg)):
                 raise order_error(name, up, run)
-        if force or not run.stage_done(name, stage_key(name, cfg)):
+        if has_work(name, cfg, run, force):
             run.check_outputs_ours(name, stage.writes)
 
 

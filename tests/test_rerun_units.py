@@ -6,7 +6,7 @@ then `gradfilter-ray audit`). Config A is that run's config (tests/cli_runs.py: 
 `TINY_RUN`) that also fine-tunes gsnr and random at one ratio (the bundled tiny LLaMA target) and judges them over
 real HTTP: its first run finds every stage up to the report done and runs fine-tuning and evaluation only. B adds a
 ratio; then A again, A with how the judge is waited for changed, A with another judge model, A with a scorer
-dropped, A again, `gc` dry for A and B, `gc --config A`, and A once more.
+dropped, A again, `gc` dry for A and B, `gc --config A`, A once more, and the `report` verb plain and forced.
 
 What each run did is read off the run directory, not off the stages' own counts: subsets trained are the `_done`
 markers (and training summaries) written during the run, checked against the fine-tuning workers started (a wrapper
@@ -292,7 +292,8 @@ def session_kept():
 @pytest.fixture(scope="module")
 def scenario(ray_cluster, reference_run, tmp_path_factory):
     """On a copy of the reference run: A, B, A, A (judge waits), A (judge model), A (no length scorer), gc A and B
-    dry, gc A, A: every step's facts. Every fine-tuning runs the real worker loop through `fits_counted`."""
+    dry, gc A, A, report, report --force: every step's facts. Every fine-tuning runs the real worker loop through
+    `fits_counted`."""
     assert reference_run["rc"] == 0, reference_run["log"][-4000:]
     assert reference_run["audit_rc"] == 0, reference_run["audit_log"][-4000:]
     base = tmp_path_factory.mktemp("rerun")
@@ -320,6 +321,8 @@ def scenario(ray_cluster, reference_run, tmp_path_factory):
             steps["gc_dry_ab"] = s.step(["gc", "-c", str(config_a), "-c", str(config_b), "--dry-run"])
             steps["gc_a"] = s.step(["gc", "--config", str(config_a)])
             steps["a_after_gc"] = s.gfr(config_a)
+            steps["report_done"] = s.step(["report", "--config", str(config_a)])
+            steps["report_forced"] = s.step(["report", "--config", str(config_a), "--force"])
     finally:
         judge.close()
     print("seconds by step:", {name: round(step.seconds, 1) for name, step in steps.items()})
@@ -442,6 +445,14 @@ def test_a_again_trains_generates_and_judges_nothing(scenario):
     assert after_gc.records_after == after_gc.records_before and after_gc.written <= {"manifest.json"}
     # a stage to run opens the Ray session; with none, no Ray is started or joined
     assert [steps[name].ray_sessions for name in ("a_again", "a_restored", "a_after_gc")] == [1, 1, 0]
+
+
+def test_a_stage_verb_opens_the_ray_session_only_with_work_to_do(scenario):
+    done, forced = scenario["steps"]["report_done"], scenario["steps"]["report_forced"]
+    assert done.code == forced.code == 0
+    assert "[report] already done" in done.out and done.ray_sessions == 0 and not done.written - {"manifest.json"}
+    assert "[report] running" in forced.out and forced.ray_sessions == 1
+    assert any(p.startswith("report/") for p in forced.written)
 
 
 def test_every_step_started_the_fine_tuning_workers_of_exactly_the_subsets_it_trained(scenario):
