@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -96,6 +97,7 @@ def ray_head():
             head.wait(timeout=30)
         # daemons that left the group (gcs, raylet, agents, workers): ours by their temp dir, killed by pid
         stop_processes_of(temp_dir, wait_s=5)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def submit(address: str, env: dict, submission_id: str, *pipeline_args: str) -> subprocess.CompletedProcess:
