@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,11 +40,15 @@ def run_arm(out: Path, overrides: tuple[str, ...], log: Path) -> dict:
     args = [str(REPO / ".venv" / "bin" / "gradfilter-ray"), "run", "--config", str(DEMO), "--set", f"output_dir={out}"]
     for item in overrides:
         args += ["--set", item]
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt.", dir="/tmp")}
+    ray_tmp = tempfile.mkdtemp(prefix="rt.", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     started = time.perf_counter()
-    with log.open("w") as fh:
-        done = subprocess.run(args, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False)
-    seconds = time.perf_counter() - started
+    try:
+        with log.open("w") as fh:
+            done = subprocess.run(args, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False)
+        seconds = time.perf_counter() - started
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)  # Ray's session logs of the arm: the arm's log file is kept
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(args)} exited {done.returncode}: see {log}")
     ran, skipped = [], []
