@@ -264,10 +264,10 @@ def _drive(cfg: Config, run: RunDir, args: argparse.Namespace, stages: list[str]
     _record_run(cfg, run, argv)
     if args.own_process and is_quiet(cfg.ray.log_level):
         filter_native_stderr()
-    todo = [name for name in stages if pipeline.has_work(name, cfg, run, args.force)]
     # With every stage done for this config there is nothing to run: no Ray is started (or joined) to say so.
-    with ray_session(cfg.ray) if todo else contextlib.nullcontext():
-        if todo:
+    work_to_do = any(pipeline.has_work(name, cfg, run, args.force) for name in stages)
+    with ray_session(cfg.ray) if work_to_do else contextlib.nullcontext():
+        if work_to_do:
             check_output_dir_shared(run.root)
         for name in stages:
             pipeline.run_stage(name, cfg, run, force=args.force)
