@@ -154,20 +154,11 @@ def loopback_socket_inode(local_port: int, remote_port: int) -> int | None:
 
 def socket_owner(inode: int, likely: list[int]) -> int | None:
     """The pid of a process holding the socket: the `likely` pids first, then every process, highest pid first."""
+    from leak_guard import fd_targets
+
     target = f"socket:[{inode}]"
     others = sorted((int(p) for p in os.listdir("/proc") if p.isdigit()), reverse=True)
-    for pid in dict.fromkeys([*likely, *others]):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                    return pid
-            except OSError:
-                continue
-    return None
+    return next((pid for pid in dict.fromkeys([*likely, *others]) if target in fd_targets(pid)), None)
 
 
 class ByteCounter:

@@ -55,7 +55,8 @@ def _mentions(text: str, folder: str) -> bool:
     return False
 
 
-def _fd_targets(pid: int) -> list[str]:
+def fd_targets(pid: int) -> list[str]:
+    """What the process's open file descriptors point at (paths, `socket:[inode]`, ...); [] when unreadable."""
     folder = f"/proc/{pid}/fd"
     targets = []
     try:
@@ -89,7 +90,7 @@ def match(proc, folders: Iterable[str]) -> tuple[str, str] | None:
         if _mentions(cmdline, folder):
             return folder, "cmdline"
         if fds is None:
-            fds = _fd_targets(proc.pid)
+            fds = fd_targets(proc.pid)
         if any(_mentions(target, folder) for target in fds):
             return folder, "open file"
     return None
